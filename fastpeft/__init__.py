@@ -1,0 +1,13 @@
+"""fastpeft: fused kernels for LoRA, QLoRA, DoRA, IA3 and multi-LoRA serving, as drop-in PyTorch modules.
+
+Importing fastpeft touches no GPU, compiles nothing, and imports neither triton, transformers, peft
+nor bitsandbytes; each is imported where it is first needed.
+"""
+
+from . import reference
+from .nf4 import NF4Weight
+from .ops import dequantize_nf4
+
+__version__ = "0.1.0"
+
+__all__ = ["NF4Weight", "dequantize_nf4", "reference", "__version__"]

@@ -1,0 +1,60 @@
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception as exc:  # an optional dependency that is absent or broken is reported, not fatal
+        return f"not available ({type(exc).__name__})"
+
+
+def cuda_extension_built() -> bool:
+    """Whether the optional CUDA extension ``fastpeft._C`` was compiled and imports."""
+    try:
+        importlib.import_module("fastpeft._C")
+        return True
+    except ImportError:
+        return False
+
+
+def info_lines() -> list[str]:
+    """What ``fastpeft info`` prints, a line each."""
+    import torch
+
+    import fastpeft
+    from fastpeft.ops.dispatch import backend_for, requested_backend
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    return [
+        f"fastpeft {fastpeft.__version__}",
+        f"python {platform.python_version()} on {platform.platform()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        *(f"{name} {_version(name)}" for name in ("triton", "transformers", "bitsandbytes", "peft")),
+        f"device: {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA device)'}",
+        f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}",
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
+        f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions, device, backend and whether the CUDA extension is built")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""NF4: the 4-bit NormalFloat weight format of QLoRA, read and written exactly as bitsandbytes does.
+
+Format (bitsandbytes ``quant_type="nf4"``): the weight ``(out, in)`` is flattened row-major and cut
+into blocks of ``blocksize`` elements. Each block stores its absmax; each element stores the index
+(0..15) of the NF4 code value nearest to ``x / absmax``. Two indices per byte, the first element of
+a pair in the high nibble. An odd element count is padded with the index of code value 0.0.
+
+Double quantisation (``compress_statistics=True`` / ``bnb_4bit_use_double_quant=True``): the fp32
+absmaxes minus their mean (``offset``) are quantised again, blockwise with 256 per block, to uint8
+indices into bitsandbytes' signed 8-bit dynamic code, each 256-block with its own fp32 absmax.
+
+Arithmetic order (kept identical to bitsandbytes for bit-exact results): quantisation scales by
+``x * (1 / absmax)`` in fp32 and picks the code by comparing with the midpoints between adjacent
+code values (ties go to the lower code); dequantisation rebuilds a nested absmax as
+``code2[q] * absmax2[j // 256]`` then ``+ offset``, each rounded to fp32, then computes
+``code[idx] * absmax`` in fp32 and casts once to the target dtype.
+
+This module is the format and its plain-PyTorch reference; the Triton dequantiser is in
+``fastpeft/kernels/nf4.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["NF4_CODE", "NF4Weight", "dynamic_code", "SUPPORTED_BLOCKSIZES"]
+
+# The 16 NF4 values (quantiles of N(0, 1) normalised to [-1, 1], QLoRA paper, Appendix E), as fp32.
+NF4_CODE = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the second (absmax) quantisation level
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (256 sorted fp32 values), used for nested absmax.
+
+    For each decimal exponent ``e = -6..0`` it holds ``±10**e`` times the midpoints of ``2**(e+6) + 1``
+    points evenly spaced over [0.1, 1], plus 0 and 1 (Dettmers, 8-bit approximations, 2015).
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (i - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _blockwise_absmax_quantize(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Quantise fp32 ``flat`` blockwise to indices of the sorted ``code``; returns (int64 idx, fp32 absmax)."""
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    # bitsandbytes scales the remainder block by division, full blocks by multiplying with 1/absmax;
+    # both give the same fp32 result except in rare rounding cases, so follow it exactly.
+    full = n // blocksize
+    scaled = torch.empty_like(padded)
+    scaled[:full] = padded[:full] * (1.0 / absmax[:full].clamp(min=1e-38).unsqueeze(1))
+    if full < n_blocks:
+        scaled[full:] = padded[full:] / absmax[full:].clamp(min=1e-38).unsqueeze(1)
+    scaled = scaled.clamp(-1.0, 1.0).reshape(-1)[:n]
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints), absmax
+
+
+@dataclass
+class NF4Weight:
+    """A 4-bit NormalFloat weight of logical shape ``(out_features, in_features)``.
+
+    Attributes:
+        packed: uint8 ``((numel + 1) // 2,)``, two 4-bit code indices per byte, high nibble first.
+            When built by :meth:`from_bnb` this is a view of the bitsandbytes storage (no copy).
+        absmax: fp32 ``(n_blocks,)`` per-block scales; or, when double-quantised, uint8
+            ``(n_blocks,)`` indices into ``nested_code``.
+        shape: the logical ``(out_features, in_features)``.
+        dtype: the dtype dequantisation produces by default (the original weight's dtype).
+        blocksize: elements per absmax block (bitsandbytes accepts 32..4096; 64 is the default).
+        nested_code: fp32 ``(256,)`` dynamic code of the second level, or None.
+        nested_absmax: fp32 ``(ceil(n_blocks / 256),)`` second-level scales, or None.
+        nested_offset: the mean subtracted from the absmaxes before the second level, or None.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_code: Optional[torch.Tensor] = None
+    nested_absmax: Optional[torch.Tensor] = None
+    nested_offset: Optional[float] = None
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"NF4Weight shape must be (out_features, in_features), got {tuple(self.shape)}")
+        if self.blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"unsupported NF4 blocksize {self.blocksize}; supported: {SUPPORTED_BLOCKSIZES}")
+        if self.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"NF4Weight dtype must be one of {_FLOAT_DTYPES}, got {self.dtype}")
+        if self.packed.dtype != torch.uint8 or self.packed.dim() != 1 or not self.packed.is_contiguous():
+            raise TypeError(
+                f"packed must be a contiguous 1-D uint8 tensor, got {self.packed.dtype} {tuple(self.packed.shape)}"
+            )
+        numel = self.shape.numel()
+        if self.packed.numel() != (numel + 1) // 2:
+            raise ValueError(f"packed has {self.packed.numel()} bytes; shape {tuple(self.shape)} needs {(numel + 1) // 2}")
+        if self.absmax.numel() != self.n_blocks:
+            raise ValueError(f"absmax has {self.absmax.numel()} entries; expected {self.n_blocks} blocks")
+        nested = (self.nested_code, self.nested_absmax, self.nested_offset)
+        if any(v is None for v in nested) and any(v is not None for v in nested):
+            raise ValueError("nested_code, nested_absmax and nested_offset must be given together")
+        if self.is_nested:
+            if self.absmax.dtype != torch.uint8:
+                raise TypeError(f"double-quantised absmax must be uint8, got {self.absmax.dtype}")
+            if self.nested_code.numel() != 256 or self.nested_code.dtype != torch.float32:
+                raise ValueError("nested_code must be 256 fp32 values")
+            if self.nested_absmax.numel() != -(-self.n_blocks // NESTED_BLOCKSIZE):
+                raise ValueError(
+                    f"nested_absmax has {self.nested_absmax.numel()} entries; "
+                    f"expected {-(-self.n_blocks // NESTED_BLOCKSIZE)}"
+                )
+            self.nested_offset = float(self.nested_offset)
+        elif self.absmax.dtype != torch.float32:
+            raise TypeError(f"absmax must be fp32, got {self.absmax.dtype}")
+        devices = {t.device for t in (self.packed, self.absmax, self.nested_code, self.nested_absmax) if t is not None}
+        if len(devices) != 1:
+            raise ValueError(f"NF4Weight tensors are on different devices: {sorted(map(str, devices))}")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape.numel() // self.blocksize)
+
+    @property
+    def is_nested(self) -> bool:
+        return self.nested_code is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight and its statistics (what a kernel has to read)."""
+        tensors = [self.packed, self.absmax, self.nested_code, self.nested_absmax]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> "NF4Weight":
+        """Quantise a float ``(out, in)`` weight exactly as ``bitsandbytes.functional.quantize_4bit``
+        (``quant_type="nf4"``, ``compress_statistics=double_quant``) does."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight))}")
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"weight dtype must be one of {_FLOAT_DTYPES}, got {weight.dtype}")
+        if blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"unsupported NF4 blocksize {blocksize}; supported: {SUPPORTED_BLOCKSIZES}")
+        code = NF4_CODE.to(weight.device)
+        idx, absmax = _blockwise_absmax_quantize(weight.detach().reshape(-1).float(), code, blocksize)
+        if idx.numel() % 2:  # bitsandbytes pads the scaled values with 0.0, i.e. the code index of 0
+            idx = torch.cat([idx, torch.bucketize(torch.zeros(1, device=idx.device), (code[:-1] + code[1:]) / 2)])
+        idx = idx.to(torch.uint8)
+        packed = (idx[0::2] << 4) | idx[1::2]
+        nested = {}
+        if double_quant:
+            offset = absmax.mean()
+            nested_code = dynamic_code().to(weight.device)
+            q, nested_absmax = _blockwise_absmax_quantize(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+            absmax = q.to(torch.uint8)
+            nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=offset.item())
+        return cls(packed, absmax, weight.shape, weight.dtype, blocksize, **nested)
+
+    @classmethod
+    def from_bnb(cls, weight, quant_state=None) -> "NF4Weight":
+        """View a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without copying.
+
+        ``weight`` may be a ``bnb.nn.Params4bit``, a ``bnb.nn.Linear4bit`` (its ``.weight`` is used),
+        or the packed tensor itself with ``quant_state`` given.
+        """
+        if hasattr(weight, "weight") and not isinstance(weight, torch.Tensor):  # a Linear4bit
+            weight = weight.weight
+        quant_state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("no quant_state: the bitsandbytes weight is not quantised yet (move it to a device first)")
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"only NF4 is supported, got quant_type={quant_state.quant_type!r}")
+        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if not data.is_contiguous():
+            raise ValueError("the packed bitsandbytes weight must be contiguous")
+        packed = data.view(torch.uint8).reshape(-1)
+        if quant_state.nested:
+            state2 = quant_state.state2
+            if state2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested absmax blocksize {state2.blocksize} unsupported; bitsandbytes uses 256")
+            offset = quant_state.offset
+            nested = dict(
+                nested_code=state2.code,
+                nested_absmax=state2.absmax,
+                nested_offset=offset.item() if isinstance(offset, torch.Tensor) else float(offset),
+            )
+        else:
+            nested = {}
+        return cls(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize, **nested)
+
+    def to_bnb_quant_state(self):
+        """A ``bitsandbytes.functional.QuantState`` describing this weight (shares the tensors)."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        offset = None
+        if self.is_nested:
+            state2 = QuantState(
+                absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+            )
+            offset = torch.tensor(self.nested_offset, dtype=torch.float32, device=self.device)
+        return QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=NF4_CODE.to(self.device),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    def to(self, device) -> "NF4Weight":
+        """A copy on ``device`` (the same object if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return NF4Weight(
+            move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
+            move(self.nested_code), move(self.nested_absmax), self.nested_offset,
+        )
+
+    # ------------------------------------------------------------------ reference dequantisation
+    def absmax_fp32(self) -> torch.Tensor:
+        """The fp32 per-block absmax, rebuilt from the second level when double-quantised."""
+        if not self.is_nested:
+            return self.absmax
+        n_blocks = self.absmax.numel()
+        scale = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n_blocks]
+        return self.nested_code[self.absmax.long()] * scale + torch.tensor(self.nested_offset, dtype=torch.float32)
+
+    def codes(self) -> torch.Tensor:
+        """int64 ``(out, in)`` code indices, unpacked."""
+        numel = self.shape.numel()
+        pairs = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)
+        return pairs[:numel].long().view(self.shape)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The float ``(out, in)`` weight, bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
+
+        ``dtype`` defaults to the weight's own dtype; float64 gives the exact fp32 values widened
+        (the oracle in tests).
+        """
+        dtype = self.dtype if dtype is None else dtype
+        values = NF4_CODE.to(self.device)[self.codes()].reshape(-1)
+        numel = values.numel()
+        absmax = self.absmax_fp32().repeat_interleave(self.blocksize)[:numel]
+        return (values * absmax).view(self.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        nested = ", double_quant" if self.is_nested else ""
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{nested}, "
+            f"device={self.device})"
+        )
+

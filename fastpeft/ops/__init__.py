@@ -1,0 +1,6 @@
+"""Ops: autograd-aware entry points that dispatch to the Triton kernels or the reference."""
+
+from .dispatch import backend_for, requested_backend, triton_interpreter
+from .nf4 import dequantize_nf4
+
+__all__ = ["backend_for", "requested_backend", "triton_interpreter", "dequantize_nf4"]

@@ -1,0 +1,56 @@
+"""NF4 dequantisation as a ``torch.library`` custom op (``fastpeft::nf4_dequantize``), dispatched to
+the Triton kernel or to the reference in ``NF4Weight.dequantize``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..nf4 import NF4Weight
+from .dispatch import backend_for
+
+
+@torch.library.custom_op("fastpeft::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_code: Optional[torch.Tensor],
+    nested_absmax: Optional[torch.Tensor],
+    nested_offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    nested = {}
+    if nested_code is not None:
+        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
+    weight = NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+    if backend_for(packed.device) == "triton":
+        from ..kernels.nf4 import nf4_dequantize
+
+        return nf4_dequantize(weight, dtype)
+    return weight.dequantize(dtype)
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features, blocksize,
+      weight_dtype, dtype):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense ``(out, in)`` weight in ``dtype`` (default: the weight's dtype); Triton on CUDA,
+    the reference on CPU (see ``fastpeft.ops.dispatch``). Bit-exact with bitsandbytes either way."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"expected an NF4Weight, got {type(weight).__name__}")
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"NF4 dequantisation produces float32, float16 or bfloat16, not {dtype}")
+    return _nf4_dequantize_op(
+        weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
+        weight.nested_offset if weight.is_nested else 0.0,
+        weight.out_features, weight.in_features, weight.blocksize, weight.dtype, dtype,
+    )

@@ -1,0 +1,135 @@
+"""Plain-PyTorch reference of every fastpeft op: the oracle in tests and the CPU path.
+
+Each function computes in the dtype of its inputs (tests pass float64 tensors to get the exact
+answer) and is differentiable by autograd with respect to every tensor that requires grad. The base
+weight is either a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`, which is
+dequantised to ``x.dtype`` (bit-exact fp32 values, then one cast).
+
+Shapes: ``x`` is ``(..., in)``, ``weight`` ``(out, in)``, ``lora_a`` ``(r, in)``, ``lora_b`` ``(out, r)``,
+``bias`` ``(out,)`` or None, ``scaling`` a Python float (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+Dropout is the caller's: ``x_dropped`` is ``dropout(x)`` when dropout is active, else None (= ``x``).
+Semantics follow Hugging Face PEFT (peft/tuners/lora/layer.py, dora.py; peft/tuners/ia3/layer.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight
+
+__all__ = [
+    "base_weight",
+    "lora_linear",
+    "dora_weight_norm",
+    "dora_linear",
+    "ia3_linear",
+    "multi_lora_linear",
+]
+
+Weight = Union[torch.Tensor, NF4Weight]
+
+
+def base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``(out, in)`` base weight in ``dtype`` (dequantised when NF4)."""
+    if isinstance(weight, NF4Weight):
+        return weight.dequantize(dtype)
+    return weight.to(dtype)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_dropped: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """LoRA / QLoRA: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``; returns ``(..., out)`` in ``x.dtype``."""
+    x_lora = x if x_dropped is None else x_dropped
+    base = F.linear(x, base_weight(weight, x.dtype), bias)
+    return base + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+
+
+def dora_weight_norm(
+    weight: Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """DoRA's per-output-row norm ``‖W + s·B A‖₂`` as ``(out,)``, detached (no gradient flows through it,
+    as in PEFT and the DoRA paper §4.3). Computed in ``dtype`` (default: ``lora_a.dtype``)."""
+    dtype = lora_a.dtype if dtype is None else dtype
+    with torch.no_grad():
+        merged = base_weight(weight, dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))
+        return torch.linalg.vector_norm(merged, ord=2, dim=1)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    x_dropped: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA with PEFT's exact semantics; ``magnitude`` is ``(out,)``.
+
+    ``y = x Wᵀ + b + (m/n − 1) ⊙ (x' Wᵀ) + (m/n) ⊙ s·(x' Aᵀ) Bᵀ`` with ``x' = drop(x)`` (or ``x``),
+    ``n = ‖W + s·B A‖₂`` per output row, detached. Without dropout this is
+    ``(m/n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``.
+    """
+    x_lora = x if x_dropped is None else x_dropped
+    w = base_weight(weight, x.dtype)
+    norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x.dtype)
+    mag_norm_scale = magnitude / norm
+    base_lora_input = F.linear(x_lora, w)
+    lora = scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+    return F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    ia3_scale: torch.Tensor,
+    is_feedforward: bool,
+) -> torch.Tensor:
+    """IA3. ``is_feedforward``: ``y = (x ⊙ l) Wᵀ + b`` with ``l`` ``(in,)``; otherwise
+    ``y = (x Wᵀ + b) ⊙ l`` with ``l`` ``(out,)`` (PEFT's rule: the bias is scaled too)."""
+    w = base_weight(weight, x.dtype)
+    if is_feedforward:
+        return F.linear(x * ia3_scale, w, bias)
+    return F.linear(x, w, bias) * ia3_scale
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-LoRA over one base: token ``t`` uses adapter ``k = adapter_ids[t]`` (``-1``: base only).
+
+    ``x`` is ``(..., in)`` and ``adapter_ids`` int ``x.shape[:-1]`` (one id per token). Adapter ``k`` has
+    ``lora_as[k]`` ``(r_k, in)``, ``lora_bs[k]`` ``(out, r_k)`` and ``scalings[k]``; ranks may differ.
+    """
+    if not (len(lora_as) == len(lora_bs) == len(scalings)):
+        raise ValueError(f"got {len(lora_as)} lora_as, {len(lora_bs)} lora_bs, {len(scalings)} scalings")
+    if adapter_ids.shape != x.shape[:-1]:
+        raise ValueError(f"adapter_ids shape {tuple(adapter_ids.shape)} must be x.shape[:-1] = {tuple(x.shape[:-1])}")
+    n = len(lora_as)
+    if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
+        raise ValueError(f"adapter ids must be in [-1, {n - 1}], got range [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
+    y = F.linear(x, base_weight(weight, x.dtype), bias)
+    for k in range(n):
+        rows = adapter_ids == k
+        if rows.any():
+            delta = scalings[k] * F.linear(F.linear(x, lora_as[k]), lora_bs[k])
+            y = torch.where(rows.unsqueeze(-1), y + delta, y)
+    return y

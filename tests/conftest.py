@@ -1,0 +1,133 @@
+"""Shared test helpers: per-dtype error bounds, odd shapes, NaN poisoning, tiny Llama models.
+
+Without a CUDA device, Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set
+here, before anything imports triton. Its ``tl.dot`` is wrong for bf16 inputs, so bf16 kernel tests
+run only on a GPU (``kernel_dtypes``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# ‖out − ref‖ / ‖ref‖ bounds (DESIGN.md: testing), ref computed in float64.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TF32_REL_TOL = 5e-4
+
+
+def kernel_dtypes() -> list[torch.dtype]:
+    """Dtypes a kernel test can run in here: bf16 only on a real GPU (interpreter bf16 dot is wrong)."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖₂ / ‖ref‖₂ in float64 (0 when both are 0)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    denom = torch.linalg.vector_norm(ref64)
+    diff = torch.linalg.vector_norm(out64 - ref64)
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, tol: float | None = None):
+    """Assert shape equality, no NaN/inf, and relative error within the bound for ``dtype``."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "output has NaN or inf (unwritten NaN-poisoned elements?)"
+    bound = tol if tol is not None else REL_TOL[dtype or out.dtype]
+    err = rel_error(out, ref)
+    assert err <= bound, f"relative error {err:.3e} > {bound:.1e} ({out.dtype})"
+
+
+def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
+    """An output buffer filled with NaN, so any element a kernel forgets to write fails the test."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous view (every other column of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or t.shape[-1] == 1
+    return view
+
+
+# Odd sizes: not multiples of any block size a kernel uses.
+ODD_SHAPES = [(1, 33, 17), (7, 65, 47), (19, 129, 95)]  # (M, in, out)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels (interpreter on CPU)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    # hidden and intermediate sizes are multiples of 64 so bitsandbytes' CPU dequantiser, which
+    # mishandles blocks spanning rows (blocksize > in_features), gives correct results for PEFT.
+    return LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0,
+    )
+
+
+def make_tiny_llama(dtype=torch.float32, seed: int = 0):
+    """A freshly initialised tiny Llama (no download), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """The tiny Llama saved to disk (safetensors), for from_pretrained-based loading."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama().save_pretrained(path)
+    return path
+
+
+def load_tiny_llama_4bit(path, compute_dtype=torch.float32):
+    """The tiny Llama loaded through bitsandbytes NF4 with double quantisation (works on CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": DEVICE.type}).eval()
+
+
+@pytest.fixture
+def tiny_llama_4bit(tiny_llama_dir):
+    return load_tiny_llama_4bit(tiny_llama_dir)
