@@ -27,6 +27,7 @@ __all__ = [
     "dora_linear",
     "ia3_linear",
     "multi_lora_linear",
+    "multi_lora_delta",
 ]
 
 Weight = Union[torch.Tensor, NF4Weight]
@@ -133,3 +134,35 @@ def multi_lora_linear(
             delta = scalings[k] * F.linear(F.linear(x, lora_as[k]), lora_bs[k])
             y = torch.where(rows.unsqueeze(-1), y + delta, y)
     return y
+
+
+def multi_lora_delta(
+    x: torch.Tensor,
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_ids: torch.Tensor,
+    adapter_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The LoRA part of a multi-LoRA layer with weighted combinations: ``(..., out)`` in ``x.dtype``,
+    ``Σ_j w[t, j] · s_k · (x[t] A_kᵀ) B_kᵀ`` with ``k = adapter_ids[t, j]`` (``-1``: empty slot).
+
+    ``adapter_ids`` is int ``x.shape[:-1] + (S,)`` (S slots per token) and ``adapter_weights`` float
+    of the same shape (None: all 1). With ``S = 1`` and no weights, ``multi_lora_linear`` is
+    ``F.linear(x, W, b) + multi_lora_delta(x, ..., adapter_ids[..., None])``.
+    """
+    if adapter_ids.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"adapter_ids shape {tuple(adapter_ids.shape)} must be x.shape[:-1] + (slots,)")
+    if adapter_weights is None:
+        adapter_weights = torch.ones(adapter_ids.shape, dtype=x.dtype, device=x.device)
+    n = len(lora_as)
+    if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
+        raise ValueError(f"adapter ids must be in [-1, {n - 1}], got range [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
+    out_features = lora_bs[0].shape[0] if n else 0
+    delta = x.new_zeros(*x.shape[:-1], out_features)
+    for k in range(n):
+        # per token, the summed weight of every slot naming adapter k
+        weight_k = torch.where(adapter_ids == k, adapter_weights.to(x.dtype), 0).sum(-1, keepdim=True)
+        if (weight_k != 0).any():
+            delta = delta + weight_k * (scalings[k] * F.linear(F.linear(x, lora_as[k]), lora_bs[k]))
+    return delta
