@@ -10,8 +10,9 @@ absmaxes minus their mean (``offset``) are quantised again, blockwise with 256 p
 indices into bitsandbytes' signed 8-bit dynamic code, each 256-block with its own fp32 absmax.
 
 Arithmetic order (kept identical to bitsandbytes for bit-exact results): quantisation scales by
-``x * (1 / absmax)`` in fp32 and picks the code by comparing with the midpoints between adjacent
-code values (ties go to the lower code); dequantisation rebuilds a nested absmax as
+``x * (1 / absmax)`` in fp32 and picks the NF4 code by comparing with the midpoints between adjacent
+code values (ties go to the lower code); the nested 8-bit level is rounded the way bitsandbytes'
+backend for that device rounds it (see ``NF4Weight.quantize``); dequantisation rebuilds a nested absmax as
 ``code2[q] * absmax2[j // 256]`` then ``+ offset``, each rounded to fp32, then computes
 ``code[idx] * absmax`` in fp32 and casts once to the target dtype.
 
@@ -59,22 +60,56 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _blockwise_absmax_quantize(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """Quantise fp32 ``flat`` blockwise to indices of the sorted ``code``; returns (int64 idx, fp32 absmax)."""
+def _blockwise_scale(flat: torch.Tensor, blocksize: int, divide_remainder: bool):
+    """Per-block absmax of fp32 ``flat`` and the values scaled into [-1, 1]: ``x * (1 / absmax)``; the
+    trailing partial block is divided instead where bitsandbytes does so (its CPU 4-bit path)."""
     n = flat.numel()
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    # bitsandbytes scales the remainder block by division, full blocks by multiplying with 1/absmax;
-    # both give the same fp32 result except in rare rounding cases, so follow it exactly.
+    safe = absmax.clamp(min=1e-38).unsqueeze(1)
+    scaled = padded * (1.0 / safe)
     full = n // blocksize
-    scaled = torch.empty_like(padded)
-    scaled[:full] = padded[:full] * (1.0 / absmax[:full].clamp(min=1e-38).unsqueeze(1))
-    if full < n_blocks:
-        scaled[full:] = padded[full:] / absmax[full:].clamp(min=1e-38).unsqueeze(1)
-    scaled = scaled.clamp(-1.0, 1.0).reshape(-1)[:n]
-    midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, midpoints), absmax
+    if divide_remainder and full < n_blocks:
+        scaled[full:] = padded[full:] / safe[full:]
+    return scaled.reshape(-1)[:n], absmax
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest sorted ``code`` value; a value exactly on a midpoint takes the lower code
+    (bitsandbytes' NF4 threshold tree uses strict ``>``, as bucketize does)."""
+    return torch.bucketize(scaled.clamp(-1.0, 1.0), (code[:-1] + code[1:]) / 2)
+
+
+def _dynamic_code_index_cpu(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU 8-bit blockwise quantiser (csrc/cpu_ops.cpp): the value is snapped to a grid of
+    65536 points over [-1, 1] and each grid point maps to its nearest code. Not always the nearest code
+    of the value itself, so it is reproduced as is."""
+    lut_size = 65536
+    grid = torch.clamp(scaled, -1.0, 1.0).add(1.0).mul(0.5).mul(float(lut_size - 1)).add(0.5).to(torch.int64)
+    grid_value = torch.arange(lut_size, dtype=torch.float32).mul(2.0).div(float(lut_size - 1)).add(-1.0)
+    lut = torch.bucketize(grid_value, (code[:-1] + code[1:]) * 0.5)
+    return lut.to(scaled.device)[grid]
+
+
+def _dynamic_code_index_cuda(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA 8-bit blockwise quantiser (kernels.cu ``dQuantize``): seven halving steps of a
+    binary search from index 127, then a midpoint test against the last bracket."""
+    pivot = torch.full(scaled.shape, 127, dtype=torch.int64, device=scaled.device)
+    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
+    lower, upper = -torch.ones_like(scaled), torch.ones_like(scaled)
+    value = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        right = scaled > value
+        lower_pivot, lower = torch.where(right, pivot, lower_pivot), torch.where(right, value, lower)
+        upper_pivot, upper = torch.where(right, upper_pivot, pivot), torch.where(right, upper, value)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        value = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    above = torch.where(scaled > (upper + value) * 0.5, upper_pivot, pivot)
+    below = torch.where(scaled < (lower + value) * 0.5, lower_pivot, pivot)
+    return torch.where(scaled > value, above, below)
 
 
 @dataclass
@@ -171,24 +206,36 @@ class NF4Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> "NF4Weight":
         """Quantise a float ``(out, in)`` weight exactly as ``bitsandbytes.functional.quantize_4bit``
-        (``quant_type="nf4"``, ``compress_statistics=double_quant``) does."""
+        (``quant_type="nf4"``, ``compress_statistics=double_quant``) does on the weight's device.
+
+        bitsandbytes' CPU and CUDA backends round the nested (8-bit) absmax level differently in rare
+        near-tie cases (a 65536-point lookup table on CPU, a binary search on CUDA); both are reproduced,
+        chosen by ``weight.device``. The 4-bit level is the nearest NF4 code on both.
+        """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight))}")
         if weight.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"weight dtype must be one of {_FLOAT_DTYPES}, got {weight.dtype}")
         if blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"unsupported NF4 blocksize {blocksize}; supported: {SUPPORTED_BLOCKSIZES}")
+        on_cpu = weight.device.type == "cpu"
         code = NF4_CODE.to(weight.device)
-        idx, absmax = _blockwise_absmax_quantize(weight.detach().reshape(-1).float(), code, blocksize)
-        if idx.numel() % 2:  # bitsandbytes pads the scaled values with 0.0, i.e. the code index of 0
-            idx = torch.cat([idx, torch.bucketize(torch.zeros(1, device=idx.device), (code[:-1] + code[1:]) / 2)])
-        idx = idx.to(torch.uint8)
+        scaled, absmax = _blockwise_scale(weight.detach().reshape(-1).float(), blocksize, divide_remainder=on_cpu)
+        if scaled.numel() % 2:  # bitsandbytes pads the scaled values with 0.0 (the code index of 0)
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        idx = _nearest_code(scaled, code).to(torch.uint8)
         packed = (idx[0::2] << 4) | idx[1::2]
         nested = {}
         if double_quant:
             offset = absmax.mean()
             nested_code = dynamic_code().to(weight.device)
-            q, nested_absmax = _blockwise_absmax_quantize(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+            scaled2, nested_absmax = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE, divide_remainder=False)
+            if on_cpu:
+                q = _dynamic_code_index_cpu(scaled2, nested_code)
+                # bitsandbytes' CPU quantiser writes index 0 for an all-zero block
+                q = torch.where(nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: q.numel()] == 0, 0, q)
+            else:
+                q = _dynamic_code_index_cuda(scaled2, nested_code)
             absmax = q.to(torch.uint8)
             nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=offset.item())
         return cls(packed, absmax, weight.shape, weight.dtype, blocksize, **nested)
