@@ -1,8 +1,9 @@
 """Shared test helpers: per-dtype error bounds, odd shapes, NaN poisoning, tiny Llama models.
 
 Without a CUDA device, Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set
-here, before anything imports triton. Its ``tl.dot`` is wrong for bf16 inputs, so bf16 kernel tests
-run only on a GPU (``kernel_dtypes``).
+here, before anything imports triton. Its ``tl.dot`` is wrong for bf16 inputs and its fp32 -> bf16 casts
+truncate instead of rounding to nearest even (triton 3.9), so bf16 kernel tests run only on a GPU
+(``kernel_dtypes``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TF32_REL_TOL = 5e-4
 
 
 def kernel_dtypes() -> list[torch.dtype]:
-    """Dtypes a kernel test can run in here: bf16 only on a real GPU (interpreter bf16 dot is wrong)."""
+    """Dtypes a kernel test can run in here: bf16 only on a real GPU (the interpreter's bf16 dot and casts are wrong)."""
     return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 

@@ -1,0 +1,57 @@
+"""Backend choice, `import fastpeft` side effects, and `fastpeft info`."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft.ops.dispatch import backend_for
+
+
+def test_auto_backend_by_device(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    assert backend_for(torch.device("cpu")) == "reference"
+    assert backend_for(torch.device("cuda")) == "triton"
+
+
+def test_env_overrides(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    assert backend_for(torch.device("cuda")) == "reference"
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_for(torch.device("cpu")) == "triton"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend_for(torch.device("cpu"))
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="'cudnn' is not one of"):
+        backend_for(torch.device("cpu"))
+
+
+def test_import_has_no_side_effects():
+    # a fresh interpreter: importing fastpeft must not import the heavy/optional packages or touch CUDA
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: (_ for _ in ()).throw(AssertionError('CUDA queried at import'))\n"
+        "import fastpeft\n"
+        "bad = [m for m in ('triton', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_info_reports_versions_backend_and_extension(capsys):
+    from fastpeft.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("fastpeft 0.1.0", "torch ", "triton ", "bitsandbytes ", "device: ", "use: ", "CUDA extension"):
+        assert needle in out

@@ -1,0 +1,68 @@
+"""The Triton NF4 dequantiser, bit-exact against the reference (Triton's interpreter on CPU)."""
+
+import pytest
+import torch
+
+from fastpeft.nf4 import NF4Weight
+from fastpeft.ops import dequantize_nf4
+
+from conftest import DEVICE, kernel_dtypes
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "shape, blocksize",
+    [((37, 53), 64), ((3, 1111), 32), ((65, 129), 256), ((1, 7), 4096), ((520, 33), 64)],  # odd counts; >256 blocks
+)
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_triton_dequant_is_bit_exact(triton_backend, shape, blocksize, double_quant, dtype):
+    weight = NF4Weight.quantize(torch.randn(shape, device=DEVICE) * 3, blocksize, double_quant)
+    out = dequantize_nf4(weight, dtype)
+    expected = weight.dequantize(dtype)
+    assert out.dtype == dtype and out.shape == shape and out.is_contiguous()
+    assert torch.equal(out, expected)
+
+
+def test_triton_dequant_writes_every_element(triton_backend):
+    # a fresh output is allocated by the launcher; NaN-poisoning the allocator's memory checks coverage
+    from fastpeft.kernels import nf4 as kernels
+
+    weight = NF4Weight.quantize(torch.randn(13, 77, device=DEVICE), 64, double_quant=True)
+    original_empty = torch.empty
+    try:
+        torch.empty = lambda *a, **k: original_empty(*a, **k).fill_(float("nan"))
+        out = kernels.nf4_dequantize(weight, torch.float32)
+    finally:
+        torch.empty = original_empty
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, weight.dequantize(torch.float32))
+
+
+def test_dequant_op_passes_opcheck():
+    weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
+    torch.library.opcheck(
+        torch.ops.fastpeft.nf4_dequantize.default,
+        (weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
+         9, 64, 64, torch.float32, torch.float16),
+    )
+
+
+def test_dequant_rejects_bad_dtype():
+    weight = NF4Weight.quantize(torch.randn(4, 64), 64)
+    with pytest.raises(TypeError, match="not torch.int8"):
+        dequantize_nf4(weight, torch.int8)
+    with pytest.raises(TypeError, match="expected an NF4Weight"):
+        dequantize_nf4(torch.randn(4, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_on_cuda_matches_bitsandbytes_cuda(double_quant):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    ours = NF4Weight.quantize(w, 64, double_quant)
+    assert torch.equal(ours.packed, packed.view(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(dequantize_nf4(NF4Weight.from_bnb(packed, state)), bnb_f.dequantize_4bit(packed, state))
