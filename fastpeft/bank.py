@@ -1,0 +1,180 @@
+"""Adapter banks: N adapters packed into stacked tensors, per layer and per model, copy-on-write.
+
+A :class:`LoraBank` holds one linear layer's adapters as ``lora_a`` ``(N, R, in)``, ``lora_b``
+``(N, out, R)`` (``R`` = the largest rank, zero-padded; the kernels read only each adapter's own
+``ranks[k]`` columns), ``ranks`` ``(N,)`` int32 and ``scalings`` ``(N,)`` fp32. An adapter that does not
+touch the layer has rank 0. DoRA and IA3 adapters add per-adapter vectors applied around the base
+matmul (``y = g_k ⊙ (x' Wᵀ + s_k·(x Aᵀ)Bᵀ) + c_k ⊙ b`` with ``x' = x ⊙ l_k`` for feed-forward IA3):
+``out_scale`` ``(N, out)`` (DoRA's ``m/‖W + sBA‖``, IA3's output ``l``; ones otherwise),
+``bias_scale`` ``(N, out)`` (IA3 scales the bias, DoRA does not) and ``in_scale`` ``(N, in)`` (feed-forward
+IA3's ``l``). The DoRA norm is computed once when the adapter is packed: serving never trains, and
+PEFT detaches it anyway.
+
+Banks are immutable. :class:`AdapterBank` (one model's named adapters and every layer's
+``LoraBank``) returns a NEW bank from ``with_adapter`` / ``without_adapter`` with freshly packed
+tensors and a bumped ``version``; a batch keeps the bank it was built against, so adding or removing
+an adapter while a batch is in flight never changes what that batch computes (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from . import reference
+from .adapters import Adapter, ModuleAdapter
+
+__all__ = ["LoraBank", "AdapterBank", "MAX_RANK"]
+
+MAX_RANK = 256
+
+
+@dataclass(frozen=True)
+class LoraBank:
+    """One linear layer's N adapters, packed (see the module docstring for shapes)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    out_scale: Optional[torch.Tensor] = None
+    bias_scale: Optional[torch.Tensor] = None
+    in_scale: Optional[torch.Tensor] = None
+
+    @property
+    def num_adapters(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_a.shape[1]
+
+    @classmethod
+    def pack(
+        cls,
+        adapters: Sequence[Optional[ModuleAdapter]],
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device,
+        base_weight: Optional[reference.Weight] = None,
+    ) -> "LoraBank":
+        """Pack ``adapters`` (``None`` = this adapter leaves the layer alone). ``base_weight`` is needed
+        only for DoRA (its norm)."""
+        ranks = [0 if a is None else a.rank for a in adapters]
+        for k, r in enumerate(ranks):
+            if r > MAX_RANK:
+                raise ValueError(f"adapter {k} has rank {r} > {MAX_RANK}")
+        n, max_rank = len(adapters), max(ranks, default=0)
+        lora_a = torch.zeros(n, max_rank, in_features, dtype=dtype, device=device)
+        lora_b = torch.zeros(n, out_features, max_rank, dtype=dtype, device=device)
+        scalings = torch.zeros(n, dtype=torch.float32, device=device)
+        out_scale = torch.ones(n, out_features, dtype=dtype, device=device)
+        bias_scale = torch.ones(n, out_features, dtype=dtype, device=device)
+        in_scale = torch.ones(n, in_features, dtype=dtype, device=device)
+        uses_out, uses_in = False, False
+        for k, a in enumerate(adapters):
+            if a is None:
+                continue
+            if a.ia3_scale is not None:
+                if a.is_feedforward:
+                    _check_shape(a.ia3_scale, (in_features,), k, "ia3_scale")
+                    in_scale[k] = a.ia3_scale
+                    uses_in = True
+                else:
+                    _check_shape(a.ia3_scale, (out_features,), k, "ia3_scale")
+                    out_scale[k] = bias_scale[k] = a.ia3_scale
+                    uses_out = True
+                continue
+            r = a.rank
+            _check_shape(a.lora_a, (r, in_features), k, "lora_a")
+            _check_shape(a.lora_b, (out_features, r), k, "lora_b")
+            lora_a[k, :r] = a.lora_a
+            lora_b[k, :, :r] = a.lora_b
+            scalings[k] = a.scaling
+            if a.magnitude is not None:
+                if base_weight is None:
+                    raise ValueError(f"adapter {k} is DoRA: packing it needs the base weight")
+                _check_shape(a.magnitude, (out_features,), k, "magnitude")
+                norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
+                                                  dtype=torch.float32)
+                out_scale[k] = a.magnitude.float() / norm
+                uses_out = True
+        return cls(
+            lora_a=lora_a, lora_b=lora_b,
+            ranks=torch.tensor(ranks, dtype=torch.int32, device=device), scalings=scalings,
+            out_scale=out_scale if uses_out else None,
+            bias_scale=bias_scale if uses_out else None,
+            in_scale=in_scale if uses_in else None,
+        )
+
+
+def _check_shape(t: torch.Tensor, shape: tuple, k: int, what: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"adapter {k}: {what} has shape {tuple(t.shape)}, the layer needs {shape}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What packing needs to know about one adapted base layer."""
+
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    device: torch.device
+    base_weight: Optional[reference.Weight] = None
+
+
+@dataclass(frozen=True)
+class AdapterBank:
+    """A model's named adapters (slot ``k`` = ``names[k]``) and each adapted layer's :class:`LoraBank`.
+
+    Immutable: ``with_adapter`` / ``without_adapter`` return a new bank (new tensors, ``version + 1``)."""
+
+    layer_specs: Mapping[str, LayerSpec]
+    names: tuple = ()
+    modules: tuple = ()  # per adapter: {layer path: ModuleAdapter}
+    layers: Mapping[str, LoraBank] = field(default_factory=dict)
+    version: int = 0
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown adapter {name!r}; loaded: {list(self.names)}") from None
+
+    def kind(self, name: str) -> str:
+        """``"lora"``, ``"dora"`` or ``"ia3"``."""
+        mods = self.modules[self.index(name)].values()
+        if any(m.ia3_scale is not None for m in mods):
+            return "ia3"
+        return "dora" if any(m.magnitude is not None for m in mods) else "lora"
+
+    def with_adapter(self, name: str, adapter: Adapter) -> "AdapterBank":
+        """A new bank with ``adapter`` added under ``name`` (replacing one of that name)."""
+        modules = adapter.modules()
+        unknown = sorted(set(modules) - set(self.layer_specs))
+        if unknown:
+            raise ValueError(f"adapter {name!r} targets layers this model does not adapt: {unknown[:5]}")
+        names, mods = list(self.names), list(self.modules)
+        if name in names:
+            mods[names.index(name)] = modules
+        else:
+            names.append(name)
+            mods.append(modules)
+        return self._repacked(tuple(names), tuple(mods))
+
+    def without_adapter(self, name: str) -> "AdapterBank":
+        """A new bank without ``name``; later adapters move down one slot."""
+        k = self.index(name)
+        return self._repacked(self.names[:k] + self.names[k + 1:], self.modules[:k] + self.modules[k + 1:])
+
+    def _repacked(self, names: tuple, mods: tuple) -> "AdapterBank":
+        layers = {
+            path: LoraBank.pack([m.get(path) for m in mods], spec.in_features, spec.out_features, spec.dtype,
+                                spec.device, spec.base_weight)
+            for path, spec in self.layer_specs.items()
+        }
+        return AdapterBank(self.layer_specs, names, mods, layers, self.version + 1)

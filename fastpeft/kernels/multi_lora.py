@@ -1,0 +1,201 @@
+"""Multi-LoRA shrink / expand in Triton: many adapters, different ranks, one launch each.
+
+Math (per slot ``j`` of token ``t``, adapter ``k = slot_ids[t, j]``, ``-1`` = nothing):
+``h[t] = x[t] A_kᵀ`` (shrink, ``h`` in ``x.dtype`` like the reference) then
+``y[t] += w[t, j] · s_k · h[t] B_kᵀ`` (expand, fp32 accumulation, one rounding into ``y``).
+A row with a weighted combination of adapters carries several slots; plain batches have one.
+
+Design (vLLM's ``lora/ops/triton_ops`` pattern, own code): ``fastpeft.ops.multi_lora.MultiLoraMeta``
+is computed once per batch: per slot, ``token_order`` lists the tokens grouped by adapter (an index
+permutation — the batch itself is never reordered) and ``tiles`` cuts each adapter's group into
+``(adapter, start, length)`` tiles of ``block_m`` tokens. Every program takes one tile: the tokens of a
+tile share one adapter, so ``A_k`` / ``B_k`` blocks are loaded once per tile (prefill). Decode (one token
+per sequence) uses ``block_m = 1``: one program per token, a GEMV by broadcast-multiply-sum instead of
+``tl.dot`` (which needs 16 rows). Tokens with no adapter are in no tile: no work at all.
+
+Rank heterogeneity: the bank pads every adapter to the largest rank ``R``, but the shrink grid's rank
+blocks at or beyond ``ranks[k]`` exit at once and the expand loop runs only to ``ranks[k]``, so padding
+is never loaded nor multiplied (beyond the last partial ``BLOCK_R`` block, which is masked).
+
+Slots of one token write the same ``y`` row, so the launcher runs shrink+expand slot after slot (one
+pair of launches per slot; ``S = 1`` for plain batches): no atomics, deterministic.
+
+A fused shrink→expand kernel keeping ``h`` on chip was not kept: ``h`` would have to be a
+fixed ``(BLOCK_M, R)`` register tile, which computes the padding of every smaller-rank adapter, and
+whether it wins over two launches can only be measured on a GPU (none in this task).
+
+fp32: ``tl.dot`` uses ``input_precision="ieee"`` so fp32 results match PyTorch's fp32 matmul rather
+than tf32 (adapters are small; exactness beats the tf32 speed-up here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Block sizes: untuned, no GPU in this task. BLOCK_M is the metadata's block_m (16 prefill, 1 decode).
+BLOCK_K = 32
+BLOCK_R = 16
+BLOCK_N = 32
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _multi_lora_shrink_kernel(
+    x_ptr, lora_a_ptr, ranks_ptr, order_ptr, tiles_ptr, h_ptr,
+    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hr,
+    in_features,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    r_start = tl.program_id(1) * BLOCK_R
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    rank = tl.load(ranks_ptr + adapter)
+    if r_start >= rank:
+        return
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    length = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < length
+    rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a_base = lora_a_ptr + adapter * stride_an
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k_start in range(0, in_features, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_features
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(x, a, input_precision="ieee")
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], axis=1)
+    tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc.to(h_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _multi_lora_expand_kernel(
+    h_ptr, lora_b_ptr, ranks_ptr, scalings_ptr, weights_ptr, order_ptr, tiles_ptr, y_ptr,
+    stride_hm, stride_hr, stride_bn, stride_bo, stride_br, stride_wm, stride_ym, stride_yo,
+    out_features,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    rank = tl.load(ranks_ptr + adapter)
+    if rank == 0:
+        return
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    length = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < length
+    rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_features
+    b_base = lora_b_ptr + adapter * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # runtime bound: only this adapter's own rank is read, never the bank's padding
+    for r_start in range(0, rank, BLOCK_R):
+        offs_r = r_start + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(h, b, input_precision="ieee")
+        else:
+            acc += tl.sum(h.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    scale = tl.load(scalings_ptr + adapter) * tl.load(weights_ptr + rows * stride_wm, mask=m_mask, other=0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yo
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def multi_lora_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    slot_weights: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    slot_tiles: list,
+    block_m: int,
+    max_adapter_id: int,
+) -> torch.Tensor:
+    """``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` in place; returns ``y``.
+
+    ``x`` ``(M, in)``, ``y`` ``(M, out)`` (any strides), ``lora_a`` ``(N, R, in)``, ``lora_b`` ``(N, out, R)``
+    (one dtype for all four), ``ranks`` int32 ``(N,)``, ``scalings`` fp32 ``(N,)``, ``slot_weights`` fp32
+    ``(M, S)``; ``token_order`` int32 ``(S, M)``, ``tiles`` int32 ``(T, 3)``, ``slot_tiles`` ``S`` tile counts
+    (slot ``j``'s tiles follow slot ``j-1``'s), ``block_m`` and ``max_adapter_id`` from
+    ``fastpeft.ops.multi_lora.MultiLoraMeta``.
+    """
+    for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not one of {_DTYPES}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} != x dtype {x.dtype}")
+    if x.dim() != 2 or y.dim() != 2 or lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError(f"need x (M, in), y (M, out), lora_a (N, R, in), lora_b (N, out, R); got x "
+                         f"{tuple(x.shape)}, y {tuple(y.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
+    (m, in_features), (n, max_rank, _), out_features = x.shape, lora_a.shape, y.shape[1]
+    if y.shape[0] != m or lora_a.shape[2] != in_features or tuple(lora_b.shape) != (n, out_features, max_rank):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, y {tuple(y.shape)}, lora_a {tuple(lora_a.shape)}, "
+                         f"lora_b {tuple(lora_b.shape)}")
+    if ranks.dtype != torch.int32 or tuple(ranks.shape) != (n,):
+        raise TypeError(f"ranks must be int32 ({n},), got {ranks.dtype} {tuple(ranks.shape)}")
+    if scalings.dtype != torch.float32 or tuple(scalings.shape) != (n,):
+        raise TypeError(f"scalings must be float32 ({n},), got {scalings.dtype} {tuple(scalings.shape)}")
+    num_slots = len(slot_tiles)
+    if slot_weights.dtype != torch.float32 or tuple(slot_weights.shape) != (m, num_slots):
+        raise TypeError(f"slot_weights must be float32 ({m}, {num_slots}), got {slot_weights.dtype} "
+                        f"{tuple(slot_weights.shape)}")
+    if token_order.dtype != torch.int32 or tuple(token_order.shape) != (num_slots, m) or not token_order.is_contiguous():
+        raise ValueError(f"token_order must be contiguous int32 ({num_slots}, {m}), got {token_order.dtype} "
+                         f"{tuple(token_order.shape)}")
+    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 3 or tiles.shape[0] != sum(slot_tiles) \
+            or not tiles.is_contiguous():
+        raise ValueError(f"tiles must be contiguous int32 ({sum(slot_tiles)}, 3), got {tiles.dtype} {tuple(tiles.shape)}")
+    if max_adapter_id >= n:
+        raise ValueError(f"adapter id {max_adapter_id} out of range: the bank holds {n} adapters (ids -1..{n - 1})")
+    if block_m not in (1, 16, 32, 64):
+        raise ValueError(f"block_m must be 1 (decode) or 16/32/64 (prefill), got {block_m}")
+    tensors = (y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if m == 0 or max_rank == 0 or tiles.shape[0] == 0:
+        return y
+    h = torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
+    use_dot = block_m >= 16
+    first = 0
+    for slot, count in enumerate(slot_tiles):
+        if count == 0:
+            continue
+        slot_tile_rows = tiles[first:first + count]
+        order = token_order[slot]
+        weights = slot_weights[:, slot]
+        _multi_lora_shrink_kernel[(count, triton.cdiv(max_rank, BLOCK_R))](
+            x, lora_a, ranks, order, slot_tile_rows, h,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            h.stride(0), h.stride(1), in_features,
+            BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, USE_DOT=use_dot,
+        )
+        _multi_lora_expand_kernel[(count, triton.cdiv(out_features, BLOCK_N))](
+            h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+            h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+            weights.stride(0), y.stride(0), y.stride(1), out_features,
+            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, USE_DOT=use_dot,
+        )
+        first += count
+    return y

@@ -1,0 +1,110 @@
+"""Multi-LoRA Triton kernels (interpreter on CPU) against fastpeft.reference in float64."""
+
+import pytest
+import torch
+
+from fastpeft import reference
+from fastpeft.adapters import ModuleAdapter
+from fastpeft.bank import LoraBank
+from fastpeft.ops.multi_lora import MultiLoraMeta, multi_lora_add_
+
+from conftest import DEVICE, ODD_SHAPES, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
+
+
+def random_bank(ranks, in_features, out_features, dtype):
+    adapters = [None if r == 0 else ModuleAdapter(
+        lora_a=torch.randn(r, in_features, dtype=dtype, device=DEVICE) / in_features ** 0.5,
+        lora_b=torch.randn(out_features, r, dtype=dtype, device=DEVICE) / r ** 0.5,
+        scaling=0.5 + k) for k, r in enumerate(ranks)]
+    return LoraBank.pack(adapters, in_features, out_features, dtype, DEVICE), adapters
+
+
+def reference_delta(x, adapters, slot_ids, slot_weights):
+    """float64 oracle; an adapter absent from the layer is a rank-0 (zero) adapter."""
+    in_features = x.shape[-1]
+    out_features = next(a.lora_b.shape[0] for a in adapters if a is not None)
+    lora_as = [torch.zeros(0, in_features, dtype=torch.float64, device=DEVICE) if a is None else a.lora_a.double()
+               for a in adapters]
+    lora_bs = [torch.zeros(out_features, 0, dtype=torch.float64, device=DEVICE) if a is None else a.lora_b.double()
+               for a in adapters]
+    scalings = [0.0 if a is None else a.scaling for a in adapters]
+    return reference.multi_lora_delta(x.double(), lora_as, lora_bs, scalings, slot_ids, slot_weights)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("m,in_features,out_features", ODD_SHAPES)
+@pytest.mark.parametrize("decode", [False, True])
+def test_mixed_ranks_match_reference(triton_backend, dtype, m, in_features, out_features, decode):
+    ranks = [3, 17, 1, 8]
+    bank, adapters = random_bank(ranks, in_features, out_features, dtype)
+    ids = torch.randint(-1, len(ranks), (m,), device=DEVICE)
+    ids[0] = 1  # rank 17: crosses a BLOCK_R boundary
+    x = non_contiguous(torch.randn(m, in_features, dtype=dtype, device=DEVICE))
+    base = torch.randn(m, out_features, dtype=dtype, device=DEVICE)
+    y = non_contiguous(base.clone())
+    multi_lora_add_(y, x, bank, MultiLoraMeta.build(ids, decode=decode))
+    weight = torch.zeros(out_features, in_features, dtype=torch.float64, device=DEVICE)
+    ref = base.double() + reference.multi_lora_linear(
+        x.double(), weight, None, [a.lora_a.double() for a in adapters], [a.lora_b.double() for a in adapters],
+        [a.scaling for a in adapters], ids)
+    assert_rel_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_weighted_slots_and_missing_layer(triton_backend, dtype):
+    m, in_features, out_features = 19, 65, 47
+    bank, adapters = random_bank([5, 0, 16, 2], in_features, out_features, dtype)
+    slot_ids = torch.randint(-1, 4, (m, 3), device=DEVICE)
+    slot_weights = torch.rand(m, 3, device=DEVICE)
+    x = torch.randn(m, in_features, dtype=dtype, device=DEVICE)
+    y = torch.zeros(m, out_features, dtype=dtype, device=DEVICE)
+    multi_lora_add_(y, x, bank, MultiLoraMeta.build(slot_ids, slot_weights))
+    assert_rel_close(y, reference_delta(x, adapters, slot_ids, slot_weights), dtype)
+
+
+def test_rows_without_adapter_are_untouched(triton_backend):
+    """Tokens with id -1 are in no tile: even a NaN-poisoned row stays exactly as it was."""
+    bank, _ = random_bank([4, 9], 33, 17, torch.float32)
+    ids = torch.tensor([-1, 0, -1, 1, 1, -1, 0], device=DEVICE)
+    y = torch.randn(7, 17, device=DEVICE)
+    y[ids < 0] = poisoned((3, 17), torch.float32)
+    before = y.clone()
+    multi_lora_add_(y, torch.randn(7, 33, device=DEVICE), bank, MultiLoraMeta.build(ids))
+    assert torch.isnan(y[ids < 0]).all()
+    assert torch.isfinite(y[ids >= 0]).all() and not torch.equal(y[ids >= 0], before[ids >= 0])
+
+
+def test_metadata_groups_tokens_without_reordering():
+    ids = torch.tensor([2, -1, 0, 2, 0, 2, -1])
+    meta = MultiLoraMeta.build(ids)
+    assert meta.token_order[0].tolist()[:5] == [2, 4, 0, 3, 5]
+    assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 3]]
+    decode = MultiLoraMeta.build(ids, decode=True)
+    assert decode.tiles[:, 2].tolist() == [1] * 5 and decode.block_m == 1
+
+
+def test_out_of_range_ids_raise_before_launch(triton_backend):
+    bank, _ = random_bank([4, 9], 33, 17, torch.float32)
+    x, y = torch.randn(3, 33), torch.zeros(3, 17)
+    with pytest.raises(ValueError, match="adapter id 2 out of range"):
+        multi_lora_add_(y, x, bank, MultiLoraMeta.build(torch.tensor([0, 2, -1])))
+    with pytest.raises(ValueError, match="must be >= -1"):
+        MultiLoraMeta.build(torch.tensor([0, -2, -1]))
+    from fastpeft.kernels.multi_lora import multi_lora_add_ as launch
+
+    meta = MultiLoraMeta.build(torch.tensor([0, 1, -1]))
+    with pytest.raises(ValueError, match="adapter id 1 out of range: the bank holds 1"):
+        launch(y, x, bank.lora_a[:1], bank.lora_b[:1], bank.ranks[:1], bank.scalings[:1], meta.slot_weights,
+               meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m, meta.max_adapter_id)
+    with pytest.raises(TypeError, match="dtype torch.float16 != x dtype"):
+        launch(y.half(), x, bank.lora_a, bank.lora_b, bank.ranks, bank.scalings, meta.slot_weights,
+               meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m, meta.max_adapter_id)
+
+
+def test_opcheck(reference_backend):
+    bank, _ = random_bank([4, 9], 33, 17, torch.float32)
+    meta = MultiLoraMeta.build(torch.tensor([0, 1, -1, 1]))
+    args = (torch.zeros(4, 17), torch.randn(4, 33), bank.lora_a, bank.lora_b, bank.ranks, bank.scalings,
+            meta.slot_ids, meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m,
+            meta.max_adapter_id)
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_add_.default, args)
