@@ -132,3 +132,19 @@ def load_tiny_llama_4bit(path, compute_dtype=torch.float32):
 @pytest.fixture
 def tiny_llama_4bit(tiny_llama_dir):
     return load_tiny_llama_4bit(tiny_llama_dir)
+
+
+def save_peft_adapter(path, peft_config, seed: int = 0):
+    """Save a PEFT adapter for the tiny Llama to ``path`` with every adapter weight random and non-zero
+    (PEFT initialises lora_B to zero and IA3 / DoRA vectors to the identity, which would hide bugs)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), peft_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                centre = 1.0 if ("magnitude" in name or "ia3_l" in name) else 0.0
+                param.copy_(centre + 0.2 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(path)
+    return path
