@@ -1,3 +1,5 @@
 """fastpeft's torch.nn modules. They call fastpeft.ops and know nothing of Triton."""
 
-__all__: list[str] = []
+from .multi_lora import MultiLoraBatch, MultiLoraLinear
+
+__all__: list[str] = ["MultiLoraBatch", "MultiLoraLinear"]
