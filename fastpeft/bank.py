@@ -154,16 +154,21 @@ class AdapterBank:
 
     def with_adapter(self, name: str, adapter: Adapter) -> "AdapterBank":
         """A new bank with ``adapter`` added under ``name`` (replacing one of that name)."""
-        modules = adapter.modules()
-        unknown = sorted(set(modules) - set(self.layer_specs))
-        if unknown:
-            raise ValueError(f"adapter {name!r} targets layers this model does not adapt: {unknown[:5]}")
+        return self.with_adapters({name: adapter})
+
+    def with_adapters(self, adapters: Mapping[str, Adapter]) -> "AdapterBank":
+        """A new bank with every ``{name: adapter}`` added (packed once for all of them)."""
         names, mods = list(self.names), list(self.modules)
-        if name in names:
-            mods[names.index(name)] = modules
-        else:
-            names.append(name)
-            mods.append(modules)
+        for name, adapter in adapters.items():
+            modules = adapter.modules()
+            unknown = sorted(set(modules) - set(self.layer_specs))
+            if unknown:
+                raise ValueError(f"adapter {name!r} targets layers this model does not adapt: {unknown[:5]}")
+            if name in names:
+                mods[names.index(name)] = modules
+            else:
+                names.append(name)
+                mods.append(modules)
         return self._repacked(tuple(names), tuple(mods))
 
     def without_adapter(self, name: str) -> "AdapterBank":

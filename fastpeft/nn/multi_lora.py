@@ -1,0 +1,120 @@
+"""``MultiLoraLinear``: one base linear layer (dense ``nn.Linear`` or bitsandbytes NF4 ``Linear4bit``), many
+adapters, each token (or row) choosing its own — or a weighted combination of several.
+
+The base layer runs once for the whole batch (its own forward, so a dense or NF4 base gives exactly what
+the base model gives). The LoRA terms are added per token by ``fastpeft.ops.multi_lora_add_`` from the
+layer's :class:`~fastpeft.bank.LoraBank`. DoRA and IA3 adapters become per-token vectors around the base
+call: ``y = g ⊙ base(x ⊙ l_in) + (c − g) ⊙ b + g ⊙ lora`` with ``g`` the DoRA ``m/n`` or IA3 output scale,
+``c`` the bias scale (``g`` for IA3, 1 for DoRA) and ``l_in`` feed-forward IA3's input scale (all ones
+for tokens whose adapter has none). Inference only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..bank import AdapterBank, LoraBank
+from ..ops.multi_lora import MultiLoraMeta, multi_lora_add_
+
+__all__ = ["MultiLoraBatch", "MultiLoraLinear"]
+
+
+class MultiLoraBatch:
+    """Which adapters each row of a batch uses, against one (immutable) :class:`AdapterBank`.
+
+    ``slot_ids`` int ``(B, S)`` (``-1``: empty slot; a row with no adapter has only empty slots),
+    ``slot_weights`` float ``(B, S)``. Every token of row ``b`` uses row ``b``'s slots. The per-token
+    :class:`MultiLoraMeta` is built once per token layout (prefill, then each decode step's shape) and
+    shared by every layer.
+    """
+
+    def __init__(self, bank: AdapterBank, slot_ids: torch.Tensor, slot_weights: Optional[torch.Tensor] = None):
+        if slot_ids.dim() == 1:
+            slot_ids = slot_ids[:, None]
+            slot_weights = None if slot_weights is None else slot_weights[:, None]
+        if slot_ids.numel() and int(slot_ids.max()) >= len(bank.names):
+            raise ValueError(f"adapter id {int(slot_ids.max())} out of range: the bank holds {len(bank.names)} adapters")
+        self.bank = bank
+        self.slot_ids = slot_ids
+        self.slot_weights = torch.ones(slot_ids.shape) if slot_weights is None else slot_weights
+        self._metas: dict = {}
+
+    @property
+    def num_rows(self) -> int:
+        return self.slot_ids.shape[0]
+
+    def meta(self, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
+        """Metadata for an activation of shape ``(B, T, ...)`` or ``(B, ...)`` (``lead_shape`` = all but the
+        feature dim); ``T == 1`` is a decode step."""
+        key = (tuple(lead_shape), str(device))
+        if key not in self._metas:
+            if not lead_shape or lead_shape[0] != self.num_rows:
+                raise ValueError(f"activation leading shape {tuple(lead_shape)} does not start with the batch's "
+                                 f"{self.num_rows} rows")
+            tokens_per_row = 1
+            for d in lead_shape[1:]:
+                tokens_per_row *= d
+            ids = self.slot_ids.to(device).repeat_interleave(tokens_per_row, dim=0)
+            weights = self.slot_weights.to(device).repeat_interleave(tokens_per_row, dim=0)
+            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1)
+        return self._metas[key]
+
+
+def _per_token(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` ``(N, d)`` picked by ``ids`` ``(M,)``; id ``-1`` picks a row of ones."""
+    ones = torch.ones(1, table.shape[1], dtype=table.dtype, device=table.device)
+    return torch.cat([table, ones])[ids.long()]
+
+
+def _add_lora(y: torch.Tensor, x_tokens: torch.Tensor, bank: LoraBank, meta: MultiLoraMeta) -> torch.Tensor:
+    """``y`` plus the LoRA terms, in place when the dtypes allow (else in the bank's dtype, then cast)."""
+    if bank.max_rank == 0:
+        return y
+    lora_dtype = bank.lora_a.dtype
+    if y.dtype == x_tokens.dtype == lora_dtype:
+        return multi_lora_add_(y, x_tokens, bank, meta)
+    delta = torch.zeros(y.shape, dtype=lora_dtype, device=y.device)
+    return y + multi_lora_add_(delta, x_tokens.to(lora_dtype), bank, meta).to(y.dtype)
+
+
+class MultiLoraLinear(nn.Module):
+    """A base linear layer plus per-token adapters from ``batch.bank.layers[path]``.
+
+    ``base_layer``: ``nn.Linear`` or ``bitsandbytes.nn.Linear4bit`` (kept as is, frozen). ``path``: this
+    layer's name in the model (the key of its :class:`LoraBank`). ``forward(x, batch)`` with ``x``
+    ``(B, ..., in)``; without a batch (argument or ``active_batch``, which ``MultiLoraModel`` sets for
+    the duration of a call) it is the base layer alone.
+    """
+
+    def __init__(self, base_layer: nn.Module, path: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.active_batch: Optional[MultiLoraBatch] = None
+
+    def forward(self, x: torch.Tensor, batch: Optional[MultiLoraBatch] = None) -> torch.Tensor:
+        batch = self.active_batch if batch is None else batch
+        bank: Optional[LoraBank] = None if batch is None else batch.bank.layers.get(self.path)
+        if bank is None:
+            return self.base_layer(x)
+        meta = batch.meta(x.shape[:-1], x.device)
+        x_tokens = x.reshape(-1, self.in_features)
+        ids = meta.slot_ids[:, 0]  # DoRA / IA3 never share a row with another adapter
+        x_base = x_tokens if bank.in_scale is None else x_tokens * _per_token(bank.in_scale, ids).to(x.dtype)
+        y = self.base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)
+        if bank.out_scale is None:
+            return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
+        scale = _per_token(bank.out_scale, ids).to(y.dtype)
+        y = scale * _add_lora(y, x_tokens, bank, meta)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            y = y + (_per_token(bank.bias_scale, ids).to(y.dtype) - scale) * bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, in_features={self.in_features}, out_features={self.out_features}"

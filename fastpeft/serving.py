@@ -1,0 +1,146 @@
+"""Multi-adapter batched inference over a Hugging Face model: ``MultiLoraModel``.
+
+Each adapted ``nn.Linear`` (dense or bitsandbytes NF4) is replaced by a :class:`~fastpeft.nn.MultiLoraLinear`;
+the model's adapters live in one immutable :class:`~fastpeft.bank.AdapterBank`. ``forward`` and
+``generate`` take ``adapter_names``, one entry per batch row: ``None`` (base model), a name, or
+``{name: weight, ...}`` (a weighted sum of LoRA terms, no merge). The base matmuls run once for the
+whole batch. Adding or removing an adapter swaps in a new bank; a :class:`MultiLoraBatch` already built
+keeps the bank it was built against.
+
+Inference only (everything runs under ``torch.no_grad``). Not supported: beam search or
+``num_return_sequences > 1`` (rows are multiplied inside ``generate``), ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .adapters import Adapter, load_adapter
+from .bank import AdapterBank, LayerSpec
+from .nn.multi_lora import MultiLoraBatch, MultiLoraLinear
+
+__all__ = ["MultiLoraModel"]
+
+AdapterSource = Union[str, Path, Adapter]
+RowAdapters = Union[None, str, Mapping[str, float]]
+
+
+def _base_weight(module: nn.Linear):
+    """The layer's weight as ``fastpeft.reference`` takes it (dense tensor or NF4Weight)."""
+    if type(module.weight).__name__ == "Params4bit":
+        from .nf4 import NF4Weight
+
+        return NF4Weight.from_bnb(module.weight)
+    return module.weight.detach()
+
+
+class MultiLoraModel(nn.Module):
+    """``MultiLoraModel(hf_model, {"name": path_or_Adapter, ...})``.
+
+    ``target_modules``: extra layer-name suffixes (e.g. ``["q_proj", "v_proj"]``) to make adaptable even if
+    no adapter given now touches them, so adapters added later may; by default the layers the initial
+    adapters target.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Optional[Mapping[str, AdapterSource]] = None,
+                 target_modules: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.model = model
+        loaded = {name: self._load(source) for name, source in (adapters or {}).items()}
+        targets = set()
+        for adapter in loaded.values():
+            targets |= set(adapter.modules())
+        suffixes = tuple(target_modules or ())
+        specs = {}
+        self.multi_lora_layers: dict[str, MultiLoraLinear] = {}
+        for path, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            if path not in targets and not any(path == s or path.endswith("." + s) for s in suffixes):
+                continue
+            weight = module.weight
+            dtype = weight.dtype if weight.is_floating_point() else (getattr(module, "compute_dtype", None)
+                                                                      or torch.float32)
+            specs[path] = LayerSpec(module.in_features, module.out_features, dtype, weight.device,
+                                    _base_weight(module))
+            layer = MultiLoraLinear(module, path)
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, layer)
+            self.multi_lora_layers[path] = layer
+        missing = targets - set(specs)
+        if missing:
+            raise ValueError(f"adapters target modules that are not nn.Linear layers of the model: {sorted(missing)[:5]}")
+        self.bank = AdapterBank(specs).with_adapters(loaded)
+
+    def _load(self, source: AdapterSource) -> Adapter:
+        return source if isinstance(source, Adapter) else load_adapter(source)
+
+    @property
+    def adapter_names(self) -> tuple:
+        return self.bank.names
+
+    def add_adapter(self, name: str, source: AdapterSource) -> None:
+        """Add (or replace) an adapter. Batches built before keep using the bank they were built on."""
+        self.bank = self.bank.with_adapter(name, self._load(source))
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove an adapter. Batches built before keep using the bank they were built on."""
+        self.bank = self.bank.without_adapter(name)
+
+    def batch(self, adapter_names: Sequence[RowAdapters]) -> MultiLoraBatch:
+        """The per-row adapter choice for the current bank: ``adapter_names[b]`` is ``None``, a name, or
+        ``{name: weight}`` (LoRA adapters only: DoRA and IA3 rescale the base output, which does not sum)."""
+        bank = self.bank
+        rows = []
+        for entry in adapter_names:
+            if entry is None:
+                rows.append([])
+            elif isinstance(entry, str):
+                rows.append([(bank.index(entry), 1.0)])
+            elif isinstance(entry, Mapping):
+                row = [(bank.index(name), float(weight)) for name, weight in entry.items()]
+                combined = [name for name in entry if bank.kind(name) != "lora"]
+                if combined and (len(row) > 1 or row[0][1] != 1.0):
+                    raise ValueError(f"adapters {combined} are DoRA/IA3: they cannot be weighted or combined "
+                                     f"(only LoRA adapters can), got {dict(entry)}")
+                rows.append(row)
+            else:
+                raise TypeError(f"adapter_names entries must be None, a name or {{name: weight}}, got {entry!r}")
+        slots = max([1] + [len(r) for r in rows])
+        slot_ids = torch.full((len(rows), slots), -1, dtype=torch.int32)
+        slot_weights = torch.zeros(len(rows), slots, dtype=torch.float32)
+        for b, row in enumerate(rows):
+            for j, (k, weight) in enumerate(row):
+                slot_ids[b, j], slot_weights[b, j] = k, weight
+        return MultiLoraBatch(bank, slot_ids, slot_weights)
+
+    @contextlib.contextmanager
+    def _using(self, adapter_names, batch: Optional[MultiLoraBatch]):
+        if (adapter_names is None) == (batch is None):
+            raise ValueError("pass exactly one of adapter_names (one entry per row) or batch")
+        batch = self.batch(adapter_names) if batch is None else batch
+        for layer in self.multi_lora_layers.values():
+            layer.active_batch = batch
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for layer in self.multi_lora_layers.values():
+                layer.active_batch = None
+
+    def forward(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
+                batch: Optional[MultiLoraBatch] = None, **kwargs):
+        """The wrapped model's forward, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
+        with self._using(adapter_names, batch):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
+                 batch: Optional[MultiLoraBatch] = None, **kwargs):
+        """The wrapped model's ``generate``, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
+        with self._using(adapter_names, batch):
+            return self.model.generate(*args, **kwargs)

@@ -1,0 +1,136 @@
+"""MultiLoraModel on the tiny Llama: mixed batches against PEFT run row by row / with adapter_names."""
+
+import pytest
+import torch
+
+from fastpeft import MultiLoraModel
+
+from conftest import load_tiny_llama_4bit, make_tiny_llama, save_peft_adapter
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    from peft import IA3Config, LoraConfig
+
+    root = tmp_path_factory.mktemp("adapters")
+    configs = {
+        "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules=TARGETS),
+        "c": LoraConfig(r=1, lora_alpha=3, target_modules=["down_proj", "o_proj"]),
+        "dora": LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "up_proj"]),
+        "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+    return {name: save_peft_adapter(root / name, config, seed=i) for i, (name, config) in enumerate(configs.items())}
+
+
+def input_ids(rows, length=9, seed=1):
+    return torch.randint(1, 128, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_single(base, path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, path).eval()
+
+
+def peft_mixed(base, adapter_dirs, names):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    return model.eval()
+
+
+# the Triton kernels (interpreter on CPU) sum in another order than PyTorch: fp32 rounding differences
+TOLERANCE = {"reference_backend": 1e-5, "triton_backend": 1e-4}
+
+
+@pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_mixed_batch_logits_match_peft(adapter_dirs, tiny_llama_dir, four_bit, backend, request):
+    request.getfixturevalue(backend)
+    load = (lambda: load_tiny_llama_4bit(tiny_llama_dir)) if four_bit else make_tiny_llama
+    names = ["a", "b", "c"]
+    rows = ["b", None, "a", "c", "b", "a"]
+    ids = input_ids(len(rows))
+    served = MultiLoraModel(load(), {n: adapter_dirs[n] for n in names})
+    out = served(input_ids=ids, adapter_names=rows).logits
+    peft_model = peft_mixed(load(), adapter_dirs, names)
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+        base = make_tiny_llama()(input_ids=ids).logits
+    assert (out - base).abs().amax() > 1e-2  # the adapters change the logits: the test can fail
+    torch.testing.assert_close(out, ref, rtol=TOLERANCE[backend], atol=TOLERANCE[backend])
+
+
+@pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
+def test_generate_matches_peft_per_adapter(adapter_dirs, backend, request):
+    """Prefill tiles (16 tokens) then decode steps (one-token tiles) must both be right."""
+    request.getfixturevalue(backend)
+    names = ["a", "b", "c"]
+    rows = ["c", "a", None, "b"]
+    ids = input_ids(len(rows), length=5, seed=2)
+    served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in names})
+    out = served.generate(input_ids=ids, adapter_names=rows, max_new_tokens=6, do_sample=False)
+    for b, name in enumerate(rows):
+        model = make_tiny_llama() if name is None else peft_single(make_tiny_llama(), adapter_dirs[name])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids[b:b + 1], max_new_tokens=6, do_sample=False)
+        assert out[b].tolist() == ref[0].tolist(), f"row {b} ({name})"
+
+
+def test_weighted_combination_matches_peft_cat(adapter_dirs):
+    """{a: 0.7, b: 0.3} is 0.7·LoRA_a + 0.3·LoRA_b: PEFT's combination_type="cat" builds exactly that."""
+    combo = {"a": 0.7, "b": -0.3}
+    rows = [combo, "a", None, {"c": 2.0}]
+    ids = input_ids(len(rows), seed=3)
+    served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in "abc"})
+    out = served(input_ids=ids, adapter_names=rows).logits
+    peft_model = peft_mixed(make_tiny_llama(), adapter_dirs, ["a", "b", "c"])
+    peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.3], "ab", combination_type="cat")
+    peft_model.add_weighted_adapter(["c"], [2.0], "c2", combination_type="cat")
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids, adapter_names=["ab", "a", "__base__", "c2"]).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_and_ia3_in_a_mixed_batch_match_single_adapter_peft(adapter_dirs):
+    rows = ["dora", "a", "ia3", None, "dora"]
+    ids = input_ids(len(rows), seed=4)
+    served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in ["a", "dora", "ia3"]})
+    out = served(input_ids=ids, adapter_names=rows).logits
+    for b, name in enumerate(rows):
+        model = make_tiny_llama() if name is None else peft_single(make_tiny_llama(), adapter_dirs[name])
+        with torch.no_grad():
+            ref = model(input_ids=ids[b:b + 1]).logits
+        torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5, msg=f"row {b} ({name})")
+    with pytest.raises(ValueError, match="DoRA/IA3: they cannot be weighted"):
+        served.batch([{"dora": 0.5, "a": 0.5}])
+
+
+def test_adding_and_removing_adapters_never_changes_a_built_batch(adapter_dirs):
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"], "b": adapter_dirs["b"]})
+    rows = ["b", "a", None]
+    ids = input_ids(3, seed=5)
+    batch = served.batch(rows)
+    before = served(input_ids=ids, batch=batch).logits
+    served.remove_adapter("a")  # "b" moves to slot 0 in the new bank
+    served.add_adapter("c", adapter_dirs["c"])
+    assert served.adapter_names == ("b", "c") and batch.bank.names == ("a", "b")
+    torch.testing.assert_close(served(input_ids=ids, batch=batch).logits, before, rtol=0, atol=0)
+    torch.testing.assert_close(served(input_ids=ids[:1], adapter_names=["b"]).logits, before[:1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(KeyError, match="unknown adapter 'a'"):
+        served.batch(["a"])
+
+
+def test_bad_requests_raise(adapter_dirs):
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"]})
+    with pytest.raises(ValueError, match="exactly one of adapter_names"):
+        served(input_ids=input_ids(1))
+    with pytest.raises(ValueError, match="does not start with the batch's 2 rows"):
+        served(input_ids=input_ids(3), adapter_names=["a", None])
+    with pytest.raises(TypeError, match="entries must be None, a name"):
+        served.batch([3])
