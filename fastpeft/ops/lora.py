@@ -1,0 +1,221 @@
+"""LoRA / QLoRA as autograd ops: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with a dense or NF4 base.
+
+Public API:
+
+- ``lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped=None)``: the same signature and
+  semantics as ``fastpeft.reference.lora_linear``. ``x`` is ``(..., in)`` (any leading dims, any strides,
+  fp32 / fp16 / bf16); ``weight`` a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`
+  (frozen: no gradient); ``bias`` ``(out,)`` or None (gets a gradient if it requires one); ``lora_a``
+  ``(r, in)``, ``lora_b`` ``(out, r)``; ``scaling`` a float (``alpha / r`` or rsLoRA's
+  ``alpha / sqrt(r)``, the caller's choice). Dropout is the caller's, as in PEFT: pass
+  ``x_dropped = dropout(x)`` when it is active; autograd then carries the LoRA part of ``dx`` back
+  through the caller's dropout (its mask), and the op's own backward needs no RNG. ``lora_a`` and
+  ``lora_b`` may both be None: the base layer alone, still differentiable in ``x``.
+- ``nf4_lora_matmul(a, weight, ...)``: the building block, ``c ⊙ (a · op(W) + s · h · E) + b`` with
+  ``W`` read as packed NF4 (``fastpeft::nf4_lora_matmul``, a ``torch.library`` custom op; Triton on
+  CUDA, the reference elsewhere). DoRA / IA3 reuse it through ``col_scale``.
+
+Backward (``h = drop(x) Aᵀ`` is saved, ``(M, r)``; the dequantised ``W`` never is):
+``g = dy B``, ``dB = s · dyᵀ h``, ``dA = s · gᵀ drop(x)``, ``dx = dy W + s · g A``. Without dropout,
+``dx`` is one fused NF4 kernel call (the LoRA term in its epilogue); with dropout, the base part and
+``s · g A`` are returned separately (to ``x`` and ``x_dropped``).
+
+Dense base: ``x Wᵀ (+ b)`` is one cuBLAS ``addmm``, the small ``h = x Aᵀ`` another, and the LoRA term is
+added in place with ``addmm_(h, Bᵀ, alpha=s)`` (cuBLAS ``beta = 1``): one extra read/write of ``y`` and
+no ``(M, out)`` temporary. The same shape serves ``dx``.
+
+Dtypes: everything is computed in ``x.dtype``; ``lora_a``, ``lora_b`` and ``bias`` are cast to it
+(differentiably, so fp32 adapters get fp32 gradients). PEFT instead runs the LoRA branch in the adapter's
+dtype; the two agree whenever adapter and input dtypes match.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from ..nf4 import NF4Weight
+from .dispatch import backend_for
+
+Weight = Union[torch.Tensor, NF4Weight]
+
+
+@torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
+def _nf4_lora_matmul_op(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_code: Optional[torch.Tensor],
+    nested_absmax: Optional[torch.Tensor],
+    nested_offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    transpose_weight: bool,
+    bias: Optional[torch.Tensor],
+    lora_h: Optional[torch.Tensor],
+    lora_expand: Optional[torch.Tensor],
+    scaling: float,
+    col_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    nested = {}
+    if nested_code is not None:
+        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
+    weight = NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+    if backend_for(a.device) == "triton":
+        from ..kernels.nf4_matmul import nf4_lora_matmul as kernel
+
+        return kernel(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
+                      lora_expand=lora_expand, scaling=scaling, col_scale=col_scale)
+    w = reference.base_weight(weight, a.dtype)
+    out = a @ (w if transpose_weight else w.t())
+    if lora_h is not None:
+        out = out + scaling * (lora_h @ lora_expand)
+    if col_scale is not None:
+        out = out * col_scale.to(a.dtype)
+    return out if bias is None else out + bias
+
+
+@_nf4_lora_matmul_op.register_fake
+def _(a, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features, blocksize,
+      weight_dtype, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale):
+    return a.new_empty((a.shape[0], in_features if transpose_weight else out_features))
+
+
+def nf4_lora_matmul(
+    a: torch.Tensor,
+    weight: NF4Weight,
+    *,
+    transpose_weight: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    lora_h: Optional[torch.Tensor] = None,
+    lora_expand: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    col_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``col_scale ⊙ (a · op(W) + scaling · lora_h · lora_expand) + bias``, ``W`` read as packed NF4.
+
+    ``a`` is 2-D ``(M, K)``; ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or ``W`` with
+    ``transpose_weight=True``; ``lora_h`` ``(M, r)`` with ``lora_expand`` ``(r, N)``, ``bias`` and
+    ``col_scale`` ``(N,)`` are optional. Returns ``(M, N)`` in ``a.dtype``. No autograd (a building
+    block: ``lora_linear`` differentiates through it)."""
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    return _nf4_lora_matmul_op(
+        a, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
+        weight.nested_offset if weight.is_nested else 0.0, weight.out_features, weight.in_features,
+        weight.blocksize, weight.dtype, transpose_weight, bias, lora_h, lora_expand, float(scaling), col_scale,
+    )
+
+
+def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_expand, scaling: float):
+    """``a · op(W) + b + s · h · E`` for a dense or NF4 base, the LoRA term fused or added in place."""
+    if isinstance(weight, NF4Weight):
+        return nf4_lora_matmul(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
+                               lora_expand=lora_expand, scaling=scaling)
+    w = weight.to(a.dtype)
+    w = w if transpose_weight else w.t()
+    out = a @ w if bias is None else torch.addmm(bias, a, w)
+    if lora_h is not None:
+        out.addmm_(lora_h, lora_expand, alpha=scaling)
+    return out
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x``;
+    ``lora_a`` / ``lora_b`` None means the base layer alone. Inputs share one dtype (``lora_linear``
+    casts them)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling):
+        in_features = x.shape[-1]
+        x2d = x.reshape(-1, in_features)
+        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+        h = None if lora_a is None else x_lora @ lora_a.t()
+        y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+        ctx.weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.scaling = scaling
+        ctx.has_dropout = x_dropped is not None
+        ctx.save_for_backward(
+            None if isinstance(weight, NF4Weight) else weight,
+            x_lora if ctx.needs_input_grad[4] else None,
+            h if ctx.needs_input_grad[5] else None,
+            lora_a, lora_b,
+        )
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dense_weight, x_lora, h, lora_a, lora_b = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else dense_weight
+        scaling = ctx.scaling
+        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
+        out_features = dy.shape[-1]
+        dy2d = dy.reshape(-1, out_features)
+        lead = dy.shape[:-1]
+        has_lora = lora_a is not None
+        g = dy2d @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
+        dx = dx_dropped = dbias = da = db = None
+        if needs_dx:
+            fuse = has_lora and not ctx.has_dropout
+            dx = _base_matmul(dy2d, weight, True, None, g if fuse else None, lora_a if fuse else None, scaling)
+            dx = dx.view(*lead, dx.shape[-1])
+        if needs_dx_dropped and has_lora:
+            dx_dropped = (scaling * (g @ lora_a)).view(*lead, lora_a.shape[1])
+        if needs_bias:
+            dbias = dy2d.sum(0)
+        if needs_a:
+            da = scaling * (g.t() @ x_lora)
+        if needs_b:
+            db = scaling * (dy2d.t() @ h)
+        return dx, dx_dropped, None, dbias, da, db, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scaling: float,
+    x_dropped: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """LoRA / QLoRA ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as ``(..., out)`` in ``x.dtype``; see the
+    module docstring for shapes, dropout and dtypes."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
+    if isinstance(weight, NF4Weight):
+        out_features, in_features = weight.shape
+    elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("the base weight must be frozen (requires_grad=False): lora_linear gives it no gradient")
+        out_features, in_features = weight.shape
+    else:
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    if lora_a is not None:
+        rank = lora_a.shape[0]
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_features or \
+                tuple(lora_b.shape) != (out_features, rank):
+            raise ValueError(
+                f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) and "
+                f"({out_features}, r)"
+            )
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if x_dropped is not None and x_dropped.shape != x.shape:
+        raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return LoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling))

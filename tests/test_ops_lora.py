@@ -1,0 +1,139 @@
+"""fastpeft.ops.lora: forward and gradients (x, A, B, bias) against the float64 reference, with dense and
+NF4 bases, on the Triton kernels (interpreter on CPU) and the reference backend; gradcheck; opcheck."""
+
+import pytest
+import torch
+
+from fastpeft import reference
+from fastpeft.nf4 import NF4Weight
+from fastpeft.ops.lora import lora_linear, nf4_lora_matmul
+
+from conftest import DEVICE, REL_TOL, assert_rel_close, kernel_dtypes, non_contiguous
+
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # several roundings of fp16 chains
+
+
+def _inputs(lead, in_features, out_features, rank, dtype, nf4, double_quant, with_bias, bias_grad=False):
+    dense = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
+    weight = NF4Weight.quantize(dense, 64, double_quant) if nf4 else dense.to(dtype)
+    x = non_contiguous(torch.randn(*lead, in_features, device=DEVICE, dtype=dtype)).requires_grad_()
+    lora_a = (torch.randn(rank, in_features, device=DEVICE, dtype=dtype) / in_features**0.5).requires_grad_()
+    lora_b = torch.randn(out_features, rank, device=DEVICE, dtype=dtype).requires_grad_()
+    bias = torch.randn(out_features, device=DEVICE, dtype=dtype).requires_grad_(bias_grad) if with_bias else None
+    return x, weight, bias, lora_a, lora_b
+
+
+def _dropped(x, mask, p):
+    return None if mask is None else x * mask / (1 - p)
+
+
+def _check_against_reference(x, weight, bias, lora_a, lora_b, scaling, mask, p, dtype):
+    y = lora_linear(x, weight, bias, lora_a, lora_b, scaling, _dropped(x, mask, p))
+    dy = torch.randn_like(y)
+    leaves = [t for t in (x, lora_a, lora_b, bias) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, a64, b64 = leaves64[:3]
+    bias64 = leaves64[3] if len(leaves64) == 4 else (None if bias is None else bias.double())
+    weight64 = weight if isinstance(weight, NF4Weight) else weight.double()
+    mask64 = None if mask is None else mask.double()
+    ref = reference.lora_linear(x64, weight64, bias64, a64, b64, scaling, _dropped(x64, mask64, p))
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert_rel_close(y, ref, dtype)
+    for name, grad, ref_grad in zip(("dx", "dA", "dB", "dbias"), grads, ref_grads):
+        assert grad.dtype == dtype, name
+        assert_rel_close(grad, ref_grad, tol=GRAD_TOL[dtype])
+
+
+# (leading dims, in, out, r): M = 1 and 6 take the NF4 GEMV, M = 19 and 21 the GEMM; odd sizes throughout.
+CASES = [((1,), 65, 47, 1), ((2, 3), 33, 17, 8), ((19,), 129, 95, 16), ((3, 7), 65, 33, 64)]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("lead, in_features, out_features, rank", CASES)
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_nf4_lora_triton_matches_reference(triton_backend, lead, in_features, out_features, rank, dropout, dtype):
+    x, weight, bias, lora_a, lora_b = _inputs(lead, in_features, out_features, rank, dtype, nf4=True,
+                                              double_quant=rank != 8, with_bias=rank != 16, bias_grad=rank == 64)
+    p = 0.3
+    mask = (torch.rand(x.shape, device=DEVICE) > p).to(dtype) if dropout else None
+    _check_against_reference(x, weight, bias, lora_a, lora_b, 0.5 if rank != 64 else 16 / 64**0.5, mask, p, dtype)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_reference_backend_matches_reference(reference_backend, nf4, dropout, dtype):
+    x, weight, bias, lora_a, lora_b = _inputs((4, 5), 64, 40, 8, dtype, nf4, double_quant=True, with_bias=True,
+                                              bias_grad=True)
+    mask = (torch.rand(x.shape, device=DEVICE) > 0.1).to(dtype) if dropout else None
+    _check_against_reference(x, weight, bias, lora_a, lora_b, 2.0, mask, 0.1, dtype)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_dense_lora_matches_reference(dtype):
+    # the dense base never goes through Triton: cuBLAS (or CPU BLAS) on every backend
+    x, weight, bias, lora_a, lora_b = _inputs((19,), 33, 47, 16, dtype, nf4=False, double_quant=False, with_bias=True)
+    _check_against_reference(x, weight, bias, lora_a, lora_b, 0.25, None, 0.0, dtype)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_gradcheck_reference_path(reference_backend, nf4):
+    x, weight, bias, lora_a, lora_b = _inputs((2, 1), 24, 5, 3, torch.float64, nf4, double_quant=True,
+                                              with_bias=True, bias_grad=True)
+    mask = (torch.rand(x.shape, dtype=torch.float64, device=DEVICE) > 0.25).double()
+
+    def fn(x, bias, lora_a, lora_b):
+        return lora_linear(x, weight, bias, lora_a, lora_b, 0.75, _dropped(x, mask, 0.25))
+
+    assert torch.autograd.gradcheck(fn, (x, bias, lora_a, lora_b), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: lora_linear(x, weight, bias.detach(), None, None, 0.0), (x,), fast_mode=True)
+
+
+def test_x_without_grad_and_base_only(triton_backend):
+    x, weight, bias, lora_a, lora_b = _inputs((3,), 65, 17, 2, torch.float32, nf4=True, double_quant=True,
+                                              with_bias=False)
+    x = x.detach()
+    y = lora_linear(x, weight, None, lora_a, lora_b, 1.0)
+    y.sum().backward()
+    assert x.grad is None and lora_a.grad is not None and lora_b.grad is not None
+    base = lora_linear(x, weight, None, None, None, 0.0)
+    assert_rel_close(base, x.double() @ weight.dequantize(torch.float64).T, torch.float32)
+
+
+def test_nf4_lora_matmul_passes_opcheck(reference_backend):
+    weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
+    a, h, expand = torch.randn(5, 9), torch.randn(5, 3), torch.randn(3, 64)
+    torch.library.opcheck(
+        torch.ops.fastpeft.nf4_lora_matmul.default,
+        (a, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
+         9, 64, 64, torch.float32, True, torch.randn(64), h, expand, 0.5, torch.rand(64)),
+    )
+    out = nf4_lora_matmul(a, weight, transpose_weight=True, lora_h=h, lora_expand=expand, scaling=0.5)
+    assert_rel_close(out, a.double() @ weight.dequantize(torch.float64) + 0.5 * h.double() @ expand.double(),
+                     tol=REL_TOL[torch.float32])
+
+
+def test_lora_linear_rejects_bad_inputs():
+    weight = torch.randn(8, 16)
+    x, lora_a, lora_b = torch.randn(3, 16), torch.randn(2, 16), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="x has 15 features"):
+        lora_linear(torch.randn(3, 15), weight, None, lora_a, lora_b, 1.0)
+    with pytest.raises(ValueError, match="must be frozen"):
+        lora_linear(x, weight.requires_grad_(), None, lora_a, lora_b, 1.0)
+    weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"must be \(2, 16\)|must be \(r, 16\) and \(8, r\)"):
+        lora_linear(x, weight, None, lora_a, torch.randn(8, 3), 1.0)
+    with pytest.raises(ValueError, match="given together"):
+        lora_linear(x, weight, None, lora_a, None, 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+        lora_linear(x, weight, torch.randn(9), lora_a, lora_b, 1.0)
+    with pytest.raises(ValueError, match="x_dropped shape"):
+        lora_linear(x, weight, None, lora_a, lora_b, 1.0, x_dropped=torch.randn(2, 16))
+    with pytest.raises(TypeError, match="x dtype"):
+        lora_linear(x.long(), weight, None, lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        nf4_lora_matmul(x, weight)
