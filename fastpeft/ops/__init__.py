@@ -3,5 +3,7 @@
 from .dispatch import backend_for, requested_backend, triton_interpreter
 from .nf4 import dequantize_nf4
 from .multi_lora import MultiLoraMeta, multi_lora_add_
+from .lora import lora_linear, nf4_lora_matmul
 
-__all__ = ["backend_for", "requested_backend", "triton_interpreter", "dequantize_nf4", "MultiLoraMeta", "multi_lora_add_"]
+__all__ = ["backend_for", "requested_backend", "triton_interpreter", "dequantize_nf4", "MultiLoraMeta", "multi_lora_add_", "lora_linear",
+           "nf4_lora_matmul"]
