@@ -1,0 +1,181 @@
+"""``fastpeft bench`` / ``python -m fastpeft.bench``: measure fastpeft against the references, PEFT and bitsandbytes.
+
+Suites: ``quick`` (the smallest sizes: a smoke run for CI, seconds), ``cpu`` (the default without CUDA:
+laptop-sized shapes, about a minute), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
+bf16 plus a ~0.2B-parameter Llama, budgeted for 10 minutes). Every option below overrides the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SUITES = {
+    "quick": dict(micro_m=[1, 7], micro_features=[(64, 128)], micro_adapters=3, rank=4, warmup=1, repeats=3,
+                  rotations=2, dtype="float32", llama="quick", train_batch=2, seq_len=16, decode_prompt=4,
+                  decode_tokens=4, serving_adapters=[1, 2], serving_seqs=2),
+    "cpu": dict(micro_m=[1, 16, 256], micro_features=[(1024, 1024), (2816, 1024), (1024, 2816)], micro_adapters=8,
+                rank=16, warmup=2, repeats=10, rotations=4, dtype="float32", llama="cpu", train_batch=2, seq_len=128,
+                decode_prompt=16, decode_tokens=16, serving_adapters=[1, 4, 16], serving_seqs=8),
+    "gpu": dict(micro_m=[1, 8, 16, 512, 4096], micro_features=[(4096, 4096), (14336, 4096), (4096, 14336)],
+                micro_adapters=64, rank=16, warmup=5, repeats=20, rotations=4, dtype="bfloat16", llama="gpu",
+                train_batch=8, seq_len=512, decode_prompt=128, decode_tokens=64, serving_adapters=[1, 8, 64],
+                serving_seqs=64),
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _shapes(text: str) -> list:
+    """``"4096x4096,14336x4096"`` (out x in) -> ``[(4096, 4096), (14336, 4096)]``."""
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"features must look like 4096x4096,14336x4096 (out x in), got {text!r}")
+
+
+def _ints(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="fastpeft bench", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), help="size preset (default: gpu with CUDA, else cpu)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: ./bench-out)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--model", dest="model_path", help="a Hugging Face checkpoint (path or id) for the "
+                        "end-to-end cases instead of the built-in random tiny Llama")
+    parser.add_argument("--m", dest="micro_m", type=_ints, help="micro-bench token counts M, e.g. 1,16,512")
+    parser.add_argument("--features", dest="micro_features", type=_shapes, help="micro-bench out x in, e.g. 4096x4096")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES))
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--repeats", type=int, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing")
+    parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c],
+                        help="only cases whose name contains one of these, e.g. lora.fwd,decode")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds; jobs not started by then are reported as skipped")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+def make_config(args: argparse.Namespace):
+    from .cases import LLAMA_SIZES, BenchConfig
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    suite = dict(SUITES[args.suite or ("gpu" if device.type == "cuda" else "cpu")])
+    for key in ("micro_m", "micro_features", "dtype", "rank", "repeats", "warmup", "model_path"):
+        if getattr(args, key) is not None:
+            suite[key] = getattr(args, key)
+    if suite["repeats"] < 1 or suite["warmup"] < 0 or suite["rank"] < 1:
+        raise SystemExit(f"fastpeft bench: need repeats >= 1, warmup >= 0, rank >= 1; got {suite['repeats']}, "
+                         f"{suite['warmup']}, {suite['rank']}")
+    suite["dtype"] = _DTYPES[suite["dtype"]]
+    suite["llama"] = LLAMA_SIZES[suite["llama"]]
+    return BenchConfig(device=device, cases=args.cases, **suite)
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr, or None (then each job prints a line)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="job", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_job(job, cfg, roofline: Optional[dict]) -> dict:
+    from .cases import Unavailable
+    from .report import shape_label
+    from .roofline import roofline_fraction
+    from .timing import measure, peak_memory
+
+    result = {"case": job.case, "impl": job.impl, "params": job.params, "shape": shape_label(job.params)}
+    try:
+        prepared = job.setup(cfg)
+        timing = measure(prepared.run, cfg.device, cfg.warmup, cfg.repeats)
+    except Unavailable as exc:
+        return {**result, "skipped": str(exc)}
+    except Exception as exc:  # one broken implementation must not lose a long run: reported, exit status 1
+        return {**result, "error": f"{type(exc).__name__}: {exc}"}
+    result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                  repeats=timing.repeats, clock=timing.clock)
+    if prepared.tokens:
+        result["tokens_per_s"] = prepared.tokens / (timing.median_ms * 1e-3)
+    result["peak_mem_bytes"], result["peak_mem_source"] = peak_memory(lambda: prepared.run(0), cfg.device)
+    if prepared.flops is not None:
+        result["flops"], result["bytes_moved"] = prepared.flops, prepared.bytes_moved
+    if roofline is not None:
+        result["roofline"] = roofline_fraction(prepared.flops, prepared.bytes_moved, timing.median_ms * 1e-3, roofline)
+    if prepared.note:
+        result["note"] = prepared.note
+    return result
+
+
+def run(args: argparse.Namespace, argv: list) -> dict:
+    """Run every job, write ``results.json``, the table (``table.txt``) and plots to ``args.out``; return the run."""
+    from . import report
+    from .cases import all_jobs
+    from .roofline import measure_roofline
+
+    cfg = make_config(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    roofline = measure_roofline(cfg.device) if cfg.device.type == "cuda" else None
+    jobs = all_jobs(cfg)
+    bar = _progress(len(jobs))
+    start = time.monotonic()
+    results = []
+    for n, job in enumerate(jobs, 1):
+        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+            results.append({"case": job.case, "impl": job.impl, "params": job.params,
+                            "shape": report.shape_label(job.params),
+                            "skipped": f"time budget of {args.time_budget:.0f} s spent"})
+        else:
+            if bar is not None:
+                bar.set_description(f"{job.case} {job.impl}")
+            else:
+                print(f"[{n}/{len(jobs)}] {job.case} {job.impl} {report.shape_label(job.params)}", file=sys.stderr)
+            results.append(run_job(job, cfg, roofline))
+            if cfg.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    out = {**report.metadata(cfg.device, ["fastpeft", "bench", *argv], roofline), "results": results}
+    text = report.table(out)
+    print(text)
+    (args.out / "table.txt").write_text(text + "\n")
+    print(f"wrote {report.write_json(out, args.out)}")
+    if not args.no_plots:
+        try:
+            plots = report.write_plots(out, args.out)
+            print(f"wrote {len(plots)} plots to {args.out}")
+        except ImportError:
+            print("no plots: matplotlib is not installed (pip install 'fastpeft[bench]')")
+    return out
+
+
+def exit_status(out: dict) -> int:
+    """1 (after naming each on stderr) when an implementation raised, else 0."""
+    errors = [r for r in out["results"] if "error" in r]
+    for r in errors:
+        print(f"ERROR in {r['case']} {r['impl']} {r['shape']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return exit_status(run(build_parser().parse_args(argv), argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""The bench cases: a registry of (case, implementation) jobs.
+
+A case is one thing measured (``lora.fwd`` at one shape, ``train_step`` on one model, ...). Each names
+its implementations: ``fastpeft`` (the package's modules / ops), ``reference`` (``fastpeft.reference``,
+plain PyTorch), ``peft`` (Hugging Face PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
+decode, ``hf`` (the model without adapters). A setup function builds one implementation and returns a
+:class:`Prepared` call; when something it needs is not importable (an optional dependency, or a fastpeft
+module that has not landed yet) it raises :class:`Unavailable` and the job is reported as skipped with
+that reason, so new modules show up in the bench as soon as they import.
+
+Every implementation of a case is built from the same seeded weights. Inputs rotate over
+``config.rotations`` sets. Micro cases carry a cost model (FLOPs and minimum bytes moved) for the roofline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import reference
+from ..nf4 import NF4Weight
+
+
+class Unavailable(Exception):
+    """An implementation cannot run here; the message says why."""
+
+
+@dataclass
+class Prepared:
+    """One implementation ready to time: ``run(i)`` does one call on input set ``i``."""
+
+    run: Callable[[int], object]
+    tokens: Optional[int] = None  # tokens processed per call (for tokens/s)
+    flops: Optional[float] = None
+    bytes_moved: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    micro_m: list
+    micro_features: list  # (out_features, in_features)
+    micro_adapters: int  # adapters in the multi-LoRA micro case
+    warmup: int
+    repeats: int
+    rotations: int
+    llama: dict  # LlamaConfig kwargs of the built-in model
+    model_path: Optional[str] = None
+    train_batch: int = 2
+    seq_len: int = 32
+    decode_prompt: int = 8
+    decode_tokens: int = 8
+    serving_adapters: list = field(default_factory=lambda: [1, 4])
+    serving_seqs: int = 4
+    cases: Optional[list] = None  # substrings; None = every case
+
+
+@dataclass
+class Job:
+    case: str
+    impl: str
+    params: dict
+    setup: Callable[[BenchConfig], Prepared]
+
+
+_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Built-in random-weight Llamas (no download). Feature sizes are multiples of 64 so bitsandbytes'
+# blocks never span rows. "gpu" is a ~0.2B-parameter model: big enough for kernels to matter, small
+# enough that the whole GPU suite fits in its 10-minute budget.
+LLAMA_SIZES = {
+    "quick": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "cpu": dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=4),
+    "gpu": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=4),
+}
+
+
+def _require(module: str, attr: Optional[str] = None, why: str = ""):
+    """``module`` (or ``module.attr``), or :class:`Unavailable` naming what is missing."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise Unavailable(f"{module} not importable ({exc}){why}") from None
+    if attr is None:
+        return mod
+    if not hasattr(mod, attr):
+        raise Unavailable(f"{module}.{attr} not available yet{why}")
+    return getattr(mod, attr)
+
+
+def _fastpeft_backend(device: torch.device) -> str:
+    from ..ops.dispatch import backend_for
+
+    return f"fastpeft backend: {backend_for(device)}"
+
+
+# ---------------------------------------------------------------------------------------------- micro
+
+
+@dataclass
+class _Weights:
+    """Seeded weights shared by every implementation of one micro case."""
+
+    weight: torch.Tensor  # (out, in)
+    lora_a: torch.Tensor  # (r, in)
+    lora_b: torch.Tensor  # (out, r), non-zero so the LoRA path does real work
+    magnitude: torch.Tensor  # (out,)
+    ia3_scale: torch.Tensor  # (out,)
+    scaling: float
+
+
+def _weights(cfg: BenchConfig, out_f: int, in_f: int) -> _Weights:
+    g = torch.Generator().manual_seed(out_f * 7919 + in_f)
+    weight = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+    lora_a = torch.randn(cfg.rank, in_f, generator=g) / math.sqrt(in_f)
+    lora_b = 0.02 * torch.randn(out_f, cfg.rank, generator=g)
+    magnitude = torch.linalg.vector_norm(weight, dim=1) * (1 + 0.1 * torch.randn(out_f, generator=g))
+    ia3_scale = 1 + 0.1 * torch.randn(out_f, generator=g)
+    to = dict(device=cfg.device, dtype=cfg.dtype)
+    return _Weights(weight.to(**to), lora_a.to(**to), lora_b.to(**to), magnitude.to(**to), ia3_scale.to(**to),
+                    scaling=2.0)
+
+
+def _inputs(cfg: BenchConfig, m: int, n_features: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, n_features, generator=g).to(cfg.device, cfg.dtype) for _ in range(cfg.rotations)]
+
+
+def _timed_call(cfg: BenchConfig, forward: Callable, m: int, in_f: int, out_f: int, mode: str,
+                params: list) -> Callable[[int], object]:
+    """``run(i)``: the forward on input set ``i`` (no grad), or forward + backward to ``x`` and ``params``."""
+    xs = _inputs(cfg, m, in_f, seed=1)
+    if mode == "fwd":
+        def run(i):
+            with torch.no_grad():
+                return forward(xs[i % len(xs)])
+        return run
+    xs = [x.requires_grad_(True) for x in xs]
+    grads = _inputs(cfg, m, out_f, seed=2)
+    wrt = [*params]
+
+    def run(i):
+        x = xs[i % len(xs)]
+        return torch.autograd.grad(forward(x), [x, *wrt], grads[i % len(grads)])
+    return run
+
+
+class _OneLinear(nn.Module):
+    """A model whose only layer is ``proj``: what PEFT's get_peft_model wraps to give us its layer."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _dense_linear(w: _Weights) -> nn.Linear:
+    layer = nn.Linear(w.weight.shape[1], w.weight.shape[0], bias=False, device=w.weight.device, dtype=w.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w.weight)
+    return layer.requires_grad_(False)
+
+
+def _bnb_linear(w: _Weights) -> nn.Module:
+    """A bitsandbytes NF4 ``Linear4bit`` (double quantisation, blocksize 64) holding ``w.weight``."""
+    bnb = _require("bitsandbytes")
+    out_f, in_f = w.weight.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=w.weight.dtype, quant_type="nf4",
+                              compress_statistics=True, device="meta")
+    layer.weight = bnb.nn.Params4bit(w.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True).to(w.weight.device)
+    return layer
+
+
+def _peft_layer(base: nn.Module, config) -> nn.Module:
+    peft = _require("peft")
+    model = peft.get_peft_model(_OneLinear(base), config)
+    return model.base_model.model.proj
+
+
+def _set_peft_lora(layer, w: _Weights, dora: bool) -> None:
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(w.lora_a)
+        layer.lora_B["default"].weight.copy_(w.lora_b)
+        layer.scaling["default"] = w.scaling
+        if dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(w.magnitude)
+
+
+def _lora_cost(m, out_f, in_f, r, elsize, weight_bytes, mode):
+    """FLOPs and minimum HBM bytes of a LoRA layer call (frozen base: no weight gradient)."""
+    flops = 2 * m * in_f * (out_f + r) + 2 * m * r * out_f
+    bytes_moved = weight_bytes + elsize * (m * in_f + m * out_f + r * (in_f + out_f))
+    if mode == "fwd_bwd":  # dx = dy W + s (dy B) A, dA, dB: the base matmul again plus 3 small ones
+        flops += 2 * m * in_f * out_f + 3 * 2 * m * r * (in_f + out_f)
+        bytes_moved += weight_bytes + elsize * (2 * m * in_f + m * out_f + 2 * r * (in_f + out_f))
+    return flops, bytes_moved
+
+
+def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
+    """Setup of LoRA (``lora``), QLoRA (``qlora``: NF4 base) and DoRA (``dora``) layers."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        w = _weights(cfg, out_f, in_f)
+        elsize = w.weight.element_size()
+        nf4 = op == "qlora"
+        dora = op == "dora"
+        params = [w.lora_a.requires_grad_(True), w.lora_b.requires_grad_(True)]
+        note = ""
+        if impl == "peft":
+            peft = _require("peft")
+            base = _bnb_linear(w) if nf4 else _dense_linear(w)
+            layer = _peft_layer(base, peft.LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=["proj"],
+                                                      use_dora=dora))
+            _set_peft_lora(layer, w, dora)
+            forward = layer
+            params = [p for p in layer.parameters() if p.requires_grad]
+            note = "peft + bitsandbytes Linear4bit" if nf4 else ""
+        else:
+            base_weight = NF4Weight.from_bnb(_bnb_linear(w).weight) if nf4 else w.weight
+            if impl == "reference":
+                if dora:
+                    magnitude = w.magnitude.requires_grad_(True)
+                    params.append(magnitude)
+
+                    def forward(x):
+                        return reference.dora_linear(x, base_weight, None, w.lora_a, w.lora_b, w.scaling, magnitude)
+                else:
+                    def forward(x):
+                        return reference.lora_linear(x, base_weight, None, w.lora_a, w.lora_b, w.scaling)
+            else:
+                forward, params = _fastpeft_lora_module(op, cfg, w, base_weight)
+                note = _fastpeft_backend(cfg.device)
+        # NF4 with double quantisation: half a byte per element plus one uint8 absmax per 64
+        weight_bytes = (out_f * in_f) // 2 + (out_f * in_f) // 64 if nf4 else out_f * in_f * elsize
+        flops, bytes_moved = _lora_cost(m, out_f, in_f, cfg.rank, elsize, weight_bytes, mode)
+        if dora:  # the weight-norm pass reads W and B A once more per call
+            flops += 2 * out_f * in_f * cfg.rank
+            bytes_moved += weight_bytes
+        return Prepared(_timed_call(cfg, forward, m, in_f, out_f, mode, params), tokens=m, flops=flops,
+                        bytes_moved=bytes_moved, note=note)
+    return setup
+
+
+def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
+    """The fastpeft module for ``op``; wired as the modules land (issues 3 and 4)."""
+    name = "DoraLinear" if op == "dora" else "LoraLinear"
+    _require("fastpeft.nn", name, " (issue 3/4)")
+    raise Unavailable(f"fastpeft.nn.{name} exists but the bench has no constructor wired for it yet")
+
+
+def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
+    def setup(cfg: BenchConfig) -> Prepared:
+        w = _weights(cfg, out_f, in_f)
+        scale = w.ia3_scale.requires_grad_(True)
+        note = ""
+        if impl == "reference":
+            def forward(x):
+                return reference.ia3_linear(x, w.weight, None, scale, is_feedforward=False)
+            params = [scale]
+        elif impl == "peft":
+            peft = _require("peft")
+            layer = _peft_layer(_dense_linear(w), peft.IA3Config(target_modules=["proj"], feedforward_modules=[]))
+            with torch.no_grad():
+                layer.ia3_l["default"].copy_(scale.detach().reshape(layer.ia3_l["default"].shape))
+            forward, params = layer, [layer.ia3_l["default"]]
+        else:
+            _require("fastpeft.nn", "IA3Linear", " (issue 4)")
+            raise Unavailable("fastpeft.nn.IA3Linear exists but the bench has no constructor wired for it yet")
+        elsize = w.weight.element_size()
+        flops = 2 * m * in_f * out_f + m * out_f
+        bytes_moved = elsize * (out_f * in_f + m * in_f + m * out_f + out_f)
+        if mode == "fwd_bwd":
+            flops *= 2
+            bytes_moved *= 2
+        return Prepared(_timed_call(cfg, forward, m, in_f, out_f, mode, params), tokens=m, flops=flops,
+                        bytes_moved=bytes_moved, note=note)
+    return setup
+
+
+def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
+    def setup(cfg: BenchConfig) -> Prepared:
+        w = _weights(cfg, out_f, in_f)
+        bnb_layer = _bnb_linear(w)
+        nf4 = NF4Weight.from_bnb(bnb_layer.weight)
+        note = ""
+        if impl == "fastpeft":
+            from ..ops import dequantize_nf4
+
+            def run(i):
+                return dequantize_nf4(nf4, cfg.dtype)
+            note = _fastpeft_backend(cfg.device)
+        elif impl == "reference":
+            def run(i):
+                return nf4.dequantize(cfg.dtype)
+        else:
+            functional = _require("bitsandbytes.functional")
+            packed, state = bnb_layer.weight, bnb_layer.weight.quant_state
+
+            def run(i):
+                return functional.dequantize_4bit(packed, state)
+        # packed nibbles + uint8 absmax + nested absmax in, the dense weight out; no arithmetic worth counting
+        bytes_moved = nf4.nbytes + out_f * in_f * w.weight.element_size()
+        return Prepared(run, flops=0, bytes_moved=bytes_moved, note=note)
+    return setup
+
+
+def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int):
+    def setup(cfg: BenchConfig) -> Prepared:
+        w = _weights(cfg, out_f, in_f)
+        g = torch.Generator().manual_seed(3)
+        lora_as = [(torch.randn(cfg.rank, in_f, generator=g) / math.sqrt(in_f)).to(cfg.device, cfg.dtype)
+                   for _ in range(n_adapters)]
+        lora_bs = [(0.02 * torch.randn(out_f, cfg.rank, generator=g)).to(cfg.device, cfg.dtype)
+                   for _ in range(n_adapters)]
+        ids = torch.randint(0, n_adapters, (m,), generator=g)
+        names = [f"a{k}" for k in ids.tolist()]
+        note = ""
+        if impl == "reference":
+            ids_dev = ids.to(cfg.device)
+
+            def forward(x):
+                return reference.multi_lora_linear(x, w.weight, None, lora_as, lora_bs, [w.scaling] * n_adapters, ids_dev)
+        elif impl == "peft":
+            peft = _require("peft")
+            model = peft.get_peft_model(_OneLinear(_dense_linear(w)), _lora_config(peft, cfg, ["proj"]), "a0")
+            for k in range(1, n_adapters):
+                model.add_adapter(f"a{k}", _lora_config(peft, cfg, ["proj"]))
+            model.eval()  # PEFT refuses adapter_names in training mode
+            layer = model.base_model.model.proj
+            with torch.no_grad():
+                for k in range(n_adapters):
+                    layer.lora_A[f"a{k}"].weight.copy_(lora_as[k])
+                    layer.lora_B[f"a{k}"].weight.copy_(lora_bs[k])
+
+            def forward(x):  # one token per row: PEFT's mixed batch takes one adapter name per sample
+                return model(x.unsqueeze(1), adapter_names=names).squeeze(1)
+            note = "peft mixed batch (adapter_names)"
+        else:
+            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
+            model = serving(_OneLinear(_dense_linear(w)), {f"a{k}": _single_layer_adapter(cfg, "proj", lora_as[k], lora_bs[k])
+                                                           for k in range(n_adapters)})
+            batch = model.batch(names)
+
+            def forward(x):
+                return model(x.unsqueeze(1), batch=batch).squeeze(1)
+            note = _fastpeft_backend(cfg.device)
+        elsize = w.weight.element_size()
+        flops = 2 * m * in_f * out_f + 2 * m * cfg.rank * (in_f + out_f)
+        used = len(set(ids.tolist()))
+        bytes_moved = elsize * (out_f * in_f + m * (in_f + out_f) + used * cfg.rank * (in_f + out_f))
+        return Prepared(_timed_call(cfg, forward, m, in_f, out_f, "fwd", []), tokens=m, flops=flops,
+                        bytes_moved=bytes_moved, note=note)
+    return setup
+
+
+def _lora_config(peft, cfg: BenchConfig, targets: list):
+    return peft.LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=targets)
+
+
+def _single_layer_adapter(cfg: BenchConfig, path: str, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    from ..adapters import Adapter
+
+    config = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": 2 * cfg.rank, "target_modules": [path]}
+    return Adapter(config, {f"base_model.model.{path}.lora_A.weight": lora_a,
+                            f"base_model.model.{path}.lora_B.weight": lora_b})
+
+
+def micro_jobs(cfg: BenchConfig) -> list:
+    jobs = []
+    for out_f, in_f in cfg.micro_features:
+        for m in cfg.micro_m:
+            shape = {"M": m, "out": out_f, "in": in_f, "r": cfg.rank}
+            for op in ("lora", "qlora", "dora"):
+                for mode in ("fwd", "fwd_bwd"):
+                    for impl in ("fastpeft", "reference", "peft"):
+                        jobs.append(Job(f"{op}.{mode}", impl, shape, _micro_lora(op, mode, impl, m, out_f, in_f)))
+            for mode in ("fwd", "fwd_bwd"):
+                for impl in ("fastpeft", "reference", "peft"):
+                    jobs.append(Job(f"ia3.{mode}", impl, shape, _micro_ia3(mode, impl, m, out_f, in_f)))
+            for impl in ("fastpeft", "reference", "peft"):
+                jobs.append(Job("multi_lora.fwd", impl, {**shape, "adapters": cfg.micro_adapters},
+                                _micro_multi_lora(impl, m, out_f, in_f, cfg.micro_adapters)))
+        for impl in ("fastpeft", "reference", "bnb"):
+            jobs.append(Job("nf4_dequant", impl, {"out": out_f, "in": in_f}, _micro_nf4_dequant(impl, out_f, in_f)))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _model(cfg: BenchConfig) -> nn.Module:
+    """The model of the end-to-end cases: ``cfg.model_path`` or the built-in random-weight Llama."""
+    transformers = _require("transformers")
+    if cfg.model_path:
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=cfg.dtype)
+    else:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                          pad_token_id=0, **cfg.llama)
+        model = transformers.LlamaForCausalLM(config).to(cfg.dtype)
+    return model.to(cfg.device).eval()
+
+
+def _token_batches(cfg: BenchConfig, batch: int, length: int, vocab: int) -> list:
+    g = torch.Generator().manual_seed(4)
+    return [torch.randint(1, vocab, (batch, length), generator=g).to(cfg.device) for _ in range(cfg.rotations)]
+
+
+def _randomise_adapters(model: nn.Module) -> None:
+    """PEFT starts lora_B at zero; random non-zero adapters make the adapter path do real arithmetic."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
+    def setup(cfg: BenchConfig) -> Prepared:
+        peft = _require("peft")
+        if impl == "fastpeft":
+            _require("fastpeft.accelerate", why=" (fastpeft modules swapped into a PEFT model)")
+        model = peft.get_peft_model(_model(cfg), _lora_config(peft, cfg, _LLAMA_TARGETS))
+        _randomise_adapters(model)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        batches = _token_batches(cfg, cfg.train_batch, cfg.seq_len, model.config.vocab_size)
+
+        def run(i):
+            ids = batches[i % len(batches)]
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return Prepared(run, tokens=cfg.train_batch * cfg.seq_len)
+    return setup
+
+
+def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
+    def setup(cfg: BenchConfig) -> Prepared:
+        model = _model(cfg)
+        vocab = model.config.vocab_size
+        note = ""
+        generate = model.generate
+        kwargs = {}
+        if impl == "peft":
+            peft = _require("peft")
+            model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS)).eval()
+            _randomise_adapters(model)
+            generate = model.generate
+        elif impl == "fastpeft":
+            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
+            model = serving(model, {"a0": _model_adapter(cfg, model, seed=0)})
+            generate, kwargs = model.generate, {"adapter_names": ["a0"]}
+            note = "fastpeft.MultiLoraModel, one adapter; " + _fastpeft_backend(cfg.device)
+        prompts = _token_batches(cfg, 1, cfg.decode_prompt, vocab)
+        n = cfg.decode_tokens
+
+        def run(i):
+            with torch.no_grad():
+                return generate(input_ids=prompts[i % len(prompts)], max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0, **kwargs)
+        return Prepared(run, tokens=n, note=note)
+    return setup
+
+
+def _linear_paths(model: nn.Module) -> dict:
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, nn.Linear) and path.rpartition(".")[2] in _LLAMA_TARGETS}
+
+
+def _model_adapter(cfg: BenchConfig, model: nn.Module, seed: int):
+    """A random LoRA adapter (PEFT's format, in memory) on every attention and MLP projection."""
+    from ..adapters import Adapter
+
+    g = torch.Generator().manual_seed(100 + seed)
+    tensors = {}
+    for path, module in _linear_paths(model).items():
+        a = torch.randn(cfg.rank, module.in_features, generator=g) / math.sqrt(module.in_features)
+        b = 0.02 * torch.randn(module.out_features, cfg.rank, generator=g)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.to(cfg.device, cfg.dtype)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.to(cfg.device, cfg.dtype)
+    config = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": 2 * cfg.rank, "target_modules": _LLAMA_TARGETS}
+    return Adapter(config, tensors)
+
+
+def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
+    """Prefill throughput of a mixed batch: ``serving_seqs`` sequences, each with one of ``n_adapters``."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        model = _model(cfg)
+        vocab = model.config.vocab_size
+        adapters = [_model_adapter(cfg, model, seed=k) for k in range(n_adapters)]
+        rng = random.Random(6)
+        names = [f"a{rng.randrange(n_adapters)}" for _ in range(cfg.serving_seqs)]
+        note = ""
+        if impl == "peft":
+            peft = _require("peft")
+            model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS), "a0")
+            for k in range(1, n_adapters):
+                model.add_adapter(f"a{k}", _lora_config(peft, cfg, _LLAMA_TARGETS))
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for k, adapter in enumerate(adapters):
+                    for key, tensor in adapter.tensors.items():
+                        # PEFT's in-memory names carry the adapter: ...lora_A.a3.weight
+                        module, kind, _ = key.rsplit(".", 2)
+                        params[f"{module}.{kind}.a{k}.weight"].copy_(tensor)
+            model.eval()
+
+            def forward(ids):
+                return model(input_ids=ids, adapter_names=names)
+            note = "peft mixed batch (adapter_names)"
+        else:
+            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
+            model = serving(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
+            batch = model.batch(names)
+
+            def forward(ids):
+                return model(input_ids=ids, batch=batch)
+            note = _fastpeft_backend(cfg.device)
+        batches = _token_batches(cfg, cfg.serving_seqs, cfg.seq_len, vocab)
+
+        def run(i):
+            with torch.no_grad():
+                return forward(batches[i % len(batches)])
+        return Prepared(run, tokens=cfg.serving_seqs * cfg.seq_len, note=note)
+    return setup
+
+
+def e2e_jobs(cfg: BenchConfig) -> list:
+    model = {"model": cfg.model_path or "built-in tiny Llama", "dtype": str(cfg.dtype).replace("torch.", "")}
+    jobs = [Job("train_step", impl, {**model, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
+                _train_step(impl)) for impl in ("peft", "fastpeft")]
+    jobs += [Job("decode", impl, {**model, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens, "r": cfg.rank},
+                 _decode(impl)) for impl in ("hf", "peft", "fastpeft")]
+    for n in cfg.serving_adapters:
+        jobs += [Job("multi_lora_serving", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs, "seq": cfg.seq_len,
+                                                  "r": cfg.rank}, _serving(impl, n)) for impl in ("peft", "fastpeft")]
+    return jobs
+
+
+def all_jobs(cfg: BenchConfig) -> list:
+    jobs = micro_jobs(cfg) + e2e_jobs(cfg)
+    if cfg.cases:
+        jobs = [j for j in jobs if any(pattern in j.case for pattern in cfg.cases)]
+    return jobs
