@@ -1,4 +1,5 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension)."""
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension) and
+``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, device, backend and whether the CUDA extension is built")
+    from .bench.__main__ import build_parser as bench_parser, exit_status, run as run_bench
+
+    bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
+                                description="Micro and end-to-end benchmarks; see `python -m fastpeft.bench -h`."))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
+    elif args.command == "bench":
+        return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
     return 0
 
 
