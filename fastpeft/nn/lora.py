@@ -1,0 +1,222 @@
+"""``LoraLinear``: a LoRA / QLoRA layer over a dense or NF4 base, numerically PEFT's ``lora.Linear`` /
+``lora.Linear4bit`` (``y = base(x) + s · B A drop(x)``) computed by ``fastpeft.ops.lora_linear``.
+
+Merging: a dense base is merged in place (``W += s·B A``, as PEFT does; ``unmerge`` subtracts it again,
+exact up to rounding). An NF4 base is never modified: ``merge`` builds a new dense weight
+``dequant(W) + s·B A`` in the base's dtype (``merged_weight``) that the forward then uses, and
+``unmerge`` drops it, so unmerging is exact. PEFT instead re-quantises the sum to NF4, which loses
+precision; whoever wants that can call ``NF4Weight.quantize(layer.merged_weight)``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nf4 import NF4Weight
+from ..ops.lora import lora_linear
+
+__all__ = ["LoraLinear"]
+
+
+def _is_bnb_linear4bit(module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")  # a Linear4bit exists only if bitsandbytes was imported
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+class _NF4Base(nn.Module):
+    """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``)."""
+
+    def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.weight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(x, self.weight, self.bias, None, None, 0.0)
+
+
+class LoraLinear(nn.Module):
+    """LoRA on a frozen linear layer: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Args:
+        base_layer: ``torch.nn.Linear``, ``bitsandbytes.nn.Linear4bit`` (NF4, read in place through
+            :meth:`NF4Weight.from_bnb`), or an :class:`NF4Weight` (then ``bias`` may be given).
+            Kept as ``self.base_layer`` and frozen.
+        r: the rank; ``lora_alpha``: the numerator of ``scaling = lora_alpha / r`` (or
+            ``lora_alpha / sqrt(r)`` with ``use_rslora``); ``lora_dropout``: dropout probability on the
+            LoRA input.
+        init_lora_weights: PEFT's choices. ``True``: A kaiming-uniform (``a = sqrt(5)``, ``nn.Linear``'s
+            default), B zero; ``"gaussian"``: A normal with std ``1 / r``, B zero; ``False``: both
+            kaiming-uniform (an untrained adapter that is not a no-op, for tests).
+
+    ``lora_A`` is ``(r, in)`` and ``lora_B`` ``(out, r)``, in the base weight's dtype for a dense base and
+    fp32 for an NF4 base (as PEFT creates them).
+    """
+
+    def __init__(
+        self,
+        base_layer: Union[nn.Module, NF4Weight],
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        *,
+        bias: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self._set_base(base_layer, bias)
+        base = self.base_weight()
+        dtype = base.dtype if isinstance(base, torch.Tensor) else torch.float32
+        lora_a = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=base.device))
+        lora_b = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=base.device))
+        with torch.no_grad():
+            if init_lora_weights is True or init_lora_weights is False:
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(lora_a, std=1 / r)
+            else:
+                raise ValueError(f"unknown init_lora_weights={init_lora_weights!r}: True, False or 'gaussian'")
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(lora_b)
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        dropout = nn.Dropout(lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self._set_adapter(lora_a, lora_b, scaling, dropout)
+
+    @classmethod
+    def from_parameters(
+        cls,
+        base_layer: Union[nn.Module, NF4Weight],
+        lora_A: nn.Parameter,
+        lora_B: nn.Parameter,
+        scaling: float,
+        lora_dropout: nn.Module,
+        *,
+        bias: Optional[torch.Tensor] = None,
+    ) -> "LoraLinear":
+        """A layer that shares ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)`` and ``lora_dropout`` (the
+        very objects, no copy), e.g. those of a PEFT ``lora.Linear`` it replaces."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set_base(base_layer, bias)
+        layer._set_adapter(lora_A, lora_B, scaling, lora_dropout)
+        return layer
+
+    def _set_base(self, base_layer, bias):
+        if isinstance(base_layer, NF4Weight):
+            base_layer = _NF4Base(base_layer, bias)
+        elif bias is not None:
+            raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
+        elif not (isinstance(base_layer, nn.Linear) or _is_bnb_linear4bit(base_layer)):
+            raise TypeError(
+                f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
+                f"{type(base_layer).__name__}"
+            )
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.merged = False
+        self.disabled = False
+
+    def _set_adapter(self, lora_a, lora_b, scaling, dropout):
+        if not isinstance(lora_a, nn.Parameter) or not isinstance(lora_b, nn.Parameter):
+            raise TypeError("lora_A and lora_B must be nn.Parameter")
+        rank = lora_a.shape[0]
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or tuple(lora_a.shape) != (rank, self.in_features) or \
+                tuple(lora_b.shape) != (self.out_features, rank):
+            raise ValueError(
+                f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} must be (r, {self.in_features}) "
+                f"and ({self.out_features}, r)"
+            )
+        self.lora_A, self.lora_B = lora_a, lora_b
+        self.r = rank
+        self.scaling = float(scaling)
+        self.lora_dropout = dropout
+
+    # ------------------------------------------------------------------ base
+    def base_weight(self) -> Union[torch.Tensor, NF4Weight]:
+        """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
+        ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
+        if _is_bnb_linear4bit(self.base_layer):
+            return NF4Weight.from_bnb(self.base_layer)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias (or None)."""
+        return self.base_layer.bias
+
+    @property
+    def is_nf4(self) -> bool:
+        return isinstance(self.base_layer, _NF4Base) or _is_bnb_linear4bit(self.base_layer)
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` as ``(out, in)`` in fp32."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into the base (see the module docstring); no-op when already merged."""
+        if self.merged:
+            return
+        if self.is_nf4:
+            base = self.base_weight()
+            self.merged_weight = (base.dequantize(torch.float32) + self.delta_weight()).to(base.dtype)
+        else:
+            weight = self.base_layer.weight
+            weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo :meth:`merge`; no-op when not merged."""
+        if not self.merged:
+            return
+        if self.is_nf4:
+            self.merged_weight = None
+        else:
+            weight = self.base_layer.weight
+            weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base layer alone inside the block (unmerging for the duration if merged)."""
+        was_merged = self.merged
+        self.unmerge()
+        self.disabled = True
+        try:
+            yield self
+        finally:
+            self.disabled = False
+            if was_merged:
+                self.merge()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.merged_weight if self.merged_weight is not None else self.base_weight()
+        if self.disabled or self.merged:
+            return lora_linear(x, weight, self.bias, None, None, 0.0)
+        x_dropped = None
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            x_dropped = self.lora_dropout(x)
+        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_dropped)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, nf4={self.is_nf4}, merged={self.merged}")

@@ -1,0 +1,160 @@
+"""fastpeft.nn.LoraLinear against PEFT's own lora.Linear / lora.Linear4bit on identical weights (fp32 CPU,
+outputs and gradients), plus init, merge/unmerge, disable_adapter and parameter sharing."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastpeft.nf4 import NF4Weight
+from fastpeft.nn import LoraLinear
+
+from conftest import DEVICE, assert_rel_close, non_contiguous
+
+peft = pytest.importorskip("peft")
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+
+def _bnb_linear4bit(in_features, out_features, with_bias):
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = nn.Linear(in_features, out_features, bias=with_bias)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=with_bias, compute_dtype=torch.float32,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+    if with_bias:
+        layer.bias = nn.Parameter(dense.bias.data.clone())
+    return layer.to(DEVICE)
+
+
+def _peft_layer(base, r, alpha, dropout, use_rslora):
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                             target_modules=["proj"], init_lora_weights=False)
+    return peft.get_peft_model(_Holder(base), config).base_model.model.proj
+
+
+def _pair(nf4, with_bias, r=8, alpha=16, dropout=0.0, use_rslora=False):
+    """A PEFT layer (non-trivial A and B) and a LoraLinear built independently with copies of its weights."""
+    # in_features a multiple of 64: bitsandbytes' CPU dequantiser is wrong for blocks spanning rows
+    base = _bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
+    ours_base = copy.deepcopy(base)
+    theirs = _peft_layer(base, r, alpha, dropout, use_rslora)
+    ours = LoraLinear(ours_base, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                      init_lora_weights=False)
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+    return theirs, ours
+
+
+def _grads(layer, x, dy, params):
+    x = x.detach().requires_grad_()  # keeps a non-contiguous view as it is
+    y = layer(x)
+    return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_matches_peft(nf4, with_bias, use_rslora):
+    theirs, ours = _pair(nf4, with_bias, use_rslora=use_rslora, dropout=0.1)
+    theirs.eval(), ours.eval()  # dropout off: PEFT draws its mask from torch's RNG in its own order
+    assert ours.scaling == pytest.approx(theirs.scaling["default"])
+    x = torch.randn(2, 5, ours.in_features, device=DEVICE)
+    y_ref, *ref = _grads(theirs, x, torch.ones(2, 5, 40), [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y, *got = _grads(ours, x, torch.ones(2, 5, 40), [ours.lora_A, ours.lora_B])
+    assert_rel_close(y, y_ref, torch.float32)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_dropout_in_training_matches_peft_with_the_same_mask(nf4):
+    theirs, ours = _pair(nf4, with_bias=True, dropout=0.4)
+    x = torch.randn(7, ours.in_features, device=DEVICE)
+    dy = torch.randn(7, 40, device=DEVICE)
+    torch.manual_seed(1)
+    y_ref, *ref = _grads(theirs.train(), x, dy, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    torch.manual_seed(1)  # both draw one Bernoulli mask of x's shape, first thing in their forward
+    y, *got = _grads(ours.train(), x, dy, [ours.lora_A, ours.lora_B])
+    assert_rel_close(y, y_ref, torch.float32)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float32)
+
+
+def test_triton_kernels_match_peft_4bit(triton_backend):
+    theirs, ours = _pair(nf4=True, with_bias=True, r=16)
+    x = non_contiguous(torch.randn(3, 2, 128, device=DEVICE))
+    dy = torch.randn(3, 2, 40, device=DEVICE)
+    y_ref, *ref = _grads(theirs, x.contiguous(), dy, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B])
+    assert_rel_close(y, y_ref, torch.float32)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_merge_unmerge_and_disable(nf4):
+    theirs, ours = _pair(nf4, with_bias=True)
+    x = torch.randn(4, ours.in_features, device=DEVICE)
+    with torch.no_grad():
+        y = ours(x)
+        base = theirs.base_layer(x)
+        with ours.disable_adapter():
+            assert_rel_close(ours(x), base, torch.float32)
+        ours.merge()
+        assert ours.merged
+        assert_rel_close(ours(x), y, torch.float32)
+        with ours.disable_adapter():
+            assert not ours.merged
+            assert_rel_close(ours(x), base, torch.float32)
+        assert ours.merged
+        ours.unmerge()
+        assert not ours.merged and ours.merged_weight is None
+        assert_rel_close(ours(x), y, torch.float32)
+    if nf4:
+        assert isinstance(ours.base_weight(), NF4Weight)
+
+
+def test_init_like_peft():
+    layer = LoraLinear(nn.Linear(64, 32), r=4, lora_alpha=8)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    assert layer.scaling == 2.0 and isinstance(layer.lora_dropout, nn.Identity)
+    assert LoraLinear(nn.Linear(64, 32), r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_from_parameters_shares_objects_and_nf4weight_base():
+    weight = NF4Weight.quantize(torch.randn(24, 64, device=DEVICE), 64, double_quant=True)
+    lora_a = nn.Parameter(torch.randn(3, 64, device=DEVICE))
+    lora_b = nn.Parameter(torch.randn(24, 3, device=DEVICE))
+    dropout = nn.Dropout(0.2)
+    bias = torch.randn(24, device=DEVICE)
+    layer = LoraLinear.from_parameters(weight, lora_a, lora_b, 0.5, dropout, bias=bias).eval()
+    assert layer.lora_A is lora_a and layer.lora_B is lora_b and layer.lora_dropout is dropout
+    assert layer.base_weight() is weight and layer.r == 3
+    x = torch.randn(5, 64, device=DEVICE)
+    expected = x @ weight.dequantize().T + bias + 0.5 * (x @ lora_a.T) @ lora_b.T
+    assert_rel_close(layer(x), expected, torch.float32)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="base_layer must be"):
+        LoraLinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        LoraLinear(nn.Linear(8, 8), r=0)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoraLinear(nn.Linear(8, 8), init_lora_weights="pissa")
+    with pytest.raises(ValueError, match=r"must be \(r, 8\) and \(4, r\)"):
+        LoraLinear.from_parameters(nn.Linear(8, 4), nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(4, 3)),
+                                   1.0, nn.Identity())
