@@ -6,10 +6,12 @@ nor bitsandbytes; each is imported where it is first needed.
 
 from . import reference
 from .nf4 import NF4Weight
-from .ops import dequantize_nf4
+from .ops import dequantize_nf4, lora_linear
+from .nn import LoraLinear
 from .adapters import Adapter, load_adapter, save_adapter
 from .serving import MultiLoraModel
 
 __version__ = "0.1.0"
 
-__all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "dequantize_nf4", "reference", "__version__"]
+__all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "dequantize_nf4",
+           "LoraLinear", "lora_linear", "reference", "__version__"]
