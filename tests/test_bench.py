@@ -1,0 +1,186 @@
+"""The benchmark harness: an end-to-end CPU run on the smallest sizes, and the pieces it is built from."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastpeft.bench import __main__ as bench_main
+from fastpeft.bench.cases import BenchConfig, Job, Prepared, Unavailable, all_jobs
+from fastpeft.bench.report import METADATA_KEYS, RESULT_KEYS, table, write_plots
+from fastpeft.bench.roofline import measure_roofline, roofline_fraction
+from fastpeft.bench.timing import measure, peak_memory, percentile
+from fastpeft.cli import main as cli_main
+
+QUICK = ["--suite", "quick", "--m", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``fastpeft bench`` on the quick suite (one M), through the real command line."""
+    out = tmp_path_factory.mktemp("bench")
+    status = cli_main(["bench", *QUICK, "--out", str(out)])
+    return status, out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_completes_without_errors(quick_run):
+    status, _, run = quick_run
+    assert [r for r in run["results"] if "error" in r] == []
+    assert status == 0
+
+
+def test_json_has_every_field(quick_run):
+    _, _, run = quick_run
+    assert set(METADATA_KEYS) <= set(run)
+    assert run["device_kind"] == "cpu" and run["roofline"] is None
+    assert run["command"] == ["fastpeft", "bench", *QUICK, "--out", run["command"][-1]]
+    assert run["git_commit"] == "unknown" or len(run["git_commit"].split("+")[0]) == 40
+    for result in run["results"]:
+        if "skipped" in result:
+            assert set(result) >= {"case", "impl", "params", "shape"} and result["skipped"]
+            continue
+        assert set(RESULT_KEYS) <= set(result), result
+        assert result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+        assert result["repeats"] == 3 and result["clock"] == "cpu-wall"
+        assert "peak_mem_bytes" in result and "peak_mem_source" in result
+
+
+def test_every_case_measures_its_reference_implementations(quick_run):
+    _, _, run = quick_run
+    measured = {(r["case"], r["impl"]) for r in run["results"] if "median_ms" in r}
+    for case in ("lora.fwd", "lora.fwd_bwd", "qlora.fwd", "qlora.fwd_bwd", "dora.fwd", "dora.fwd_bwd",
+                 "ia3.fwd", "ia3.fwd_bwd", "multi_lora.fwd"):
+        assert {(case, "reference"), (case, "peft")} <= measured, case
+    assert {("nf4_dequant", "fastpeft"), ("nf4_dequant", "bnb"), ("train_step", "peft"), ("decode", "hf"),
+            ("decode", "peft"), ("multi_lora_serving", "peft")} <= measured
+    assert all(r["tokens_per_s"] > 0 for r in run["results"] if r["case"] == "train_step" and "median_ms" in r)
+
+
+def test_table_and_plots_written(quick_run):
+    _, out, run = quick_run
+    text = (out / "table.txt").read_text()
+    assert "CPU RUN" in text and "NOT kernel performance" in text
+    assert "lora.fwd" in text and "median ms" in text
+    pytest.importorskip("matplotlib")
+    assert (out / "lora.fwd.png").stat().st_size > 1000
+    assert (out / "train_step.png").exists()
+
+
+def test_no_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert bench_main.main([*QUICK, "--cases", "ia3.fwd_bwd", "--out", str(tmp_path)]) == 0
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "results.json").exists()
+
+
+def _config(**overrides) -> BenchConfig:
+    args = bench_main.build_parser().parse_args(["--suite", "quick", "--device", "cpu"])
+    cfg = bench_main.make_config(args)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_unavailable_implementation_is_skipped_with_its_reason_and_errors_are_kept():
+    def missing(cfg):
+        raise Unavailable("fastpeft.nn.Thing not available yet")
+
+    def broken(cfg):
+        return Prepared(run=lambda i: 1 / 0)
+
+    cfg = _config()
+    skipped = bench_main.run_job(Job("x", "fastpeft", {"M": 1}, missing), cfg, None)
+    assert skipped["skipped"] == "fastpeft.nn.Thing not available yet" and "median_ms" not in skipped
+    failed = bench_main.run_job(Job("x", "peft", {"M": 1}, broken), cfg, None)
+    assert failed["error"].startswith("ZeroDivisionError")
+    assert bench_main.exit_status({"results": [skipped]}) == 0
+    assert bench_main.exit_status({"results": [skipped, failed]}) == 1
+    text = table({"device": "cpu", "device_kind": "cpu", "git_commit": "unknown", "timestamp": "t",
+                  "roofline": None, "results": [{**skipped, "shape": "M=1"}, {**failed, "shape": "M=1"}]})
+    assert "skipped: fastpeft.nn.Thing" in text and "ERROR: ZeroDivisionError" in text
+
+
+def test_case_filter_and_every_case_has_all_implementations_named():
+    jobs = all_jobs(_config())
+    impls = {}
+    for job in jobs:
+        impls.setdefault(job.case, set()).add(job.impl)
+    assert impls["lora.fwd"] == {"fastpeft", "reference", "peft"}
+    assert impls["nf4_dequant"] == {"fastpeft", "reference", "bnb"}
+    assert impls["decode"] == {"hf", "peft", "fastpeft"}
+    assert {j.case for j in all_jobs(_config(cases=["decode", "ia3.fwd"]))} == {"decode", "ia3.fwd", "ia3.fwd_bwd"}
+
+
+def test_percentiles_match_numpy():
+    samples = [float(v) for v in np.random.default_rng(0).random(13)]
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert percentile(samples, q) == pytest.approx(np.percentile(samples, 100 * q))
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 0.5)
+
+
+def test_measure_rotates_inputs_after_warmup():
+    seen = []
+    timing = measure(seen.append, torch.device("cpu"), warmup=2, repeats=5)
+    assert seen == list(range(7))  # warm-up calls 0, 1, then timed calls 2..6: each picks input set i % n
+    assert timing.repeats == 5 and timing.clock == "cpu-wall" and timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        measure(seen.append, torch.device("cpu"), warmup=0, repeats=0)
+
+
+def test_cpu_peak_memory_sees_a_large_allocation():
+    peak, source = peak_memory(lambda: torch.ones(64 * 2**20, dtype=torch.uint8).sum(), torch.device("cpu"))
+    if peak is None:
+        pytest.skip(source)
+    assert source.startswith("cpu-peak-rss") and peak >= 64 * 2**20
+
+
+ROOF = {"bf16_flop_per_s": 1000e12, "hbm_bytes_per_s": 3e12}  # ridge point: 333 FLOP/byte
+
+
+def test_roofline_fraction_memory_bound():
+    # a GEMV-like call: 1 GFLOP over 1 GB is memory bound; at 2/3 of HBM bandwidth its fraction is 2/3
+    r = roofline_fraction(1e9, 1e9, 1e9 / 2e12, ROOF)
+    assert r["bound"] == "memory"
+    assert r["achieved_bytes_per_s"] == pytest.approx(2e12)
+    assert r["fraction"] == pytest.approx(2 / 3)
+
+
+def test_roofline_fraction_compute_bound():
+    flops, bytes_moved = 2 * 4096**3, 3 * 2 * 4096**2  # a 4096^3 bf16 GEMM: ~1365 FLOP/byte
+    seconds = flops / 500e12
+    r = roofline_fraction(flops, bytes_moved, seconds, ROOF)
+    assert r["bound"] == "compute" and r["fraction"] == pytest.approx(0.5)
+    assert r["achieved_flop_per_s"] == pytest.approx(500e12)
+
+
+def test_roofline_fraction_pure_data_movement_and_missing_cost_model():
+    r = roofline_fraction(0, 1e9, 1e9 / 1.5e12, ROOF)  # dequantisation: bytes only
+    assert r["bound"] == "memory" and r["fraction"] == pytest.approx(0.5)
+    assert roofline_fraction(None, None, 1e-3, ROOF) is None
+
+
+def test_roofline_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA device, not cpu"):
+        measure_roofline(torch.device("cpu"))
+
+
+def test_bad_options_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.build_parser().parse_args(["--features", "4096by4096"])
+    assert "out x in" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="need repeats >= 1"):
+        bench_main.make_config(bench_main.build_parser().parse_args(["--suite", "quick", "--repeats", "0"]))
+
+
+def test_plots_cover_each_measured_case(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = {"impl": "reference", "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.2, "tokens_per_s": 10.0}
+    run = {"device": "cpu", "device_kind": "cpu", "results": [
+        {**result, "case": "lora.fwd", "shape": "M=1"}, {**result, "case": "lora.fwd", "shape": "M=8"},
+        {**result, "case": "decode", "shape": "new_tokens=8"},
+        {"case": "dora.fwd", "impl": "fastpeft", "shape": "M=1", "skipped": "absent"},
+    ]}
+    assert sorted(p.name for p in write_plots(run, tmp_path)) == ["decode.png", "lora.fwd.png"]
