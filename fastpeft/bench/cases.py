@@ -256,10 +256,20 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int) ->
 
 
 def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
-    """The fastpeft module for ``op``; wired as the modules land (issues 3 and 4)."""
-    name = "DoraLinear" if op == "dora" else "LoraLinear"
-    _require("fastpeft.nn", name, " (issue 3/4)")
-    raise Unavailable(f"fastpeft.nn.{name} exists but the bench has no constructor wired for it yet")
+    """The fastpeft module for ``op`` over ``base_weight`` (dense tensor or NF4Weight) and its trainables."""
+    if op == "dora":
+        _require("fastpeft.nn", "DoraLinear", " (issue 4)")
+        raise Unavailable("fastpeft.nn.DoraLinear exists but the bench has no constructor wired for it yet")
+    lora_linear_cls = _require("fastpeft.nn", "LoraLinear", " (issue 3)")
+    if isinstance(base_weight, NF4Weight):
+        base = base_weight
+    else:
+        base = nn.Linear(base_weight.shape[1], base_weight.shape[0], bias=False, device=base_weight.device,
+                         dtype=base_weight.dtype)
+        base.weight = nn.Parameter(base_weight.detach(), requires_grad=False)
+    layer = lora_linear_cls.from_parameters(base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()),
+                                            w.scaling, nn.Identity())
+    return layer, [layer.lora_A, layer.lora_B]
 
 
 def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
