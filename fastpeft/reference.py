@@ -161,8 +161,10 @@ def multi_lora_delta(
     out_features = lora_bs[0].shape[0] if n else 0
     delta = x.new_zeros(*x.shape[:-1], out_features)
     for k in range(n):
-        # per token, the summed weight of every slot naming adapter k
-        weight_k = torch.where(adapter_ids == k, adapter_weights.to(x.dtype), 0).sum(-1, keepdim=True)
-        if (weight_k != 0).any():
-            delta = delta + weight_k * (scalings[k] * F.linear(F.linear(x, lora_as[k]), lora_bs[k]))
+        # per token, the summed weight of every slot naming adapter k; only those tokens are computed
+        weight_k = torch.where(adapter_ids == k, adapter_weights.to(x.dtype), 0).sum(-1)
+        tokens = weight_k.nonzero(as_tuple=True)
+        if tokens[0].numel():
+            lora = scalings[k] * F.linear(F.linear(x[tokens], lora_as[k]), lora_bs[k])
+            delta = delta.index_put(tokens, delta[tokens] + weight_k[tokens].unsqueeze(-1) * lora)
     return delta
