@@ -81,3 +81,16 @@ def test_nf4_lora_matmul_rejects_bad_inputs():
         kernels.nf4_lora_matmul(a, weight, bias=torch.randn(17, device=DEVICE).half())
     with pytest.raises(ValueError, match="out must be"):
         kernels.nf4_lora_matmul(a, weight, out=torch.empty(3, 64, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_nf4_gemv_split_k_adds_the_epilogue_once(dtype):
+    # few output tiles and K = 5 blocks of GEMV_BLOCK_K: the launcher splits K five ways
+    weight = NF4Weight.quantize(torch.randn(5, 300, device=DEVICE), 64, double_quant=True)
+    a = torch.randn(3, 300, device=DEVICE, dtype=dtype)
+    lora_h, lora_expand = torch.randn(3, 2, device=DEVICE, dtype=dtype), torch.randn(2, 5, device=DEVICE, dtype=dtype)
+    bias, col_scale = torch.randn(5, device=DEVICE, dtype=dtype), torch.rand(5, device=DEVICE) + 0.5
+    out = poisoned((3, 5), dtype)
+    kernels.nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=1.5,
+                            col_scale=col_scale, out=out)
+    assert_rel_close(out, _reference(a, weight, False, bias, lora_h, lora_expand, 1.5, col_scale), dtype)

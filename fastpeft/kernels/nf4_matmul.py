@@ -23,14 +23,19 @@ Two variants, picked by ``M`` in the launcher (``GEMV_MAX_M``):
   epilogue is one more ``tl.dot`` of an ``(BLOCK_M, BLOCK_R)`` slice of ``h`` with ``E``.
 - GEMV (decode, ``M <= 16``): ``tl.dot`` needs 16 rows, so the product is a broadcast multiply-sum over
   ``M`` rounded up to a power of two; each program reads its ``BLOCK_N`` columns of packed bytes once
-  for all ``M`` rows, so the weight traffic is the packed bytes.
+  for all ``M`` rows, so the weight traffic is the packed bytes. Split-K: when the output has too few
+  tiles to fill the GPU, ``K`` is cut into ``SPLIT_K`` slices; each program ``atomic_add``s its fp32
+  partial into a zeroed ``(M, N)`` fp32 workspace (split 0 also adds the LoRA term and the bias), and
+  the launcher casts the workspace into ``out`` (a pass over ``M x N``, small for decode). The
+  summation order then varies from run to run in the last bits.
 
 fp32: ``tl.dot`` uses ``input_precision="ieee"`` so fp32 results match PyTorch's fp32 matmul instead of
-tf32's 10-bit mantissa (the reference contract; a tf32 variant is a GPU tuning question).
+tf32's 10-bit mantissa (the reference contract; a tf32 variant is a GPU tuning question). The kernel is
+launched with fp-fusion on: a nested absmax may then differ from bitsandbytes' in its last bit (FMA),
+far below any matmul's rounding; bit-exact dequantisation is ``fastpeft.kernels.nf4``'s job.
 
-Limits / not done (no GPU in this task): block sizes are untuned; there is no split-K for the GEMV (few
-programs when ``N`` is small), no autotune, and no "dequantise tile-wise then cuBLAS" branch for large
-``M`` — each needs a GPU measurement before it is worth keeping. The dense-weight LoRA path is cuBLAS in
+Limits / not done (no GPU in this task): block sizes and the split-K target are untuned; there is no
+autotune and no "dequantise tile-wise then cuBLAS" branch for large ``M`` — each needs a GPU measurement before it is worth keeping. The dense-weight LoRA path is cuBLAS in
 ``fastpeft/ops/lora.py`` and needs no kernel.
 """
 
@@ -50,6 +55,9 @@ GEMM_BLOCK_K = 32
 GEMV_MAX_M = 16
 GEMV_BLOCK_N = 32
 GEMV_BLOCK_K = 64
+# Split-K for the GEMV: K is cut so that about this many programs run (a guess at two waves of an H100's
+# 132 SMs), never below one BLOCK_K per split. Untuned: no GPU in this task.
+GEMV_TARGET_PROGRAMS = 256
 MAX_BLOCK_R = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,21 +67,28 @@ def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     bias_ptr, h_ptr, expand_ptr, col_scale_ptr, out_ptr,
     nested_offset, scaling,
-    M, N, K, rank,
+    M, N, K, rank, k_per_split,
     stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr, stride_er, stride_en,
     stride_om, stride_on,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_COL_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    k_begin = split.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    # the epilogue terms (LoRA, bias) are added by split 0 only; every split scales its own partial sum
+    # by the column scale, which distributes over the sum
+    first_split = split == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
@@ -87,7 +102,7 @@ def _nf4_lora_matmul_kernel(
             acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r_start in range(0, rank, BLOCK_R):
+        for r_start in range(0, tl.where(first_split, rank, 0), BLOCK_R):
             offs_r = r_start + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
             h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -102,9 +117,13 @@ def _nf4_lora_matmul_kernel(
     if HAS_COL_SCALE:
         acc = acc * tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(first_split, bias, 0.0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K > 1:  # out is a zeroed fp32 workspace
+        tl.atomic_add(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _check_vector(name: str, t, length: int, a: torch.Tensor):
@@ -198,17 +217,24 @@ def nf4_lora_matmul(
     placeholder = a  # never read: the matching HAS_* flag is False
     h = lora_h if lora_h is not None else placeholder
     expand = lora_expand if lora_expand is not None else placeholder
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _nf4_lora_matmul_kernel[grid](
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    split_k = 1 if use_dot else max(1, min(k_blocks, GEMV_TARGET_PROGRAMS // tiles))
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    _nf4_lora_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
         a, packed, absmax, code, nested_code, nested_absmax,
         bias if bias is not None else placeholder, h, expand,
-        col_scale if col_scale is not None else placeholder, out,
+        col_scale if col_scale is not None else placeholder, target,
         nested_offset, float(scaling),
-        m, n, k, rank,
+        m, n, k, rank, k_per_split,
         a.stride(0), a.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
-        expand.stride(0), expand.stride(1), out.stride(0), out.stride(1),
+        expand.stride(0), expand.stride(1), target.stride(0), target.stride(1),
         BLOCKSIZE=weight.blocksize, NESTED=weight.is_nested,
         HAS_BIAS=bias is not None, HAS_LORA=lora_h is not None, HAS_COL_SCALE=col_scale is not None,
-        USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        USE_DOT=use_dot, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
     )
+    if target is not out:
+        out.copy_(target)
     return out
