@@ -65,7 +65,7 @@ def test_nf4_lora_triton_matches_reference(triton_backend, lead, in_features, ou
 
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lora_reference_backend_matches_reference(reference_backend, nf4, dropout, dtype):
     x, weight, bias, lora_a, lora_b = _inputs((4, 5), 64, 40, 8, dtype, nf4, double_quant=True, with_bias=True,
                                               bias_grad=True)
@@ -73,9 +73,9 @@ def test_lora_reference_backend_matches_reference(reference_backend, nf4, dropou
     _check_against_reference(x, weight, bias, lora_a, lora_b, 2.0, mask, 0.1, dtype)
 
 
-@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dense_lora_matches_reference(dtype):
-    # the dense base never goes through Triton: cuBLAS (or CPU BLAS) on every backend
+    # the dense base never goes through Triton (cuBLAS, or CPU BLAS), so bf16 is testable here
     x, weight, bias, lora_a, lora_b = _inputs((19,), 33, 47, 16, dtype, nf4=False, double_quant=False, with_bias=True)
     _check_against_reference(x, weight, bias, lora_a, lora_b, 0.25, None, 0.0, dtype)
 
@@ -137,3 +137,21 @@ def test_lora_linear_rejects_bad_inputs():
         lora_linear(x.long(), weight, None, lora_a, lora_b, 1.0)
     with pytest.raises(TypeError, match="NF4Weight"):
         nf4_lora_matmul(x, weight)
+
+
+def test_backward_keeps_no_dequantised_weight(triton_backend):
+    x, weight, bias, lora_a, lora_b = _inputs((19,), 65, 47, 4, torch.float32, nf4=True, double_quant=True,
+                                              with_bias=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, weight, bias, lora_a, lora_b, 1.0)
+    assert (47, 65) not in saved and (65, 47) not in saved, saved
+    # x (for dA), h (for dB), A and B: nothing of the base's size
+    assert sum(torch.Size(s).numel() for s in saved) <= 19 * 65 + 19 * 4 + 4 * 65 + 47 * 4
+    y.sum().backward()
+    assert x.grad is not None and lora_a.grad is not None
