@@ -121,21 +121,28 @@ class _Weights:
     scaling: float
 
 
+def _randn(cfg: BenchConfig, g: torch.Generator, *shape) -> torch.Tensor:
+    """Normal samples drawn on the bench device (a 14336x4096 weight drawn on CPU would take a second)."""
+    return torch.randn(*shape, generator=g, device=cfg.device, dtype=torch.float32)
+
+
+def _generator(cfg: BenchConfig, seed: int) -> torch.Generator:
+    return torch.Generator(device=cfg.device).manual_seed(seed)
+
+
 def _weights(cfg: BenchConfig, out_f: int, in_f: int) -> _Weights:
-    g = torch.Generator().manual_seed(out_f * 7919 + in_f)
-    weight = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
-    lora_a = torch.randn(cfg.rank, in_f, generator=g) / math.sqrt(in_f)
-    lora_b = 0.02 * torch.randn(out_f, cfg.rank, generator=g)
-    magnitude = torch.linalg.vector_norm(weight, dim=1) * (1 + 0.1 * torch.randn(out_f, generator=g))
-    ia3_scale = 1 + 0.1 * torch.randn(out_f, generator=g)
-    to = dict(device=cfg.device, dtype=cfg.dtype)
-    return _Weights(weight.to(**to), lora_a.to(**to), lora_b.to(**to), magnitude.to(**to), ia3_scale.to(**to),
-                    scaling=2.0)
+    g = _generator(cfg, out_f * 7919 + in_f)
+    weight = _randn(cfg, g, out_f, in_f) / math.sqrt(in_f)
+    lora_a = _randn(cfg, g, cfg.rank, in_f) / math.sqrt(in_f)
+    lora_b = 0.02 * _randn(cfg, g, out_f, cfg.rank)
+    magnitude = torch.linalg.vector_norm(weight, dim=1) * (1 + 0.1 * _randn(cfg, g, out_f))
+    ia3_scale = 1 + 0.1 * _randn(cfg, g, out_f)
+    return _Weights(*(t.to(cfg.dtype) for t in (weight, lora_a, lora_b, magnitude, ia3_scale)), scaling=2.0)
 
 
 def _inputs(cfg: BenchConfig, m: int, n_features: int, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(m, n_features, generator=g).to(cfg.device, cfg.dtype) for _ in range(cfg.rotations)]
+    g = _generator(cfg, seed)
+    return [_randn(cfg, g, m, n_features).to(cfg.dtype) for _ in range(cfg.rotations)]
 
 
 def _timed_call(cfg: BenchConfig, forward: Callable, m: int, in_f: int, out_f: int, mode: str,
@@ -181,7 +188,7 @@ def _bnb_linear(w: _Weights) -> nn.Module:
     out_f, in_f = w.weight.shape
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=w.weight.dtype, quant_type="nf4",
                               compress_statistics=True, device="meta")
-    layer.weight = bnb.nn.Params4bit(w.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
+    layer.weight = bnb.nn.Params4bit(w.weight.detach(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True).to(w.weight.device)
     return layer
 
@@ -331,12 +338,10 @@ def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfi
 def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int):
     def setup(cfg: BenchConfig) -> Prepared:
         w = _weights(cfg, out_f, in_f)
-        g = torch.Generator().manual_seed(3)
-        lora_as = [(torch.randn(cfg.rank, in_f, generator=g) / math.sqrt(in_f)).to(cfg.device, cfg.dtype)
-                   for _ in range(n_adapters)]
-        lora_bs = [(0.02 * torch.randn(out_f, cfg.rank, generator=g)).to(cfg.device, cfg.dtype)
-                   for _ in range(n_adapters)]
-        ids = torch.randint(0, n_adapters, (m,), generator=g)
+        g = _generator(cfg, 3)
+        lora_as = [(_randn(cfg, g, cfg.rank, in_f) / math.sqrt(in_f)).to(cfg.dtype) for _ in range(n_adapters)]
+        lora_bs = [(0.02 * _randn(cfg, g, out_f, cfg.rank)).to(cfg.dtype) for _ in range(n_adapters)]
+        ids = torch.randint(0, n_adapters, (m,), generator=torch.Generator().manual_seed(3))
         names = [f"a{k}" for k in ids.tolist()]
         note = ""
         if impl == "reference":
@@ -421,7 +426,8 @@ def _model(cfg: BenchConfig) -> nn.Module:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
                                           pad_token_id=0, **cfg.llama)
-        model = transformers.LlamaForCausalLM(config).to(cfg.dtype)
+        with torch.device(cfg.device):  # initialised where it runs: no slow CPU init of a large model
+            model = transformers.LlamaForCausalLM(config).to(cfg.dtype)
     return model.to(cfg.device).eval()
 
 
@@ -497,13 +503,13 @@ def _model_adapter(cfg: BenchConfig, model: nn.Module, seed: int):
     """A random LoRA adapter (PEFT's format, in memory) on every attention and MLP projection."""
     from ..adapters import Adapter
 
-    g = torch.Generator().manual_seed(100 + seed)
+    g = _generator(cfg, 100 + seed)
     tensors = {}
     for path, module in _linear_paths(model).items():
-        a = torch.randn(cfg.rank, module.in_features, generator=g) / math.sqrt(module.in_features)
-        b = 0.02 * torch.randn(module.out_features, cfg.rank, generator=g)
-        tensors[f"base_model.model.{path}.lora_A.weight"] = a.to(cfg.device, cfg.dtype)
-        tensors[f"base_model.model.{path}.lora_B.weight"] = b.to(cfg.device, cfg.dtype)
+        a = _randn(cfg, g, cfg.rank, module.in_features) / math.sqrt(module.in_features)
+        b = 0.02 * _randn(cfg, g, module.out_features, cfg.rank)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.to(cfg.dtype)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.to(cfg.dtype)
     config = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": 2 * cfg.rank, "target_modules": _LLAMA_TARGETS}
     return Adapter(config, tensors)
 
