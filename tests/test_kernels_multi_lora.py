@@ -108,3 +108,19 @@ def test_opcheck(reference_backend):
             meta.slot_ids, meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m,
             meta.max_adapter_id)
     torch.library.opcheck(torch.ops.fastpeft.multi_lora_add_.default, args)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_rank_padding_is_never_read(triton_backend, dtype):
+    """Ranks 1 and 256 in one bank; the padding is poisoned with NaN, so reading it would show."""
+    m, in_features, out_features = 7, 33, 17
+    bank, adapters = random_bank([1, 256, 20], in_features, out_features, dtype)
+    for k, a in enumerate(adapters):
+        bank.lora_a[k, a.rank:] = float("nan")
+        bank.lora_b[k, :, a.rank:] = float("nan")
+    ids = torch.tensor([1, 0, 2, -1, 1, 2, 0], device=DEVICE)
+    x = torch.randn(m, in_features, dtype=dtype, device=DEVICE)
+    for decode in (False, True):
+        y = torch.zeros(m, out_features, dtype=dtype, device=DEVICE)
+        multi_lora_add_(y, x, bank, MultiLoraMeta.build(ids, decode=decode))
+        assert_rel_close(y, reference_delta(x, adapters, ids[:, None], None), dtype)

@@ -70,8 +70,8 @@ def test_mixed_batch_logits_match_peft(adapter_dirs, tiny_llama_dir, four_bit, b
 def test_generate_matches_peft_per_adapter(adapter_dirs, backend, request):
     """Prefill tiles (16 tokens) then decode steps (one-token tiles) must both be right."""
     request.getfixturevalue(backend)
-    names = ["a", "b", "c"]
-    rows = ["c", "a", None, "b"]
+    names = ["a", "b", "c", "dora", "ia3"]
+    rows = ["c", "a", None, "dora", "b", "ia3"]
     ids = input_ids(len(rows), length=5, seed=2)
     served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in names})
     out = served.generate(input_ids=ids, adapter_names=rows, max_new_tokens=6, do_sample=False)
