@@ -158,3 +158,19 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"must be \(r, 8\) and \(4, r\)"):
         LoraLinear.from_parameters(nn.Linear(8, 4), nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(4, 3)),
                                    1.0, nn.Identity())
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_from_parameters_on_a_peft_layer_trains_peft_parameters(nf4):
+    theirs, _ = _pair(nf4, with_bias=True, dropout=0.2)
+    lora_a, lora_b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+    ours = LoraLinear.from_parameters(theirs.base_layer, lora_a, lora_b, theirs.scaling["default"],
+                                      theirs.lora_dropout["default"])
+    x = torch.randn(6, ours.in_features, device=DEVICE)
+    dy = torch.randn(6, 40, device=DEVICE)
+    y_ref, *ref = _grads(theirs.eval(), x, dy, [lora_a, lora_b])
+    y = ours.eval()(x)
+    y.backward(dy)
+    assert_rel_close(y, y_ref, torch.float32)
+    assert_rel_close(lora_a.grad, ref[1], torch.float32)  # the gradient lands in PEFT's own parameters
+    assert_rel_close(lora_b.grad, ref[2], torch.float32)

@@ -30,7 +30,9 @@ def _is_bnb_linear4bit(module) -> bool:
 
 
 class _NF4Base(nn.Module):
-    """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``)."""
+    """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``). The
+    NF4Weight is a plain attribute, not a buffer: ``.to(device)`` does not move it (build it on the
+    target device, or use a bitsandbytes ``Linear4bit`` base, which moves with the model)."""
 
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor]):
         super().__init__()
