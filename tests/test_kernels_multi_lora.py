@@ -11,6 +11,15 @@ from fastpeft.ops.multi_lora import MultiLoraMeta, multi_lora_add_
 from conftest import DEVICE, ODD_SHAPES, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
 
 
+@pytest.fixture(params=[False, True], ids=["two_launch", "fused"])
+def fused(request, monkeypatch):
+    """Run the test with the shrink+expand launches, then with the fused kernel, in both regimes."""
+    from fastpeft.kernels import multi_lora
+
+    monkeypatch.setattr(multi_lora, "FUSED", {"decode": request.param, "prefill": request.param})
+    return request.param
+
+
 def random_bank(ranks, in_features, out_features, dtype):
     adapters = [None if r == 0 else ModuleAdapter(
         lora_a=torch.randn(r, in_features, dtype=dtype, device=DEVICE) / in_features ** 0.5,
@@ -34,7 +43,7 @@ def reference_delta(x, adapters, slot_ids, slot_weights):
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize("m,in_features,out_features", ODD_SHAPES)
 @pytest.mark.parametrize("decode", [False, True])
-def test_mixed_ranks_match_reference(triton_backend, dtype, m, in_features, out_features, decode):
+def test_mixed_ranks_match_reference(triton_backend, fused, dtype, m, in_features, out_features, decode):
     ranks = [3, 17, 1, 8]
     bank, adapters = random_bank(ranks, in_features, out_features, dtype)
     ids = torch.randint(-1, len(ranks), (m,), device=DEVICE)
@@ -51,7 +60,7 @@ def test_mixed_ranks_match_reference(triton_backend, dtype, m, in_features, out_
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_weighted_slots_and_missing_layer(triton_backend, dtype):
+def test_weighted_slots_and_missing_layer(triton_backend, fused, dtype):
     m, in_features, out_features = 19, 65, 47
     bank, adapters = random_bank([5, 0, 16, 2], in_features, out_features, dtype)
     slot_ids = torch.randint(-1, 4, (m, 3), device=DEVICE)
@@ -62,7 +71,7 @@ def test_weighted_slots_and_missing_layer(triton_backend, dtype):
     assert_rel_close(y, reference_delta(x, adapters, slot_ids, slot_weights), dtype)
 
 
-def test_rows_without_adapter_are_untouched(triton_backend):
+def test_rows_without_adapter_are_untouched(triton_backend, fused):
     """Tokens with id -1 are in no tile: even a NaN-poisoned row stays exactly as it was."""
     bank, _ = random_bank([4, 9], 33, 17, torch.float32)
     ids = torch.tensor([-1, 0, -1, 1, 1, -1, 0], device=DEVICE)
@@ -111,7 +120,7 @@ def test_opcheck(reference_backend):
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_rank_padding_is_never_read(triton_backend, dtype):
+def test_rank_padding_is_never_read(triton_backend, fused, dtype):
     """Ranks 1 and 256 in one bank; the padding is poisoned with NaN, so reading it would show."""
     m, in_features, out_features = 7, 33, 17
     bank, adapters = random_bank([1, 256, 20], in_features, out_features, dtype)

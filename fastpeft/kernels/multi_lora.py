@@ -20,15 +20,21 @@ is never loaded nor multiplied (beyond the last partial ``BLOCK_R`` block, which
 Slots of one token write the same ``y`` row, so the launcher runs shrink+expand slot after slot (one
 pair of launches per slot; ``S = 1`` for plain batches): no atomics, deterministic.
 
-A fused shrink→expand kernel keeping ``h`` on chip was not kept: ``h`` would have to be a
-fixed ``(BLOCK_M, R)`` register tile, which computes the padding of every smaller-rank adapter, and
-whether it wins over two launches can only be measured on a GPU (none in this task).
+Fused variant (``fused=True``): one launch per slot; each ``(tile, out block)`` program computes its
+tile's ``h`` one ``BLOCK_R`` block at a time (to its adapter's rank only), keeps it in registers and
+multiplies it into ``B_k`` at once: no ``h`` round trip through memory and one launch instead of two, at
+the price of recomputing the shrink for every out block (``x`` and ``A_k`` re-read, from L2 on a GPU).
+It should win when the shrink is cheap next to the launch and memory costs (decode, small ``in``), lose
+for long prefills; which one is kept per regime is data in ``FUSED`` below, to be set from a GPU run of
+the bench (none in this task: both are kept and tested, the two-launch path is the default).
 
 fp32: ``tl.dot`` uses ``input_precision="ieee"`` so fp32 results match PyTorch's fp32 matmul rather
 than tf32 (adapters are small; exactness beats the tf32 speed-up here).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -39,6 +45,8 @@ BLOCK_K = 32
 BLOCK_R = 16
 BLOCK_N = 32
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Fused shrink→expand or two launches, per regime. Untuned: no GPU in this task (bench it, then flip).
+FUSED = {"decode": False, "prefill": False}
 
 
 @triton.jit
@@ -118,6 +126,60 @@ def _multi_lora_expand_kernel(
     tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _multi_lora_fused_kernel(
+    x_ptr, lora_a_ptr, lora_b_ptr, ranks_ptr, scalings_ptr, weights_ptr, order_ptr, tiles_ptr, y_ptr,
+    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_bn, stride_bo, stride_br, stride_wm,
+    stride_ym, stride_yo,
+    in_features, out_features,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    rank = tl.load(ranks_ptr + adapter)
+    if rank == 0:
+        return
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    length = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < length
+    rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_features
+    a_base = lora_a_ptr + adapter * stride_an
+    b_base = lora_b_ptr + adapter * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r_start in range(0, rank, BLOCK_R):
+        offs_r = r_start + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k_start in range(0, in_features, BLOCK_K):
+            offs_k = k_start + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < in_features
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
+                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if USE_DOT:
+                h += tl.dot(x, a, input_precision="ieee")
+            else:
+                h += tl.sum(x.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], axis=1)
+        # h is rounded to x's dtype, as the two-launch path (and the reference) store it
+        h_in = h.to(x_ptr.dtype.element_ty)
+        b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(h_in, b, input_precision="ieee")
+        else:
+            acc += tl.sum(h_in.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    scale = tl.load(scalings_ptr + adapter) * tl.load(weights_ptr + rows * stride_wm, mask=m_mask, other=0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yo
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def multi_lora_add_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -131,6 +193,7 @@ def multi_lora_add_(
     slot_tiles: list,
     block_m: int,
     max_adapter_id: int,
+    fused: Optional[bool] = None,
 ) -> torch.Tensor:
     """``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` in place; returns ``y``.
 
@@ -138,7 +201,8 @@ def multi_lora_add_(
     (one dtype for all four), ``ranks`` int32 ``(N,)``, ``scalings`` fp32 ``(N,)``, ``slot_weights`` fp32
     ``(M, S)``; ``token_order`` int32 ``(S, M)``, ``tiles`` int32 ``(T, 3)``, ``slot_tiles`` ``S`` tile counts
     (slot ``j``'s tiles follow slot ``j-1``'s), ``block_m`` and ``max_adapter_id`` from
-    ``fastpeft.ops.multi_lora.MultiLoraMeta``.
+    ``fastpeft.ops.multi_lora.MultiLoraMeta``. ``fused``: one fused launch per slot instead of shrink then
+    expand (default: ``FUSED`` for the regime, decode when ``block_m == 1``).
     """
     for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype not in _DTYPES:
@@ -176,7 +240,9 @@ def multi_lora_add_(
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if m == 0 or max_rank == 0 or tiles.shape[0] == 0:
         return y
-    h = torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
+    if fused is None:
+        fused = FUSED["decode" if block_m == 1 else "prefill"]
+    h = None if fused else torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
     use_dot = block_m >= 16
     first = 0
     for slot, count in enumerate(slot_tiles):
@@ -185,6 +251,16 @@ def multi_lora_add_(
         slot_tile_rows = tiles[first:first + count]
         order = token_order[slot]
         weights = slot_weights[:, slot]
+        first += count
+        if fused:
+            _multi_lora_fused_kernel[(count, triton.cdiv(out_features, BLOCK_N))](
+                x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+                x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0), y.stride(1),
+                in_features, out_features,
+                BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, USE_DOT=use_dot,
+            )
+            continue
         _multi_lora_shrink_kernel[(count, triton.cdiv(max_rank, BLOCK_R))](
             x, lora_a, ranks, order, slot_tile_rows, h,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
@@ -197,5 +273,4 @@ def multi_lora_add_(
             weights.stride(0), y.stride(0), y.stride(1), out_features,
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, USE_DOT=use_dot,
         )
-        first += count
     return y
