@@ -174,3 +174,41 @@ def test_from_parameters_on_a_peft_layer_trains_peft_parameters(nf4):
     assert_rel_close(y, y_ref, torch.float32)
     assert_rel_close(lora_a.grad, ref[1], torch.float32)  # the gradient lands in PEFT's own parameters
     assert_rel_close(lora_b.grad, ref[2], torch.float32)
+
+
+def test_swapped_into_a_4bit_peft_llama(tiny_llama_dir):
+    # a real QLoRA setup: transformers loads NF4 (double-quantised) weights, PEFT wraps every linear layer;
+    # swapping in LoraLinear layers that share PEFT's parameters leaves logits and gradients unchanged
+    from conftest import load_tiny_llama_4bit
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    # train mode (no dropout anywhere here): in eval mode bitsandbytes' CPU path repacks the weights in place
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), config).train()
+    input_ids = torch.randint(1, 128, (2, 5), device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_ref = model(input_ids).logits
+    grads_ref = torch.autograd.grad(logits_ref.square().sum(), params)
+
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PeftLinear4bit):
+            parent, child = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(parent, child, LoraLinear.from_parameters(
+                module.base_layer, module.lora_A["default"].weight, module.lora_B["default"].weight,
+                module.scaling["default"], module.lora_dropout["default"]))
+            swapped += 1
+    assert swapped == 14  # 7 linear layers in each of the 2 decoder layers
+    logits = model(input_ids).logits
+    grads = torch.autograd.grad(logits.square().sum(), params)
+    assert_rel_close(logits, logits_ref, torch.float32)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_rel_close(g, g_ref, tol=1e-4)
+
+
+def test_refuses_a_linear4bit_repacked_by_bitsandbytes():
+    base = _bnb_linear4bit(128, 64, with_bias=False)
+    layer = LoraLinear(base, r=2)
+    base.weight.quant_state.packing_format_for_cpu = True  # what bitsandbytes' CPU eval forward leaves behind
+    with pytest.raises(ValueError, match="repacked this Linear4bit"):
+        layer(torch.randn(2, 128, device=DEVICE))

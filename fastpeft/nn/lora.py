@@ -154,6 +154,13 @@ class LoraLinear(nn.Module):
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
         if _is_bnb_linear4bit(self.base_layer):
+            if getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False):
+                raise ValueError(
+                    "bitsandbytes has repacked this Linear4bit for its own CPU kernel (it does so in place on an "
+                    "eval-mode forward without grad on an AVX512-BF16 CPU), rounding its absmax to bf16: it no "
+                    "longer holds the NF4 layout. Wrap the layer before running it in eval mode, or set "
+                    "support_avx512bf16_for_cpu = False on it first"
+                )
             return NF4Weight.from_bnb(self.base_layer)
         return self.base_layer.weight
 
