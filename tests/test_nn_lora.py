@@ -176,7 +176,8 @@ def test_from_parameters_on_a_peft_layer_trains_peft_parameters(nf4):
     assert_rel_close(lora_b.grad, ref[2], torch.float32)
 
 
-def test_swapped_into_a_4bit_peft_llama(tiny_llama_dir):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_swapped_into_a_4bit_peft_llama(tiny_llama_dir, monkeypatch, backend):
     # a real QLoRA setup: transformers loads NF4 (double-quantised) weights, PEFT wraps every linear layer;
     # swapping in LoraLinear layers that share PEFT's parameters leaves logits and gradients unchanged
     from conftest import load_tiny_llama_4bit
@@ -199,6 +200,7 @@ def test_swapped_into_a_4bit_peft_llama(tiny_llama_dir):
                 module.scaling["default"], module.lora_dropout["default"]))
             swapped += 1
     assert swapped == 14  # 7 linear layers in each of the 2 decoder layers
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     logits = model(input_ids).logits
     grads = torch.autograd.grad(logits.square().sum(), params)
     assert_rel_close(logits, logits_ref, torch.float32)
