@@ -96,7 +96,9 @@ class LoraBank:
             scalings[k] = a.scaling
             if a.magnitude is not None:
                 if base_weight is None:
-                    raise ValueError(f"adapter {k} is DoRA: packing it needs the base weight")
+                    raise ValueError(f"adapter {k} is DoRA: packing it needs the base weight (a bitsandbytes 4-bit "
+                                     "layer already repacked for its CPU kernel has none: build the "
+                                     "MultiLoraModel before running the model on CPU in eval mode)")
                 _check_shape(a.magnitude, (out_features,), k, "magnitude")
                 norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
                                                   dtype=torch.float32)

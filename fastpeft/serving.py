@@ -31,8 +31,15 @@ RowAdapters = Union[None, str, Mapping[str, float]]
 
 
 def _base_weight(module: nn.Linear):
-    """The layer's weight as ``fastpeft.reference`` takes it (dense tensor or NF4Weight)."""
+    """The layer's weight as ``fastpeft.reference`` takes it (dense tensor or NF4Weight; only DoRA needs it).
+
+    None for a Linear4bit that bitsandbytes has already repacked for its CPU kernel (it does so in place
+    on the first eval-mode no-grad CPU forward, with bf16 absmax): that is no longer NF4, so DoRA adapters
+    cannot be packed for it. A view taken before the repack stays valid (bitsandbytes swaps in new
+    tensors rather than overwriting the old ones)."""
     if type(module.weight).__name__ == "Params4bit":
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            return None
         from .nf4 import NF4Weight
 
         return NF4Weight.from_bnb(module.weight)

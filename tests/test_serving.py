@@ -134,3 +134,15 @@ def test_bad_requests_raise(adapter_dirs):
         served(input_ids=input_ids(3), adapter_names=["a", None])
     with pytest.raises(TypeError, match="entries must be None, a name"):
         served.batch([3])
+
+
+def test_dora_on_a_4bit_layer_bitsandbytes_repacked_for_cpu_is_refused(adapter_dirs, tiny_llama_dir):
+    def repacked_model():
+        model = load_tiny_llama_4bit(tiny_llama_dir)
+        # what bitsandbytes' eval-mode CPU forward leaves behind: no longer the NF4 layout
+        model.model.layers[0].self_attn.q_proj.weight.quant_state.packing_format_for_cpu = True
+        return model
+
+    MultiLoraModel(repacked_model(), {"a": adapter_dirs["a"]})  # LoRA needs no base weight
+    with pytest.raises(ValueError, match="is DoRA: packing it needs the base weight"):
+        MultiLoraModel(repacked_model(), {"dora": adapter_dirs["dora"]})
