@@ -155,3 +155,50 @@ def test_backward_keeps_no_dequantised_weight(triton_backend):
     assert sum(torch.Size(s).numel() for s in saved) <= 19 * 65 + 19 * 4 + 4 * 65 + 47 * 4
     y.sum().backward()
     assert x.grad is not None and lora_a.grad is not None
+
+
+@pytest.mark.parametrize("nf4, backend, lead", [(True, "triton", (2, 3)), (True, "triton", (19,)),
+                                                (False, "reference", (4, 5)), (True, "reference", (3,))])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_dropout_p_redraws_the_same_mask(monkeypatch, nf4, backend, lead, dtype):
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    x, weight, bias, lora_a, lora_b = _inputs(lead, 65, 33, 8, dtype, nf4, double_quant=True, with_bias=True)
+    p = 0.3
+    torch.manual_seed(7)
+    expected_mask = torch.nn.functional.dropout(torch.ones(x.shape, dtype=dtype, device=DEVICE), p, training=True)
+    torch.manual_seed(7)
+    y = lora_linear(x, weight, bias, lora_a, lora_b, 0.5, dropout_p=p)
+    after_forward = torch.get_rng_state()
+    dy = torch.randn_like(y)
+    torch.set_rng_state(after_forward)
+    grads = torch.autograd.grad(y, [x, lora_a, lora_b], dy)
+    assert torch.equal(torch.get_rng_state(), after_forward)  # backward consumed no random numbers
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    x64, a64, b64 = leaves64
+    weight64 = weight if nf4 else weight.double()
+    ref = reference.lora_linear(x64, weight64, bias.double(), a64, b64, 0.5, x64 * expected_mask.double())
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    assert_rel_close(y, ref, dtype)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_rel_close(grad, ref_grad, tol=GRAD_TOL[dtype])
+
+
+def test_gradcheck_dropout_p(reference_backend):
+    x, weight, bias, lora_a, lora_b = _inputs((3,), 24, 5, 3, torch.float64, nf4=True, double_quant=True,
+                                              with_bias=False)
+
+    def fn(x, lora_a, lora_b):
+        torch.manual_seed(3)  # the same mask on every evaluation
+        return lora_linear(x, weight, None, lora_a, lora_b, 0.75, dropout_p=0.5)
+
+    assert torch.autograd.gradcheck(fn, (x, lora_a, lora_b), fast_mode=True)
+
+
+def test_dropout_arguments_are_checked():
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    lora_a, lora_b = torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="not both"):
+        lora_linear(x, weight, None, lora_a, lora_b, 1.0, x_dropped=x, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        lora_linear(x, weight, None, lora_a, lora_b, 1.0, dropout_p=1.0)

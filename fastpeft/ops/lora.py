@@ -7,18 +7,22 @@ Public API:
   fp32 / fp16 / bf16); ``weight`` a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`
   (frozen: no gradient); ``bias`` ``(out,)`` or None (gets a gradient if it requires one); ``lora_a``
   ``(r, in)``, ``lora_b`` ``(out, r)``; ``scaling`` a float (``alpha / r`` or rsLoRA's
-  ``alpha / sqrt(r)``, the caller's choice). Dropout is the caller's, as in PEFT: pass
-  ``x_dropped = dropout(x)`` when it is active; autograd then carries the LoRA part of ``dx`` back
-  through the caller's dropout (its mask), and the op's own backward needs no RNG. ``lora_a`` and
-  ``lora_b`` may both be None: the base layer alone, still differentiable in ``x``.
+  ``alpha / sqrt(r)``, the caller's choice). ``lora_a`` and ``lora_b`` may both be None: the base layer
+  alone, still differentiable in ``x``.
+
+  Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, exactly as ``nn.Dropout(p)`` would
+  from the same RNG state (so PEFT parity under a fixed seed holds bitwise), keeps the RNG state instead
+  of the mask, and redraws the mask in backward (``torch.utils.checkpoint``'s trick): neither the mask nor
+  ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
+  caller's; autograd then carries the LoRA part of ``dx`` back through it, and ``drop(x)`` is stored.
 - ``nf4_lora_matmul(a, weight, ...)``: the building block, ``c ⊙ (a · op(W) + s · h · E) + b`` with
   ``W`` read as packed NF4 (``fastpeft::nf4_lora_matmul``, a ``torch.library`` custom op; Triton on
   CUDA, the reference elsewhere). DoRA / IA3 reuse it through ``col_scale``.
 
 Backward (``h = drop(x) Aᵀ`` is saved, ``(M, r)``; the dequantised ``W`` never is):
-``g = dy B``, ``dB = s · dyᵀ h``, ``dA = s · gᵀ drop(x)``, ``dx = dy W + s · g A``. Without dropout,
-``dx`` is one fused NF4 kernel call (the LoRA term in its epilogue); with dropout, the base part and
-``s · g A`` are returned separately (to ``x`` and ``x_dropped``).
+``g = dy B``, ``dB = s · dyᵀ h``, ``dA = s · gᵀ drop(x)``, ``dx = dy W + s · drop'(g A)``. Without
+dropout, ``dx`` is one fused NF4 kernel call (the LoRA term in its epilogue); with dropout, the base part
+comes from the kernel and ``s · g A`` is masked (``dropout_p``) or returned to ``x_dropped``.
 
 Dense base: ``x Wᵀ (+ b)`` is one cuBLAS ``addmm``, the small ``h = x Aᵀ`` another, and the LoRA term is
 added in place with ``addmm_(h, Bᵀ, alpha=s)`` (cuBLAS ``beta = 1``): one extra read/write of ``y`` and
@@ -34,6 +38,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from .. import reference
 from ..nf4 import NF4Weight
@@ -124,24 +129,40 @@ def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_e
     return out
 
 
+def _dropout_mask(shape, p: float, device, dtype) -> torch.Tensor:
+    """``(1 - p)``-Bernoulli mask scaled by ``1 / (1 - p)``, drawn exactly as ``F.dropout`` on a contiguous
+    tensor of ``shape`` draws it (so ``x * mask`` is bitwise ``nn.Dropout(p)(x)`` from the same RNG state)."""
+    return F.dropout(torch.ones(shape, device=device, dtype=dtype), p, training=True)
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x``;
-    ``lora_a`` / ``lora_b`` None means the base layer alone. Inputs share one dtype (``lora_linear``
-    casts them)."""
+    """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x`` unless
+    ``dropout_p > 0`` (then the op draws the mask itself and redraws it in backward); ``lora_a`` /
+    ``lora_b`` None means the base layer alone. Inputs share one dtype (``lora_linear`` casts them)."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
         in_features = x.shape[-1]
         x2d = x.reshape(-1, in_features)
-        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+        ctx.dropout_p = dropout_p
+        if dropout_p > 0.0:
+            ctx.rng_state = _rng_state(x.device)
+            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x.device, x.dtype)
+        else:
+            x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
         h = None if lora_a is None else x_lora @ lora_a.t()
         y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
-        ctx.has_dropout = x_dropped is not None
+        ctx.has_dropout = x_dropped is not None or dropout_p > 0.0
         ctx.save_for_backward(
             None if isinstance(weight, NF4Weight) else weight,
-            x_lora if ctx.needs_input_grad[4] else None,
+            # with the op's own mask: x (usually kept alive by the previous layer anyway), not drop(x)
+            (x2d if dropout_p > 0.0 else x_lora) if ctx.needs_input_grad[4] else None,
             h if ctx.needs_input_grad[5] else None,
             lora_a, lora_b,
         )
@@ -149,19 +170,33 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dense_weight, x_lora, h, lora_a, lora_b = ctx.saved_tensors
+        dense_weight, x_saved, h, lora_a, lora_b = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         scaling = ctx.scaling
-        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
+        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, _ = ctx.needs_input_grad
         out_features = dy.shape[-1]
         dy2d = dy.reshape(-1, out_features)
         lead = dy.shape[:-1]
         has_lora = lora_a is not None
+        mask = None
+        x_lora = x_saved
+        if ctx.dropout_p > 0.0 and has_lora and (needs_dx or needs_a):
+            # redraw the forward's mask from its RNG state, leaving the global RNG untouched
+            with torch.random.fork_rng(devices=[dy.device] if dy.device.type == "cuda" else [],
+                                       device_type=dy.device.type):
+                if dy.device.type == "cuda":
+                    torch.cuda.set_rng_state(ctx.rng_state, dy.device)
+                else:
+                    torch.set_rng_state(ctx.rng_state)
+                mask = _dropout_mask((dy2d.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, dy.dtype)
+            x_lora = None if x_saved is None else x_saved * mask
         g = dy2d @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = None
         if needs_dx:
             fuse = has_lora and not ctx.has_dropout
             dx = _base_matmul(dy2d, weight, True, None, g if fuse else None, lora_a if fuse else None, scaling)
+            if mask is not None:
+                dx = dx.addcmul_(scaling * (g @ lora_a), mask)
             dx = dx.view(*lead, dx.shape[-1])
         if needs_dx_dropped and has_lora:
             dx_dropped = (scaling * (g @ lora_a)).view(*lead, lora_a.shape[1])
@@ -171,7 +206,7 @@ class LoraLinearFunction(torch.autograd.Function):
             da = scaling * (g.t() @ x_lora)
         if needs_b:
             db = scaling * (dy2d.t() @ h)
-        return dx, dx_dropped, None, dbias, da, db, None
+        return dx, dx_dropped, None, dbias, da, db, None, None
 
 
 def lora_linear(
@@ -182,6 +217,7 @@ def lora_linear(
     lora_b: Optional[torch.Tensor],
     scaling: float,
     x_dropped: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """LoRA / QLoRA ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as ``(..., out)`` in ``x.dtype``; see the
     module docstring for shapes, dropout and dtypes."""
@@ -216,6 +252,10 @@ def lora_linear(
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and x_dropped is not None:
+        raise ValueError("give x_dropped or dropout_p, not both")
     if bias is not None:
         bias = bias.to(x.dtype)
-    return LoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling))
+    return LoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
