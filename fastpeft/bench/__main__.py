@@ -1,13 +1,14 @@
 """``fastpeft bench`` / ``python -m fastpeft.bench``: measure fastpeft against the references, PEFT and bitsandbytes.
 
 Suites: ``quick`` (the smallest sizes: a smoke run for CI, seconds), ``cpu`` (the default without CUDA:
-laptop-sized shapes, about a minute), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
+laptop-sized shapes, one to two minutes), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
 bf16 plus a ~0.2B-parameter Llama, budgeted for 10 minutes). Every option below overrides the suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ SUITES = {
     "quick": dict(micro_m=[1, 7], micro_features=[(64, 128)], micro_adapters=3, rank=4, warmup=1, repeats=3,
                   rotations=2, dtype="float32", llama="quick", train_batch=2, seq_len=16, decode_prompt=4,
                   decode_tokens=4, serving_adapters=[1, 2], serving_seqs=2),
-    "cpu": dict(micro_m=[1, 16, 256], micro_features=[(1024, 1024), (2816, 1024), (1024, 2816)], micro_adapters=8,
-                rank=16, warmup=2, repeats=10, rotations=4, dtype="float32", llama="cpu", train_batch=2, seq_len=128,
-                decode_prompt=16, decode_tokens=16, serving_adapters=[1, 4, 16], serving_seqs=8),
+    "cpu": dict(micro_m=[1, 64], micro_features=[(1024, 1024), (2816, 1024)], micro_adapters=8, rank=16, warmup=1,
+                repeats=5, rotations=2, dtype="float32", llama="cpu", train_batch=2, seq_len=64, decode_prompt=8,
+                decode_tokens=8, serving_adapters=[1, 4, 16], serving_seqs=4),
     "gpu": dict(micro_m=[1, 8, 16, 512, 4096], micro_features=[(4096, 4096), (14336, 4096), (4096, 14336)],
                 micro_adapters=64, rank=16, warmup=5, repeats=20, rotations=4, dtype="bfloat16", llama="gpu",
                 train_batch=8, seq_len=512, decode_prompt=128, decode_tokens=64, serving_adapters=[1, 8, 64],
@@ -144,7 +145,8 @@ def run(args: argparse.Namespace, argv: list) -> dict:
             else:
                 print(f"[{n}/{len(jobs)}] {job.case} {job.impl} {report.shape_label(job.params)}", file=sys.stderr)
             results.append(run_job(job, cfg, roofline))
-            if cfg.device.type == "cuda":
+            if cfg.device.type == "cuda":  # PEFT models hold reference cycles: free them before the next job
+                gc.collect()
                 torch.cuda.empty_cache()
         if bar is not None:
             bar.update()

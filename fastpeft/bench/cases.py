@@ -80,7 +80,7 @@ _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 LLAMA_SIZES = {
     "quick": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
-    "cpu": dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    "cpu": dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                 num_attention_heads=8, num_key_value_heads=4),
     "gpu": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                 num_attention_heads=16, num_key_value_heads=4),
