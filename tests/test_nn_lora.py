@@ -75,9 +75,12 @@ def test_matches_peft(nf4, with_bias, use_rslora):
         assert_rel_close(g, g_ref, torch.float32)
 
 
+@pytest.mark.parametrize("wrapped_dropout", [False, True])
 @pytest.mark.parametrize("nf4", [False, True])
-def test_dropout_in_training_matches_peft_with_the_same_mask(nf4):
+def test_dropout_in_training_matches_peft_with_the_same_mask(nf4, wrapped_dropout):
     theirs, ours = _pair(nf4, with_bias=True, dropout=0.4)
+    if wrapped_dropout:  # any other dropout module: applied by the layer, drop(x) handed to the op
+        ours.lora_dropout = nn.Sequential(nn.Dropout(0.4))
     x = torch.randn(7, ours.in_features, device=DEVICE)
     dy = torch.randn(7, 40, device=DEVICE)
     torch.manual_seed(1)

@@ -221,10 +221,13 @@ class LoraLinear(nn.Module):
         weight = self.merged_weight if self.merged_weight is not None else self.base_weight()
         if self.disabled or self.merged:
             return lora_linear(x, weight, self.bias, None, None, 0.0)
-        x_dropped = None
-        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+        x_dropped, dropout_p = None, 0.0
+        if type(self.lora_dropout) is nn.Dropout:
+            # the op draws nn.Dropout's own mask and redraws it in backward instead of storing it
+            dropout_p = self.lora_dropout.p if self.lora_dropout.training else 0.0
+        elif not isinstance(self.lora_dropout, nn.Identity):
             x_dropped = self.lora_dropout(x)
-        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_dropped)
+        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_dropped, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
