@@ -184,3 +184,13 @@ def test_plots_cover_each_measured_case(tmp_path):
         {"case": "dora.fwd", "impl": "fastpeft", "shape": "M=1", "skipped": "absent"},
     ]}
     assert sorted(p.name for p in write_plots(run, tmp_path)) == ["decode.png", "lora.fwd.png"]
+
+
+def test_end_to_end_cases_on_a_checkpoint_path(tiny_llama_dir, tmp_path):
+    """``--model PATH`` loads a Hugging Face checkpoint for the end-to-end cases instead of the built-in Llama."""
+    argv = [*QUICK, "--model", str(tiny_llama_dir), "--cases", "train_step,decode", "--no-plots", "--out", str(tmp_path)]
+    assert bench_main.main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    measured = [r for r in run["results"] if "median_ms" in r]
+    assert {(r["case"], r["impl"]) for r in measured} >= {("train_step", "peft"), ("decode", "hf"), ("decode", "peft")}
+    assert all(r["params"]["model"] == str(tiny_llama_dir) for r in run["results"])
