@@ -2,18 +2,18 @@
 
 Public API:
 
-- ``lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped=None)``: the same signature and
-  semantics as ``fastpeft.reference.lora_linear``. ``x`` is ``(..., in)`` (any leading dims, any strides,
+- ``lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped=None, dropout_p=0.0)``: the
+  signature and semantics of ``fastpeft.reference.lora_linear``, plus ``dropout_p``. ``x`` is ``(..., in)`` (any leading dims, any strides,
   fp32 / fp16 / bf16); ``weight`` a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`
   (frozen: no gradient); ``bias`` ``(out,)`` or None (gets a gradient if it requires one); ``lora_a``
   ``(r, in)``, ``lora_b`` ``(out, r)``; ``scaling`` a float (``alpha / r`` or rsLoRA's
   ``alpha / sqrt(r)``, the caller's choice). ``lora_a`` and ``lora_b`` may both be None: the base layer
   alone, still differentiable in ``x``.
 
-  Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, exactly as ``nn.Dropout(p)`` would
-  from the same RNG state (so PEFT parity under a fixed seed holds bitwise), keeps the RNG state instead
-  of the mask, and redraws the mask in backward (``torch.utils.checkpoint``'s trick): neither the mask nor
-  ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
+  Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, as ``nn.Dropout(p)`` would on a
+  contiguous ``x`` from the same RNG state (so PEFT parity under a fixed seed holds bitwise), keeps the
+  RNG state instead of the mask, and redraws the mask in backward (``torch.utils.checkpoint``'s trick;
+  not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
   caller's; autograd then carries the LoRA part of ``dx`` back through it, and ``drop(x)`` is stored.
 - ``nf4_lora_matmul(a, weight, ...)``: the building block, ``c ⊙ (a · op(W) + s · h · E) + b`` with
   ``W`` read as packed NF4 (``fastpeft::nf4_lora_matmul``, a ``torch.library`` custom op; Triton on
