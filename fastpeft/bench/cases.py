@@ -263,17 +263,12 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int) ->
 
 
 def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
-    """The fastpeft module for ``op`` over ``base_weight`` (dense tensor or NF4Weight) and its trainables."""
+    """The fastpeft module for ``op`` over ``w.weight`` (or ``base_weight`` when it is NF4) and its trainables."""
     if op == "dora":
         _require("fastpeft.nn", "DoraLinear", " (issue 4)")
         raise Unavailable("fastpeft.nn.DoraLinear exists but the bench has no constructor wired for it yet")
     lora_linear_cls = _require("fastpeft.nn", "LoraLinear", " (issue 3)")
-    if isinstance(base_weight, NF4Weight):
-        base = base_weight
-    else:
-        base = nn.Linear(base_weight.shape[1], base_weight.shape[0], bias=False, device=base_weight.device,
-                         dtype=base_weight.dtype)
-        base.weight = nn.Parameter(base_weight.detach(), requires_grad=False)
+    base = base_weight if isinstance(base_weight, NF4Weight) else _dense_linear(w)
     layer = lora_linear_cls.from_parameters(base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()),
                                             w.scaling, nn.Identity())
     return layer, [layer.lora_A, layer.lora_B]
