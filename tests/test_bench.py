@@ -63,6 +63,9 @@ def test_table_and_plots_written(quick_run):
     text = (out / "table.txt").read_text()
     assert "CPU RUN" in text and "NOT kernel performance" in text
     assert "lora.fwd" in text and "median ms" in text
+    markdown = (out / "table.md").read_text()
+    assert "not kernel performance" in markdown and f"[{out.as_posix()}/results.json]" in markdown
+    assert markdown.count("| lora.fwd | reference |") == 1
     pytest.importorskip("matplotlib")
     assert (out / "lora.fwd.png").stat().st_size > 1000
     assert (out / "train_step.png").exists()

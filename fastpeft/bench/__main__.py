@@ -122,7 +122,7 @@ def run_job(job, cfg, roofline: Optional[dict]) -> dict:
 
 
 def run(args: argparse.Namespace, argv: list) -> dict:
-    """Run every job, write ``results.json``, the table (``table.txt``) and plots to ``args.out``; return the run."""
+    """Run every job; write ``results.json``, the table (``table.txt``, ``table.md``) and plots to ``args.out``."""
     from . import report
     from .cases import all_jobs
     from .roofline import measure_roofline
@@ -156,7 +156,9 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     text = report.table(out)
     print(text)
     (args.out / "table.txt").write_text(text + "\n")
-    print(f"wrote {report.write_json(out, args.out)}")
+    json_path = report.write_json(out, args.out)
+    (args.out / "table.md").write_text(report.markdown_table(out, json_path.as_posix()) + "\n")
+    print(f"wrote {json_path} and {args.out / 'table.md'} (Markdown, rows citing the JSON)")
     if not args.no_plots:
         try:
             plots = report.write_plots(out, args.out)

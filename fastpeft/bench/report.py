@@ -83,6 +83,10 @@ def _fmt_rate(x: Optional[float]) -> str:
     return f"{x:.1f}"
 
 
+def _fmt_roofline(roof: Optional[dict]) -> str:
+    return f"{100 * roof['fraction']:.0f}% ({roof['bound']})" if roof else ""
+
+
 def table(run: dict) -> str:
     """The results as a fixed-width text table, headed by the device and what the clock measures."""
     cpu = run["device_kind"] != "cuda"
@@ -106,12 +110,31 @@ def table(run: dict) -> str:
             res["case"], res["impl"], res["shape"], f"{res['median_ms']:.3f}",
             f"{res['p20_ms']:.3f}-{res['p80_ms']:.3f}", _fmt_rate(res.get("tokens_per_s")),
             _fmt_bytes(res.get("peak_mem_bytes")),
-            f"{100 * roof['fraction']:.0f}% ({roof['bound']})" if roof else "", res.get("note", ""),
+            _fmt_roofline(roof), res.get("note", ""),
         ))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*map(str, r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(run: dict, source: str) -> str:
+    """The measured rows as a Markdown table for the README, each row citing ``source`` (its results file)."""
+    clock = "CPU wall clock, not kernel performance" if run["device_kind"] != "cuda" else "CUDA events"
+    lines = [f"{run['device']}, {clock}, commit `{run['git_commit']}`, {run['timestamp']}", "",
+             "| case | impl | params | median ms (p20–p80) | tokens/s | peak mem | roofline | source |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in run["results"]:
+        if "median_ms" not in res:
+            continue
+        lines.append(
+            f"| {res['case']} | {res['impl']} | {res['shape']} | {res['median_ms']:.3f} "
+            f"({res['p20_ms']:.3f}–{res['p80_ms']:.3f}) | {_fmt_rate(res.get('tokens_per_s'))} | "
+            f"{_fmt_bytes(res.get('peak_mem_bytes'))} | {_fmt_roofline(res.get('roofline'))} | [{source}]({source}) |")
+    skipped = sum("median_ms" not in r for r in run["results"])
+    if skipped:
+        lines += ["", f"{skipped} jobs skipped or failed: see {source}."]
     return "\n".join(lines)
 
 
