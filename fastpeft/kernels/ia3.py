@@ -1,0 +1,186 @@
+"""IA3 in Triton: a matmul with an input scale in its prologue, an output scale in its epilogue and an
+optional fused reduction over rows, for a dense or packed NF4 weight.
+
+Math (``W`` the ``(out, in)`` base weight, ``op(W)`` ``Wᵀ`` or ``W``)::
+
+    z   = (a ⊙ in_scale) · op(W) + b          a (M, K), in_scale (K,), b (N,)
+    out = out_scale ⊙ z                        out_scale (N,)      (STORE_OUT)
+    red += Σ_m  reduce_rows[m, :] ⊙ z[m, :]    red (N,) fp32       (HAS_REDUCE, before out_scale)
+
+Every IA3 pass is one launch of this kernel (``l`` the IA3 vector):
+
+- feed-forward forward ``y = (x ⊙ l) Wᵀ + b``: ``in_scale = l``;
+- feed-forward backward: ``a = dy``, ``op(W) = W``, ``out_scale = l`` gives ``dx = (dy W) ⊙ l`` and
+  ``reduce_rows = x`` gives ``dl = Σ_t x ⊙ (dy W)`` in the same pass;
+- output forward ``y = (x Wᵀ + b) ⊙ l``: ``out_scale = l``;
+- output backward: ``dx = (dy ⊙ l) W`` is ``a = dy``, ``in_scale = l``; ``dl = Σ_t dy ⊙ (x Wᵀ + b)`` is a
+  second launch with ``reduce_rows = dy`` and no output written (``x Wᵀ + b`` is recomputed, never stored).
+
+Design: an NF4 weight is decoded tile by tile with ``fastpeft.kernels.nf4.nf4_dequant_values`` (fp32
+values, one cast to the input dtype as ``dequantize_4bit`` does) and never materialised; a dense weight
+is read through its strides. The weight element ``(k, n)`` of ``op(W)`` sits at ``n * stride_wn + k *
+stride_wk``. The prologue scale is applied to the ``a`` tile in fp32 and rounded once to the input dtype
+(as PEFT's ``(x * l).to(dtype)``). The row reduction is accumulated per tile in fp32 and added with
+``atomic_add`` into an fp32 ``(N,)`` buffer, so its summation order (not its value) varies from run to run.
+fp32 ``tl.dot`` uses ``input_precision="ieee"`` to match PyTorch's fp32 matmul (tf32 would be a GPU
+tuning choice to measure, not a default).
+
+Limits: block sizes untuned (no GPU in this task); no split-K / GEMV variant for decode — tiles of 16
+rows waste most of ``tl.dot`` when ``M`` is 1 (a GPU measurement decides whether one is worth adding).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..nf4 import NF4Weight
+from .nf4 import nf4_dequant_values, nf4_kernel_args
+
+# Untuned: no GPU in this task (tl.dot needs >= 16 per dimension; moderate register use).
+BLOCK_M = 32
+BLOCK_N = 64
+BLOCK_K = 32
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _ia3_matmul_kernel(
+    a_ptr, w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
+    in_scale_ptr, bias_ptr, out_scale_ptr, reduce_rows_ptr, out_ptr, reduced_ptr,
+    nested_offset, M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_IN_SCALE:
+            in_scale = tl.load(in_scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * in_scale[None, :]).to(a_ptr.dtype.element_ty)
+        w_idx = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        if IS_NF4:
+            w = nf4_dequant_values(w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
+                                   nested_offset, w_idx, w_mask, BLOCKSIZE, NESTED)
+        else:
+            w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
+        acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_REDUCE:
+        rows = tl.load(reduce_rows_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        tl.atomic_add(reduced_ptr + offs_n, tl.sum(rows * acc, axis=0), mask=n_mask)
+    if STORE_OUT:
+        if HAS_OUT_SCALE:
+            acc = acc * tl.load(out_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _check_vector(name: str, t, length: int, a: torch.Tensor):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be a 1-D tensor of {length} elements, got {tuple(getattr(t, 'shape', ()))}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} dtype must be one of {_DTYPES}, got {t.dtype}")
+    if t.device != a.device:
+        raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def ia3_matmul(
+    a: torch.Tensor,
+    weight,
+    *,
+    transpose_weight: bool = False,
+    in_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    reduce_rows: torch.Tensor | None = None,
+    store_out: bool = True,
+):
+    """``out = out_scale ⊙ ((a ⊙ in_scale) · op(W) + bias)`` and ``Σ_m reduce_rows ⊙ ((a ⊙ in_scale) · op(W) + bias)``.
+
+    ``a``: 2-D ``(M, K)`` float (any strides); ``weight`` a dense ``(out, in)`` tensor (any strides) or an
+    :class:`NF4Weight`; ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or ``W`` with ``transpose_weight``.
+    ``in_scale`` ``(K,)``, ``bias`` / ``out_scale`` ``(N,)`` contiguous; ``reduce_rows`` ``(M, N)`` (any
+    strides). ``a``, a dense weight and ``bias`` share one dtype. Returns ``(out, reduced)``: ``out``
+    ``(M, N)`` in ``a.dtype`` (None unless ``store_out``), ``reduced`` ``(N,)`` fp32 (None unless
+    ``reduce_rows``).
+    """
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        raise ValueError(f"a must be a 2-D tensor, got shape {tuple(getattr(a, 'shape', ()))}")
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"a dtype must be one of {_DTYPES}, got {a.dtype}")
+    is_nf4 = isinstance(weight, NF4Weight)
+    if not is_nf4:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+        if weight.dtype != a.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} must equal a's dtype {a.dtype}")
+    if weight.device != a.device:
+        raise ValueError(f"a is on {a.device}, the weight on {weight.device}")
+    out_features, in_features = weight.shape
+    k, n = (out_features, in_features) if transpose_weight else (in_features, out_features)
+    m = a.shape[0]
+    if a.shape[1] != k:
+        raise ValueError(f"a has {a.shape[1]} columns; op(W) of a {tuple(weight.shape)} weight needs {k}")
+    _check_vector("in_scale", in_scale, k, a)
+    _check_vector("bias", bias, n, a)
+    _check_vector("out_scale", out_scale, n, a)
+    if bias is not None and bias.dtype != a.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must equal a's dtype {a.dtype}")
+    if reduce_rows is not None:
+        if tuple(reduce_rows.shape) != (m, n) or reduce_rows.dtype not in _DTYPES or reduce_rows.device != a.device:
+            raise ValueError(f"reduce_rows must be a float ({m}, {n}) tensor on {a.device}, got "
+                             f"{tuple(reduce_rows.shape)} {reduce_rows.dtype} {reduce_rows.device}")
+    if not store_out and reduce_rows is None:
+        raise ValueError("nothing to compute: store_out=False and no reduce_rows")
+    if k == 0:
+        raise ValueError("the weight has no columns to reduce over")
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device) if store_out else None
+    reduced = torch.zeros(n, dtype=torch.float32, device=a.device) if reduce_rows is not None else None
+    if m == 0 or n == 0:
+        return out, reduced
+
+    if is_nf4:
+        packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
+        blocksize, nested = weight.blocksize, weight.is_nested
+        stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
+    else:
+        # the four NF4 pointers are never read (IS_NF4=False)
+        packed, absmax, code, nested_code, nested_absmax, nested_offset = weight, weight, weight, weight, weight, 0.0
+        blocksize, nested = 64, False
+        stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if transpose_weight else weight.stride()
+    placeholder = a  # never read: the matching HAS_* flag is False
+    target = out if out is not None else placeholder
+    rows = reduce_rows if reduce_rows is not None else placeholder
+    _ia3_matmul_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+        a, packed, absmax, code, nested_code, nested_absmax,
+        in_scale if in_scale is not None else placeholder, bias if bias is not None else placeholder,
+        out_scale if out_scale is not None else placeholder, rows, target,
+        reduced if reduced is not None else placeholder,
+        nested_offset, m, n, k,
+        a.stride(0), a.stride(1), stride_wn, stride_wk, rows.stride(0), rows.stride(1),
+        target.stride(0), target.stride(1),
+        IS_NF4=is_nf4, BLOCKSIZE=blocksize, NESTED=nested,
+        HAS_IN_SCALE=in_scale is not None, HAS_BIAS=bias is not None, HAS_OUT_SCALE=out_scale is not None,
+        HAS_REDUCE=reduce_rows is not None, STORE_OUT=store_out,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )
+    return out, reduced
