@@ -20,8 +20,9 @@ def _reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, 
     return out if bias is None else out + bias.double()
 
 
-# (M, in, out, r): M = 1 and 7 take the GEMV variant, 19 and 40 the tl.dot GEMM; none are block multiples.
-CASES = [(1, 65, 47, 1), (7, 33, 17, 8), (19, 129, 95, 16), (40, 65, 33, 64)]
+# (M, in, out, r): M = 1, 7 and 16 (the largest) take the GEMV variant, 19 and 40 the tl.dot GEMM; none
+# are block multiples.
+CASES = [(1, 65, 47, 1), (7, 33, 17, 8), (16, 47, 33, 16), (19, 129, 95, 16), (40, 65, 33, 64)]
 
 
 @pytest.mark.parametrize("transpose_weight", [False, True])

@@ -55,6 +55,7 @@ GEMM_BLOCK_K = 32
 GEMV_MAX_M = 16
 GEMV_BLOCK_N = 32
 GEMV_BLOCK_K = 64
+GEMV_MAX_PRODUCT = 8192  # elements of the GEMV's 3-D product tile: 64 fp32 per thread at 4 warps
 # Split-K for the GEMV: K is cut so that about this many programs run (a guess at two waves of an H100's
 # 132 SMs), never below one BLOCK_K per split. Untuned: no GPU in this task.
 GEMV_TARGET_PROGRAMS = 256
@@ -210,7 +211,9 @@ def nf4_lora_matmul(
         block_m, block_n, block_k = GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K
         block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(max(rank, 1))))
     else:
-        block_m, block_n, block_k = triton.next_power_of_2(m), GEMV_BLOCK_N, GEMV_BLOCK_K
+        block_m, block_n = triton.next_power_of_2(m), GEMV_BLOCK_N
+        # the broadcast product is a (BLOCK_M, BLOCK_K, BLOCK_N) register tile: keep it bounded as M grows
+        block_k = min(GEMV_BLOCK_K, max(16, GEMV_MAX_PRODUCT // (block_m * block_n)))
         block_r = min(MAX_BLOCK_R // 4, triton.next_power_of_2(max(rank, 1)))
     stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
     packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
