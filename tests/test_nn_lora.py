@@ -154,6 +154,10 @@ def test_from_parameters_shares_objects_and_nf4weight_base():
 def test_rejects_bad_arguments():
     with pytest.raises(TypeError, match="base_layer must be"):
         LoraLinear(nn.Conv1d(3, 3, 1))
+    int8_linear = nn.Linear(8, 8)
+    int8_linear.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="torch.int8 weight; only float and NF4"):
+        LoraLinear(int8_linear)
     with pytest.raises(ValueError, match="r must be a positive int"):
         LoraLinear(nn.Linear(8, 8), r=0)
     with pytest.raises(ValueError, match="init_lora_weights"):

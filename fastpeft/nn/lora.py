@@ -127,6 +127,12 @@ class LoraLinear(nn.Module):
                 f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
                 f"{type(base_layer).__name__}"
             )
+        elif not _is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
+            # e.g. bitsandbytes' Linear8bitLt, an nn.Linear subclass with an int8 weight
+            raise TypeError(
+                f"{type(base_layer).__name__} has a {base_layer.weight.dtype} weight; only float and NF4 bases are "
+                "supported"
+            )
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
