@@ -1,0 +1,206 @@
+"""IA3 as autograd ops over a dense or NF4 base; the same semantics as ``fastpeft.reference.ia3_linear``.
+
+Public API:
+
+- ``ia3_linear(x, weight, bias, ia3_scale, is_feedforward)``: ``x`` ``(..., in)`` (any strides, fp32 /
+  fp16 / bf16), ``weight`` a frozen dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`,
+  ``bias`` ``(out,)`` or None, ``ia3_scale`` ``l``: ``(in,)`` when ``is_feedforward``
+  (``y = (x ⊙ l) Wᵀ + b``), else ``(out,)`` (``y = (x Wᵀ + b) ⊙ l``, PEFT's rule: the bias is scaled
+  too). Gradients for ``x``, ``ia3_scale`` and ``bias``.
+- ``ia3_matmul(a, weight, ...)``: the building block ``out_scale ⊙ ((a ⊙ in_scale) · op(W) + b)`` with an
+  optional fused row reduction (``fastpeft::ia3_matmul``, a ``torch.library`` custom op: Triton kernel
+  ``fastpeft.kernels.ia3`` or the reference).
+
+Every pass is one kernel launch except the output-scaling backward, which recomputes ``x Wᵀ + b`` for
+``dl = Σ_t dy ⊙ (x Wᵀ + b)`` in a second launch (reduced on the fly, never stored):
+
+    feed-forward  forward  y  = (x ⊙ l) Wᵀ + b        backward  dx = (dy W) ⊙ l,  dl = Σ_t x ⊙ (dy W)  (one pass)
+    output        forward  y  = (x Wᵀ + b) ⊙ l        backward  dx = (dy ⊙ l) W,  dl = Σ_t dy ⊙ (x Wᵀ + b)
+
+Dtypes: computed in ``x.dtype`` with fp32 accumulation; ``l`` is read in its own dtype and ``dl`` is
+returned in it (the reduction is fp32). PEFT computes the feed-forward ``x ⊙ l`` in ``l``'s dtype and casts
+back; the two agree when the dtypes match.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from ..nf4 import NF4Weight
+from .dispatch import backend_for
+
+Weight = Union[torch.Tensor, NF4Weight]
+
+
+def weight_op_args(weight: Weight) -> tuple:
+    """A dense or NF4 base weight as the flat arguments a ``torch.library`` op can take:
+    ``(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out, in, blocksize, dtype)``."""
+    if isinstance(weight, NF4Weight):
+        return (None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
+                weight.nested_offset if weight.is_nested else 0.0, weight.out_features, weight.in_features,
+                weight.blocksize, weight.dtype)
+    return (weight, None, None, None, None, 0.0, weight.shape[0], weight.shape[1], 64, weight.dtype)
+
+
+def weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
+                        in_features, blocksize, weight_dtype) -> Weight:
+    """Inverse of :func:`weight_op_args`."""
+    if dense is not None:
+        return dense
+    nested = {}
+    if nested_code is not None:
+        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
+    return NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+
+
+@torch.library.custom_op("fastpeft::ia3_matmul", mutates_args=())
+def _ia3_matmul_op(
+    a: torch.Tensor,
+    dense: Optional[torch.Tensor],
+    packed: Optional[torch.Tensor],
+    absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    nested_absmax: Optional[torch.Tensor],
+    nested_offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    transpose_weight: bool,
+    in_scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    out_scale: Optional[torch.Tensor],
+    reduce_rows: Optional[torch.Tensor],
+    store_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
+                                 out_features, in_features, blocksize, weight_dtype)
+    if backend_for(a.device) == "triton":
+        from ..kernels.ia3 import ia3_matmul as kernel
+
+        out, reduced = kernel(a, weight if dense is None else dense.to(a.dtype), transpose_weight=transpose_weight,
+                              in_scale=in_scale, bias=bias, out_scale=out_scale, reduce_rows=reduce_rows,
+                              store_out=store_out)
+    else:
+        w = reference.base_weight(weight, a.dtype)
+        scaled = a if in_scale is None else (a * in_scale).to(a.dtype)
+        z = scaled @ (w if transpose_weight else w.t())
+        if bias is not None:
+            z = z + bias
+        out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
+        reduced = None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+    # a custom op returns tensors only: empty stand-ins for the parts not asked for
+    return (out if out is not None else a.new_empty(0),
+            reduced if reduced is not None else a.new_empty(0, dtype=torch.float32))
+
+
+@_ia3_matmul_op.register_fake
+def _(a, dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features, blocksize,
+      weight_dtype, transpose_weight, in_scale, bias, out_scale, reduce_rows, store_out):
+    n = in_features if transpose_weight else out_features
+    out = a.new_empty((a.shape[0], n)) if store_out else a.new_empty(0)
+    reduced = a.new_empty(n if reduce_rows is not None else 0, dtype=torch.float32)
+    return out, reduced
+
+
+def ia3_matmul(
+    a: torch.Tensor,
+    weight: Weight,
+    *,
+    transpose_weight: bool = False,
+    in_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
+    reduce_rows: Optional[torch.Tensor] = None,
+    store_out: bool = True,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(out_scale ⊙ z, Σ_m reduce_rows ⊙ z)`` with ``z = (a ⊙ in_scale) · op(W) + bias``; see
+    ``fastpeft.kernels.ia3.ia3_matmul`` for shapes. ``out`` is None unless ``store_out``, the fp32
+    reduction None unless ``reduce_rows``. No autograd (``ia3_linear`` differentiates through it)."""
+    if not isinstance(weight, (torch.Tensor, NF4Weight)):
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    out, reduced = _ia3_matmul_op(a, *weight_op_args(weight), transpose_weight, in_scale, bias, out_scale,
+                                  reduce_rows, store_out)
+    return (out if store_out else None), (reduced if reduce_rows is not None else None)
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """IA3 over a frozen base; see the module docstring. ``x`` and ``bias`` share one dtype (``ia3_linear``
+    casts); ``ia3_scale`` keeps its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_scale, is_feedforward):
+        x2d = x.reshape(-1, x.shape[-1])
+        if is_feedforward:
+            y, _ = ia3_matmul(x2d, weight, in_scale=ia3_scale, bias=bias)
+        else:
+            y, _ = ia3_matmul(x2d, weight, bias=bias, out_scale=ia3_scale)
+        ctx.weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.is_feedforward = is_feedforward
+        ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x2d, bias, ia3_scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dense_weight, x2d, bias, ia3_scale = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else dense_weight
+        needs_dx, _, needs_bias, needs_scale, _ = ctx.needs_input_grad
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = dbias = dscale = None
+        if ctx.is_feedforward:
+            if needs_dx or needs_scale:
+                dx, dscale = ia3_matmul(dy2d, weight, transpose_weight=True, out_scale=ia3_scale,
+                                        reduce_rows=x2d if needs_scale else None, store_out=needs_dx)
+            if needs_bias:
+                dbias = dy2d.sum(0)
+        else:
+            if needs_dx:
+                dx, _ = ia3_matmul(dy2d, weight, transpose_weight=True, in_scale=ia3_scale)
+            if needs_scale:
+                _, dscale = ia3_matmul(x2d, weight, bias=bias, reduce_rows=dy2d, store_out=False)
+            if needs_bias:
+                dbias = (dy2d * ia3_scale).sum(0)
+        if dx is not None:
+            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
+        if dscale is not None:
+            dscale = dscale.to(ia3_scale.dtype)
+        return dx, None, dbias, dscale, None
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    ia3_scale: torch.Tensor,
+    is_feedforward: bool,
+) -> torch.Tensor:
+    """IA3 ``(x ⊙ l) Wᵀ + b`` (feed-forward) or ``(x Wᵀ + b) ⊙ l`` as ``(..., out)`` in ``x.dtype``; see the
+    module docstring."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("the base weight must be frozen (requires_grad=False): ia3_linear gives it no gradient")
+    elif not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    out_features, in_features = weight.shape
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    expected = in_features if is_feedforward else out_features
+    if not isinstance(ia3_scale, torch.Tensor) or tuple(ia3_scale.shape) != (expected,):
+        raise ValueError(
+            f"ia3_scale must be ({expected},) for is_feedforward={is_feedforward}, got "
+            f"{tuple(getattr(ia3_scale, 'shape', ()))}"
+        )
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return IA3LinearFunction.apply(x, weight, bias, ia3_scale.contiguous(), bool(is_feedforward))
