@@ -1,0 +1,198 @@
+"""DoRA as autograd ops over a dense or NF4 base; the same semantics as ``fastpeft.reference.dora_linear``
+(PEFT's ``lora.Linear`` / ``lora.Linear4bit`` with ``use_dora=True``).
+
+Public API:
+
+- ``dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=None)``: ``‖W + s·B A‖₂`` per output row,
+  ``(out,)``, detached (``fastpeft::dora_weight_norm``, a ``torch.library`` custom op: the tile-by-tile
+  Triton kernel ``fastpeft.kernels.dora`` that never materialises ``B A`` nor the dequantised ``W``, or
+  the reference).
+- ``dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, x_dropped=None)``: the layer.
+  ``x`` ``(..., in)``, ``weight`` frozen dense ``(out, in)`` or :class:`~fastpeft.nf4.NF4Weight`, ``bias``
+  ``(out,)`` or None, ``lora_a`` ``(r, in)``, ``lora_b`` ``(out, r)``, ``magnitude`` ``(out,)``;
+  ``x_dropped = dropout(x)`` when dropout is active (then autograd carries the ``x'`` gradient back
+  through the caller's dropout). Gradients for ``x``, ``bias``, ``lora_a``, ``lora_b``, ``magnitude``.
+
+Math, with ``c = m / n`` per output column, ``h = x' Aᵀ`` and ``z = x' Wᵀ + s · h Bᵀ``:
+
+    no dropout (x' = x):  y = c ⊙ z + b
+    dropout:              y = x Wᵀ + b + c ⊙ z − x' Wᵀ        (PEFT's (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ)
+
+Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dm = Σ_t dy ⊙ z / n``, ``dB = s · dzᵀ h``,
+``dA = s · gᵀ x'``; ``dx = dz W + s · g A`` without dropout, else ``dx = dy W`` and
+``dx' = ((c − 1) ⊙ dy) W + s · g A``. Only ``h`` ``(M, r)`` and ``x`` are kept: ``z`` is recomputed in
+backward (one more base product) rather than storing an ``(M, out)`` tensor, and no ``(out, in)``
+tensor is ever built.
+
+Fusion: on an NF4 base the forward ``c ⊙ (x Wᵀ + s h Bᵀ) + b`` is one kernel
+(``fastpeft.ops.lora.nf4_lora_matmul`` with its per-column scale in the epilogue: one output write), as
+are ``dx`` (LoRA term in the epilogue) and the recomputed ``z``. On a dense base the products are cuBLAS
+as in ``fastpeft.ops.lora`` (the LoRA term added in place with ``addmm_``), and the scale and bias are one
+more in-place pass (``addcmul``) — a dense fused-epilogue kernel is a GPU measurement away. With dropout,
+the forward takes three base products as PEFT's does.
+
+Dtypes: computed in ``x.dtype``; ``lora_a``, ``lora_b``, ``magnitude`` and ``bias`` are cast to it
+differentiably (fp32 adapters get fp32 gradients). The norm is computed in fp32 from the stored values and
+rounded to ``x.dtype`` (PEFT: ``W + s B A`` formed in ``x.dtype`` first).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from ..nf4 import NF4Weight
+from .dispatch import backend_for
+from .ia3 import weight_from_op_args, weight_op_args
+from .lora import _base_matmul
+
+Weight = Union[torch.Tensor, NF4Weight]
+
+
+@torch.library.custom_op("fastpeft::dora_weight_norm", mutates_args=())
+def _dora_weight_norm_op(
+    dense: Optional[torch.Tensor],
+    packed: Optional[torch.Tensor],
+    absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    nested_absmax: Optional[torch.Tensor],
+    nested_offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    weight_dtype: torch.dtype,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
+                                 out_features, in_features, blocksize, weight_dtype)
+    if backend_for(lora_a.device) == "triton":
+        from ..kernels.dora import dora_weight_norm as kernel
+
+        return kernel(weight, lora_a, lora_b, scaling, dtype=dtype)
+    return reference.dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=dtype)
+
+
+@_dora_weight_norm_op.register_fake
+def _(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features, blocksize,
+      weight_dtype, lora_a, lora_b, scaling, dtype):
+    return lora_a.new_empty((out_features,), dtype=dtype)
+
+
+def dora_weight_norm(
+    weight: Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``‖W + s·B A‖₂`` per output row as ``(out,)`` in ``dtype`` (default ``lora_a.dtype``), detached."""
+    if not isinstance(weight, (torch.Tensor, NF4Weight)):
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    dtype = lora_a.dtype if dtype is None else dtype
+    return _dora_weight_norm_op(*weight_op_args(weight), lora_a.detach(), lora_b.detach(), float(scaling), dtype)
+
+
+def _scaled_product(a, weight: Weight, bias, lora_h, lora_expand, scaling: float, col_scale):
+    """``col_scale ⊙ (a Wᵀ + s · h E) + b``: one fused kernel on NF4, cuBLAS plus one in-place pass dense."""
+    if isinstance(weight, NF4Weight):
+        from .lora import nf4_lora_matmul
+
+        return nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=scaling,
+                               col_scale=col_scale)
+    z = _base_matmul(a, weight, False, None, lora_h, lora_expand, scaling)
+    return z.mul_(col_scale) if bias is None else torch.addcmul(bias, z, col_scale)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """The DoRA layer; see the module docstring. Inputs share ``x``'s dtype (``dora_linear`` casts)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
+        in_features = x.shape[-1]
+        x2d = x.reshape(-1, in_features)
+        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x.dtype)
+        col_scale = magnitude / norm
+        h = x_lora @ lora_a.t()
+        if x_dropped is None:
+            y = _scaled_product(x2d, weight, bias, h, lora_b.t(), scaling, col_scale)
+        else:
+            y = _base_matmul(x2d, weight, False, bias, None, None, scaling)
+            y += _scaled_product(x_lora, weight, None, h, lora_b.t(), scaling, col_scale)
+            y -= _base_matmul(x_lora, weight, False, None, None, None, scaling)
+        ctx.weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.scaling = scaling
+        ctx.has_dropout = x_dropped is not None
+        ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x_lora, h, lora_a, lora_b,
+                              norm, col_scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dense_weight, x_lora, h, lora_a, lora_b, norm, col_scale = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else dense_weight
+        s = ctx.scaling
+        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, needs_m = ctx.needs_input_grad
+        lead = dy.shape[:-1]
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dz = dy2d * col_scale
+        g = dz @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
+        dx = dx_dropped = dbias = da = db = dm = None
+        if ctx.has_dropout:
+            if needs_dx:
+                dx = _base_matmul(dy2d, weight, True, None, None, None, s).view(*lead, -1)
+            if needs_dx_dropped:
+                dx_dropped = _base_matmul(dy2d * (col_scale - 1), weight, True, None, g, lora_a, s).view(*lead, -1)
+        elif needs_dx:
+            dx = _base_matmul(dz, weight, True, None, g, lora_a, s).view(*lead, -1)
+        if needs_bias:
+            dbias = dy2d.sum(0)
+        if needs_a:
+            da = s * (g.t() @ x_lora)
+        if needs_b:
+            db = s * (dz.t() @ h)
+        if needs_m:
+            z = _base_matmul(x_lora, weight, False, None, h, lora_b.t(), s)
+            dm = (dy2d * z).sum(0) / norm
+        return dx, dx_dropped, None, dbias, da, db, None, dm
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    x_dropped: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA ``(..., out)`` in ``x.dtype``; see the module docstring for shapes, dropout and dtypes."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("the base weight must be frozen (requires_grad=False): dora_linear gives it no gradient")
+    elif not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    out_features, in_features = weight.shape
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
+                         f"and ({out_features}, r)")
+    if tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"magnitude must be ({out_features},), got {tuple(magnitude.shape)}")
+    if x_dropped is not None and x_dropped.shape != x.shape:
+        raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
+    cast = [None if t is None else t.to(x.dtype) for t in (bias, lora_a, lora_b, magnitude)]
+    bias, lora_a, lora_b, magnitude = cast
+    return DoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), magnitude)
