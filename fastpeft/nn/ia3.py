@@ -1,0 +1,129 @@
+"""``IA3Linear``: IA3 on a dense or NF4 base, numerically PEFT's ``ia3.Linear`` / ``ia3.Linear4bit``,
+computed by ``fastpeft.ops.ia3_linear``.
+
+``is_feedforward=True`` scales the input, ``y = (x ⊙ l) Wᵀ + b``; otherwise the output,
+``y = (x Wᵀ + b) ⊙ l`` (PEFT's rule). ``ia3_l`` keeps PEFT's shape, ``(1, in)`` or ``(out, 1)``, so a PEFT
+state loads as it is.
+
+Merging (dense bases only, as PEFT's 4-bit IA3 layer has no merge either): ``W ← W ⊙ l`` (columns
+when feed-forward, rows otherwise, and then the bias too). ``unmerge`` divides by ``l`` exactly, where
+PEFT divides by ``l + 1e-8``; both are exact only up to rounding, and neither works for ``l = 0``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nf4 import NF4Weight
+from ..ops.ia3 import ia3_linear
+from ..ops.lora import lora_linear
+from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base
+
+__all__ = ["IA3Linear"]
+
+
+class IA3Linear(nn.Module):
+    """IA3 on a frozen linear layer.
+
+    Args:
+        base_layer: ``torch.nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or an :class:`NF4Weight` (then
+            ``bias`` may be given); kept as ``self.base_layer`` and frozen.
+        is_feedforward: scale the input (feed-forward targets) instead of the output.
+        init_ia3_weights: ``True``: ``l = 1`` (PEFT's identity init); ``False``: standard normal (tests).
+    """
+
+    def __init__(
+        self,
+        base_layer: Union[nn.Module, NF4Weight],
+        is_feedforward: bool = False,
+        init_ia3_weights: bool = True,
+        *,
+        bias: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        if isinstance(base_layer, NF4Weight):
+            base_layer = _NF4Base(base_layer, bias)
+        elif bias is not None:
+            raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
+        elif not (isinstance(base_layer, nn.Linear) or _is_bnb_linear4bit(base_layer)):
+            raise TypeError(
+                f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
+                f"{type(base_layer).__name__}"
+            )
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.is_feedforward = bool(is_feedforward)
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        base = self.base_weight()
+        dtype = base.dtype if isinstance(base, torch.Tensor) else torch.float32
+        init = torch.ones if init_ia3_weights else torch.randn
+        self.ia3_l = nn.Parameter(init(shape, dtype=dtype, device=base.device))
+        self.merged = False
+        self.disabled = False
+
+    @classmethod
+    def from_adapter(cls, base_layer: Union[nn.Module, NF4Weight], adapter, *,
+                     bias: Optional[torch.Tensor] = None) -> "IA3Linear":
+        """A layer holding a copy of one :class:`fastpeft.adapters.ModuleAdapter` of a PEFT IA3 adapter."""
+        if adapter.ia3_scale is None:
+            raise ValueError("not an IA3 adapter: it has no ia3_l")
+        layer = cls(base_layer, adapter.is_feedforward, bias=bias)
+        with torch.no_grad():
+            layer.ia3_l.copy_(adapter.ia3_scale.reshape(layer.ia3_l.shape))
+        return layer
+
+    # LoraLinear's views of the base apply as they are (NF4 view of a Linear4bit, repacking check)
+    base_weight = LoraLinear.base_weight
+    bias = LoraLinear.bias
+    is_nf4 = LoraLinear.is_nf4
+
+    @torch.no_grad()
+    def merge(self):
+        """``W ← W ⊙ l`` (and ``b ← b ⊙ l`` when scaling outputs); dense bases only."""
+        if self.merged:
+            return
+        if self.is_nf4:
+            raise ValueError("IA3Linear merges only into a dense base (an NF4 base would have to be re-quantised)")
+        scale = self.ia3_l.detach()
+        self.base_layer.weight.mul_(scale.to(self.base_layer.weight.dtype))
+        if not self.is_feedforward and self.base_layer.bias is not None:
+            self.base_layer.bias.mul_(scale.view(-1).to(self.base_layer.bias.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo :meth:`merge` (exact up to rounding); no-op when not merged."""
+        if not self.merged:
+            return
+        scale = self.ia3_l.detach()
+        self.base_layer.weight.div_(scale.to(self.base_layer.weight.dtype))
+        if not self.is_feedforward and self.base_layer.bias is not None:
+            self.base_layer.bias.div_(scale.view(-1).to(self.base_layer.bias.dtype))
+        self.merged = False
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base layer alone inside the block (unmerging for the duration if merged)."""
+        was_merged = self.merged
+        self.unmerge()
+        self.disabled = True
+        try:
+            yield self
+        finally:
+            self.disabled = False
+            if was_merged:
+                self.merge()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
+        return ia3_linear(x, self.base_weight(), self.bias, self.ia3_l.view(-1), self.is_feedforward)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"is_feedforward={self.is_feedforward}, nf4={self.is_nf4}, merged={self.merged}")
