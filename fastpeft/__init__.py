@@ -6,12 +6,12 @@ nor bitsandbytes; each is imported where it is first needed.
 
 from . import reference
 from .nf4 import NF4Weight
-from .ops import dequantize_nf4, lora_linear
-from .nn import LoraLinear
+from .ops import dequantize_nf4, dora_linear, ia3_linear, lora_linear
+from .nn import DoraLinear, IA3Linear, LoraLinear
 from .adapters import Adapter, load_adapter, save_adapter
 from .serving import MultiLoraModel
 
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "dequantize_nf4",
-           "LoraLinear", "lora_linear", "reference", "__version__"]
+           "LoraLinear", "lora_linear", "DoraLinear", "dora_linear", "IA3Linear", "ia3_linear", "reference", "__version__"]
