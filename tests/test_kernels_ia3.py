@@ -1,0 +1,139 @@
+"""IA3: the scaled-matmul kernel (dense and NF4; prologue / epilogue scales, fused row reduction) and the
+``fastpeft.ops.ia3`` op (forward and gradients of x, ia3_scale, bias) against the float64 reference, on the
+Triton kernels (interpreter on CPU) and the reference backend; gradcheck; opcheck; launcher errors."""
+
+import pytest
+import torch
+
+from fastpeft import reference
+from fastpeft.kernels.ia3 import ia3_matmul as ia3_kernel
+from fastpeft.nf4 import NF4Weight
+from fastpeft.ops.ia3 import ia3_linear
+
+from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous
+
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("transpose_weight", [False, True])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_kernel_all_terms_match_reference(dtype, transpose_weight, nf4):
+    out_features, in_features, m = 47, 65, 19
+    dense = torch.randn(out_features, in_features, device=DEVICE)
+    weight = NF4Weight.quantize(dense, 64, double_quant=True) if nf4 else non_contiguous(dense.to(dtype))
+    w64 = weight.dequantize(torch.float64) if nf4 else weight.double()
+    k, n = (out_features, in_features) if transpose_weight else (in_features, out_features)
+    a = non_contiguous(torch.randn(m, k, device=DEVICE, dtype=dtype))
+    in_scale, out_scale = torch.randn(k, device=DEVICE), torch.randn(n, device=DEVICE, dtype=dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    rows = non_contiguous(torch.randn(m, n, device=DEVICE, dtype=dtype))
+    out, reduced = ia3_kernel(a, weight, transpose_weight=transpose_weight, in_scale=in_scale, bias=bias,
+                              out_scale=out_scale, reduce_rows=rows)
+    z = (a.double() * in_scale.double()) @ (w64 if transpose_weight else w64.t()) + bias.double()
+    assert out.dtype == dtype and reduced.dtype == torch.float32
+    assert_rel_close(out, z * out_scale.double(), dtype)
+    assert_rel_close(reduced, (rows.double() * z).sum(0), dtype)
+
+
+def test_kernel_reduction_only_writes_no_output():
+    weight = torch.randn(17, 33)
+    a, rows = torch.randn(7, 33), torch.randn(7, 17)
+    out, reduced = ia3_kernel(a, weight, reduce_rows=rows, store_out=False)
+    assert out is None
+    assert_rel_close(reduced, (rows.double() * (a.double() @ weight.double().t())).sum(0), torch.float32)
+
+
+def test_kernel_errors():
+    weight = torch.randn(9, 20)
+    a = torch.randn(4, 20)
+    with pytest.raises(ValueError, match=r"a has 20 columns; op\(W\) of a \(9, 20\) weight needs 9"):
+        ia3_kernel(a, weight, transpose_weight=True)
+    with pytest.raises(ValueError, match="in_scale must be a 1-D tensor of 20 elements"):
+        ia3_kernel(a, weight, in_scale=torch.ones(9))
+    with pytest.raises(ValueError, match="out_scale must be contiguous"):
+        ia3_kernel(a, weight, out_scale=torch.ones(18)[::2])
+    with pytest.raises(TypeError, match="weight dtype torch.float16 must equal"):
+        ia3_kernel(a, weight.half())
+    with pytest.raises(ValueError, match=r"reduce_rows must be a float \(4, 9\)"):
+        ia3_kernel(a, weight, reduce_rows=torch.ones(4, 20))
+    with pytest.raises(ValueError, match="nothing to compute"):
+        ia3_kernel(a, weight, store_out=False)
+
+
+def _check_op(lead, in_features, out_features, dtype, nf4, is_feedforward, with_bias):
+    dense = torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5
+    weight = NF4Weight.quantize(dense, 64, double_quant=False) if nf4 else dense.to(dtype)
+    x = non_contiguous(torch.randn(*lead, in_features, device=DEVICE, dtype=dtype))
+    scale = torch.randn(in_features if is_feedforward else out_features, device=DEVICE, dtype=dtype)
+    bias = torch.randn(out_features, device=DEVICE, dtype=dtype) if with_bias else None
+    leaves = [t.requires_grad_() for t in (x, scale, bias) if t is not None]
+    dy = torch.randn(*lead, out_features, device=DEVICE)
+
+    def run(leaves, weight, fn):
+        x, scale, *bias = leaves
+        y = fn(x, weight, bias[0] if bias else None, scale, is_feedforward)
+        return y, torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+    ref, ref_grads = run([t.detach().double().requires_grad_() for t in leaves], weight if nf4 else weight.double(),
+                         reference.ia3_linear)
+    y, grads = run(leaves, weight, ia3_linear)
+    assert y.dtype == dtype
+    assert_rel_close(y, ref, dtype)
+    for name, grad, ref_grad in zip(("dx", "dscale", "dbias"), grads, ref_grads):
+        assert grad.dtype == dtype, name
+        assert_rel_close(grad, ref_grad, tol=GRAD_TOL[dtype])
+
+
+# (leading dims, in, out): odd sizes, M = 1, 19 and 21
+OP_CASES = [((1,), 65, 47), ((19,), 129, 95), ((3, 7), 33, 17)]
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("lead, in_features, out_features", OP_CASES)
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_ia3_op_triton_matches_reference(triton_backend, lead, in_features, out_features, nf4, is_feedforward, dtype):
+    _check_op(lead, in_features, out_features, dtype, nf4, is_feedforward, with_bias=in_features != 129)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_ia3_op_reference_backend_matches_reference(reference_backend, nf4, is_feedforward):
+    _check_op((2, 5), 64, 40, torch.float32, nf4, is_feedforward, with_bias=True)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_ia3_backward_gradcheck(reference_backend, is_feedforward):
+    weight = torch.randn(7, 9, dtype=torch.float64)
+    x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(9 if is_feedforward else 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b, l: ia3_linear(x, weight, b, l, is_feedforward), (x, bias, scale))
+
+
+def test_ia3_matmul_passes_opcheck(reference_backend):
+    weight = NF4Weight.quantize(torch.randn(9, 64), 64, double_quant=True)
+    a, rows = torch.randn(5, 9), torch.randn(5, 64)
+    torch.library.opcheck(
+        torch.ops.fastpeft.ia3_matmul.default,
+        (a, None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
+         9, 64, 64, torch.float32, True, torch.rand(9), torch.randn(64), torch.rand(64), rows, True),
+    )
+    torch.library.opcheck(
+        torch.ops.fastpeft.ia3_matmul.default,
+        (a, torch.randn(9, 64), None, None, None, None, 0.0, 9, 64, 64, torch.float32, True, None, None, None,
+         rows, False),
+    )
+
+
+def test_ia3_op_errors():
+    weight, x = torch.randn(9, 20), torch.randn(4, 20)
+    with pytest.raises(ValueError, match=r"ia3_scale must be \(20,\) for is_feedforward=True, got \(9,\)"):
+        ia3_linear(x, weight, None, torch.ones(9), True)
+    with pytest.raises(ValueError, match=r"ia3_scale must be \(9,\) for is_feedforward=False"):
+        ia3_linear(x, weight, None, torch.ones(20), False)
+    with pytest.raises(ValueError, match=r"bias must be \(9,\)"):
+        ia3_linear(x, weight, torch.ones(3), torch.ones(9), False)
+    with pytest.raises(TypeError, match="weight must be a 2-D tensor or an NF4Weight"):
+        ia3_linear(x, weight[0], None, torch.ones(9), False)
