@@ -99,3 +99,28 @@ def test_errors():
         IA3Linear(nn.Conv1d(3, 4, 1))
     with pytest.raises(ValueError, match="bias= is only for an NF4Weight base"):
         IA3Linear(nn.Linear(3, 4), bias=torch.ones(4))
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_reference_ia3_linear_is_peft(nf4, is_feedforward):
+    """fastpeft.reference.ia3_linear, the oracle of the kernel tests, on PEFT's own tensors."""
+    from fastpeft import reference
+
+    theirs, ours = _pair(nf4, True, is_feedforward)
+    x = torch.randn(4, ours.in_features)
+    with torch.no_grad():
+        ref = reference.ia3_linear(x, ours.base_weight(), ours.bias, theirs.ia3_l["default"].view(-1), is_feedforward)
+        assert_rel_close(ref, theirs(x), torch.float32)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_matches_peft_on_triton_kernels(triton_backend, is_feedforward):
+    """The NF4 layer end to end on the Triton kernels (interpreter on CPU)."""
+    theirs, ours = _pair(True, True, is_feedforward)
+    x, dy = torch.randn(19, 128), torch.randn(19, 40)
+    y_ref, *ref = _grads(theirs, x, dy, [theirs.ia3_l["default"]])
+    y, *got = _grads(ours, x, dy, [ours.ia3_l])
+    assert_rel_close(y, y_ref, torch.float32)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float32)
