@@ -18,11 +18,12 @@ Math, with ``c = m / n`` per output column, ``h = x' Aᵀ`` and ``z = x' Wᵀ + 
     no dropout (x' = x):  y = c ⊙ z + b
     dropout:              y = x Wᵀ + b + c ⊙ z − x' Wᵀ        (PEFT's (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ)
 
-Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dm = Σ_t dy ⊙ z / n``, ``dB = s · dzᵀ h``,
-``dA = s · gᵀ x'``; ``dx = dz W + s · g A`` without dropout, else ``dx = dy W`` and
-``dx' = ((c − 1) ⊙ dy) W + s · g A``. Only ``h`` ``(M, r)`` and ``x`` are kept: ``z`` is recomputed in
-backward (one more base product) rather than storing an ``(M, out)`` tensor, and no ``(out, in)``
-tensor is ever built.
+Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dB = s · c ⊙ (dyᵀ h)``, ``dA = s · gᵀ x'``,
+``dm = (Σ_t dy ⊙ x'Wᵀ + s · Σ_r B ⊙ (dyᵀ h)) / n``; ``dx = dz W + s · g A`` without dropout, else
+``dx = dy W`` and ``dx' = ((c − 1) ⊙ dy) W + s · g A``. Only ``x'``, ``h`` ``(M, r)`` and the ``(out,)``
+vectors are kept: ``Σ_t dy ⊙ x'Wᵀ`` recomputes the base product with the row reduction fused into it
+(``fastpeft.ops.ia3.ia3_matmul``, dense or NF4), so no ``(M, out)`` tensor is stored for ``dm`` and no
+``(out, in)`` tensor is ever built.
 
 Fusion: on an NF4 base the forward ``c ⊙ (x Wᵀ + s h Bᵀ) + b`` is one kernel
 (``fastpeft.ops.lora.nf4_lora_matmul`` with its per-column scale in the epilogue: one output write), as
@@ -45,7 +46,7 @@ import torch
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
-from .ia3 import weight_from_op_args, weight_op_args
+from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .lora import _base_matmul
 
 Weight = Union[torch.Tensor, NF4Weight]
@@ -150,11 +151,15 @@ class DoraLinearFunction(torch.autograd.Function):
             dbias = dy2d.sum(0)
         if needs_a:
             da = s * (g.t() @ x_lora)
+        if needs_b or needs_m:
+            dy_h = dy2d.t() @ h  # (out, r)
         if needs_b:
-            db = s * (dz.t() @ h)
+            db = s * col_scale.unsqueeze(1) * dy_h
         if needs_m:
-            z = _base_matmul(x_lora, weight, False, None, h, lora_b.t(), s)
-            dm = (dy2d * z).sum(0) / norm
+            # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
+            # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway
+            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy2d, store_out=False)[1]
+            dm = (base_part.to(dy.dtype) + s * (lora_b * dy_h).sum(1)) / norm
         return dx, dx_dropped, None, dbias, da, db, None, dm
 
 
