@@ -152,3 +152,23 @@ def test_dora_op_errors():
         dora_linear(x[:, :19], weight, None, lora_a, lora_b, 1.0, torch.ones(9))
     with pytest.raises(ValueError, match="must be frozen"):
         dora_linear(x, weight.requires_grad_(), None, lora_a, lora_b, 1.0, torch.ones(9))
+
+
+def test_backward_saves_nothing_of_the_weight_size(triton_backend):
+    """Training memory: DoRA on an NF4 base keeps x, h, A, B and (out,) vectors, no (out, in) or (M, out) tensor."""
+    weight = NF4Weight.quantize(torch.randn(47, 65, device=DEVICE), 64, double_quant=True)
+    lora_a, lora_b = (t.requires_grad_() for t in _lora(65, 47, 4, torch.float32))
+    magnitude = (torch.rand(47, device=DEVICE) + 0.5).requires_grad_()
+    x = torch.randn(19, 65, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = dora_linear(x, weight, None, lora_a, lora_b, 1.0, magnitude)
+    assert (47, 65) not in saved and (19, 47) not in saved, saved
+    assert sum(torch.Size(s).numel() for s in saved) <= 19 * 65 + 19 * 4 + 4 * 65 + 47 * 4 + 2 * 47, saved
+    y.sum().backward()
+    assert x.grad is not None and magnitude.grad is not None
