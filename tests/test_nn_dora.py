@@ -173,3 +173,22 @@ def test_matches_peft_on_triton_kernels(triton_backend):
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
+
+
+def test_fp16_base_matches_peft():
+    """An fp16 base. PEFT keeps its adapter in fp32 (autocast_adapter_dtype); LoraLinear's convention is the
+    base's dtype, so the comparison is at fp16 precision."""
+    base = nn.Linear(64, 40).half()
+    ours = DoraLinear(copy.deepcopy(base), r=8, lora_alpha=16, init_lora_weights=False)
+    config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    with torch.no_grad():
+        for mine, peft_param in zip([ours.lora_A, ours.lora_B, ours.lora_magnitude_vector], _peft_params(theirs)):
+            mine.copy_(peft_param)
+    x, dy = torch.randn(5, 64, dtype=torch.float16), torch.randn(5, 40, dtype=torch.float16)
+    y_ref, *ref = _grads(theirs, x, dy, _peft_params(theirs))
+    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
+    assert y.dtype == torch.float16
+    assert_rel_close(y, y_ref, torch.float16)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float16)

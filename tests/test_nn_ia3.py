@@ -124,3 +124,24 @@ def test_matches_peft_on_triton_kernels(triton_backend, is_feedforward):
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_fp16_base_matches_peft(is_feedforward):
+    """An fp16 base: PEFT keeps ia3_l in fp32 (autocast_adapter_dtype), and so does IA3Linear."""
+    base = nn.Linear(64, 40).half()
+    ours = IA3Linear(copy.deepcopy(base), is_feedforward, init_ia3_weights=False)
+    config = peft.IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if is_feedforward else [],
+                            init_ia3_weights=False)
+    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    assert ours.ia3_l.dtype == theirs.ia3_l["default"].dtype == torch.float32
+    with torch.no_grad():
+        ours.ia3_l.copy_(theirs.ia3_l["default"])
+    x, dy = torch.randn(5, 64, dtype=torch.float16), torch.randn(5, 40, dtype=torch.float16)
+    y_ref, *ref = _grads(theirs, x, dy, [theirs.ia3_l["default"]])
+    y, *got = _grads(ours, x, dy, [ours.ia3_l])
+    assert y.dtype == torch.float16
+    assert_rel_close(y, y_ref, torch.float16)
+    for g, g_ref in zip(got, ref):
+        assert g.dtype == g_ref.dtype
+        assert_rel_close(g, g_ref, torch.float16)

@@ -34,6 +34,8 @@ class IA3Linear(nn.Module):
             ``bias`` may be given); kept as ``self.base_layer`` and frozen.
         is_feedforward: scale the input (feed-forward targets) instead of the output.
         init_ia3_weights: ``True``: ``l = 1`` (PEFT's identity init); ``False``: standard normal (tests).
+
+    ``ia3_l`` is fp32 (PEFT's default); the product runs in the input's dtype with fp32 scaling.
     """
 
     def __init__(
@@ -59,10 +61,9 @@ class IA3Linear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.is_feedforward = bool(is_feedforward)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        base = self.base_weight()
-        dtype = base.dtype if isinstance(base, torch.Tensor) else torch.float32
+        # fp32 whatever the base dtype, as PEFT's get_peft_model leaves it (autocast_adapter_dtype=True)
         init = torch.ones if init_ia3_weights else torch.randn
-        self.ia3_l = nn.Parameter(init(shape, dtype=dtype, device=base.device))
+        self.ia3_l = nn.Parameter(init(shape, dtype=torch.float32, device=self.base_weight().device))
         self.merged = False
         self.disabled = False
 
