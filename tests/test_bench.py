@@ -47,12 +47,12 @@ def test_json_has_every_field(quick_run):
         assert "peak_mem_bytes" in result and "peak_mem_source" in result
 
 
-def test_every_case_measures_its_reference_implementations(quick_run):
+def test_every_micro_case_measures_fastpeft_and_its_references(quick_run):
     _, _, run = quick_run
     measured = {(r["case"], r["impl"]) for r in run["results"] if "median_ms" in r}
     for case in ("lora.fwd", "lora.fwd_bwd", "qlora.fwd", "qlora.fwd_bwd", "dora.fwd", "dora.fwd_bwd",
                  "ia3.fwd", "ia3.fwd_bwd", "multi_lora.fwd"):
-        assert {(case, "reference"), (case, "peft")} <= measured, case
+        assert {(case, "fastpeft"), (case, "reference"), (case, "peft")} <= measured, case
     assert {("nf4_dequant", "fastpeft"), ("nf4_dequant", "bnb"), ("train_step", "peft"), ("decode", "hf"),
             ("decode", "peft"), ("multi_lora_serving", "peft")} <= measured
     assert all(r["tokens_per_s"] > 0 for r in run["results"] if r["case"] == "train_step" and "median_ms" in r)

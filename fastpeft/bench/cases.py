@@ -264,14 +264,14 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int) ->
 
 def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
     """The fastpeft module for ``op`` over ``w.weight`` (or ``base_weight`` when it is NF4) and its trainables."""
-    if op == "dora":
-        _require("fastpeft.nn", "DoraLinear", " (issue 4)")
-        raise Unavailable("fastpeft.nn.DoraLinear exists but the bench has no constructor wired for it yet")
-    lora_linear_cls = _require("fastpeft.nn", "LoraLinear", " (issue 3)")
     base = base_weight if isinstance(base_weight, NF4Weight) else _dense_linear(w)
-    layer = lora_linear_cls.from_parameters(base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()),
-                                            w.scaling, nn.Identity())
-    return layer, [layer.lora_A, layer.lora_B]
+    adapter = (base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()), w.scaling, nn.Identity())
+    if op == "dora":
+        layer = _require("fastpeft.nn", "DoraLinear", " (issue 4)").from_parameters(
+            *adapter, nn.Parameter(w.magnitude.detach()))
+    else:
+        layer = _require("fastpeft.nn", "LoraLinear", " (issue 3)").from_parameters(*adapter)
+    return layer, [p for p in layer.parameters() if p.requires_grad]
 
 
 def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
@@ -290,8 +290,11 @@ def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[
                 layer.ia3_l["default"].copy_(scale.detach().reshape(layer.ia3_l["default"].shape))
             forward, params = layer, [layer.ia3_l["default"]]
         else:
-            _require("fastpeft.nn", "IA3Linear", " (issue 4)")
-            raise Unavailable("fastpeft.nn.IA3Linear exists but the bench has no constructor wired for it yet")
+            layer = _require("fastpeft.nn", "IA3Linear", " (issue 4)")(_dense_linear(w), is_feedforward=False)
+            with torch.no_grad():
+                layer.ia3_l.copy_(scale.detach().reshape(layer.ia3_l.shape))
+            forward, params = layer, [layer.ia3_l]
+            note = _fastpeft_backend(cfg.device)
         elsize = w.weight.element_size()
         flops = 2 * m * in_f * out_f + m * out_f
         bytes_moved = elsize * (out_f * in_f + m * in_f + m * out_f + out_f)
