@@ -1,0 +1,464 @@
+"""Adopting fastpeft in one line: accelerate a PEFT model in place, or add adapters without peft.
+
+``accelerate(model)`` walks a PEFT model and switches every supported adapted layer (PEFT's LoRA / DoRA /
+IA3 ``Linear`` and bitsandbytes ``Linear4bit`` layers) to fastpeft's fused ops **by changing the layer's
+class in place** to a subclass of PEFT's own class whose ``forward`` calls ``fastpeft.ops``. Nothing else
+changes: the layer keeps its ``base_layer``, its ``lora_A`` / ``lora_B`` / ``lora_magnitude_vector`` /
+``ia3_l`` ModuleDicts and the very same Parameter objects, so the optimizer's parameters, the state-dict
+keys and PEFT's ``save_pretrained`` / ``load_adapter`` / ``set_adapter`` / ``merge_and_unload`` /
+``disable_adapter`` keep working (they see a PEFT layer; ``isinstance`` holds). The forward reads PEFT's
+state at each call (active adapter, scaling, dropout, magnitude), so nothing goes stale. Where the fused
+op does not apply at call time, the layer runs PEFT's own forward: adapters disabled or merged, several
+active adapters in one layer, ``adapter_names=`` mixed batches, extra forward arguments. ``restore(model)``
+puts PEFT's classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases,
+``fan_in_fan_out``, ``lora_bias``, LoRA variants other than DoRA) are left untouched and reported in the
+returned :class:`PatchSummary` and a log line.
+
+``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
+``Linear4bit`` layers of any model with :class:`~fastpeft.nn.LoraLinear` / :class:`~fastpeft.nn.DoraLinear`.
+``save_model_adapter`` / ``load_model_adapter`` write and read such a model's adapter in PEFT's format
+(through :mod:`fastpeft.adapters`), so PEFT loads what fastpeft trained and the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
+from .nn.dora import DoraLinear
+from .nn.ia3 import IA3Linear
+from .nn.lora import LoraLinear, _is_bnb_linear4bit
+from .ops.dora import dora_linear
+from .ops.ia3 import ia3_linear
+from .ops.lora import lora_linear
+
+__all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
+           "trainable_parameters", "print_trainable_parameters"]
+
+logger = logging.getLogger("fastpeft")
+
+_PEFT_PREFIX = "base_model.model."
+_FAST_LAYERS = (LoraLinear, IA3Linear)
+
+
+@dataclass
+class PatchSummary:
+    """What :func:`accelerate`, :func:`inject` or :func:`load_model_adapter` did: ``replaced`` maps each
+    module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, with ``+nf4`` over a 4-bit
+    base); ``skipped`` maps each adapted or targeted layer it left alone to the reason."""
+
+    replaced: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        kinds: dict = {}
+        for kind in self.replaced.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        text = f"fastpeft: {len(self.replaced)} layers on fastpeft ops ({done}); {len(self.skipped)} left as they are"
+        return text + "".join(f"\n  skipped {name}: {why}" for name, why in self.skipped.items())
+
+
+# ---------------------------------------------------------------------------------------------- accelerate
+def _peft_layer_kinds() -> dict:
+    """``{PEFT layer class: "lora" | "ia3"}`` for the classes fastpeft runs (the 4-bit ones when
+    bitsandbytes is importable)."""
+    from peft.tuners import ia3, lora
+
+    kinds = {lora.Linear: "lora", ia3.Linear: "ia3"}
+    try:
+        from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except ImportError:  # peft defines its bnb layers only when bitsandbytes is installed
+        return kinds
+    kinds.update({LoraLinear4bit: "lora", IA3Linear4bit: "ia3"})
+    return kinds
+
+
+def _unsupported_reason(layer, kind: str) -> Optional[str]:
+    """Why fastpeft cannot run this PEFT layer, or None."""
+    base = layer.get_base_layer()
+    if not _is_bnb_linear4bit(base):
+        if type(base) is not nn.Linear:
+            return f"base layer {type(base).__name__} is not torch.nn.Linear or bitsandbytes Linear4bit"
+        if not base.weight.is_floating_point():
+            return f"base weight dtype {base.weight.dtype} is not floating point"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (transposed base weight) is not supported"
+    if kind == "lora":
+        from peft.tuners.lora.variants import DoraLinearVariant
+
+        for name in layer.lora_A:
+            if layer.lora_bias.get(name, False):
+                return f"adapter {name!r} has lora_bias=True, which fastpeft does not implement"
+            variant = layer.lora_variant.get(name)
+            if variant is not None and not isinstance(variant, DoraLinearVariant):
+                return f"adapter {name!r} uses the LoRA variant {type(variant).__name__}; fastpeft runs LoRA and DoRA"
+    return None
+
+
+def _kind_label(layer, kind: str) -> str:
+    if kind == "lora" and any(name in layer.lora_variant for name in layer.lora_A):
+        kind = "dora"
+    return kind + ("+nf4" if _is_bnb_linear4bit(layer.get_base_layer()) else "")
+
+
+def _single_active(layer, adapters: dict) -> Optional[str]:
+    active = [name for name in layer.active_adapters if name in adapters]
+    return active[0] if len(active) == 1 else None
+
+
+def _fast_lora_forward(self, x, *args, **kwargs):
+    """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
+    name = _single_active(self, self.lora_A)
+    if args or kwargs or self.disable_adapters or self.merged or name is None:
+        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
+    bias = self.get_base_layer().bias
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    dropout, scaling = self.lora_dropout[name], self.scaling[name]
+    if name in self.lora_variant:  # DoRA (_unsupported_reason let no other variant through)
+        # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
+        x_dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
+        return dora_linear(x, weight, bias, lora_a, lora_b, scaling, self.lora_magnitude_vector[name].weight,
+                           x_dropped)
+    if type(dropout) is nn.Dropout:
+        # the op draws nn.Dropout's mask itself (bitwise the same from the same RNG state), storing none
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, None, dropout.p if dropout.training else 0.0)
+    x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
+    return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped)
+
+
+def _fast_ia3_forward(self, x, *args, **kwargs):
+    """PEFT ``ia3.Linear.forward`` on fastpeft's op (PEFT's own forward where it does not apply)."""
+    name = _single_active(self, self.ia3_l)
+    if args or kwargs or self.disable_adapters or self.merged or name is None:
+        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    return ia3_linear(x, LoraLinear.base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
+                      self.is_feedforward)
+
+
+_FAST_CLASSES: dict = {}
+
+
+def _fast_class(peft_class: type, kind: str) -> type:
+    """The subclass of ``peft_class`` whose forward runs fastpeft's op (one per PEFT class)."""
+    if peft_class not in _FAST_CLASSES:
+        forward = _fast_lora_forward if kind == "lora" else _fast_ia3_forward
+        _FAST_CLASSES[peft_class] = type(
+            f"Fast{peft_class.__name__}", (peft_class,),
+            {"forward": forward, "_fastpeft_peft_class": peft_class, "__module__": __name__},
+        )
+    return _FAST_CLASSES[peft_class]
+
+
+def _is_accelerated(module) -> bool:
+    return "_fastpeft_peft_class" in type(module).__dict__
+
+
+def accelerate(model: nn.Module) -> PatchSummary:
+    """Run every supported adapted layer of a PEFT model on fastpeft's ops, in place (see the module
+    docstring). Returns the :class:`PatchSummary` (also logged); idempotent. Raises ``ValueError`` if the
+    model has no PEFT adapter layers at all."""
+    summary = PatchSummary()
+    if "peft" in sys.modules:  # a model with PEFT layers has imported peft already
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        kinds = _peft_layer_kinds()
+        for name, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            peft_class = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
+            kind = kinds.get(peft_class)
+            if kind is None:
+                summary.skipped[name] = f"PEFT layer {peft_class.__module__}.{peft_class.__qualname__} is not supported"
+                continue
+            reason = _unsupported_reason(module, kind)
+            if reason is not None:
+                summary.skipped[name] = reason
+                continue
+            module.__class__ = _fast_class(peft_class, kind)
+            summary.replaced[name] = _kind_label(module, kind)
+    if not summary.replaced and not summary.skipped:
+        raise ValueError(
+            f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
+            "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)"
+        )
+    (logger.warning if summary.skipped else logger.info)("%s", summary)
+    return summary
+
+
+def restore(model: nn.Module) -> int:
+    """Put PEFT's own layer classes back on every layer :func:`accelerate` switched; returns how many.
+    Raises ``ValueError`` if none was."""
+    count = 0
+    for module in model.modules():
+        if _is_accelerated(module):
+            module.__class__ = module._fastpeft_peft_class
+            count += 1
+    if count == 0:
+        raise ValueError("no layer of this model was accelerated by fastpeft.accelerate")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- inject
+def _linear_kind(module) -> Optional[str]:
+    """``"dense"`` / ``"nf4"`` for a base fastpeft can adapt, else None."""
+    if _is_bnb_linear4bit(module):
+        return "nf4"
+    if type(module) is nn.Linear and module.weight.is_floating_point():
+        return "dense"
+    return None
+
+
+def _output_layer_names(model: nn.Module) -> set:
+    """The output head(s) ``"all-linear"`` leaves out, as PEFT does: the output embeddings, else ``lm_head``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    return names or {"lm_head"}
+
+
+def _targets(model: nn.Module, target_modules) -> tuple[list, dict]:
+    """``([module paths to adapt], {targeted path: reason it cannot be})`` for PEFT-style ``target_modules``:
+    a list of names (a path or its last components), a regex matched against the full path, or
+    ``"all-linear"``."""
+    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
+    # PEFT drops the head by its last name component
+    heads = {h.split(".")[-1] for h in _output_layer_names(model)} if all_linear else set()
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if all_linear:
+            if name.split(".")[-1] in heads:
+                continue
+            if _linear_kind(module) is not None:
+                chosen.append(name)
+            continue
+        if _matches_any(name, target_modules):
+            if _linear_kind(module) is None:
+                skipped[name] = f"{type(module).__name__} is not a float torch.nn.Linear or bitsandbytes Linear4bit"
+            else:
+                chosen.append(name)
+    return chosen, skipped
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """PEFT's rule: only adapter parameters train."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+            if isinstance(module, DoraLinear):
+                module.lora_magnitude_vector.requires_grad_(True)
+        elif isinstance(module, IA3Linear):
+            module.ia3_l.requires_grad_(True)
+
+
+def _base_model_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
+def inject(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 8.0,
+    target_modules: Union[Sequence[str], str] = "all-linear",
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init_lora_weights: Union[bool, str] = True,
+) -> PatchSummary:
+    """Add a LoRA (or DoRA) adapter to any model without peft, in place: every targeted ``nn.Linear`` /
+    bitsandbytes ``Linear4bit`` becomes a :class:`~fastpeft.nn.LoraLinear` (:class:`~fastpeft.nn.DoraLinear`
+    with ``use_dora``) over it, and every other parameter is frozen. ``target_modules`` follows PEFT: module
+    names (``["q_proj", "v_proj"]``), a regex for the full path, or ``"all-linear"`` (every linear layer but
+    the output head). Returns the :class:`PatchSummary`; targeted layers of another kind are reported in it.
+    The adapter's PEFT config is kept on the model for :func:`save_model_adapter`."""
+    if any(isinstance(m, _FAST_LAYERS) for m in model.modules()):
+        raise ValueError("this model already has fastpeft adapter layers (inject or load_model_adapter ran on it)")
+    if "peft" in sys.modules:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise ValueError("this is a PEFT model: use fastpeft.accelerate(model) on it instead of inject")
+    if not target_modules:
+        raise ValueError("target_modules is empty: give module names, a regex, or 'all-linear'")
+    chosen, skipped = _targets(model, target_modules)
+    if not chosen:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if _linear_kind(m) is not None})
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers "
+                         f"are named {linear}")
+    layer_class = DoraLinear if use_dora else LoraLinear
+    summary = PatchSummary(skipped=skipped)
+    for name in chosen:
+        base = model.get_submodule(name)
+        kind = ("dora" if use_dora else "lora") + ("+nf4" if _linear_kind(base) == "nf4" else "")
+        _set_submodule(model, name, layer_class(base, r, alpha, dropout, use_rslora, init_lora_weights))
+        summary.replaced[name] = kind
+    _freeze_all_but_adapters(model)
+    model._fastpeft_adapter_config = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_dora": use_dora,
+        "use_rslora": use_rslora, "init_lora_weights": init_lora_weights, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules)),
+        "modules_to_save": None, "task_type": None, "base_model_name_or_path": _base_model_name(model),
+    }
+    (logger.warning if skipped else logger.info)("%s", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- adapter files
+def _fast_layers(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _FAST_LAYERS)}
+
+
+def save_model_adapter(model: nn.Module, path: Union[str, Path]) -> None:
+    """Write the adapter of a model prepared by :func:`inject` or :func:`load_model_adapter` as a PEFT adapter
+    directory (``PeftModel.from_pretrained(base_model, path)`` loads it)."""
+    layers = _fast_layers(model)
+    config = getattr(model, "_fastpeft_adapter_config", None)
+    if not layers or config is None:
+        raise ValueError("this model has no fastpeft adapter to save: prepare it with fastpeft.inject or "
+                         "fastpeft.load_model_adapter (a PEFT model saves itself with model.save_pretrained)")
+    tensors = {}
+    for name, layer in layers.items():
+        key = _PEFT_PREFIX + name
+        if isinstance(layer, IA3Linear):
+            tensors[key + ".ia3_l"] = layer.ia3_l
+            continue
+        tensors[key + ".lora_A.weight"] = layer.lora_A
+        tensors[key + ".lora_B.weight"] = layer.lora_B
+        if isinstance(layer, DoraLinear):
+            tensors[key + ".lora_magnitude_vector"] = layer.lora_magnitude_vector
+    save_adapter(Adapter(config=dict(config), tensors=tensors), path)
+
+
+def _check_shapes(name: str, base, module_adapter: ModuleAdapter) -> None:
+    """A clear error, naming the module, when an adapter does not fit the layer it is loaded into."""
+    in_f, out_f = base.in_features, base.out_features
+    for label, tensor in (("lora_A", module_adapter.lora_a), ("lora_B", module_adapter.lora_b),
+                          ("lora_magnitude_vector", module_adapter.magnitude), ("ia3_l", module_adapter.ia3_scale)):
+        if tensor is not None and not tensor.is_floating_point():
+            raise TypeError(f"{name}.{label} has dtype {tensor.dtype}; adapter tensors must be floating point")
+    if module_adapter.ia3_scale is not None:
+        expected = in_f if module_adapter.is_feedforward else out_f
+        if module_adapter.ia3_scale.numel() != expected:
+            raise ValueError(f"{name}.ia3_l has {module_adapter.ia3_scale.numel()} values; the layer "
+                             f"({out_f}x{in_f}) needs {expected}")
+        return
+    rank = module_adapter.rank
+    got = (tuple(module_adapter.lora_a.shape), tuple(module_adapter.lora_b.shape))
+    if got != ((rank, in_f), (out_f, rank)):
+        raise ValueError(f"{name}: lora_A {got[0]} and lora_B {got[1]} do not fit the layer (in={in_f}, "
+                         f"out={out_f}): they must be (r, {in_f}) and ({out_f}, r)")
+    if module_adapter.magnitude is not None and tuple(module_adapter.magnitude.shape) != (out_f,):
+        raise ValueError(f"{name}.lora_magnitude_vector is {tuple(module_adapter.magnitude.shape)}, the layer "
+                         f"needs ({out_f},)")
+
+
+def _build_layer(base, module_adapter: ModuleAdapter, dropout: float) -> nn.Module:
+    if module_adapter.ia3_scale is not None:
+        return IA3Linear.from_adapter(base, module_adapter)
+    if module_adapter.magnitude is not None:
+        return DoraLinear.from_adapter(base, module_adapter, dropout)
+    layer_device = base.weight.device
+    return LoraLinear.from_parameters(
+        base, nn.Parameter(module_adapter.lora_a.detach().clone().to(layer_device)),
+        nn.Parameter(module_adapter.lora_b.detach().clone().to(layer_device)), module_adapter.scaling,
+        nn.Dropout(dropout) if dropout > 0.0 else nn.Identity(),
+    )
+
+
+@torch.no_grad()
+def _copy_into(name: str, layer, module_adapter: ModuleAdapter) -> None:
+    pairs = []
+    if isinstance(layer, IA3Linear):
+        if module_adapter.ia3_scale is None or module_adapter.is_feedforward != layer.is_feedforward:
+            raise ValueError(f"{name} is an IA3 layer (is_feedforward={layer.is_feedforward}); the adapter's entry "
+                             "does not match it")
+        pairs.append((layer.ia3_l, module_adapter.ia3_scale.reshape(layer.ia3_l.shape)))
+    else:
+        if module_adapter.lora_a is None or (module_adapter.magnitude is None) == isinstance(layer, DoraLinear):
+            raise ValueError(f"{name} is a {type(layer).__name__}; the adapter's entry is of another kind")
+        if module_adapter.rank != layer.r:
+            raise ValueError(f"{name}: the adapter has rank {module_adapter.rank}, the layer rank {layer.r}")
+        pairs += [(layer.lora_A, module_adapter.lora_a), (layer.lora_B, module_adapter.lora_b)]
+        if isinstance(layer, DoraLinear):
+            pairs.append((layer.lora_magnitude_vector, module_adapter.magnitude))
+        layer.scaling = module_adapter.scaling
+    for param, value in pairs:
+        param.copy_(value)
+
+
+def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trainable: bool = True) -> PatchSummary:
+    """Load a PEFT-format adapter (a directory or an :class:`~fastpeft.adapters.Adapter`; LoRA, DoRA or
+    IA3) into a model without peft: into its fastpeft layers if :func:`inject` or an earlier load made them,
+    else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy.
+    Every error (a module the model lacks, a shape that does not fit, a layer of another kind) names the
+    module and is raised before the model is changed. With ``trainable`` only the adapter trains."""
+    adapter = source if isinstance(source, Adapter) else load_adapter(source)
+    entries = adapter.modules()
+    modules = dict(model.named_modules())
+    for name, entry in entries.items():
+        if name not in modules:
+            raise ValueError(f"the adapter adapts {name!r}, which this model does not have")
+        module = modules[name]
+        if isinstance(module, _FAST_LAYERS):
+            _check_shapes(name, module, entry)
+        elif _linear_kind(module) is None:
+            raise TypeError(f"the adapter adapts {name!r}, a {type(module).__name__}; fastpeft adapts float "
+                            "torch.nn.Linear and bitsandbytes Linear4bit layers")
+        else:
+            _check_shapes(name, module, entry)
+    summary = PatchSummary()
+    dropout = float(adapter.config.get("lora_dropout", 0.0) or 0.0)
+    for name, entry in entries.items():
+        module = modules[name]
+        if isinstance(module, _FAST_LAYERS):
+            _copy_into(name, module, entry)
+            layer = module
+        else:
+            layer = _build_layer(module, entry, dropout)
+            _set_submodule(model, name, layer)
+        kind = "ia3" if isinstance(layer, IA3Linear) else "dora" if isinstance(layer, DoraLinear) else "lora"
+        summary.replaced[name] = kind + ("+nf4" if layer.is_nf4 else "")
+    if trainable:
+        _freeze_all_but_adapters(model)
+    model._fastpeft_adapter_config = dict(adapter.config)
+    logger.info("%s", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, as PEFT's ``get_nb_trainable_parameters`` counts them: a
+    bitsandbytes 4-bit parameter holds two values per storage byte."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":
+            count *= 2 * param.element_size()
+        total += count
+        trainable += count if param.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
