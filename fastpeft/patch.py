@@ -129,8 +129,9 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         x_dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
         return dora_linear(x, weight, bias, lora_a, lora_b, scaling, self.lora_magnitude_vector[name].weight,
                            x_dropped)
-    if type(dropout) is nn.Dropout:
-        # the op draws nn.Dropout's mask itself (bitwise the same from the same RNG state), storing none
+    if type(dropout) is nn.Dropout and not torch.compiler.is_compiling():
+        # the op draws nn.Dropout's mask itself (bitwise the same from the same RNG state), storing none;
+        # under torch.compile the module does it instead, as dynamo cannot trace the op's RNG-state capture
         return lora_linear(x, weight, bias, lora_a, lora_b, scaling, None, dropout.p if dropout.training else 0.0)
     x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
     return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped)
