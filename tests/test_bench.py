@@ -53,8 +53,9 @@ def test_every_micro_case_measures_fastpeft_and_its_references(quick_run):
     for case in ("lora.fwd", "lora.fwd_bwd", "qlora.fwd", "qlora.fwd_bwd", "dora.fwd", "dora.fwd_bwd",
                  "ia3.fwd", "ia3.fwd_bwd", "multi_lora.fwd"):
         assert {(case, "fastpeft"), (case, "reference"), (case, "peft")} <= measured, case
-    assert {("nf4_dequant", "fastpeft"), ("nf4_dequant", "bnb"), ("train_step", "peft"), ("decode", "hf"),
-            ("decode", "peft"), ("multi_lora_serving", "peft")} <= measured
+    assert {("nf4_dequant", "fastpeft"), ("nf4_dequant", "bnb"), ("train_step", "peft"), ("train_step", "fastpeft"),
+            ("decode", "hf"), ("decode", "peft"), ("decode", "fastpeft"), ("decode", "fastpeft-serving"),
+            ("multi_lora_serving", "peft"), ("multi_lora_serving", "fastpeft")} <= measured
     assert all(r["tokens_per_s"] > 0 for r in run["results"] if r["case"] == "train_step" and "median_ms" in r)
 
 
@@ -112,7 +113,7 @@ def test_case_filter_and_every_case_has_all_implementations_named():
         impls.setdefault(job.case, set()).add(job.impl)
     assert impls["lora.fwd"] == {"fastpeft", "reference", "peft"}
     assert impls["nf4_dequant"] == {"fastpeft", "reference", "bnb"}
-    assert impls["decode"] == {"hf", "peft", "fastpeft"}
+    assert impls["decode"] == {"hf", "peft", "fastpeft", "fastpeft-serving"}
     assert {j.case for j in all_jobs(_config(cases=["decode", "ia3.fwd"]))} == {"decode", "ia3.fwd", "ia3.fwd_bwd"}
 
 

@@ -1,7 +1,8 @@
 """The bench cases: a registry of (case, implementation) jobs.
 
 A case is one thing measured (``lora.fwd`` at one shape, ``train_step`` on one model, ...). Each names
-its implementations: ``fastpeft`` (the package's modules / ops), ``reference`` (``fastpeft.reference``,
+its implementations: ``fastpeft`` (the package's modules / ops, or a PEFT model after
+``fastpeft.accelerate``), ``fastpeft-serving`` (``MultiLoraModel``, for decode), ``reference`` (``fastpeft.reference``,
 plain PyTorch), ``peft`` (Hugging Face PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
 decode, ``hf`` (the model without adapters). A setup function builds one implementation and returns a
 :class:`Prepared` call; when something it needs is not importable (an optional dependency, or a fastpeft
@@ -446,10 +447,9 @@ def _randomise_adapters(model: nn.Module) -> None:
 def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         peft = _require("peft")
-        if impl == "fastpeft":
-            _require("fastpeft.accelerate", why=" (fastpeft modules swapped into a PEFT model)")
         model = peft.get_peft_model(_model(cfg), _lora_config(peft, cfg, _LLAMA_TARGETS))
         _randomise_adapters(model)
+        note = _accelerate(model, cfg) if impl == "fastpeft" else ""
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         batches = _token_batches(cfg, cfg.train_batch, cfg.seq_len, model.config.vocab_size)
@@ -460,8 +460,14 @@ def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return Prepared(run, tokens=cfg.train_batch * cfg.seq_len)
+        return Prepared(run, tokens=cfg.train_batch * cfg.seq_len, note=note)
     return setup
+
+
+def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
+    """Switch a PEFT model's adapted layers to fastpeft's ops in place (``fastpeft.accelerate``); the note."""
+    summary = _require("fastpeft", "accelerate", " (PEFT layers on fastpeft ops)")(model)
+    return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
 
 
 def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
@@ -471,12 +477,14 @@ def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
         note = ""
         generate = model.generate
         kwargs = {}
-        if impl == "peft":
+        if impl in ("peft", "fastpeft"):
             peft = _require("peft")
             model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS)).eval()
             _randomise_adapters(model)
+            if impl == "fastpeft":
+                note = _accelerate(model, cfg)
             generate = model.generate
-        elif impl == "fastpeft":
+        elif impl == "fastpeft-serving":
             serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
             model = serving(model, {"a0": _model_adapter(cfg, model, seed=0)})
             generate, kwargs = model.generate, {"adapter_names": ["a0"]}
@@ -560,7 +568,7 @@ def e2e_jobs(cfg: BenchConfig) -> list:
     jobs = [Job("train_step", impl, {**model, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
                 _train_step(impl)) for impl in ("peft", "fastpeft")]
     jobs += [Job("decode", impl, {**model, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens, "r": cfg.rank},
-                 _decode(impl)) for impl in ("hf", "peft", "fastpeft")]
+                 _decode(impl)) for impl in ("hf", "peft", "fastpeft", "fastpeft-serving")]
     for n in cfg.serving_adapters:
         jobs += [Job("multi_lora_serving", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs, "seq": cfg.seq_len,
                                                   "r": cfg.rank}, _serving(impl, n)) for impl in ("peft", "fastpeft")]
