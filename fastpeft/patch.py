@@ -410,7 +410,8 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
     IA3) into a model without peft: into its fastpeft layers if :func:`inject` or an earlier load made them,
     else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy.
     Every error (a module the model lacks, a shape that does not fit, a layer of another kind) names the
-    module and is raised before the model is changed. With ``trainable`` only the adapter trains."""
+    module and is raised before the model is changed. With ``trainable`` only the adapter trains, without it
+    nothing does (inference)."""
     adapter = source if isinstance(source, Adapter) else load_adapter(source)
     entries = adapter.modules()
     modules = dict(model.named_modules())
@@ -439,6 +440,8 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
         summary.replaced[name] = kind + ("+nf4" if layer.is_nf4 else "")
     if trainable:
         _freeze_all_but_adapters(model)
+    else:
+        model.requires_grad_(False)
     model._fastpeft_adapter_config = dict(adapter.config)
     logger.info("%s", summary)
     return summary

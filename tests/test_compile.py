@@ -84,8 +84,8 @@ def test_accelerated_4bit_layer_compiles(tiny_llama_dir):
 
 @pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchDynamoException,
                    reason="NF4Weight.from_bnb reads the double-quantisation offset with .item() and the schema of "
-                   "fastpeft::nf4_lora_matmul takes it as `float nested_offset`: under dynamo a data-dependent SymFloat "
-                   "the op rejects (a graph break without fullgraph). Passing the offset as a tensor would fix it")
+                   "fastpeft::nf4_lora_matmul takes it as `float nested_offset`: under dynamo a data-dependent "
+                   "SymFloat the op rejects (a graph break without fullgraph). Passing the offset as a tensor would fix it")
 def test_accelerated_4bit_layer_fullgraph(tiny_llama_dir):
     layer = _accelerated_4bit_layer(tiny_llama_dir)
     _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),))

@@ -1,6 +1,8 @@
 """DistributedDataParallel over fastpeft layers: 2 CPU processes on the gloo backend, each with half the batch,
 end with the gradients of one process on the whole batch (accelerated PEFT LoRA dense and 4-bit, injected DoRA)."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,11 +53,7 @@ def _worker(rank, init_file, tiny_llama_dir, out_file):
 
 
 def _has_bitsandbytes():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def test_ddp_gradients_equal_single_process(tmp_path, tiny_llama_dir):

@@ -42,7 +42,8 @@ def test_inject_targets_and_trainable_count(capsys):
     # per layer: A (2x64) + B (out x 2) + magnitude (out); q_proj out 64, v_proj out 32
     expected = 2 * ((2 * 64 + 64 * 2 + 64) + (2 * 64 + 32 * 2 + 32))
     trainable, total = fastpeft.trainable_parameters(model)
-    assert trainable == expected and f"trainable params: {expected:,d} || all params: {total:,d}" in capsys.readouterr().out
+    assert trainable == expected
+    assert f"trainable params: {expected:,d} || all params: {total:,d}" in capsys.readouterr().out
     regex = fastpeft.inject(make_tiny_llama(), target_modules=r".*\.0\.mlp\.(up|down)_proj")
     assert sorted(regex.replaced) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
 
@@ -108,7 +109,8 @@ def test_inject_bad_inputs():
         fastpeft.inject(make_tiny_llama(), target_modules=[])
     model = make_tiny_llama()
     summary = fastpeft.inject(model, target_modules=["embed_tokens", "q_proj"])
-    assert summary.skipped == {"model.embed_tokens": "Embedding is not a float torch.nn.Linear or bitsandbytes Linear4bit"}
+    assert summary.skipped == {
+        "model.embed_tokens": "Embedding is not a float torch.nn.Linear or bitsandbytes Linear4bit"}
     with pytest.raises(ValueError, match="already has fastpeft adapter layers"):
         fastpeft.inject(model)
     with pytest.raises(ValueError, match="r must be a positive int"):
