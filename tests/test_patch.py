@@ -188,3 +188,23 @@ def test_device_mismatch_is_a_clear_error():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with pytest.raises(ValueError, match="x is on meta, the weight on cpu"):
         layer(torch.empty(2, 64, device="meta"))
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_accelerated_layer_on_triton_kernels(triton_backend, tiny_llama_dir, nf4):
+    # the Triton kernels (interpreter on CPU) behind an accelerated layer, against PEFT's forward on it
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    base = load_tiny_llama_4bit(tiny_llama_dir) if nf4 else make_tiny_llama()
+    model = _peft_model(_lora(target_modules=["v_proj"], use_dora=not nf4), base).train()
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    x = torch.randn(7, 64, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *params])
+    fastpeft.accelerate(model)
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    assert_rel_close(out, ref)
+    for g, g_ref in zip(grads, ref_grads):
+        assert_rel_close(g, g_ref, tol=1e-4)
