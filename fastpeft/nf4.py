@@ -126,7 +126,10 @@ class NF4Weight:
         blocksize: elements per absmax block (bitsandbytes accepts 32..4096; 64 is the default).
         nested_code: fp32 ``(256,)`` dynamic code of the second level, or None.
         nested_absmax: fp32 ``(ceil(n_blocks / 256),)`` second-level scales, or None.
-        nested_offset: the mean subtracted from the absmaxes before the second level, or None.
+        nested_offset: fp32 0-d tensor on the weight's device (a float is accepted and converted), the
+            mean subtracted from the absmaxes before the second level, or None. A tensor, never a Python
+            float, so that viewing a bitsandbytes weight never syncs the device and the value traces
+            under ``torch.compile`` (kernels load it).
     """
 
     packed: torch.Tensor
@@ -136,7 +139,7 @@ class NF4Weight:
     blocksize: int = 64
     nested_code: Optional[torch.Tensor] = None
     nested_absmax: Optional[torch.Tensor] = None
-    nested_offset: Optional[float] = None
+    nested_offset: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
@@ -168,12 +171,21 @@ class NF4Weight:
                     f"nested_absmax has {self.nested_absmax.numel()} entries; "
                     f"expected {-(-self.n_blocks // NESTED_BLOCKSIZE)}"
                 )
-            self.nested_offset = float(self.nested_offset)
+            if isinstance(self.nested_offset, torch.Tensor):
+                if self.nested_offset.dtype != torch.float32 or self.nested_offset.numel() != 1:
+                    raise ValueError(f"nested_offset must be one fp32 value, got {self.nested_offset.dtype} "
+                                     f"{tuple(self.nested_offset.shape)}")
+                self.nested_offset = self.nested_offset.reshape(())
+            else:
+                self.nested_offset = torch.tensor(float(self.nested_offset), dtype=torch.float32, device=self.device)
         elif self.absmax.dtype != torch.float32:
             raise TypeError(f"absmax must be fp32, got {self.absmax.dtype}")
-        devices = {t.device for t in (self.packed, self.absmax, self.nested_code, self.nested_absmax) if t is not None}
+        devices = {t.device for t in self._tensors() if t is not None}
         if len(devices) != 1:
             raise ValueError(f"NF4Weight tensors are on different devices: {sorted(map(str, devices))}")
+
+    def _tensors(self) -> tuple:
+        return self.packed, self.absmax, self.nested_code, self.nested_absmax, self.nested_offset
 
     # ------------------------------------------------------------------ properties
     @property
@@ -199,8 +211,7 @@ class NF4Weight:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weight and its statistics (what a kernel has to read)."""
-        tensors = [self.packed, self.absmax, self.nested_code, self.nested_absmax]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -237,7 +248,7 @@ class NF4Weight:
             else:
                 q = _dynamic_code_index_cuda(scaled2, nested_code)
             absmax = q.to(torch.uint8)
-            nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=offset.item())
+            nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=offset)
         return cls(packed, absmax, weight.shape, weight.dtype, blocksize, **nested)
 
     @classmethod
@@ -262,12 +273,7 @@ class NF4Weight:
             state2 = quant_state.state2
             if state2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"nested absmax blocksize {state2.blocksize} unsupported; bitsandbytes uses 256")
-            offset = quant_state.offset
-            nested = dict(
-                nested_code=state2.code,
-                nested_absmax=state2.absmax,
-                nested_offset=offset.item() if isinstance(offset, torch.Tensor) else float(offset),
-            )
+            nested = dict(nested_code=state2.code, nested_absmax=state2.absmax, nested_offset=quant_state.offset)
         else:
             nested = {}
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize, **nested)
@@ -282,7 +288,7 @@ class NF4Weight:
             state2 = QuantState(
                 absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
             )
-            offset = torch.tensor(self.nested_offset, dtype=torch.float32, device=self.device)
+            offset = self.nested_offset
         return QuantState(
             absmax=self.absmax,
             shape=self.shape,
@@ -300,13 +306,21 @@ class NF4Weight:
         if device == self.device:
             return self
 
-        def move(t):
-            return None if t is None else t.to(device)
+        packed, absmax, code2, absmax2, offset = (None if t is None else t.to(device) for t in self._tensors())
+        return NF4Weight(packed, absmax, self.shape, self.dtype, self.blocksize, code2, absmax2, offset)
 
-        return NF4Weight(
-            move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
-            move(self.nested_code), move(self.nested_absmax), self.nested_offset,
-        )
+    def op_args(self) -> tuple:
+        """This weight as flat arguments a ``torch.library`` op can take: ``(packed, absmax, nested_code,
+        nested_absmax, nested_offset, out_features, in_features, blocksize, dtype)``; see :meth:`from_op_args`."""
+        return (self.packed, self.absmax, self.nested_code, self.nested_absmax, self.nested_offset,
+                self.out_features, self.in_features, self.blocksize, self.dtype)
+
+    @classmethod
+    def from_op_args(cls, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features,
+                     blocksize, dtype) -> "NF4Weight":
+        """Inverse of :meth:`op_args`."""
+        return cls(packed, absmax, (out_features, in_features), dtype, blocksize, nested_code, nested_absmax,
+                   nested_offset)
 
     # ------------------------------------------------------------------ reference dequantisation
     def absmax_fp32(self) -> torch.Tensor:
@@ -315,7 +329,7 @@ class NF4Weight:
             return self.absmax
         n_blocks = self.absmax.numel()
         scale = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n_blocks]
-        return self.nested_code[self.absmax.long()] * scale + torch.tensor(self.nested_offset, dtype=torch.float32)
+        return self.nested_code[self.absmax.long()] * scale + self.nested_offset
 
     def codes(self) -> torch.Tensor:
         """int64 ``(out, in)`` code indices, unpacked."""

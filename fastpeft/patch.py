@@ -34,7 +34,7 @@ from torch import nn
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
-from .nn.lora import LoraLinear, _is_bnb_linear4bit
+from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
@@ -129,12 +129,8 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         x_dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
         return dora_linear(x, weight, bias, lora_a, lora_b, scaling, self.lora_magnitude_vector[name].weight,
                            x_dropped)
-    if type(dropout) is nn.Dropout and not torch.compiler.is_compiling():
-        # the op draws nn.Dropout's mask itself (bitwise the same from the same RNG state), storing none;
-        # under torch.compile the module does it instead, as dynamo cannot trace the op's RNG-state capture
-        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, None, dropout.p if dropout.training else 0.0)
-    x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
-    return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped)
+    x_dropped, dropout_p = dropout_inputs(dropout, x)
+    return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped, dropout_p)
 
 
 def _fast_ia3_forward(self, x, *args, **kwargs):

@@ -1,6 +1,6 @@
 """torch.compile over fastpeft layers (CPU, the reference backend behind the custom ops, AOT autograd with the
 ops' fake kernels): accelerated PEFT layers and whole dense models compile with fullgraph=True and match eager
-in outputs and gradients. The NF4 path compiles with a graph break (see the strict xfail)."""
+in outputs and gradients, NF4 bases included; LoRA dropout compiles into the graph."""
 
 import pytest
 import torch
@@ -77,26 +77,25 @@ def _accelerated_4bit_layer(tiny_llama_dir):
     return model.base_model.model.model.layers[0].self_attn.q_proj
 
 
-def test_accelerated_4bit_layer_compiles(tiny_llama_dir):
-    layer = _accelerated_4bit_layer(tiny_llama_dir)
-    _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),), fullgraph=False)
-
-
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchDynamoException,
-                   reason="NF4Weight.from_bnb reads the double-quantisation offset with .item() and the schema of "
-                   "fastpeft::nf4_lora_matmul takes it as `float nested_offset`: under dynamo a data-dependent "
-                   "SymFloat the op rejects (a graph break without fullgraph). Passing the offset as a tensor would fix it")
 def test_accelerated_4bit_layer_fullgraph(tiny_llama_dir):
+    # the double-quantisation offset stays a device tensor (no .item()), so the NF4 path is one graph too
     layer = _accelerated_4bit_layer(tiny_llama_dir)
     _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchDynamoException,
-                   reason="LoraLinear.forward passes nn.Dropout's p to lora_linear, whose autograd.Function saves "
-                   "torch.get_rng_state() to redraw the mask in backward: dynamo refuses to trace get_rng_state. "
-                   "(Accelerated PEFT layers pass dropout(x) instead while compiling.)")
-def test_injected_layer_with_dropout_fullgraph():
-    model = make_tiny_llama()
-    fastpeft.inject(model, r=4, target_modules=["q_proj"], dropout=0.1)
-    layer = model.model.layers[0].self_attn.q_proj.train()
-    torch.compile(layer, fullgraph=True, backend=BACKEND)(torch.randn(2, 5, 64)).sum().backward()
+def test_lora_linear_with_dropout_fullgraph():
+    # W = 0, A = B = I: y = s · drop(x) and dx = s · mask / (1 - p), so the compiled graph's one mask is visible
+    p, scaling, n = 0.25, 2.0, 16
+    base = torch.nn.Linear(n, n, bias=False)
+    torch.nn.init.zeros_(base.weight)
+    layer = fastpeft.LoraLinear(base, r=n, lora_alpha=scaling * n, lora_dropout=p).train()
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(n))
+        layer.lora_B.copy_(torch.eye(n))
+    x = (torch.rand(8, n) + 0.5).requires_grad_()
+    y = torch.compile(layer, fullgraph=True, backend=BACKEND)(x)
+    y.sum().backward()
+    kept = y.detach() != 0
+    assert 0 < kept.sum() < kept.numel()
+    torch.testing.assert_close(y.detach(), torch.where(kept, scaling * x.detach() / (1 - p), 0.0))
+    torch.testing.assert_close(x.grad, kept.float() * scaling / (1 - p))

@@ -9,6 +9,7 @@ from fastpeft import reference
 from fastpeft.kernels.dora import MAX_RANK, dora_weight_norm as norm_kernel
 from fastpeft.nf4 import NF4Weight
 from fastpeft.ops.dora import dora_linear, dora_weight_norm
+from fastpeft.ops.ia3 import weight_op_args
 
 from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
 
@@ -129,14 +130,12 @@ def test_norm_is_detached_and_op_checks(reference_backend):
     assert not norm.requires_grad
     torch.library.opcheck(
         torch.ops.fastpeft.dora_weight_norm.default,
-        (None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
-         9, 64, 64, torch.float32, lora_a.detach(), lora_b.detach(), 0.5, torch.float32),
+        (*weight_op_args(weight), lora_a.detach(), lora_b.detach(), 0.5, torch.float32),
     )
     dense = torch.randn(9, 64)
     torch.library.opcheck(
         torch.ops.fastpeft.dora_weight_norm.default,
-        (dense, None, None, None, None, 0.0, 9, 64, 64, torch.float32, lora_a.detach(), lora_b.detach(), 0.5,
-         torch.float16),
+        (*weight_op_args(dense), lora_a.detach(), lora_b.detach(), 0.5, torch.float16),
     )
 
 

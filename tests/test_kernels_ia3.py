@@ -8,7 +8,7 @@ import torch
 from fastpeft import reference
 from fastpeft.kernels.ia3 import ia3_matmul as ia3_kernel
 from fastpeft.nf4 import NF4Weight
-from fastpeft.ops.ia3 import ia3_linear
+from fastpeft.ops.ia3 import ia3_linear, weight_op_args
 
 from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous
 
@@ -117,13 +117,11 @@ def test_ia3_matmul_passes_opcheck(reference_backend):
     a, rows = torch.randn(5, 9), torch.randn(5, 64)
     torch.library.opcheck(
         torch.ops.fastpeft.ia3_matmul.default,
-        (a, None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
-         9, 64, 64, torch.float32, True, torch.rand(9), torch.randn(64), torch.rand(64), rows, True),
+        (a, *weight_op_args(weight), True, torch.rand(9), torch.randn(64), torch.rand(64), rows, True),
     )
     torch.library.opcheck(
         torch.ops.fastpeft.ia3_matmul.default,
-        (a, torch.randn(9, 64), None, None, None, None, 0.0, 9, 64, 64, torch.float32, True, None, None, None,
-         rows, False),
+        (a, *weight_op_args(torch.randn(9, 64)), True, None, None, None, rows, False),
     )
 
 

@@ -42,8 +42,7 @@ def test_dequant_op_passes_opcheck():
     weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
     torch.library.opcheck(
         torch.ops.fastpeft.nf4_dequantize.default,
-        (weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
-         9, 64, 64, torch.float32, torch.float16),
+        (*weight.op_args(), torch.float16),
     )
 
 

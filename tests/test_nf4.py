@@ -34,7 +34,7 @@ def test_quantize_matches_bitsandbytes(shape, dtype, blocksize, double_quant):
     if double_quant:
         assert torch.equal(ours.nested_absmax, state.state2.absmax)
         assert torch.equal(ours.nested_code, state.state2.code)
-        assert ours.nested_offset == state.offset.item()
+        assert ours.nested_offset.dtype == torch.float32 and torch.equal(ours.nested_offset, state.offset)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -47,6 +47,8 @@ def test_from_bnb_is_a_view_and_dequantizes_bit_exact(shape, dtype, blocksize, d
     view = NF4Weight.from_bnb(packed, state)
     assert view.packed.data_ptr() == packed.data_ptr(), "from_bnb must not copy the packed weight"
     assert view.absmax.data_ptr() == state.absmax.data_ptr()
+    if double_quant:  # the offset stays bnb's device tensor: no .item(), no device sync per forward
+        assert view.nested_offset.data_ptr() == state.offset.data_ptr()
     expected = bnb_f.dequantize_4bit(packed, state)
     assert torch.equal(view.dequantize(), expected)
     if dtype == torch.float32:  # float64 is the fp32 values widened exactly: the oracle of kernel tests
@@ -89,6 +91,7 @@ def test_quantisation_error_is_bounded():
     assert (err.view(-1, 64) <= absmax * half_gap * (1 + 1e-6)).all()
     assert err.max() > 0  # the check above is not vacuous
 
+
 def test_bad_inputs_raise_before_work():
     w = torch.randn(8, 64)
     with pytest.raises(ValueError, match="unsupported NF4 blocksize 100"):
@@ -104,6 +107,13 @@ def test_bad_inputs_raise_before_work():
         NF4Weight(good.packed, torch.ones(3), good.shape, good.dtype, 64)
     with pytest.raises(ValueError, match="given together"):
         NF4Weight(good.packed, good.absmax, good.shape, good.dtype, 64, nested_code=dynamic_code())
+    nested = NF4Weight.quantize(w, 64, double_quant=True)
+    with pytest.raises(ValueError, match="nested_offset must be one fp32 value"):
+        NF4Weight(nested.packed, nested.absmax, nested.shape, nested.dtype, 64, nested.nested_code,
+                  nested.nested_absmax, torch.zeros(2))
+    with pytest.raises(ValueError, match="different devices"):
+        NF4Weight(nested.packed, nested.absmax, nested.shape, nested.dtype, 64, nested.nested_code,
+                  nested.nested_absmax, torch.zeros((), device="meta"))
     packed, state = bnb_f.quantize_4bit(w, quant_type="fp4")
     with pytest.raises(ValueError, match="only NF4"):
         NF4Weight.from_bnb(packed, state)

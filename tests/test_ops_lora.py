@@ -109,8 +109,7 @@ def test_nf4_lora_matmul_passes_opcheck(reference_backend):
     a, h, expand = torch.randn(5, 9), torch.randn(5, 3), torch.randn(3, 64)
     torch.library.opcheck(
         torch.ops.fastpeft.nf4_lora_matmul.default,
-        (a, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
-         9, 64, 64, torch.float32, True, torch.randn(64), h, expand, 0.5, torch.rand(64)),
+        (a, *weight.op_args(), True, torch.randn(64), h, expand, 0.5, torch.rand(64)),
     )
     out = nf4_lora_matmul(a, weight, transpose_weight=True, lora_h=h, lora_expand=expand, scaling=0.5)
     assert_rel_close(out, a.double() @ weight.dequantize(torch.float64) + 0.5 * h.double() @ expand.double(),

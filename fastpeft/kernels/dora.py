@@ -36,7 +36,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _dora_norm_kernel(
     w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, a_ptr, b_ptr, norm_ptr,
-    nested_offset, scaling, out_features, in_features, rank,
+    nested_offset_ptr, scaling, out_features, in_features, rank,
     stride_wo, stride_wi, stride_ar, stride_ai, stride_bo, stride_br,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -55,7 +55,7 @@ def _dora_norm_kernel(
         w_idx = offs_o[:, None] * stride_wo + offs_k[None, :] * stride_wi
         if IS_NF4:
             w = nf4_dequant_values(w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-                                   nested_offset, w_idx, w_mask, BLOCKSIZE, NESTED)
+                                   nested_offset_ptr, w_idx, w_mask, BLOCKSIZE, NESTED)
         else:
             w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0).to(tl.float32)
         lora_a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ai,
@@ -113,8 +113,8 @@ def dora_weight_norm(
         blocksize, nested = weight.blocksize, weight.is_nested
         stride_wo, stride_wi = in_features, 1
     else:
-        # the four NF4 pointers are never read (IS_NF4=False)
-        packed, absmax, code, nested_code, nested_absmax, nested_offset = weight, weight, weight, weight, weight, 0.0
+        # the five NF4 pointers are never read (IS_NF4=False)
+        packed, absmax, code, nested_code, nested_absmax, nested_offset = (weight,) * 6
         blocksize, nested = 64, False
         stride_wo, stride_wi = weight.stride()
     _dora_norm_kernel[(triton.cdiv(out_features, BLOCK_O),)](

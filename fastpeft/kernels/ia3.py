@@ -49,7 +49,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _ia3_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     in_scale_ptr, bias_ptr, out_scale_ptr, reduce_rows_ptr, out_ptr, reduced_ptr,
-    nested_offset, M, N, K,
+    nested_offset_ptr, M, N, K,
     stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
@@ -73,7 +73,7 @@ def _ia3_matmul_kernel(
         w_mask = k_mask[:, None] & n_mask[None, :]
         if IS_NF4:
             w = nf4_dequant_values(w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-                                   nested_offset, w_idx, w_mask, BLOCKSIZE, NESTED)
+                                   nested_offset_ptr, w_idx, w_mask, BLOCKSIZE, NESTED)
         else:
             w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
         acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
@@ -163,8 +163,8 @@ def ia3_matmul(
         blocksize, nested = weight.blocksize, weight.is_nested
         stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
     else:
-        # the four NF4 pointers are never read (IS_NF4=False)
-        packed, absmax, code, nested_code, nested_absmax, nested_offset = weight, weight, weight, weight, weight, 0.0
+        # the five NF4 pointers are never read (IS_NF4=False)
+        packed, absmax, code, nested_code, nested_absmax, nested_offset = (weight,) * 6
         blocksize, nested = 64, False
         stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if transpose_weight else weight.stride()
     placeholder = a  # never read: the matching HAS_* flag is False

@@ -27,7 +27,7 @@ _code_cache: dict = {}
 
 @triton.jit
 def nf4_dequant_values(
-    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
+    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
     flat_idx, mask,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
 ):
@@ -41,7 +41,7 @@ def nf4_dequant_values(
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         absmax = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
         absmax = absmax * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        absmax = absmax + nested_offset
+        absmax = absmax + tl.load(nested_offset_ptr)
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return value * absmax
@@ -49,14 +49,13 @@ def nf4_dequant_values(
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, out_ptr,
-    nested_offset, numel,
+    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr, out_ptr, numel,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
     w = nf4_dequant_values(
-        packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
+        packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
         idx, mask, BLOCKSIZE, NESTED,
     )
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -72,12 +71,12 @@ def nf4_code(device: torch.device) -> torch.Tensor:
 
 def nf4_kernel_args(weight: NF4Weight) -> tuple:
     """``(packed, absmax, code, nested_code, nested_absmax, nested_offset)`` in the order
-    ``nf4_dequant_values`` takes them; for a non-nested weight the nested pointers repeat ``absmax``
-    (never read, ``NESTED=False``)."""
+    ``nf4_dequant_values`` takes them (all tensors); for a non-nested weight the nested pointers repeat
+    ``absmax`` (never read, ``NESTED=False``)."""
     if weight.is_nested:
         return (weight.packed, weight.absmax, nf4_code(weight.device), weight.nested_code,
                 weight.nested_absmax, weight.nested_offset)
-    return (weight.packed, weight.absmax, nf4_code(weight.device), weight.absmax, weight.absmax, 0.0)
+    return (weight.packed, weight.absmax, nf4_code(weight.device), weight.absmax, weight.absmax, weight.absmax)
 
 
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None) -> torch.Tensor:
@@ -92,7 +91,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None) -> torch.Tensor
     block = 1024
     packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
     _nf4_dequant_kernel[(triton.cdiv(numel, block),)](
-        packed, absmax, code, nested_code, nested_absmax, out, nested_offset, numel,
+        packed, absmax, code, nested_code, nested_absmax, nested_offset, out, numel,
         BLOCKSIZE=weight.blocksize, NESTED=weight.is_nested, BLOCK=block,
         enable_fp_fusion=False,
     )

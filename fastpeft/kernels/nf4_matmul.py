@@ -67,7 +67,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     bias_ptr, h_ptr, expand_ptr, col_scale_ptr, out_ptr,
-    nested_offset, scaling,
+    nested_offset_ptr, scaling,
     M, N, K, rank, k_per_split,
     stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr, stride_er, stride_en,
     stride_om, stride_on,
@@ -94,7 +94,7 @@ def _nf4_lora_matmul_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
         w = nf4_dequant_values(
-            packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
+            packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
             offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, w_mask, BLOCKSIZE, NESTED,
         ).to(a_ptr.dtype.element_ty)  # one rounding to the input dtype, as dequantize_4bit does
         if USE_DOT:

@@ -44,6 +44,20 @@ class _NF4Base(nn.Module):
         return lora_linear(x, self.weight, self.bias, None, None, 0.0)
 
 
+def dropout_inputs(dropout: nn.Module, x: torch.Tensor) -> tuple:
+    """``(x_dropped, dropout_p)`` for :func:`~fastpeft.ops.lora.lora_linear` from a LoRA dropout module.
+
+    A plain ``nn.Dropout`` becomes ``dropout_p``: the op draws the very mask the module would (same RNG
+    state) and redraws it in backward instead of storing it. Under ``torch.compile`` (dynamo cannot trace
+    the op's RNG-state capture) and for any other module, the module runs and ``dropout(x)`` is passed.
+    """
+    if isinstance(dropout, nn.Identity):
+        return None, 0.0
+    if type(dropout) is nn.Dropout and not torch.compiler.is_compiling():
+        return None, dropout.p if dropout.training else 0.0
+    return dropout(x), 0.0
+
+
 class LoraLinear(nn.Module):
     """LoRA on a frozen linear layer: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
@@ -227,12 +241,7 @@ class LoraLinear(nn.Module):
         weight = self.merged_weight if self.merged_weight is not None else self.base_weight()
         if self.disabled or self.merged:
             return lora_linear(x, weight, self.bias, None, None, 0.0)
-        x_dropped, dropout_p = None, 0.0
-        if type(self.lora_dropout) is nn.Dropout:
-            # the op draws nn.Dropout's own mask and redraws it in backward instead of storing it
-            dropout_p = self.lora_dropout.p if self.lora_dropout.training else 0.0
-        elif not isinstance(self.lora_dropout, nn.Identity):
-            x_dropped = self.lora_dropout(x)
+        x_dropped, dropout_p = dropout_inputs(self.lora_dropout, x)
         return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_dropped, dropout_p)
 
     def extra_repr(self) -> str:

@@ -59,7 +59,7 @@ def _dora_weight_norm_op(
     absmax: Optional[torch.Tensor],
     nested_code: Optional[torch.Tensor],
     nested_absmax: Optional[torch.Tensor],
-    nested_offset: float,
+    nested_offset: Optional[torch.Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,

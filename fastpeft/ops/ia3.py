@@ -39,10 +39,8 @@ def weight_op_args(weight: Weight) -> tuple:
     """A dense or NF4 base weight as the flat arguments a ``torch.library`` op can take:
     ``(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out, in, blocksize, dtype)``."""
     if isinstance(weight, NF4Weight):
-        return (None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
-                weight.nested_offset if weight.is_nested else 0.0, weight.out_features, weight.in_features,
-                weight.blocksize, weight.dtype)
-    return (weight, None, None, None, None, 0.0, weight.shape[0], weight.shape[1], 64, weight.dtype)
+        return (None, *weight.op_args())
+    return (weight, None, None, None, None, None, weight.shape[0], weight.shape[1], 64, weight.dtype)
 
 
 def weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
@@ -50,10 +48,8 @@ def weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, neste
     """Inverse of :func:`weight_op_args`."""
     if dense is not None:
         return dense
-    nested = {}
-    if nested_code is not None:
-        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
-    return NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+    return NF4Weight.from_op_args(packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
+                                  in_features, blocksize, weight_dtype)
 
 
 @torch.library.custom_op("fastpeft::ia3_matmul", mutates_args=())
@@ -64,7 +60,7 @@ def _ia3_matmul_op(
     absmax: Optional[torch.Tensor],
     nested_code: Optional[torch.Tensor],
     nested_absmax: Optional[torch.Tensor],
-    nested_offset: float,
+    nested_offset: Optional[torch.Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,

@@ -54,7 +54,7 @@ def _nf4_lora_matmul_op(
     absmax: torch.Tensor,
     nested_code: Optional[torch.Tensor],
     nested_absmax: Optional[torch.Tensor],
-    nested_offset: float,
+    nested_offset: Optional[torch.Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,
@@ -66,10 +66,8 @@ def _nf4_lora_matmul_op(
     scaling: float,
     col_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    nested = {}
-    if nested_code is not None:
-        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
-    weight = NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+    weight = NF4Weight.from_op_args(packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
+                                    in_features, blocksize, weight_dtype)
     if backend_for(a.device) == "triton":
         from ..kernels.nf4_matmul import nf4_lora_matmul as kernel
 
@@ -109,11 +107,8 @@ def nf4_lora_matmul(
     block: ``lora_linear`` differentiates through it)."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-    return _nf4_lora_matmul_op(
-        a, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
-        weight.nested_offset if weight.is_nested else 0.0, weight.out_features, weight.in_features,
-        weight.blocksize, weight.dtype, transpose_weight, bias, lora_h, lora_expand, float(scaling), col_scale,
-    )
+    return _nf4_lora_matmul_op(a, *weight.op_args(), transpose_weight, bias, lora_h, lora_expand, float(scaling),
+                               col_scale)
 
 
 def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_expand, scaling: float):

@@ -17,17 +17,15 @@ def _nf4_dequantize_op(
     absmax: torch.Tensor,
     nested_code: Optional[torch.Tensor],
     nested_absmax: Optional[torch.Tensor],
-    nested_offset: float,
+    nested_offset: Optional[torch.Tensor],
     out_features: int,
     in_features: int,
     blocksize: int,
     weight_dtype: torch.dtype,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    nested = {}
-    if nested_code is not None:
-        nested = dict(nested_code=nested_code, nested_absmax=nested_absmax, nested_offset=nested_offset)
-    weight = NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, **nested)
+    weight = NF4Weight.from_op_args(packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
+                                    in_features, blocksize, weight_dtype)
     if backend_for(packed.device) == "triton":
         from ..kernels.nf4 import nf4_dequantize
 
@@ -49,8 +47,4 @@ def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> to
     dtype = weight.dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"NF4 dequantisation produces float32, float16 or bfloat16, not {dtype}")
-    return _nf4_dequantize_op(
-        weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax,
-        weight.nested_offset if weight.is_nested else 0.0,
-        weight.out_features, weight.in_features, weight.blocksize, weight.dtype, dtype,
-    )
+    return _nf4_dequantize_op(*weight.op_args(), dtype)
