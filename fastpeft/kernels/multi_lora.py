@@ -50,26 +50,34 @@ FUSED = {"decode": False, "prefill": False}
 
 
 @triton.jit
-def _multi_lora_shrink_kernel(
-    x_ptr, lora_a_ptr, ranks_ptr, order_ptr, tiles_ptr, h_ptr,
-    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hr,
-    in_features,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-):
+def _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its adapter (int64), that adapter's rank, the tile's token rows and their mask."""
     tile = tl.program_id(0)
-    r_start = tl.program_id(1) * BLOCK_R
     adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     rank = tl.load(ranks_ptr + adapter)
-    if r_start >= rank:
-        return
     start = tl.load(tiles_ptr + tile * 3 + 1)
     length = tl.load(tiles_ptr + tile * 3 + 2)
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < length
     rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_r = r_start + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    a_base = lora_a_ptr + adapter * stride_an
+    return adapter, rank, rows, m_mask
+
+
+@triton.jit
+def _mma(acc, a, b, USE_DOT: tl.constexpr):
+    """``acc + a @ b`` in fp32: ``tl.dot`` for prefill tiles, broadcast-multiply-sum for 1-row decode tiles."""
+    if USE_DOT:
+        acc += tl.dot(a, b, input_precision="ieee")
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak,
+                  in_features, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_DOT: tl.constexpr):
+    """fp32 ``(BLOCK_M, BLOCK_R)`` block ``x[rows] A_k[offs_r]ᵀ``."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k_start in range(0, in_features, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -78,10 +86,43 @@ def _multi_lora_shrink_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(x, a, input_precision="ieee")
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], axis=1)
+        acc = _mma(acc, x, a, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br):
+    """``(BLOCK_R, BLOCK_N)`` block of ``B_kᵀ``."""
+    return tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
+                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
+                stride_wm, stride_ym, stride_yo):
+    """``y[rows, offs_n] += w[rows] · s_k · acc`` with one rounding into ``y``."""
+    scale = tl.load(scalings_ptr + adapter) * tl.load(weights_ptr + rows * stride_wm, mask=m_mask, other=0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yo
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _multi_lora_shrink_kernel(
+    x_ptr, lora_a_ptr, ranks_ptr, order_ptr, tiles_ptr, h_ptr,
+    stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hr,
+    in_features,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    adapter, rank, rows, m_mask = _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M)
+    r_start = tl.program_id(1) * BLOCK_R
+    if r_start >= rank:
+        return
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    acc = _shrink_block(x_ptr, lora_a_ptr + adapter * stride_an, rows, m_mask, offs_r, r_mask,
+                        stride_xm, stride_xk, stride_ar, stride_ak, in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
     tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc.to(h_ptr.dtype.element_ty),
              mask=m_mask[:, None] & r_mask[None, :])
 
@@ -93,16 +134,9 @@ def _multi_lora_expand_kernel(
     out_features,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    rank = tl.load(ranks_ptr + adapter)
+    adapter, rank, rows, m_mask = _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M)
     if rank == 0:
         return
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    length = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < length
-    rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_features
     b_base = lora_b_ptr + adapter * stride_bn
@@ -113,17 +147,9 @@ def _multi_lora_expand_kernel(
         r_mask = offs_r < rank
         h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(h, b, input_precision="ieee")
-        else:
-            acc += tl.sum(h.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    scale = tl.load(scalings_ptr + adapter) * tl.load(weights_ptr + rows * stride_wm, mask=m_mask, other=0.0)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yo
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
+    _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
+                stride_wm, stride_ym, stride_yo)
 
 
 @triton.jit
@@ -135,16 +161,9 @@ def _multi_lora_fused_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    rank = tl.load(ranks_ptr + adapter)
+    adapter, rank, rows, m_mask = _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M)
     if rank == 0:
         return
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    length = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < length
-    rows = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_features
     a_base = lora_a_ptr + adapter * stride_an
@@ -153,31 +172,13 @@ def _multi_lora_fused_kernel(
     for r_start in range(0, rank, BLOCK_R):
         offs_r = r_start + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k_start in range(0, in_features, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < in_features
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
-                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            if USE_DOT:
-                h += tl.dot(x, a, input_precision="ieee")
-            else:
-                h += tl.sum(x.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], axis=1)
+        h = _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak,
+                          in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
         # h is rounded to x's dtype, as the two-launch path (and the reference) store it
-        h_in = h.to(x_ptr.dtype.element_ty)
-        b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(h_in, b, input_precision="ieee")
-        else:
-            acc += tl.sum(h_in.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    scale = tl.load(scalings_ptr + adapter) * tl.load(weights_ptr + rows * stride_wm, mask=m_mask, other=0.0)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yo
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        h = h.to(x_ptr.dtype.element_ty)
+        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
+    _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
+                stride_wm, stride_ym, stride_yo)
 
 
 def multi_lora_add_(
