@@ -39,17 +39,17 @@ rounded to ``x.dtype`` (PEFT: ``W + s B A`` formed in ``x.dtype`` first).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
+from .inputs import Weight, check_linear_inputs, check_lora_factors
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .lora import _base_matmul
 
-Weight = Union[torch.Tensor, NF4Weight]
 
 
 @torch.library.custom_op("fastpeft::dora_weight_norm", mutates_args=())
@@ -174,26 +174,8 @@ def dora_linear(
     x_dropped: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DoRA ``(..., out)`` in ``x.dtype``; see the module docstring for shapes, dropout and dtypes."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("the base weight must be frozen (requires_grad=False): dora_linear gives it no gradient")
-    elif not isinstance(weight, NF4Weight):
-        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
-    out_features, in_features = weight.shape
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
-    rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
-    if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or tuple(lora_b.shape) != (out_features, rank):
-        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
-                         f"and ({out_features}, r)")
+    out_features, in_features = check_linear_inputs("dora_linear", x, weight, bias)
+    check_lora_factors(lora_a, lora_b, out_features, in_features)
     if tuple(magnitude.shape) != (out_features,):
         raise ValueError(f"magnitude must be ({out_features},), got {tuple(magnitude.shape)}")
     if x_dropped is not None and x_dropped.shape != x.shape:

@@ -24,15 +24,15 @@ back; the two agree when the dtypes match.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
+from .inputs import Weight, check_linear_inputs
 
-Weight = Union[torch.Tensor, NF4Weight]
 
 
 def weight_op_args(weight: Weight) -> tuple:
@@ -175,22 +175,7 @@ def ia3_linear(
 ) -> torch.Tensor:
     """IA3 ``(x ⊙ l) Wᵀ + b`` (feed-forward) or ``(x Wᵀ + b) ⊙ l`` as ``(..., out)`` in ``x.dtype``; see the
     module docstring."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("the base weight must be frozen (requires_grad=False): ia3_linear gives it no gradient")
-    elif not isinstance(weight, NF4Weight):
-        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
-    out_features, in_features = weight.shape
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
     expected = in_features if is_feedforward else out_features
     if not isinstance(ia3_scale, torch.Tensor) or tuple(ia3_scale.shape) != (expected,):
         raise ValueError(

@@ -35,7 +35,7 @@ dtype; the two agree whenever adapter and input dtypes match.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
+from .inputs import Weight, check_linear_inputs, check_lora_factors
 
-Weight = Union[torch.Tensor, NF4Weight]
 
 
 @torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
@@ -216,34 +216,11 @@ def lora_linear(
 ) -> torch.Tensor:
     """LoRA / QLoRA ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as ``(..., out)`` in ``x.dtype``; see the
     module docstring for shapes, dropout and dtypes."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
-    if isinstance(weight, NF4Weight):
-        out_features, in_features = weight.shape
-    elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("the base weight must be frozen (requires_grad=False): lora_linear gives it no gradient")
-        out_features, in_features = weight.shape
-    else:
-        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    out_features, in_features = check_linear_inputs("lora_linear", x, weight, bias)
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
     if lora_a is not None:
-        rank = lora_a.shape[0]
-        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_features or \
-                tuple(lora_b.shape) != (out_features, rank):
-            raise ValueError(
-                f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) and "
-                f"({out_features}, r)"
-            )
+        check_lora_factors(lora_a, lora_b, out_features, in_features)
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")

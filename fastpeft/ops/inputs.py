@@ -1,0 +1,44 @@
+"""Input checks shared by the linear ops (``lora_linear``, ``dora_linear``, ``ia3_linear``): every bad
+input is a ``ValueError`` / ``TypeError`` naming the values, raised before any kernel launches."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..nf4 import NF4Weight
+
+Weight = Union[torch.Tensor, NF4Weight]
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor]) -> tuple:
+    """``x`` ``(..., in)`` floating point, ``weight`` a frozen dense ``(out, in)`` tensor or an
+    :class:`NF4Weight` on ``x``'s device, ``bias`` ``(out,)`` or None; returns ``(out, in)``. ``op`` names
+    the caller in the frozen-weight message."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x dtype must be floating point, got {x.dtype}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"the base weight must be frozen (requires_grad=False): {op} gives it no gradient")
+    elif not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    out_features, in_features = weight.shape
+    if weight.device != x.device:
+        raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    return out_features, in_features
+
+
+def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int, in_features: int) -> None:
+    """``lora_a`` ``(r, in)`` and ``lora_b`` ``(out, r)``."""
+    rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
+                         f"and ({out_features}, r)")
