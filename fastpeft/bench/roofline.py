@@ -19,18 +19,24 @@ _COPY_BYTES = 1024 ** 3  # 1 GiB each way: far beyond any L2
 _MATMUL_N = 8192
 
 
+def _measure_copy(device: torch.device, warmup: int, repeats: int):
+    src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return measure(lambda i: dst.copy_(src), device, warmup, repeats)
+
+
+def _measure_matmul(device: torch.device, warmup: int, repeats: int):
+    a = torch.randn(_MATMUL_N, _MATMUL_N, dtype=torch.bfloat16, device=device)
+    b = torch.randn(_MATMUL_N, _MATMUL_N, dtype=torch.bfloat16, device=device)
+    return measure(lambda i: a @ b, device, warmup, repeats)
+
+
 def measure_roofline(device: torch.device, warmup: int = 3, repeats: int = 10) -> dict:
     """``{"hbm_bytes_per_s", "bf16_flop_per_s", "copy_bytes", "matmul_n", "method"}`` on a CUDA device."""
     if device.type != "cuda":
         raise ValueError(f"the roofline is measured on a CUDA device, not {device}")
-    src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = measure(lambda i: dst.copy_(src), device, warmup, repeats)
-    del src, dst
-    a = torch.randn(_MATMUL_N, _MATMUL_N, dtype=torch.bfloat16, device=device)
-    b = torch.randn(_MATMUL_N, _MATMUL_N, dtype=torch.bfloat16, device=device)
-    matmul = measure(lambda i: a @ b, device, warmup, repeats)
-    del a, b
+    copy = _measure_copy(device, warmup, repeats)  # each buffer freed on return, before the next is made
+    matmul = _measure_matmul(device, warmup, repeats)
     torch.cuda.empty_cache()
     return {
         "hbm_bytes_per_s": 2 * _COPY_BYTES / (copy.median_ms * 1e-3),
