@@ -60,6 +60,35 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
+
+class Holder(torch.nn.Module):
+    """A one-layer model (``.proj``) so PEFT can wrap a single layer."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+
+def bnb_linear4bit(in_features: int, out_features: int, with_bias: bool):
+    """A double-quantised NF4 ``bitsandbytes.nn.Linear4bit`` with fp32 compute, from a random dense layer."""
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = torch.nn.Linear(in_features, out_features, bias=with_bias)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=with_bias, compute_dtype=torch.float32,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+    if with_bias:
+        layer.bias = torch.nn.Parameter(dense.bias.data.clone())
+    return layer.to(DEVICE)
+
+
+def layer_grads(layer, x, dy, params):
+    """``(layer(x), dx, *d params)`` for the upstream gradient ``dy``."""
+    x = x.detach().requires_grad_()  # keeps a non-contiguous view as it is
+    y = layer(x)
+    return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+
 # Odd sizes: not multiples of any block size a kernel uses.
 ODD_SHAPES = [(1, 33, 17), (7, 65, 47), (19, 129, 95)]  # (M, in, out)
 

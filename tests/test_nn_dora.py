@@ -11,38 +11,21 @@ from torch import nn
 from fastpeft import load_adapter
 from fastpeft.nn import DoraLinear
 
-from conftest import DEVICE, assert_rel_close, make_tiny_llama, non_contiguous, save_peft_adapter
+from conftest import (DEVICE, Holder, assert_rel_close, bnb_linear4bit, layer_grads, make_tiny_llama, non_contiguous,
+                      save_peft_adapter)
 
 peft = pytest.importorskip("peft")
-
-
-class _Holder(nn.Module):
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-
-def _bnb_linear4bit(in_features, out_features, with_bias):
-    bnb = pytest.importorskip("bitsandbytes")
-    dense = nn.Linear(in_features, out_features, bias=with_bias)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=with_bias, compute_dtype=torch.float32,
-                              compress_statistics=True, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4")
-    if with_bias:
-        layer.bias = nn.Parameter(dense.bias.data.clone())
-    return layer.to(DEVICE)
 
 
 def _pair(nf4, with_bias, dropout=0.0, use_rslora=False):
     """A PEFT DoRA layer (random A, B, magnitude) and a DoraLinear built independently with copies of them."""
     # in_features a multiple of 64: bitsandbytes' CPU dequantiser is wrong for blocks spanning rows
-    base = _bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
+    base = bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
     ours = DoraLinear(copy.deepcopy(base), r=8, lora_alpha=16, lora_dropout=dropout, use_rslora=use_rslora,
                       init_lora_weights=False)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, use_rslora=use_rslora, use_dora=True,
                              target_modules=["proj"], init_lora_weights=False)
-    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     with torch.no_grad():
         ours.lora_A.copy_(theirs.lora_A["default"].weight)
         ours.lora_B.copy_(theirs.lora_B["default"].weight)
@@ -54,13 +37,8 @@ def _pair(nf4, with_bias, dropout=0.0, use_rslora=False):
 
 
 def _peft_params(layer):
-    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight]
-
-
-def _grads(layer, x, dy, params):
-    x = x.detach().requires_grad_()
-    y = layer(x)
-    return (y, *torch.autograd.grad(y, [x, *params], dy))
+    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+            layer.lora_magnitude_vector["default"].weight]
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -72,8 +50,8 @@ def test_matches_peft(nf4, with_bias, use_rslora):
     assert ours.scaling == pytest.approx(theirs.scaling["default"])
     x = non_contiguous(torch.randn(2, 5, ours.in_features, device=DEVICE))
     dy = torch.randn(2, 5, 40)
-    y_ref, *ref = _grads(theirs, x, dy, _peft_params(theirs))
-    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
+    y_ref, *ref = layer_grads(theirs, x, dy, _peft_params(theirs))
+    y, *got = layer_grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -90,9 +68,9 @@ def test_dropout_in_training_matches_peft_with_the_same_mask(nf4):
     theirs.train(), ours.train()
     x, dy = torch.randn(3, 4, ours.in_features), torch.randn(3, 4, 40)
     torch.manual_seed(1)
-    y_ref, *ref = _grads(theirs, x, dy, _peft_params(theirs))
+    y_ref, *ref = layer_grads(theirs, x, dy, _peft_params(theirs))
     torch.manual_seed(1)
-    y, *got = _grads(ours, x, dy, _peft_params(theirs))
+    y, *got = layer_grads(ours, x, dy, _peft_params(theirs))
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -168,8 +146,8 @@ def test_matches_peft_on_triton_kernels(triton_backend):
     theirs, ours = _pair(nf4=True, with_bias=True)
     theirs.eval(), ours.eval()
     x, dy = torch.randn(19, 128), torch.randn(19, 40)
-    y_ref, *ref = _grads(theirs, x, dy, _peft_params(theirs))
-    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
+    y_ref, *ref = layer_grads(theirs, x, dy, _peft_params(theirs))
+    y, *got = layer_grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -181,13 +159,13 @@ def test_fp16_base_matches_peft():
     base = nn.Linear(64, 40).half()
     ours = DoraLinear(copy.deepcopy(base), r=8, lora_alpha=16, init_lora_weights=False)
     config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["proj"], init_lora_weights=False)
-    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     with torch.no_grad():
         for mine, peft_param in zip([ours.lora_A, ours.lora_B, ours.lora_magnitude_vector], _peft_params(theirs)):
             mine.copy_(peft_param)
     x, dy = torch.randn(5, 64, dtype=torch.float16), torch.randn(5, 40, dtype=torch.float16)
-    y_ref, *ref = _grads(theirs, x, dy, _peft_params(theirs))
-    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
+    y_ref, *ref = layer_grads(theirs, x, dy, _peft_params(theirs))
+    y, *got = layer_grads(ours, x, dy, [ours.lora_A, ours.lora_B, ours.lora_magnitude_vector])
     assert y.dtype == torch.float16
     assert_rel_close(y, y_ref, torch.float16)
     for g, g_ref in zip(got, ref):

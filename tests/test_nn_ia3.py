@@ -12,24 +12,33 @@ from fastpeft import load_adapter
 from fastpeft.nf4 import NF4Weight
 from fastpeft.nn import IA3Linear
 
-from conftest import DEVICE, assert_rel_close, make_tiny_llama, non_contiguous, save_peft_adapter
-from test_nn_dora import _bnb_linear4bit, _grads, _Holder
+from conftest import (DEVICE, Holder, assert_rel_close, bnb_linear4bit, layer_grads, make_tiny_llama, non_contiguous,
+                      save_peft_adapter)
 
 peft = pytest.importorskip("peft")
 
 
 def _pair(nf4, with_bias, is_feedforward):
     """A PEFT IA3 layer (random vector) and an IA3Linear built independently with a copy of it."""
-    base = _bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
+    base = bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
     ours = IA3Linear(copy.deepcopy(base), is_feedforward=is_feedforward, init_ia3_weights=False)
     config = peft.IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if is_feedforward else [],
                             init_ia3_weights=False)
-    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     assert theirs.is_feedforward == is_feedforward
     assert ours.ia3_l.shape == theirs.ia3_l["default"].shape
     with torch.no_grad():
         ours.ia3_l.copy_(theirs.ia3_l["default"])
     return theirs, ours
+
+
+def _assert_same_outputs_and_grads(theirs, ours, x, dy):
+    """Outputs, dx and d ia3_l of PEFT's layer and ours, fp32 rounding apart."""
+    y_ref, *ref = layer_grads(theirs, x, dy, [theirs.ia3_l["default"]])
+    y, *got = layer_grads(ours, x, dy, [ours.ia3_l])
+    assert_rel_close(y, y_ref, torch.float32)
+    for g, g_ref in zip(got, ref):
+        assert_rel_close(g, g_ref, torch.float32)
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])
@@ -39,11 +48,7 @@ def test_matches_peft(nf4, with_bias, is_feedforward):
     theirs, ours = _pair(nf4, with_bias, is_feedforward)
     x = non_contiguous(torch.randn(2, 5, ours.in_features, device=DEVICE))
     dy = torch.randn(2, 5, 40)
-    y_ref, *ref = _grads(theirs, x, dy, [theirs.ia3_l["default"]])
-    y, *got = _grads(ours, x, dy, [ours.ia3_l])
-    assert_rel_close(y, y_ref, torch.float32)
-    for g, g_ref in zip(got, ref):
-        assert_rel_close(g, g_ref, torch.float32)
+    _assert_same_outputs_and_grads(theirs, ours, x, dy)
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])
@@ -119,11 +124,7 @@ def test_matches_peft_on_triton_kernels(triton_backend, is_feedforward):
     """The NF4 layer end to end on the Triton kernels (interpreter on CPU)."""
     theirs, ours = _pair(True, True, is_feedforward)
     x, dy = torch.randn(19, 128), torch.randn(19, 40)
-    y_ref, *ref = _grads(theirs, x, dy, [theirs.ia3_l["default"]])
-    y, *got = _grads(ours, x, dy, [ours.ia3_l])
-    assert_rel_close(y, y_ref, torch.float32)
-    for g, g_ref in zip(got, ref):
-        assert_rel_close(g, g_ref, torch.float32)
+    _assert_same_outputs_and_grads(theirs, ours, x, dy)
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])
@@ -133,13 +134,13 @@ def test_fp16_base_matches_peft(is_feedforward):
     ours = IA3Linear(copy.deepcopy(base), is_feedforward, init_ia3_weights=False)
     config = peft.IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if is_feedforward else [],
                             init_ia3_weights=False)
-    theirs = peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     assert ours.ia3_l.dtype == theirs.ia3_l["default"].dtype == torch.float32
     with torch.no_grad():
         ours.ia3_l.copy_(theirs.ia3_l["default"])
     x, dy = torch.randn(5, 64, dtype=torch.float16), torch.randn(5, 40, dtype=torch.float16)
-    y_ref, *ref = _grads(theirs, x, dy, [theirs.ia3_l["default"]])
-    y, *got = _grads(ours, x, dy, [ours.ia3_l])
+    y_ref, *ref = layer_grads(theirs, x, dy, [theirs.ia3_l["default"]])
+    y, *got = layer_grads(ours, x, dy, [ours.ia3_l])
     assert y.dtype == torch.float16
     assert_rel_close(y, y_ref, torch.float16)
     for g, g_ref in zip(got, ref):

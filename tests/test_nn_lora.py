@@ -11,39 +11,21 @@ from torch import nn
 from fastpeft.nf4 import NF4Weight
 from fastpeft.nn import LoraLinear
 
-from conftest import DEVICE, assert_rel_close, non_contiguous
+from conftest import DEVICE, Holder, assert_rel_close, bnb_linear4bit, layer_grads, non_contiguous
 
 peft = pytest.importorskip("peft")
-
-
-class _Holder(nn.Module):
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-
-def _bnb_linear4bit(in_features, out_features, with_bias):
-    bnb = pytest.importorskip("bitsandbytes")
-    dense = nn.Linear(in_features, out_features, bias=with_bias)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=with_bias, compute_dtype=torch.float32,
-                              compress_statistics=True, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4")
-    if with_bias:
-        layer.bias = nn.Parameter(dense.bias.data.clone())
-    return layer.to(DEVICE)
 
 
 def _peft_layer(base, r, alpha, dropout, use_rslora):
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                              target_modules=["proj"], init_lora_weights=False)
-    return peft.get_peft_model(_Holder(base), config).base_model.model.proj
+    return peft.get_peft_model(Holder(base), config).base_model.model.proj
 
 
 def _pair(nf4, with_bias, r=8, alpha=16, dropout=0.0, use_rslora=False):
     """A PEFT layer (non-trivial A and B) and a LoraLinear built independently with copies of its weights."""
     # in_features a multiple of 64: bitsandbytes' CPU dequantiser is wrong for blocks spanning rows
-    base = _bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
+    base = bnb_linear4bit(128, 40, with_bias) if nf4 else nn.Linear(64, 40, bias=with_bias)
     ours_base = copy.deepcopy(base)
     theirs = _peft_layer(base, r, alpha, dropout, use_rslora)
     ours = LoraLinear(ours_base, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
@@ -54,12 +36,6 @@ def _pair(nf4, with_bias, r=8, alpha=16, dropout=0.0, use_rslora=False):
     return theirs, ours
 
 
-def _grads(layer, x, dy, params):
-    x = x.detach().requires_grad_()  # keeps a non-contiguous view as it is
-    y = layer(x)
-    return (y, *torch.autograd.grad(y, [x, *params], dy))
-
-
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("nf4", [False, True])
@@ -68,8 +44,9 @@ def test_matches_peft(nf4, with_bias, use_rslora):
     theirs.eval(), ours.eval()  # dropout off: PEFT draws its mask from torch's RNG in its own order
     assert ours.scaling == pytest.approx(theirs.scaling["default"])
     x = torch.randn(2, 5, ours.in_features, device=DEVICE)
-    y_ref, *ref = _grads(theirs, x, torch.ones(2, 5, 40), [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
-    y, *got = _grads(ours, x, torch.ones(2, 5, 40), [ours.lora_A, ours.lora_B])
+    y_ref, *ref = layer_grads(theirs, x, torch.ones(2, 5, 40),
+                              [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y, *got = layer_grads(ours, x, torch.ones(2, 5, 40), [ours.lora_A, ours.lora_B])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -84,9 +61,9 @@ def test_dropout_in_training_matches_peft_with_the_same_mask(nf4, wrapped_dropou
     x = torch.randn(7, ours.in_features, device=DEVICE)
     dy = torch.randn(7, 40, device=DEVICE)
     torch.manual_seed(1)
-    y_ref, *ref = _grads(theirs.train(), x, dy, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y_ref, *ref = layer_grads(theirs.train(), x, dy, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
     torch.manual_seed(1)  # both draw one Bernoulli mask of x's shape, first thing in their forward
-    y, *got = _grads(ours.train(), x, dy, [ours.lora_A, ours.lora_B])
+    y, *got = layer_grads(ours.train(), x, dy, [ours.lora_A, ours.lora_B])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -96,8 +73,9 @@ def test_triton_kernels_match_peft_4bit(triton_backend):
     theirs, ours = _pair(nf4=True, with_bias=True, r=16)
     x = non_contiguous(torch.randn(3, 2, 128, device=DEVICE))
     dy = torch.randn(3, 2, 40, device=DEVICE)
-    y_ref, *ref = _grads(theirs, x.contiguous(), dy, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
-    y, *got = _grads(ours, x, dy, [ours.lora_A, ours.lora_B])
+    y_ref, *ref = layer_grads(theirs, x.contiguous(), dy,
+                              [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y, *got = layer_grads(ours, x, dy, [ours.lora_A, ours.lora_B])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float32)
@@ -175,7 +153,7 @@ def test_from_parameters_on_a_peft_layer_trains_peft_parameters(nf4):
                                       theirs.lora_dropout["default"])
     x = torch.randn(6, ours.in_features, device=DEVICE)
     dy = torch.randn(6, 40, device=DEVICE)
-    y_ref, *ref = _grads(theirs.eval(), x, dy, [lora_a, lora_b])
+    y_ref, *ref = layer_grads(theirs.eval(), x, dy, [lora_a, lora_b])
     y = ours.eval()(x)
     y.backward(dy)
     assert_rel_close(y, y_ref, torch.float32)
@@ -216,7 +194,7 @@ def test_swapped_into_a_4bit_peft_llama(tiny_llama_dir, monkeypatch, backend):
 
 
 def test_refuses_a_linear4bit_repacked_by_bitsandbytes():
-    base = _bnb_linear4bit(128, 64, with_bias=False)
+    base = bnb_linear4bit(128, 64, with_bias=False)
     layer = LoraLinear(base, r=2)
     base.weight.quant_state.packing_format_for_cpu = True  # what bitsandbytes' CPU eval forward leaves behind
     with pytest.raises(ValueError, match="repacked this Linear4bit"):

@@ -12,7 +12,6 @@ PEFT divides by ``l + 1e-8``; both are exact only up to rounding, and neither wo
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
@@ -82,6 +81,7 @@ class IA3Linear(nn.Module):
     base_weight = LoraLinear.base_weight
     bias = LoraLinear.bias
     is_nf4 = LoraLinear.is_nf4
+    disable_adapter = LoraLinear.disable_adapter  # base alone inside the block, unmerged for the duration
 
     @torch.no_grad()
     def merge(self):
@@ -106,19 +106,6 @@ class IA3Linear(nn.Module):
         if not self.is_feedforward and self.base_layer.bias is not None:
             self.base_layer.bias.div_(scale.view(-1).to(self.base_layer.bias.dtype))
         self.merged = False
-
-    @contextmanager
-    def disable_adapter(self):
-        """Run the base layer alone inside the block (unmerging for the duration if merged)."""
-        was_merged = self.merged
-        self.unmerge()
-        self.disabled = True
-        try:
-            yield self
-        finally:
-            self.disabled = False
-            if was_merged:
-                self.merge()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
