@@ -1,6 +1,7 @@
 """DistributedDataParallel over fastpeft layers: 2 CPU processes on the gloo backend, each with half the batch,
 end with the gradients of one process on the whole batch (accelerated PEFT LoRA dense and 4-bit, injected DoRA)."""
 
+import gc
 import importlib.util
 
 import pytest
@@ -46,6 +47,12 @@ def _worker(rank, init_file, tiny_llama_dir, out_file):
                 continue
             ddp = torch.nn.parallel.DistributedDataParallel(_model(case, tiny_llama_dir))
             results[case] = _grads(ddp, TOKENS[rank::WORLD])  # equal shards: DDP's mean is the batch mean
+            # Free DDP's Reducer while the process group is still registered: if the Reducer drops the
+            # group's last reference, ~ProcessGroupGloo joins its worker thread with the GIL held while
+            # that thread may need the GIL to free its last work (torch 2.13; a hang seen here), whereas
+            # destroy_process_group releases the GIL first.
+            del ddp
+            gc.collect()
         if rank == 0:
             torch.save(results, out_file)
     finally:
