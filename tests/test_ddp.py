@@ -3,6 +3,7 @@ end with the gradients of one process on the whole batch (accelerated PEFT LoRA 
 
 import gc
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ peft = pytest.importorskip("peft")
 WORLD = 2
 TOKENS = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
 CASES = ["accelerate-lora", "inject-dora", "accelerate-lora-4bit"]
+WORKER_TIMEOUT_S = 300  # about 15 s on 2 CPU cores
 
 
 def _model(case, tiny_llama_dir):
@@ -66,8 +68,14 @@ def _has_bitsandbytes():
 def test_ddp_gradients_equal_single_process(tmp_path, tiny_llama_dir):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tiny_llama_dir), str(tmp_path / "grads.pt")),
-             nprocs=WORLD, join=True)
+    workers = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tiny_llama_dir), str(tmp_path / "grads.pt")),
+                       nprocs=WORLD, join=False)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:  # a hang fails this test instead of stalling the whole run
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the DDP workers did not finish in {WORKER_TIMEOUT_S} s")
     results = torch.load(tmp_path / "grads.pt")
     assert set(results) == set(CASES if _has_bitsandbytes() else CASES[:-1])
     for case, grads in results.items():
