@@ -143,13 +143,16 @@ def multi_lora_delta(
     scalings: Sequence[float],
     adapter_ids: torch.Tensor,
     adapter_weights: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The LoRA part of a multi-LoRA layer with weighted combinations: ``(..., out)`` in ``x.dtype``,
     ``Σ_j w[t, j] · s_k · (x[t] A_kᵀ) B_kᵀ`` with ``k = adapter_ids[t, j]`` (``-1``: empty slot).
 
     ``adapter_ids`` is int ``x.shape[:-1] + (S,)`` (S slots per token) and ``adapter_weights`` float
     of the same shape (None: all 1). With ``S = 1`` and no weights, ``multi_lora_linear`` is
-    ``F.linear(x, W, b) + multi_lora_delta(x, ..., adapter_ids[..., None])``.
+    ``F.linear(x, W, b) + multi_lora_delta(x, ..., adapter_ids[..., None])``. ``out``: a 2-D ``(M, out)``
+    tensor (``x`` then 2-D too) the terms are added to in place and which is returned, instead of a new
+    zero tensor (the inference path: no temporary, no extra pass).
     """
     if adapter_ids.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"adapter_ids shape {tuple(adapter_ids.shape)} must be x.shape[:-1] + (slots,)")
@@ -159,12 +162,17 @@ def multi_lora_delta(
     if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
         raise ValueError(f"adapter ids must be in [-1, {n - 1}], got range [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
     out_features = lora_bs[0].shape[0] if n else 0
-    delta = x.new_zeros(*x.shape[:-1], out_features)
-    for k in range(n):
+    x2d = x.reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(x2d.shape[0], -1)
+    weights = adapter_weights.reshape(ids.shape).to(x.dtype)
+    if out is not None and (x.dim() != 2 or tuple(out.shape) != (x.shape[0], out_features)):
+        raise ValueError(f"out needs a 2-D x (M, in) and is (M, {out_features}); got x {tuple(x.shape)}, out "
+                         f"{tuple(out.shape)}")
+    delta = x.new_zeros(x2d.shape[0], out_features) if out is None else out
+    for k in torch.unique(ids[ids >= 0]).tolist():  # only the adapters the batch names
         # per token, the summed weight of every slot naming adapter k; only those tokens are computed
-        weight_k = torch.where(adapter_ids == k, adapter_weights.to(x.dtype), 0).sum(-1)
-        tokens = weight_k.nonzero(as_tuple=True)
-        if tokens[0].numel():
-            lora = scalings[k] * F.linear(F.linear(x[tokens], lora_as[k]), lora_bs[k])
-            delta = delta.index_put(tokens, delta[tokens] + weight_k[tokens].unsqueeze(-1) * lora)
-    return delta
+        weight_k = torch.where(ids == k, weights, 0).sum(-1)
+        rows = weight_k.nonzero().squeeze(1)
+        lora = scalings[k] * F.linear(F.linear(x2d.index_select(0, rows), lora_as[k]), lora_bs[k])
+        delta.index_add_(0, rows, weight_k[rows].unsqueeze(-1) * lora)
+    return delta if out is not None else delta.view(*x.shape[:-1], out_features)

@@ -5,6 +5,7 @@ which would make a comparison vacuous). Dropout is replaced by a fixed mask so b
 elements: that checks *where* PEFT applies dropout (DoRA recomputes the base on the dropped input).
 """
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -202,6 +203,31 @@ def test_multi_lora_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match="adapter_ids shape"):
         reference.multi_lora_linear(x, w, None, a, b, [1.0], torch.tensor([0]))
 
+
+
+def test_multi_lora_delta_weighted_slots_out_and_gradients():
+    d = dict(dtype=torch.float64)
+    x = torch.randn(2, 3, 6, **d, requires_grad=True)
+    a = [torch.randn(r, 6, **d, requires_grad=True) for r in (2, 3, 1)]
+    b = [torch.randn(5, r, **d, requires_grad=True) for r in (2, 3, 1)]
+    ids = torch.tensor([[[0, 2], [1, -1], [-1, -1]], [[2, 2], [0, 1], [1, 0]]])
+    weights = torch.rand(ids.shape, **d)
+    scalings = [0.5, 2.0, 1.5]
+    delta = reference.multi_lora_delta(x, a, b, scalings, ids, weights)
+    expected = torch.zeros(2, 3, 5, **d)
+    for t in np.ndindex(2, 3):
+        for k, w in zip(ids[t].tolist(), weights[t].tolist()):
+            if k >= 0:
+                expected[t] += w * scalings[k] * (b[k] @ (a[k] @ x[t]))
+    torch.testing.assert_close(delta, expected)
+    y = torch.randn(6, 5, **d)
+    got = reference.multi_lora_delta(x.detach().reshape(6, 6), a, b, scalings, ids.reshape(6, 2),
+                                     weights.reshape(6, 2), out=y.clone())
+    torch.testing.assert_close(got, y + expected.reshape(6, 5))
+    with pytest.raises(ValueError, match=r"out needs a 2-D x \(M, in\) and is \(M, 5\); got x \(2, 3, 6\), out \(6, 5\)"):
+        reference.multi_lora_delta(x, a, b, scalings, ids, weights, out=y)
+    torch.autograd.gradcheck(lambda x, *ab: reference.multi_lora_delta(x, ab[:3], ab[3:], scalings, ids, weights),
+                             (x, *a, *b))
 
 def test_reference_gradcheck_float64():
     torch.manual_seed(0)

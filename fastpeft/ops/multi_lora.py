@@ -113,7 +113,7 @@ def _multi_lora_add_op(
     rank_list = ranks.tolist()
     lora_as = [lora_a[k, :r] for k, r in enumerate(rank_list)]
     lora_bs = [lora_b[k, :, :r] for k, r in enumerate(rank_list)]
-    y += reference.multi_lora_delta(x, lora_as, lora_bs, scalings.tolist(), slot_ids, slot_weights)
+    reference.multi_lora_delta(x, lora_as, lora_bs, scalings.tolist(), slot_ids, slot_weights, out=y)
 
 
 @_multi_lora_add_op.register_fake
