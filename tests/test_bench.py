@@ -177,6 +177,18 @@ def test_bad_options_are_refused(capsys):
     assert "out x in" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="need repeats >= 1"):
         bench_main.make_config(bench_main.build_parser().parse_args(["--suite", "quick", "--repeats", "0"]))
+    with pytest.raises(SystemExit, match="adapter counts >= 1"):
+        bench_main.make_config(bench_main.build_parser().parse_args(["--suite", "quick", "--adapters", "4,0"]))
+
+
+def test_serving_options_reach_the_jobs():
+    from fastpeft.bench.cases import e2e_jobs
+
+    cfg = bench_main.make_config(bench_main.build_parser().parse_args(["--suite", "quick", "--adapters", "1,64",
+                                                                       "--seqs", "5"]))
+    serving = [job.params for job in e2e_jobs(cfg) if job.case == "multi_lora_serving"]
+    assert sorted({(p["adapters"], p["seqs"]) for p in serving}) == [(1, 5), (64, 5)]
+    assert {job.impl for job in e2e_jobs(cfg) if job.case == "multi_lora_serving"} == {"peft", "fastpeft"}
 
 
 def test_plots_cover_each_measured_case(tmp_path):

@@ -22,7 +22,7 @@ SUITES = {
                   decode_tokens=4, serving_adapters=[1, 2], serving_seqs=2),
     "cpu": dict(micro_m=[1, 64], micro_features=[(1024, 1024), (2816, 1024)], micro_adapters=8, rank=16, warmup=1,
                 repeats=5, rotations=2, dtype="float32", llama="cpu", train_batch=2, seq_len=64, decode_prompt=8,
-                decode_tokens=8, serving_adapters=[1, 4, 16], serving_seqs=4),
+                decode_tokens=8, serving_adapters=[1, 4, 16, 64], serving_seqs=16),
     "gpu": dict(micro_m=[1, 8, 16, 512, 4096], micro_features=[(4096, 4096), (14336, 4096), (4096, 14336)],
                 micro_adapters=64, rank=16, warmup=5, repeats=20, rotations=4, dtype="bfloat16", llama="gpu",
                 train_batch=8, seq_len=512, decode_prompt=128, decode_tokens=64, serving_adapters=[1, 8, 64],
@@ -56,6 +56,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         "end-to-end cases instead of the built-in random tiny Llama")
     parser.add_argument("--m", dest="micro_m", type=_ints, help="micro-bench token counts M, e.g. 1,16,512")
     parser.add_argument("--features", dest="micro_features", type=_shapes, help="micro-bench out x in, e.g. 4096x4096")
+    parser.add_argument("--adapters", dest="serving_adapters", type=_ints,
+                        help="multi-LoRA serving: adapter counts to compare, e.g. 1,4,16,64")
+    parser.add_argument("--seqs", dest="serving_seqs", type=int,
+                        help="multi-LoRA serving: sequences in the mixed batch (each names a random adapter)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES))
     parser.add_argument("--rank", type=int)
     parser.add_argument("--repeats", type=int, help="timed calls per measurement")
@@ -73,12 +77,16 @@ def make_config(args: argparse.Namespace):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     suite = dict(SUITES[args.suite or ("gpu" if device.type == "cuda" else "cpu")])
-    for key in ("micro_m", "micro_features", "dtype", "rank", "repeats", "warmup", "model_path"):
+    for key in ("micro_m", "micro_features", "serving_adapters", "serving_seqs", "dtype", "rank", "repeats", "warmup",
+                "model_path"):
         if getattr(args, key) is not None:
             suite[key] = getattr(args, key)
     if suite["repeats"] < 1 or suite["warmup"] < 0 or suite["rank"] < 1:
         raise SystemExit(f"fastpeft bench: need repeats >= 1, warmup >= 0, rank >= 1; got {suite['repeats']}, "
                          f"{suite['warmup']}, {suite['rank']}")
+    if suite["serving_seqs"] < 1 or min(suite["serving_adapters"], default=0) < 1:
+        raise SystemExit(f"fastpeft bench: need --seqs >= 1 and adapter counts >= 1; got {suite['serving_seqs']}, "
+                         f"{suite['serving_adapters']}")
     suite["dtype"] = _DTYPES[suite["dtype"]]
     suite["llama"] = LLAMA_SIZES[suite["llama"]]
     return BenchConfig(device=device, cases=args.cases, **suite)
