@@ -46,8 +46,8 @@ import torch
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
-from .inputs import Weight, check_linear_inputs, check_lora_factors
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
+from .inputs import Weight, check_linear_inputs, check_lora_factors
 from .lora import _base_matmul
 
 

@@ -34,7 +34,6 @@ from .dispatch import backend_for
 from .inputs import Weight, check_linear_inputs
 
 
-
 def weight_op_args(weight: Weight) -> tuple:
     """A dense or NF4 base weight as the flat arguments a ``torch.library`` op can take:
     ``(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out, in, blocksize, dtype)``."""

@@ -46,7 +46,6 @@ from .dispatch import backend_for
 from .inputs import Weight, check_linear_inputs, check_lora_factors
 
 
-
 @torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
 def _nf4_lora_matmul_op(
     a: torch.Tensor,
