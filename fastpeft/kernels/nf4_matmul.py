@@ -192,8 +192,9 @@ def nf4_lora_matmul(
     ``a``: 2-D ``(M, K)`` float (any strides); ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or, with
     ``transpose_weight=True``, ``W`` (``K = out``, ``N = in``). ``lora_h`` ``(M, r)`` and ``lora_expand``
     ``(r, N)`` (any strides) come together or not at all; ``bias`` and ``col_scale`` are ``(N,)``.
-    Tensors share ``a``'s dtype except ``col_scale`` (any float). Returns ``out`` (a new ``(M, N)`` tensor
-    of ``a.dtype`` unless given).
+    ``bias`` shares ``a``'s dtype; ``lora_h`` and ``lora_expand`` share one float dtype (the adapter's, e.g.
+    fp32 with bf16 ``a``) and ``col_scale`` is any float: all terms meet in the fp32 accumulator and are
+    rounded once. Returns ``out`` (a new ``(M, N)`` tensor of ``a.dtype`` unless given).
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
@@ -223,9 +224,12 @@ def nf4_lora_matmul(
                 f"lora_h {tuple(lora_h.shape)} and lora_expand {tuple(lora_expand.shape)} must be (M, r) = ({m}, r) "
                 f"and (r, N) = (r, {n}) with r >= 1"
             )
+        # the LoRA term may be in a wider adapter dtype than a (fp32 factors on a bf16 model): both tiles are
+        # loaded in it and the product accumulates in fp32
+        if lora_h.dtype not in _DTYPES or lora_expand.dtype != lora_h.dtype:
+            raise TypeError(f"lora_h and lora_expand must share one dtype of {_DTYPES}, got {lora_h.dtype} and "
+                            f"{lora_expand.dtype}")
         for name, t in (("lora_h", lora_h), ("lora_expand", lora_expand)):
-            if t.dtype != a.dtype:
-                raise TypeError(f"{name} dtype {t.dtype} must equal a's dtype {a.dtype}")
             if t.device != a.device:
                 raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
     _check_vector("bias", bias, n, a)

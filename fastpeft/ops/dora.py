@@ -32,9 +32,14 @@ as in ``fastpeft.ops.lora`` (the LoRA term added in place with ``addmm_``), and 
 more in-place pass (``addcmul``) — a dense fused-epilogue kernel is a GPU measurement away. With dropout,
 the forward takes three base products as PEFT's does.
 
-Dtypes: computed in ``x.dtype``; ``lora_a``, ``lora_b``, ``magnitude`` and ``bias`` are cast to it
-differentiably (fp32 adapters get fp32 gradients). The norm is computed in fp32 from the stored values and
-rounded to ``x.dtype`` (PEFT: ``W + s B A`` formed in ``x.dtype`` first).
+Dtypes, as PEFT's DoRA (fp32 adapters on a bf16 / fp16 model): the base product ``x Wᵀ`` runs in
+``x.dtype``; everything of the adapter — ``h``, the LoRA term, the norm ``n`` (fp32 from the stored values,
+rounded to the adapter dtype ``lora_a.dtype``), ``c = m / n`` in ``magnitude``'s dtype — is computed in the
+adapter dtype; ``c ⊙ (x Wᵀ + s·h Bᵀ) + b`` is formed in the promoted dtype (the NF4 kernel: its fp32
+epilogue) and rounded once to ``x.dtype``. With dropout, ``x'`` is cast to the adapter dtype and its two
+products run there, as PEFT's ``F.linear(x', W.to(x'.dtype))``. Backward: ``dy ⊙ c``, ``g``, ``dA``, ``dB``,
+``dm`` in the adapter dtype; the base part of ``dx`` takes ``dy ⊙ c`` rounded to ``x.dtype`` (PEFT's
+base-layer gradient) with the LoRA part added before the one rounding.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ from .dispatch import backend_for
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .inputs import Weight, check_linear_inputs, check_lora_factors
 from .lora import _base_matmul
-
 
 
 @torch.library.custom_op("fastpeft::dora_weight_norm", mutates_args=())
@@ -95,36 +99,48 @@ def dora_weight_norm(
 
 
 def _scaled_product(a, weight: Weight, bias, lora_h, lora_expand, scaling: float, col_scale):
-    """``col_scale ⊙ (a Wᵀ + s · h E) + b``: one fused kernel on NF4, cuBLAS plus one in-place pass dense."""
+    """``col_scale ⊙ (a Wᵀ + s · h E) + b`` in ``a.dtype``: one fused kernel on NF4, cuBLAS plus one
+    in-place pass dense. ``h``, ``E`` and ``col_scale`` may be wider than ``a`` (fp32 adapters): their terms
+    are then computed in the promoted dtype and the result rounded once."""
     if isinstance(weight, NF4Weight):
         from .lora import nf4_lora_matmul
 
         return nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=scaling,
                                col_scale=col_scale)
-    z = _base_matmul(a, weight, False, None, lora_h, lora_expand, scaling)
-    return z.mul_(col_scale) if bias is None else torch.addcmul(bias, z, col_scale)
+    if lora_h.dtype == col_scale.dtype == a.dtype:
+        z = _base_matmul(a, weight, False, None, lora_h, lora_expand, scaling)
+        return z.mul_(col_scale) if bias is None else torch.addcmul(bias, z, col_scale)
+    z = torch.add(a @ weight.to(a.dtype).t(), (lora_h @ lora_expand).mul_(scaling))
+    y = z * col_scale
+    return (y if bias is None else y + bias).to(a.dtype)
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """The DoRA layer; see the module docstring. Inputs share ``x``'s dtype (``dora_linear`` casts)."""
+    """The DoRA layer; see the module docstring. ``x`` and ``bias`` share one dtype, ``lora_a`` and ``lora_b``
+    the adapter dtype (``dora_linear`` casts); ``magnitude`` keeps its own."""
 
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
         in_features = x.shape[-1]
         x2d = x.reshape(-1, in_features)
+        adapter_dtype = lora_a.dtype
         x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
-        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x.dtype)
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=adapter_dtype)
         col_scale = magnitude / norm
-        h = x_lora @ lora_a.t()
+        h = x_lora.to(adapter_dtype) @ lora_a.t()
         if x_dropped is None:
             y = _scaled_product(x2d, weight, bias, h, lora_b.t(), scaling, col_scale)
         else:
+            # PEFT: base(x) + (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ, with x' and its products in the adapter dtype
+            x_drop = x_lora.to(adapter_dtype)
             y = _base_matmul(x2d, weight, False, bias, None, None, scaling)
-            y += _scaled_product(x_lora, weight, None, h, lora_b.t(), scaling, col_scale)
-            y -= _base_matmul(x_lora, weight, False, None, None, None, scaling)
+            dropped = _scaled_product(x_drop, weight, None, h, lora_b.t(), scaling, col_scale)
+            dropped -= _base_matmul(x_drop, weight, False, None, None, None, scaling)
+            y = (y + dropped).to(x.dtype)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None
+        ctx.dtypes = (x.dtype, magnitude.dtype)
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x_lora, h, lora_a, lora_b,
                               norm, col_scale)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -134,32 +150,36 @@ class DoraLinearFunction(torch.autograd.Function):
         dense_weight, x_lora, h, lora_a, lora_b, norm, col_scale = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         s = ctx.scaling
+        x_dtype, magnitude_dtype = ctx.dtypes
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, needs_m = ctx.needs_input_grad
         lead = dy.shape[:-1]
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dz = dy2d * col_scale
+        dy_adapter = dy2d.to(lora_a.dtype)  # exact widening, as PEFT's final cast gives it back
+        dz = dy_adapter * col_scale
         g = dz @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = dm = None
         if ctx.has_dropout:
             if needs_dx:
                 dx = _base_matmul(dy2d, weight, True, None, None, None, s).view(*lead, -1)
             if needs_dx_dropped:
-                dx_dropped = _base_matmul(dy2d * (col_scale - 1), weight, True, None, g, lora_a, s).view(*lead, -1)
+                dx_dropped = _base_matmul(dy_adapter * (col_scale - 1), weight, True, None, g, lora_a, s)
+                dx_dropped = dx_dropped.to(x_lora.dtype).view(*lead, -1)
         elif needs_dx:
-            dx = _base_matmul(dz, weight, True, None, g, lora_a, s).view(*lead, -1)
+            # the base part sees dy ⊙ c in x's dtype, as PEFT's base layer gets its gradient
+            dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s).view(*lead, -1)
         if needs_bias:
             dbias = dy2d.sum(0)
         if needs_a:
-            da = s * (g.t() @ x_lora)
+            da = s * (g.t() @ x_lora.to(lora_a.dtype))
         if needs_b or needs_m:
-            dy_h = dy2d.t() @ h  # (out, r)
+            dy_h = dy_adapter.t() @ h  # (out, r)
         if needs_b:
             db = s * col_scale.unsqueeze(1) * dy_h
         if needs_m:
             # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
             # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway
             base_part = ia3_matmul(x_lora, weight, reduce_rows=dy2d, store_out=False)[1]
-            dm = (base_part.to(dy.dtype) + s * (lora_b * dy_h).sum(1)) / norm
+            dm = ((base_part.to(dy_h.dtype) + s * (lora_b * dy_h).sum(1)) / norm).to(magnitude_dtype)
         return dx, dx_dropped, None, dbias, da, db, None, dm
 
 
@@ -180,6 +200,6 @@ def dora_linear(
         raise ValueError(f"magnitude must be ({out_features},), got {tuple(magnitude.shape)}")
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
-    cast = [None if t is None else t.to(x.dtype) for t in (bias, lora_a, lora_b, magnitude)]
-    bias, lora_a, lora_b, magnitude = cast
+    bias = None if bias is None else bias.to(x.dtype)
+    lora_b = lora_b.to(lora_a.dtype)
     return DoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), magnitude)

@@ -28,9 +28,14 @@ Dense base: ``x Wᵀ (+ b)`` is one cuBLAS ``addmm``, the small ``h = x Aᵀ`` a
 added in place with ``addmm_(h, Bᵀ, alpha=s)`` (cuBLAS ``beta = 1``): one extra read/write of ``y`` and
 no ``(M, out)`` temporary. The same shape serves ``dx``.
 
-Dtypes: everything is computed in ``x.dtype``; ``lora_a``, ``lora_b`` and ``bias`` are cast to it
-(differentiably, so fp32 adapters get fp32 gradients). PEFT instead runs the LoRA branch in the adapter's
-dtype; the two agree whenever adapter and input dtypes match.
+Dtypes, as PEFT's ``lora.Linear.forward`` (fp32 adapters on a bf16 / fp16 model,
+``autocast_adapter_dtype=True``): the base product runs in ``x.dtype`` (``bias`` is cast to it); the LoRA
+branch runs in the adapter dtype ``lora_a.dtype`` — ``x`` (or ``drop(x)``, the mask drawn on the cast
+``x`` as PEFT's dropout sees it) is cast to it, ``h`` and ``s · h Bᵀ`` are computed in it — and the sum is
+formed in ``promote(x.dtype, adapter dtype)`` and cast once to ``x.dtype``. The NF4 kernel does this in
+registers: bf16 activations, fp32 ``h`` / ``B`` tiles, an fp32 accumulator, one rounding. Backward
+likewise: ``g = dy B``, ``dA``, ``dB`` in the adapter dtype (their gradients come back in it), the base
+part of ``dx`` in ``x.dtype`` with the LoRA part added before the one rounding.
 """
 
 from __future__ import annotations
@@ -74,11 +79,12 @@ def _nf4_lora_matmul_op(
                       lora_expand=lora_expand, scaling=scaling, col_scale=col_scale)
     w = reference.base_weight(weight, a.dtype)
     out = a @ (w if transpose_weight else w.t())
+    # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
     if lora_h is not None:
         out = out + scaling * (lora_h @ lora_expand)
     if col_scale is not None:
-        out = out * col_scale.to(a.dtype)
-    return out if bias is None else out + bias
+        out = out * col_scale
+    return (out if bias is None else out + bias).to(a.dtype)
 
 
 @_nf4_lora_matmul_op.register_fake
@@ -102,8 +108,10 @@ def nf4_lora_matmul(
 
     ``a`` is 2-D ``(M, K)``; ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or ``W`` with
     ``transpose_weight=True``; ``lora_h`` ``(M, r)`` with ``lora_expand`` ``(r, N)``, ``bias`` and
-    ``col_scale`` ``(N,)`` are optional. Returns ``(M, N)`` in ``a.dtype``. No autograd (a building
-    block: ``lora_linear`` differentiates through it)."""
+    ``col_scale`` ``(N,)`` are optional. ``lora_h`` / ``lora_expand`` (one dtype) and ``col_scale`` may be in
+    a wider dtype than ``a`` (fp32 adapters): their terms are computed in it and the result rounded once.
+    Returns ``(M, N)`` in ``a.dtype``. No autograd (a building block: ``lora_linear`` differentiates through
+    it)."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
     return _nf4_lora_matmul_op(a, *weight.op_args(), transpose_weight, bias, lora_h, lora_expand, float(scaling),
@@ -111,16 +119,22 @@ def nf4_lora_matmul(
 
 
 def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_expand, scaling: float):
-    """``a · op(W) + b + s · h · E`` for a dense or NF4 base, the LoRA term fused or added in place."""
+    """``a · op(W) + b + s · h · E`` in ``a.dtype`` for a dense or NF4 base, the LoRA term fused or added in
+    place. ``h`` and ``E`` may be in the adapter dtype (wider than ``a``'s): the LoRA term is then formed in
+    it, added to the base product in the promoted dtype, and the sum rounded once."""
     if isinstance(weight, NF4Weight):
         return nf4_lora_matmul(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
                                lora_expand=lora_expand, scaling=scaling)
     w = weight.to(a.dtype)
     w = w if transpose_weight else w.t()
     out = a @ w if bias is None else torch.addmm(bias, a, w)
-    if lora_h is not None:
-        out.addmm_(lora_h, lora_expand, alpha=scaling)
-    return out
+    if lora_h is None:
+        return out
+    if lora_h.dtype == a.dtype:
+        return out.addmm_(lora_h, lora_expand, alpha=scaling)
+    # PEFT's `result + lora_B(lora_A(x)) * scaling`: the LoRA term in the adapter dtype, the sum promoted
+    lora = (lora_h @ lora_expand).mul_(scaling)
+    return torch.add(out, lora).to(a.dtype)
 
 
 def _dropout_mask(shape, p: float, device, dtype) -> torch.Tensor:
@@ -136,19 +150,22 @@ def _rng_state(device: torch.device):
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x`` unless
     ``dropout_p > 0`` (then the op draws the mask itself and redraws it in backward); ``lora_a`` /
-    ``lora_b`` None means the base layer alone. Inputs share one dtype (``lora_linear`` casts them)."""
+    ``lora_b`` None means the base layer alone. ``x`` and ``bias`` share one dtype, ``lora_a`` and ``lora_b``
+    another (``lora_linear`` casts them)."""
 
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
         in_features = x.shape[-1]
         x2d = x.reshape(-1, in_features)
         ctx.dropout_p = dropout_p
+        # the LoRA branch runs in the adapter dtype (x cast to it first, as PEFT's forward does)
+        adapter_dtype = x.dtype if lora_a is None else lora_a.dtype
         if dropout_p > 0.0:
             ctx.rng_state = _rng_state(x.device)
-            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x.device, x.dtype)
+            x_lora = x2d.to(adapter_dtype) * _dropout_mask(x2d.shape, dropout_p, x.device, adapter_dtype)
         else:
             x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
-        h = None if lora_a is None else x_lora @ lora_a.t()
+        h = None if lora_a is None else x_lora.to(adapter_dtype) @ lora_a.t()
         y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
@@ -172,8 +189,11 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, out_features)
         lead = dy.shape[:-1]
         has_lora = lora_a is not None
+        adapter_dtype = lora_a.dtype if has_lora else dy.dtype
+        # the LoRA branch's gradients in the adapter dtype (dy widened exactly, as PEFT's final cast does)
+        dy_lora = dy2d.to(adapter_dtype) if has_lora else None
         mask = None
-        x_lora = x_saved
+        x_lora = None if x_saved is None else x_saved.to(adapter_dtype)
         if ctx.dropout_p > 0.0 and has_lora and (needs_dx or needs_a):
             # redraw the forward's mask from its RNG state, leaving the global RNG untouched
             with torch.random.fork_rng(devices=[dy.device] if dy.device.type == "cuda" else [],
@@ -182,9 +202,9 @@ class LoraLinearFunction(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng_state, dy.device)
                 else:
                     torch.set_rng_state(ctx.rng_state)
-                mask = _dropout_mask((dy2d.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, dy.dtype)
-            x_lora = None if x_saved is None else x_saved * mask
-        g = dy2d @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
+                mask = _dropout_mask((dy2d.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, adapter_dtype)
+            x_lora = None if x_lora is None else x_lora * mask
+        g = dy_lora @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = None
         if needs_dx:
             fuse = has_lora and not ctx.has_dropout
@@ -193,13 +213,13 @@ class LoraLinearFunction(torch.autograd.Function):
                 dx = dx.addcmul_(scaling * (g @ lora_a), mask)
             dx = dx.view(*lead, dx.shape[-1])
         if needs_dx_dropped and has_lora:
-            dx_dropped = (scaling * (g @ lora_a)).view(*lead, lora_a.shape[1])
+            dx_dropped = (scaling * (g @ lora_a)).to(dy.dtype).view(*lead, lora_a.shape[1])
         if needs_bias:
             dbias = dy2d.sum(0)
         if needs_a:
             da = scaling * (g.t() @ x_lora)
         if needs_b:
-            db = scaling * (dy2d.t() @ h)
+            db = scaling * (dy_lora.t() @ h)
         return dx, dx_dropped, None, dbias, da, db, None, None
 
 
@@ -220,7 +240,7 @@ def lora_linear(
         raise ValueError("lora_a and lora_b must be given together")
     if lora_a is not None:
         check_lora_factors(lora_a, lora_b, out_features, in_features)
-        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        lora_b = lora_b.to(lora_a.dtype)
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
     if not 0.0 <= dropout_p < 1.0:
