@@ -183,3 +183,39 @@ def test_bf16_training_follows_peft(kind, quantize_4bit, tiny_llama_dir):
     ours = _train(kind, quantize_4bit, tiny_llama_dir, accelerate=True)
     assert ref[-1] < ref[0] - 0.1, f"PEFT's loss did not fall: {ref}"
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-2, atol=0)
+
+
+# ------------------------------------------------------------------ the ops on the Triton kernels (NF4)
+@pytest.mark.parametrize("m, triton_max_m", [(5, None), (21, None), (21, "0")], ids=["gemv", "splitk", "cublas"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_nf4_kernels_bf16_activations_fp32_adapters(triton_backend, monkeypatch, m, triton_max_m, dora):
+    """bf16 x, fp32 factors (and magnitude) on every NF4 path: forward and gradients vs the float64
+    reference, adapter gradients in fp32."""
+    from fastpeft import reference
+    from fastpeft.nf4 import NF4Weight
+    from fastpeft.ops.dora import dora_linear
+    from fastpeft.ops.lora import lora_linear
+
+    if triton_max_m is not None:
+        monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", triton_max_m)
+    in_features, out_features, rank = 64, 47, 8
+    weight = NF4Weight.quantize(torch.randn(out_features, in_features, device=DEVICE) / 8, 64, True)
+    x = torch.randn(m, in_features, dtype=torch.bfloat16, device=DEVICE)
+    leaves = [torch.randn(rank, in_features, device=DEVICE) / 8, torch.randn(out_features, rank, device=DEVICE) / 4]
+    if dora:
+        leaves.append(reference.dora_weight_norm(weight, *leaves, 2.0, torch.float32) * 1.1)
+    leaves = [t.requires_grad_() for t in leaves]
+    x = x.requires_grad_()
+    op = dora_linear if dora else lora_linear
+    y = op(x, weight, None, *leaves[:2], 2.0, *leaves[2:])
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *leaves], dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *leaves)]
+    ref_op = reference.dora_linear if dora else reference.lora_linear
+    ref = ref_op(leaves64[0], weight, None, *leaves64[1:3], 2.0, *leaves64[3:])
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    assert y.dtype == torch.bfloat16
+    assert_rel_close(y, ref, tol=1e-2)
+    for grad, ref_grad, leaf in zip(grads, ref_grads, (x, *leaves)):
+        assert grad.dtype == leaf.dtype
+        assert_rel_close(grad, ref_grad, tol=2e-2)
