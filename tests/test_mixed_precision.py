@@ -219,3 +219,26 @@ def test_nf4_kernels_bf16_activations_fp32_adapters(triton_backend, monkeypatch,
     for grad, ref_grad, leaf in zip(grads, ref_grads, (x, *leaves)):
         assert grad.dtype == leaf.dtype
         assert_rel_close(grad, ref_grad, tol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ autocast
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_autocast_matches_peft(kind):
+    """Issue 13: under torch.autocast (CPU, bf16) an fp32 model's accelerated layer raised (LoRA, DoRA) or
+    returned fp32 (IA3); now it gives PEFT's output dtype and values, in training and inference."""
+    model, fast = _peft_pair(kind, torch.float32, nf4=False)
+    x = torch.randn(M, IN, device=DEVICE)
+    dy = torch.randn(M, OUT, dtype=torch.bfloat16, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ref_y, ref_dx, ref_grads = _forward_grads(model, x, dy)
+        y, dx, grads = _forward_grads(fast, x, dy)
+        with torch.no_grad():
+            inference = fast.proj(x)
+    assert y.dtype == ref_y.dtype == inference.dtype == torch.bfloat16
+    assert_rel_close(y, ref_y, tol=1e-2)
+    assert torch.equal(inference, y)
+    assert dx.dtype == ref_dx.dtype
+    assert_rel_close(dx, ref_dx, tol=2e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == ref_grads[name].dtype, name
+        assert_rel_close(grad, ref_grads[name], tol=2e-2)

@@ -52,7 +52,7 @@ from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
-from .inputs import Weight, check_linear_inputs, check_lora_factors
+from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
 from .lora import _base_matmul
 
 
@@ -125,7 +125,10 @@ class DoraLinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, in_features)
         adapter_dtype = lora_a.dtype
         x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
-        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=adapter_dtype)
+        # the norm in the wider of the adapter's and the magnitude's dtypes (fp32 for PEFT's fp32 magnitude,
+        # also when autocast runs the factors in bf16)
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling,
+                                dtype=torch.promote_types(adapter_dtype, magnitude.dtype))
         col_scale = magnitude / norm
         h = x_lora.to(adapter_dtype) @ lora_a.t()
         if x_dropped is None:
@@ -193,7 +196,21 @@ def dora_linear(
     magnitude: torch.Tensor,
     x_dropped: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """DoRA ``(..., out)`` in ``x.dtype``; see the module docstring for shapes, dropout and dtypes."""
+    """DoRA ``(..., out)`` in ``x.dtype``; see the module docstring for shapes, dropout and dtypes.
+
+    Under ``torch.autocast`` (dtype ``c``), as PEFT's DoRA there: the linear products in ``c`` (``x``, a
+    dense ``W``, ``b``, ``A``, ``B`` cast to it), the norm and ``m / n`` in fp32 (``magnitude``'s dtype),
+    the output in ``c``; over an NF4 base the base product keeps ``x``'s dtype."""
+    cast_to = autocast_dtype(x)
+    if cast_to is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            dense = not isinstance(weight, NF4Weight)
+            return dora_linear(
+                x.to(cast_to) if dense else x, weight.to(cast_to) if dense else weight,
+                None if bias is None else bias.to(cast_to) if dense else bias,
+                lora_a.to(cast_to), lora_b.to(cast_to), scaling, magnitude,
+                None if x_dropped is None else x_dropped.to(cast_to) if dense else x_dropped,
+            )
     out_features, in_features = check_linear_inputs("dora_linear", x, weight, bias)
     check_lora_factors(lora_a, lora_b, out_features, in_features)
     if tuple(magnitude.shape) != (out_features,):

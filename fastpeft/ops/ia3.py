@@ -31,7 +31,8 @@ import torch
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
-from .inputs import Weight, check_linear_inputs
+from .inputs import Weight, autocast_dtype, check_linear_inputs
+from .lora import lora_linear
 
 
 def weight_op_args(weight: Weight) -> tuple:
@@ -174,6 +175,17 @@ def ia3_linear(
 ) -> torch.Tensor:
     """IA3 ``(x ⊙ l) Wᵀ + b`` (feed-forward) or ``(x Wᵀ + b) ⊙ l`` as ``(..., out)`` in ``x.dtype``; see the
     module docstring."""
+    cast_to = autocast_dtype(x)
+    if cast_to is not None and not isinstance(weight, NF4Weight):
+        # PEFT's IA3 under autocast: the base nn.Linear runs in the autocast dtype; a feed-forward layer's
+        # input x ⊙ l is formed first (in the promoted dtype, back to x's) and cast by autocast
+        with torch.autocast(x.device.type, enabled=False):
+            if is_feedforward:
+                scaled = (x * ia3_scale).to(x.dtype).to(cast_to)
+                return lora_linear(scaled, weight.to(cast_to), None if bias is None else bias.to(cast_to),
+                                   None, None, 0.0)
+            return ia3_linear(x.to(cast_to), weight.to(cast_to), None if bias is None else bias.to(cast_to),
+                              ia3_scale, False)
     out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
     expected = in_features if is_feedforward else out_features
     if not isinstance(ia3_scale, torch.Tensor) or tuple(ia3_scale.shape) != (expected,):

@@ -42,3 +42,14 @@ def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features:
     if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
                          f"and ({out_features}, r)")
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` would run a linear layer on ``x``'s device in, or None when autocast is
+    off there. The ops read it at entry and cast as autocast would cast PEFT's ``nn.Linear`` calls, then
+    run with autocast off (a custom autograd Function is not cast by autocast itself)."""
+    device_type = x.device.type
+    if (not x.is_floating_point() or not torch.amp.is_autocast_available(device_type)
+            or not torch.is_autocast_enabled(device_type)):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for
-from .inputs import Weight, check_linear_inputs, check_lora_factors
+from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
 
 
 @torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
@@ -234,7 +234,26 @@ def lora_linear(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """LoRA / QLoRA ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as ``(..., out)`` in ``x.dtype``; see the
-    module docstring for shapes, dropout and dtypes."""
+    module docstring for shapes, dropout and dtypes.
+
+    Under ``torch.autocast`` (dtype ``c``) it computes what PEFT's layer computes there: every linear
+    product in ``c`` (``x``, a dense ``W``, ``b``, ``A``, ``B`` cast to it, as autocast casts each
+    ``nn.Linear``), so the output is ``c``; over an NF4 base the base product keeps ``x``'s dtype (a 4-bit
+    layer is not autocast) and the LoRA branch runs in ``c``."""
+    cast_to = autocast_dtype(x)
+    if cast_to is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            dense = not isinstance(weight, NF4Weight)
+            return lora_linear(
+                x.to(cast_to) if dense else x,
+                weight.to(cast_to) if dense else weight,
+                None if bias is None else bias.to(cast_to) if dense else bias,
+                None if lora_a is None else lora_a.to(cast_to),
+                None if lora_b is None else lora_b.to(cast_to),
+                scaling,
+                None if x_dropped is None else x_dropped.to(cast_to) if dense else x_dropped,
+                dropout_p,
+            )
     out_features, in_features = check_linear_inputs("lora_linear", x, weight, bias)
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
