@@ -49,10 +49,11 @@ def lora_linear(
     scaling: float,
     x_dropped: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LoRA / QLoRA: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``; returns ``(..., out)`` in ``x.dtype``."""
-    x_lora = x if x_dropped is None else x_dropped
+    """LoRA / QLoRA: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``; returns ``(..., out)`` in ``x.dtype``. As PEFT,
+    the LoRA branch runs in ``lora_a``'s dtype (fp32 adapters on a bf16 model), the sum in the promoted one."""
+    x_lora = (x if x_dropped is None else x_dropped).to(lora_a.dtype)
     base = F.linear(x, base_weight(weight, x.dtype), bias)
-    return base + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+    return (base + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)).to(x.dtype)
 
 
 def dora_weight_norm(
@@ -82,13 +83,14 @@ def dora_linear(
     ``n = ‖W + s·B A‖₂`` per output row, detached. Without dropout this is
     ``(m/n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``.
     """
-    x_lora = x if x_dropped is None else x_dropped
+    adapter_dtype = lora_a.dtype  # as PEFT: the adapter part in the adapter's dtype, one cast at the end
+    x_lora = (x if x_dropped is None else x_dropped).to(adapter_dtype)
     w = base_weight(weight, x.dtype)
-    norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x.dtype)
+    norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=torch.promote_types(adapter_dtype, magnitude.dtype))
     mag_norm_scale = magnitude / norm
-    base_lora_input = F.linear(x_lora, w)
+    base_lora_input = F.linear(x_lora, base_weight(weight, adapter_dtype))
     lora = scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
-    return F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora
+    return (F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora).to(x.dtype)
 
 
 def ia3_linear(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -219,10 +219,15 @@ def _lora_cost(m, out_f, in_f, r, elsize, weight_bytes, mode):
     return flops, bytes_moved
 
 
-def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
-    """Setup of LoRA (``lora``), QLoRA (``qlora``: NF4 base) and DoRA (``dora``) layers."""
+def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int,
+                fp32_adapters: bool = False) -> Callable[[BenchConfig], Prepared]:
+    """Setup of LoRA (``lora``), QLoRA (``qlora``: NF4 base) and DoRA (``dora``) layers. ``fp32_adapters``:
+    the factors and magnitude in fp32 over a ``cfg.dtype`` base and activations — what PEFT's
+    ``get_peft_model`` gives a bf16 / fp16 model (``autocast_adapter_dtype=True``), so what users run."""
     def setup(cfg: BenchConfig) -> Prepared:
         w = _weights(cfg, out_f, in_f)
+        if fp32_adapters:
+            w = replace(w, lora_a=w.lora_a.float(), lora_b=w.lora_b.float(), magnitude=w.magnitude.float())
         elsize = w.weight.element_size()
         nf4 = op == "qlora"
         dora = op == "dora"
@@ -402,6 +407,9 @@ def micro_jobs(cfg: BenchConfig) -> list:
                 for mode in ("fwd", "fwd_bwd"):
                     for impl in ("fastpeft", "reference", "peft"):
                         jobs.append(Job(f"{op}.{mode}", impl, shape, _micro_lora(op, mode, impl, m, out_f, in_f)))
+                        if cfg.dtype != torch.float32:  # the mixed-precision plan: fp32 adapters
+                            jobs.append(Job(f"{op}.{mode}.fp32_adapters", impl, shape,
+                                            _micro_lora(op, mode, impl, m, out_f, in_f, fp32_adapters=True)))
             for mode in ("fwd", "fwd_bwd"):
                 for impl in ("fastpeft", "reference", "peft"):
                     jobs.append(Job(f"ia3.{mode}", impl, shape, _micro_ia3(mode, impl, m, out_f, in_f)))

@@ -313,8 +313,8 @@ def nf4_lora_matmul(
         # the LoRA term may be in a wider adapter dtype than a (fp32 factors on a bf16 model): both tiles are
         # loaded in it and the product accumulates in fp32
         if lora_h.dtype not in _DTYPES or lora_expand.dtype != lora_h.dtype:
-            raise TypeError(f"lora_h and lora_expand must share one dtype of {_DTYPES}, got {lora_h.dtype} and "
-                            f"{lora_expand.dtype}")
+            raise TypeError(f"lora_h dtype {lora_h.dtype} and lora_expand dtype {lora_expand.dtype} must be one "
+                            f"dtype of {_DTYPES}")
         for name, t in (("lora_h", lora_h), ("lora_expand", lora_expand)):
             if t.device != a.device:
                 raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
