@@ -343,3 +343,31 @@ def test_repr_is_peft():
     theirs, ours = _mlp_pair(_lora(target_modules=["lin0"], use_dora=True))
     assert repr(ours) == repr(theirs)
     assert type(ours.base_model.model.lin0).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_in_place_ops_on_accelerated_outputs(kind):
+    # nn.ReLU(inplace=True) after the layer (and PEFT's own `result += ...` over a wrapped layer)
+    if kind == "ia3":
+        config = peft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], init_ia3_weights=False)
+    else:
+        config = _lora(target_modules=["lin0", "lin1"], use_dora=kind == "dora")
+    theirs, ours = _mlp_pair(config)
+    for model in (theirs, ours):
+        model.base_model.model.forward = lambda x, _m=model.base_model.model: _m.lin1(torch.relu_(_m.lin0(x)) + 1.0)
+    with _counting_fast_ops() as calls:
+        _assert_same_step(theirs, ours, X.unsqueeze(0).expand(3, -1, -1))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_at_initialisation_is_the_base_model_bit_for_bit(dropout):
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0", "lin1"], use_dora=True, init_lora_weights=True,
+                                   lora_dropout=dropout))
+    ours.train()
+    with torch.no_grad(), theirs.disable_adapter():
+        base = theirs(X)
+    with _counting_fast_ops() as calls:
+        assert torch.equal(ours(X), base) and torch.equal(theirs.train()(X), base)
+        assert torch.equal(ours.eval()(X), base)
+    assert len(calls) == 4
