@@ -16,7 +16,7 @@ Public API:
 Math, with ``c = m / n`` per output column, ``h = x' Aᵀ`` and ``z = x' Wᵀ + s · h Bᵀ``:
 
     no dropout (x' = x):  y = c ⊙ z + b
-    dropout:              y = x Wᵀ + b + c ⊙ z − x' Wᵀ        (PEFT's (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ)
+    dropout:              y = (x Wᵀ + b) + ((c − 1) ⊙ x'Wᵀ + s · h (c ⊙ B)ᵀ)     (PEFT's order)
 
 Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dB = s · c ⊙ (dyᵀ h)``, ``dA = s · gᵀ x'``,
 ``dm = (Σ_t dy ⊙ x'Wᵀ + s · Σ_r B ⊙ (dyᵀ h)) / n``; ``dx = dz W + s · g A`` without dropout, else
@@ -30,7 +30,8 @@ Fusion: on an NF4 base the forward ``c ⊙ (x Wᵀ + s h Bᵀ) + b`` is one kern
 are ``dx`` (LoRA term in the epilogue) and the recomputed ``z``. On a dense base the products are cuBLAS
 as in ``fastpeft.ops.lora`` (the LoRA term added in place with ``addmm_``), and the scale and bias are one
 more in-place pass (``addcmul``) — a dense fused-epilogue kernel is a GPU measurement away. With dropout,
-the forward takes three base products as PEFT's does.
+the forward takes two base products, as PEFT's does, and adds the DoRA term to the base output last, as PEFT
+does: an adapter at initialisation (``c = 1``, ``B = 0``) leaves the base output bit for bit.
 
 Dtypes, as PEFT's DoRA (fp32 adapters on a bf16 / fp16 model): the base product ``x Wᵀ`` runs in
 ``x.dtype``; everything of the adapter — ``h``, the LoRA term, the norm ``n`` (fp32 from the stored values,
@@ -107,24 +108,25 @@ def _scaled_product(a, weight: Weight, bias, lora_h, lora_expand, scaling: float
 
         return nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=scaling,
                                col_scale=col_scale)
-    if lora_h.dtype == col_scale.dtype == a.dtype:
+    if (lora_h is None or lora_h.dtype == a.dtype) and col_scale.dtype == a.dtype:
         z = _base_matmul(a, weight, False, None, lora_h, lora_expand, scaling)
         return z.mul_(col_scale) if bias is None else torch.addcmul(bias, z, col_scale)
-    z = torch.add(a @ weight.to(a.dtype).t(), (lora_h @ lora_expand).mul_(scaling))
+    z = a @ weight.to(a.dtype).t()
+    if lora_h is not None:
+        z = torch.add(z, (lora_h @ lora_expand).mul_(scaling))
     y = z * col_scale
     return (y if bias is None else y + bias).to(a.dtype)
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """The DoRA layer; see the module docstring. ``x`` and ``bias`` share one dtype, ``lora_a`` and ``lora_b``
-    the adapter dtype (``dora_linear`` casts); ``magnitude`` keeps its own."""
+    """The DoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring. ``x2d``
+    and ``bias`` share one dtype, ``lora_a`` and ``lora_b`` the adapter dtype, ``magnitude`` keeps its own
+    (``dora_linear`` casts them and reshapes outside, so the output can be changed in place)."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
+    def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
         adapter_dtype = lora_a.dtype
-        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+        x_lora = x2d if x_dropped is None else x_dropped
         # the norm in the wider of the adapter's and the magnitude's dtypes (fp32 for PEFT's fp32 magnitude,
         # also when autocast runs the factors in bf16)
         norm = dora_weight_norm(weight, lora_a, lora_b, scaling,
@@ -134,19 +136,20 @@ class DoraLinearFunction(torch.autograd.Function):
         if x_dropped is None:
             y = _scaled_product(x2d, weight, bias, h, lora_b.t(), scaling, col_scale)
         else:
-            # PEFT: base(x) + (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ, with x' and its products in the adapter dtype
+            # PEFT: base(x) + ((c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ), x' and its products in the adapter dtype
             x_drop = x_lora.to(adapter_dtype)
-            y = _base_matmul(x2d, weight, False, bias, None, None, scaling)
-            dropped = _scaled_product(x_drop, weight, None, h, lora_b.t(), scaling, col_scale)
-            dropped -= _base_matmul(x_drop, weight, False, None, None, None, scaling)
-            y = (y + dropped).to(x.dtype)
+            dora_term = _scaled_product(x_drop, weight, None, None, None, scaling, col_scale - 1)
+            dora_term = dora_term.to(torch.promote_types(adapter_dtype, col_scale.dtype))
+            dora_term.addmm_(h.to(dora_term.dtype), (lora_b * col_scale.unsqueeze(1)).t().to(dora_term.dtype),
+                             alpha=scaling)
+            y = _base_matmul(x2d, weight, False, bias, None, None, scaling).add_(dora_term)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None
-        ctx.dtypes = (x.dtype, magnitude.dtype)
+        ctx.dtypes = (x2d.dtype, magnitude.dtype)
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x_lora, h, lora_a, lora_b,
                               norm, col_scale)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -155,23 +158,21 @@ class DoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         x_dtype, magnitude_dtype = ctx.dtypes
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, needs_m = ctx.needs_input_grad
-        lead = dy.shape[:-1]
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        dy_adapter = dy2d.to(lora_a.dtype)  # exact widening, as PEFT's final cast gives it back
+        dy_adapter = dy.to(lora_a.dtype)  # exact widening, as PEFT's final cast gives it back
         dz = dy_adapter * col_scale
         g = dz @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = dm = None
         if ctx.has_dropout:
             if needs_dx:
-                dx = _base_matmul(dy2d, weight, True, None, None, None, s).view(*lead, -1)
+                dx = _base_matmul(dy, weight, True, None, None, None, s)
             if needs_dx_dropped:
                 dx_dropped = _base_matmul(dy_adapter * (col_scale - 1), weight, True, None, g, lora_a, s)
-                dx_dropped = dx_dropped.to(x_lora.dtype).view(*lead, -1)
+                dx_dropped = dx_dropped.to(x_lora.dtype)
         elif needs_dx:
             # the base part sees dy ⊙ c in x's dtype, as PEFT's base layer gets its gradient
-            dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s).view(*lead, -1)
+            dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s)
         if needs_bias:
-            dbias = dy2d.sum(0)
+            dbias = dy.sum(0)
         if needs_a:
             da = s * (g.t() @ x_lora.to(lora_a.dtype))
         if needs_b or needs_m:
@@ -181,7 +182,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if needs_m:
             # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
             # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway
-            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy2d, store_out=False)[1]
+            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy, store_out=False)[1]
             dm = ((base_part.to(dy_h.dtype) + s * (lora_b * dy_h).sum(1)) / norm).to(magnitude_dtype)
         return dx, dx_dropped, None, dbias, da, db, None, dm
 
@@ -219,4 +220,8 @@ def dora_linear(
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
     bias = None if bias is None else bias.to(x.dtype)
     lora_b = lora_b.to(lora_a.dtype)
-    return DoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), magnitude)
+    if x_dropped is not None:
+        x_dropped = x_dropped.reshape(-1, in_features)
+    y = DoraLinearFunction.apply(x.reshape(-1, in_features), x_dropped, weight, bias, lora_a, lora_b, float(scaling),
+                                 magnitude)
+    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed
