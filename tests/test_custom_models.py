@@ -20,7 +20,7 @@ from torch import nn
 
 import fastpeft
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, bnb_linear4bit
 
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -40,6 +40,17 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.lin1(self.relu(self.lin0(x)))
+
+
+class MLP4bit(MLP):
+    """:class:`MLP` over bitsandbytes NF4 ``Linear4bit`` layers (64 inputs: bitsandbytes' CPU dequantiser is
+    right only when no block spans two rows)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.lin0 = bnb_linear4bit(64, 128, with_bias=True)
+        self.relu = nn.ReLU()
+        self.lin1 = bnb_linear4bit(128, 7, with_bias=True)
 
 
 def _lora(**kwargs):
@@ -63,14 +74,16 @@ def _perturb_vectors(model):
                 param.normal_(generator=generator)
 
 
-def _pair(config, **kwargs):
-    """``(PEFT's model, an accelerated deep copy)`` over a fresh :class:`MLP`."""
-    torch.manual_seed(3)
-    theirs = peft.get_peft_model(MLP(), config, **kwargs)
-    _perturb_vectors(theirs)
-    ours = copy.deepcopy(theirs)
-    fastpeft.accelerate(ours)
-    return theirs, ours
+def _pair(config, model=MLP, **kwargs):
+    """``(PEFT's model, the same model accelerated)`` over a fresh ``model()``, built twice from one seed (a
+    deep copy of bitsandbytes' 4-bit weights is not faithful)."""
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        pair.append(peft.get_peft_model(model(), copy.deepcopy(config), **kwargs))
+        _perturb_vectors(pair[-1])
+    fastpeft.accelerate(pair[1])
+    return tuple(pair)
 
 
 @pytest.fixture
@@ -181,6 +194,25 @@ def test_training_and_saving_match_peft(config, expected, decisions, tmp_path):
     _assert_same_eval(theirs, ours)
     assert _counts(decisions, expected) == expected
     assert "adapter_model.safetensors" in {p.name for p in _assert_same_saved(theirs, ours, tmp_path)}
+
+
+@pytest.mark.parametrize("config, expected", [
+    (_lora(lora_dropout=0.3, bias="all"), {"_fused_lora": 2}),
+    (_lora(use_dora=True), {"_fused_dora": 2}),
+    (_ia3(feedforward_modules=["lin1"]), {"_fused_ia3": 2}),
+], ids=["lora", "dora", "ia3"])
+def test_4bit_bases_match_peft(config, expected, decisions):
+    pytest.importorskip("bitsandbytes")
+    theirs, ours = _pair(config, MLP4bit)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(11))
+    _assert_same(_step(ours, x), _step(theirs, x), tol=1e-4)
+    assert _counts(decisions, expected) == expected
+    # training mode (same dropout seed): in eval mode without grad bitsandbytes repacks PEFT's weights for its
+    # CPU kernel
+    with torch.no_grad():
+        outs = [torch.manual_seed(9) and model.train()(x) for model in (ours, theirs)]
+    assert_rel_close(*outs)
+    assert _counts(decisions, expected) == expected
 
 
 # ---------------------------------------------------------------------------------------------- PEFT operations
