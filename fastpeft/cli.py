@@ -1,4 +1,5 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension) and
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
+thresholds) and
 ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`)."""
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def info_lines() -> tuple[list[str], bool]:
     import torch
 
     import fastpeft
+    from fastpeft.kernels.nf4_dispatch import describe as nf4_dispatch_lines
+    from fastpeft.kernels.plan import device_arch
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -56,6 +59,7 @@ def info_lines() -> tuple[list[str], bool]:
         backend,
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
+        *nf4_dispatch_lines(device_arch(device)),
     ], backend_ok
 
 
