@@ -38,7 +38,7 @@ SPECIALS = (None, float("nan"), float("inf"), float("-inf"))
 SCALINGS = st.one_of(st.sampled_from([0.0, -1.0, 2.0]), st.floats(-4.0, 4.0, allow_nan=False, width=32))
 # the op's own float64 results: long sums in another order than the reference's
 BOUND = {**REL_TOL, torch.float64: 1e-10}
-NAN, INF = float("nan"), float("inf")
+INF = float("inf")
 
 
 def fuzz(backend: str):
@@ -111,7 +111,7 @@ def build(case: Case) -> dict:
 
     x = _with_layout(randn(*case.lead, case.in_features), case.layout)
     if case.special is not None and x.numel():
-        if x.stride()[0] == 0:
+        if 0 in x.stride():
             x = x.clone()  # written into an expanded x, the value would land in every row
         index = torch.unravel_index(torch.tensor(case.special_at % x.numel()), x.shape)
         x[tuple(int(i) for i in index)] = case.special
@@ -248,6 +248,8 @@ def test_ia3_linear_fuzz(backend, nf4, request):
 
     @fuzz(backend)
     @given(case=cases(backend, nf4), is_feedforward=st.booleans())
+    # float64 x: dl was summed in fp32 (relative error 6e-8 where float64 promises 1e-16)
+    @example(case=Case(torch.float64, 1, 1, (1,), bias=False), is_feedforward=False)
     def check(case: Case, is_feedforward: bool):
         if nf4 != bool(case.nf4_blocksize):
             case = Case(**{**case.__dict__, "nf4_blocksize": 64 if nf4 else 0})

