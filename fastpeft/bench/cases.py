@@ -5,9 +5,9 @@ its implementations: ``fastpeft`` (the package's modules / ops, or a PEFT model 
 ``fastpeft.accelerate``), ``fastpeft-serving`` (``MultiLoraModel``, for decode), ``reference`` (``fastpeft.reference``,
 plain PyTorch), ``peft`` (Hugging Face PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
 decode, ``hf`` (the model without adapters). A setup function builds one implementation and returns a
-:class:`Prepared` call; when something it needs is not importable (an optional dependency, or a fastpeft
-module that has not landed yet) it raises :class:`Unavailable` and the job is reported as skipped with
-that reason, so new modules show up in the bench as soon as they import.
+:class:`Prepared` call; when a third-party package it compares against is not importable it raises
+:class:`Unavailable` and the job is reported as skipped with that reason and the command that installs it
+(``pip install -e ".[bench]"`` brings everything the default suites compare against).
 
 Every implementation of a case is built from the same seeded weights. Inputs rotate over
 ``config.rotations`` sets. Micro cases carry a cost model (FLOPs and minimum bytes moved) for the roofline.
@@ -26,6 +26,9 @@ import torch.nn as nn
 
 from .. import reference
 from ..nf4 import NF4Weight
+from ..nn import DoraLinear, IA3Linear, LoraLinear
+from ..patch import accelerate
+from ..serving import MultiLoraModel
 
 
 class Unavailable(Exception):
@@ -88,17 +91,19 @@ LLAMA_SIZES = {
 }
 
 
-def _require(module: str, attr: Optional[str] = None, why: str = ""):
-    """``module`` (or ``module.attr``), or :class:`Unavailable` naming what is missing."""
+# pip package that provides each optional import, for the "how to get it" part of a skip reason
+_PIP_NAMES = {"peft": "peft", "bitsandbytes": "bitsandbytes", "transformers": "transformers"}
+
+
+def _require(module: str):
+    """The third-party ``module``, or :class:`Unavailable` naming what is missing and how to install it
+    (everything the default suite compares against comes with ``pip install -e ".[bench]"``)."""
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise Unavailable(f"{module} not importable ({exc}){why}") from None
-    if attr is None:
-        return mod
-    if not hasattr(mod, attr):
-        raise Unavailable(f"{module}.{attr} not available yet{why}")
-    return getattr(mod, attr)
+        package = _PIP_NAMES.get(module.partition(".")[0], module.partition(".")[0])
+        raise Unavailable(f"{module} not importable ({exc}): pip install -e \".[bench]\" (or pip install "
+                          f"{package})") from None
 
 
 def _fastpeft_backend(device: torch.device) -> str:
@@ -268,10 +273,10 @@ def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
     base = base_weight if isinstance(base_weight, NF4Weight) else _dense_linear(w)
     adapter = (base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()), w.scaling, nn.Identity())
     if op == "dora":
-        layer = _require("fastpeft.nn", "DoraLinear", " (issue 4)").from_parameters(
+        layer = DoraLinear.from_parameters(
             *adapter, nn.Parameter(w.magnitude.detach()))
     else:
-        layer = _require("fastpeft.nn", "LoraLinear", " (issue 3)").from_parameters(*adapter)
+        layer = LoraLinear.from_parameters(*adapter)
     return layer, [p for p in layer.parameters() if p.requires_grad]
 
 
@@ -291,7 +296,7 @@ def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[
                 layer.ia3_l["default"].copy_(scale.detach().reshape(layer.ia3_l["default"].shape))
             forward, params = layer, [layer.ia3_l["default"]]
         else:
-            layer = _require("fastpeft.nn", "IA3Linear", " (issue 4)")(_dense_linear(w), is_feedforward=False)
+            layer = IA3Linear(_dense_linear(w), is_feedforward=False)
             with torch.no_grad():
                 layer.ia3_l.copy_(scale.detach().reshape(layer.ia3_l.shape))
             forward, params = layer, [layer.ia3_l]
@@ -364,9 +369,8 @@ def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int)
                 return model(x.unsqueeze(1), adapter_names=names).squeeze(1)
             note = "peft mixed batch (adapter_names)"
         else:
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(_OneLinear(_dense_linear(w)), {f"a{k}": _single_layer_adapter(cfg, "proj", lora_as[k], lora_bs[k])
-                                                           for k in range(n_adapters)})
+            adapters = {f"a{k}": _single_layer_adapter(cfg, "proj", lora_as[k], lora_bs[k]) for k in range(n_adapters)}
+            model = MultiLoraModel(_OneLinear(_dense_linear(w)), adapters)
             batch = model.batch(names)
 
             def forward(x):
@@ -466,7 +470,7 @@ def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
 
 def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
     """Switch a PEFT model's adapted layers to fastpeft's ops in place (``fastpeft.accelerate``); the note."""
-    summary = _require("fastpeft", "accelerate", " (PEFT layers on fastpeft ops)")(model)
+    summary = accelerate(model)
     return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
 
 
@@ -485,8 +489,7 @@ def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
                 note = _accelerate(model, cfg)
             generate = model.generate
         elif impl == "fastpeft-serving":
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(model, {"a0": _model_adapter(cfg, model, seed=0)})
+            model = MultiLoraModel(model, {"a0": _model_adapter(cfg, model, seed=0)})
             generate, kwargs = model.generate, {"adapter_names": ["a0"]}
             note = "fastpeft.MultiLoraModel, one adapter; " + _fastpeft_backend(cfg.device)
         prompts = _token_batches(cfg, 1, cfg.decode_prompt, vocab)
@@ -547,8 +550,7 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
                 return model(input_ids=ids, adapter_names=names)
             note = "peft mixed batch (adapter_names)"
         else:
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
+            model = MultiLoraModel(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
             batch = model.batch(names)
 
             def forward(ids):

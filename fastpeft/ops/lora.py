@@ -133,6 +133,19 @@ def _rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
+def _forward(x, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+    """The forward math: ``(y (M, out), x (M, in), drop(x) (M, in), h = drop(x) Aᵀ (M, r) or None)``."""
+    in_features = x.shape[-1]
+    x2d = x.reshape(-1, in_features)
+    if dropout_p > 0.0:
+        x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x.device, x.dtype)
+    else:
+        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+    h = None if lora_a is None else x_lora @ lora_a.t()
+    y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+    return y, x2d, x_lora, h
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x`` unless
     ``dropout_p > 0`` (then the op draws the mask itself and redraws it in backward); ``lora_a`` /
@@ -140,16 +153,10 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
         ctx.dropout_p = dropout_p
         if dropout_p > 0.0:
             ctx.rng_state = _rng_state(x.device)
-            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x.device, x.dtype)
-        else:
-            x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
-        h = None if lora_a is None else x_lora @ lora_a.t()
-        y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+        y, x2d, x_lora, h = _forward(x, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None or dropout_p > 0.0
@@ -229,4 +236,10 @@ def lora_linear(
         raise ValueError("give x_dropped or dropout_p, not both")
     if bias is not None:
         bias = bias.to(x.dtype)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, x_dropped, bias, lora_a,
+                                                                                          lora_b)):
+        # nothing to differentiate (inference, decode): the forward alone, without the autograd Function's
+        # per-call cost (tens of microseconds, more than a decode step's LoRA math on a small layer)
+        y = _forward(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
     return LoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
