@@ -34,7 +34,7 @@ from torch import nn
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
-from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
+from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, repacked_for_bnb_cpu
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
@@ -115,10 +115,16 @@ def _single_active(layer, adapters: dict) -> Optional[str]:
     return active[0] if len(active) == 1 else None
 
 
+def _bnb_cpu_packed(layer) -> bool:
+    """The 4-bit base was repacked by bitsandbytes for its CPU kernel (it computes in bf16 from then on):
+    PEFT's forward, which calls that kernel, is what computes what PEFT computes."""
+    return repacked_for_bnb_cpu(layer.get_base_layer())
+
+
 def _fast_lora_forward(self, x, *args, **kwargs):
     """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
     name = _single_active(self, self.lora_A)
-    if args or kwargs or self.disable_adapters or self.merged or name is None:
+    if args or kwargs or self.disable_adapters or self.merged or name is None or _bnb_cpu_packed(self):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
     bias = self.get_base_layer().bias
@@ -136,7 +142,7 @@ def _fast_lora_forward(self, x, *args, **kwargs):
 def _fast_ia3_forward(self, x, *args, **kwargs):
     """PEFT ``ia3.Linear.forward`` on fastpeft's op (PEFT's own forward where it does not apply)."""
     name = _single_active(self, self.ia3_l)
-    if args or kwargs or self.disable_adapters or self.merged or name is None:
+    if args or kwargs or self.disable_adapters or self.merged or name is None or _bnb_cpu_packed(self):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     return ia3_linear(x, LoraLinear.base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
                       self.is_feedforward)

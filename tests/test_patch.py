@@ -208,3 +208,21 @@ def test_accelerated_layer_on_triton_kernels(triton_backend, tiny_llama_dir, nf4
     assert_rel_close(out, ref)
     for g, g_ref in zip(grads, ref_grads):
         assert_rel_close(g, g_ref, tol=1e-4)
+
+
+def test_a_4bit_base_repacked_by_bitsandbytes_runs_peft_forward(tiny_llama_dir):
+    """bitsandbytes repacks a Linear4bit for its bf16 CPU kernel on an eval no-grad forward (AVX512-BF16 CPUs);
+    from then on PEFT computes with that kernel, so the accelerated layer hands the call to PEFT's forward
+    instead of refusing it."""
+    model = _peft_model(_lora(target_modules=["q_proj"]), load_tiny_llama_4bit(tiny_llama_dir))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features)
+    layer.get_base_layer().weight.quant_state.packing_format_for_cpu = True  # what that forward leaves behind
+    peft_forward = layer._fastpeft_peft_class.forward
+    with torch.no_grad(), _counting_fast_ops() as calls:
+        try:
+            layer._fastpeft_peft_class.forward = lambda self, x: "peft"
+            assert layer(x) == "peft" and not calls
+        finally:
+            layer._fastpeft_peft_class.forward = peft_forward

@@ -29,6 +29,12 @@ def _is_bnb_linear4bit(module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def repacked_for_bnb_cpu(module) -> bool:
+    """Whether bitsandbytes has repacked this ``Linear4bit`` for its own CPU kernel (in place, on an eval-mode
+    no-grad CPU forward on an AVX512-BF16 CPU; absmax rounded to bf16): no longer the NF4 layout."""
+    return _is_bnb_linear4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+
+
 class _NF4Base(nn.Module):
     """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``). The
     NF4Weight is a plain attribute, not a buffer: ``.to(device)`` does not move it (build it on the
@@ -174,7 +180,7 @@ class LoraLinear(nn.Module):
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
         if _is_bnb_linear4bit(self.base_layer):
-            if getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False):
+            if repacked_for_bnb_cpu(self.base_layer):
                 raise ValueError(
                     "bitsandbytes has repacked this Linear4bit for its own CPU kernel (it does so in place on an "
                     "eval-mode forward without grad on an AVX512-BF16 CPU), rounding its absmax to bf16: it no "
