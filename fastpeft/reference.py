@@ -45,9 +45,13 @@ def base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
         if _bnb_cpu_dequantizes(weight, dtype):
             import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 
+            absmax = weight.absmax
+            if weight.is_nested:  # code2[q] * absmax2 in C++, then + offset: absmax_fp32's arithmetic
+                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                    absmax, weight.nested_absmax, weight.nested_code, 256, torch.float32) + weight.nested_offset
             # fp32 out, then one cast: NF4Weight.dequantize's order of arithmetic
             dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-                weight.packed, weight.absmax_fp32(), weight.blocksize, "nf4", list(weight.shape), torch.float32)
+                weight.packed, absmax, weight.blocksize, "nf4", list(weight.shape), torch.float32)
             return dense.to(dtype)
         return weight.dequantize(dtype)
     return weight.to(dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -434,6 +435,21 @@ def _model(cfg: BenchConfig) -> nn.Module:
     return model.to(cfg.device).eval()
 
 
+def _model_4bit(cfg: BenchConfig) -> nn.Module:
+    """The model of the end-to-end cases loaded as bitsandbytes NF4 (double quantisation, compute dtype
+    ``cfg.dtype``), the way users load QLoRA models: through ``BitsAndBytesConfig``."""
+    transformers = _require("transformers")
+    _require("bitsandbytes")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cfg.dtype)
+    load = dict(quantization_config=quantization, dtype=cfg.dtype, device_map={"": cfg.device.type})
+    if cfg.model_path:
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, **load).eval()
+    with tempfile.TemporaryDirectory() as path:
+        _model(cfg).save_pretrained(path)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **load).eval()
+
+
 def _token_batches(cfg: BenchConfig, batch: int, length: int, vocab: int) -> list:
     g = torch.Generator().manual_seed(4)
     return [torch.randint(1, vocab, (batch, length), generator=g).to(cfg.device) for _ in range(cfg.rotations)]
@@ -448,10 +464,11 @@ def _randomise_adapters(model: nn.Module) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
+def _train_step(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         peft = _require("peft")
-        model = peft.get_peft_model(_model(cfg), _lora_config(peft, cfg, _LLAMA_TARGETS))
+        base = _model_4bit(cfg) if four_bit else _model(cfg)
+        model = peft.get_peft_model(base, _lora_config(peft, cfg, _LLAMA_TARGETS))
         _randomise_adapters(model)
         note = _accelerate(model, cfg) if impl == "fastpeft" else ""
         model.train()
@@ -474,9 +491,9 @@ def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
     return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
 
 
-def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
+def _decode(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
-        model = _model(cfg)
+        model = _model_4bit(cfg) if four_bit else _model(cfg)
         vocab = model.config.vocab_size
         note = ""
         generate = model.generate
@@ -523,6 +540,22 @@ def _model_adapter(cfg: BenchConfig, model: nn.Module, seed: int):
     return Adapter(config, tensors)
 
 
+def _peft_multi_adapter(cfg: BenchConfig, model: nn.Module, adapters: list) -> nn.Module:
+    """A PEFT model holding ``adapters`` as ``a0``, ``a1``, ... (eval mode: PEFT's mixed batches need it)."""
+    peft = _require("peft")
+    model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS), "a0")
+    for k in range(1, len(adapters)):
+        model.add_adapter(f"a{k}", _lora_config(peft, cfg, _LLAMA_TARGETS))
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, adapter in enumerate(adapters):
+            for key, tensor in adapter.tensors.items():
+                # PEFT's in-memory names carry the adapter: ...lora_A.a3.weight
+                module, kind, _ = key.rsplit(".", 2)
+                params[f"{module}.{kind}.a{k}.weight"].copy_(tensor)
+    return model.eval()
+
+
 def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
     """Prefill throughput of a mixed batch: ``serving_seqs`` sequences, each with one of ``n_adapters``."""
     def setup(cfg: BenchConfig) -> Prepared:
@@ -533,18 +566,7 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
         names = [f"a{rng.randrange(n_adapters)}" for _ in range(cfg.serving_seqs)]
         note = ""
         if impl == "peft":
-            peft = _require("peft")
-            model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS), "a0")
-            for k in range(1, n_adapters):
-                model.add_adapter(f"a{k}", _lora_config(peft, cfg, _LLAMA_TARGETS))
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for k, adapter in enumerate(adapters):
-                    for key, tensor in adapter.tensors.items():
-                        # PEFT's in-memory names carry the adapter: ...lora_A.a3.weight
-                        module, kind, _ = key.rsplit(".", 2)
-                        params[f"{module}.{kind}.a{k}.weight"].copy_(tensor)
-            model.eval()
+            model = _peft_multi_adapter(cfg, model, adapters)
 
             def forward(ids):
                 return model(input_ids=ids, adapter_names=names)
@@ -565,12 +587,47 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
     return setup
 
 
+def _serving_decode(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
+    """Greedy decode of a ``serving_seqs``-row batch, row ``b`` with adapter ``a{b % n_adapters}`` (every adapter
+    used when ``n_adapters <= serving_seqs``): ``MultiLoraModel`` against PEFT's ``adapter_names`` generate."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        model = _model(cfg)
+        vocab = model.config.vocab_size
+        adapters = [_model_adapter(cfg, model, seed=k) for k in range(n_adapters)]
+        names = [f"a{b % n_adapters}" for b in range(cfg.serving_seqs)]
+        if impl == "peft":
+            model = _peft_multi_adapter(cfg, model, adapters)
+            note = "peft generate(adapter_names=...)"
+        else:
+            model = MultiLoraModel(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
+            note = "fastpeft.MultiLoraModel; " + _fastpeft_backend(cfg.device)
+        prompts = _token_batches(cfg, cfg.serving_seqs, cfg.decode_prompt, vocab)
+        n = cfg.decode_tokens
+
+        def run(i):
+            with torch.no_grad():
+                return model.generate(input_ids=prompts[i % len(prompts)], adapter_names=names, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return Prepared(run, tokens=n * cfg.serving_seqs, note=note)
+    return setup
+
+
 def e2e_jobs(cfg: BenchConfig) -> list:
     model = {"model": cfg.model_path or "built-in tiny Llama", "dtype": str(cfg.dtype).replace("torch.", "")}
     jobs = [Job("train_step", impl, {**model, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
                 _train_step(impl)) for impl in ("peft", "fastpeft")]
     jobs += [Job("decode", impl, {**model, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens, "r": cfg.rank},
                  _decode(impl)) for impl in ("hf", "peft", "fastpeft", "fastpeft-serving")]
+    nf4 = {**model, "base": "nf4"}  # QLoRA: the same model loaded in 4 bits; PEFT's layers call bitsandbytes
+    jobs += [Job("train_step_4bit", impl, {**nf4, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
+                 _train_step(impl, four_bit=True)) for impl in ("peft", "fastpeft")]
+    jobs += [Job("decode_4bit", impl, {**nf4, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
+                                       "r": cfg.rank}, _decode(impl, four_bit=True)) for impl in ("hf", "peft", "fastpeft")]
+    for n in cfg.serving_adapters:
+        jobs += [Job("multi_lora_decode", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs,
+                                                 "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
+                                                 "r": cfg.rank}, _serving_decode(impl, n))
+                 for impl in ("peft", "fastpeft-serving")]
     for n in cfg.serving_adapters:
         jobs += [Job("multi_lora_serving", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs, "seq": cfg.seq_len,
                                                   "r": cfg.rank}, _serving(impl, n)) for impl in ("peft", "fastpeft")]

@@ -187,7 +187,14 @@ class LoraLinear(nn.Module):
                     "longer holds the NF4 layout. Wrap the layer before running it in eval mode, or set "
                     "support_avx512bf16_for_cpu = False on it first"
                 )
-            return NF4Weight.from_bnb(self.base_layer)
+            # the view is cached (building and validating one costs more than a decode step's small matmul);
+            # reused only while the layer holds the very same packed tensor and quant state
+            param = self.base_layer.weight
+            key = (param, param.quant_state, param.data_ptr())
+            cached = self.__dict__.get("_fastpeft_nf4_view")
+            if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
+                cached = self.__dict__["_fastpeft_nf4_view"] = (key, NF4Weight.from_bnb(param))
+            return cached[1]
         return self.base_layer.weight
 
     @property

@@ -72,6 +72,12 @@ def _nf4_lora_matmul_op(
 
         return kernel(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
                       lora_expand=lora_expand, scaling=scaling, col_scale=col_scale)
+    return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale)
+
+
+def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,
+                               scaling: float, col_scale) -> torch.Tensor:
+    """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
     w = reference.base_weight(weight, a.dtype)
     out = a @ (w if transpose_weight else w.t())
     if lora_h is not None:
@@ -106,6 +112,11 @@ def nf4_lora_matmul(
     block: ``lora_linear`` differentiates through it)."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    if backend_for(a.device) == "reference" and not torch.compiler.is_compiling():
+        # eager, off the Triton backend: no custom-op dispatch nor NF4Weight rebuilt from its flat arguments
+        # (together more than a decode step's matmul on a small layer); the op is what torch.compile traces
+        return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, float(scaling),
+                                          col_scale)
     return _nf4_lora_matmul_op(a, *weight.op_args(), transpose_weight, bias, lora_h, lora_expand, float(scaling),
                                col_scale)
 
