@@ -115,19 +115,16 @@ def _single_active(layer, adapters: dict) -> Optional[str]:
     return active[0] if len(active) == 1 else None
 
 
-def _bnb_cpu_packed(layer) -> bool:
-    """The 4-bit base was repacked by bitsandbytes for its CPU kernel (it computes in bf16 from then on):
-    PEFT's forward, which calls that kernel, is what computes what PEFT computes."""
-    return repacked_for_bnb_cpu(layer.get_base_layer())
-
-
 def _fast_lora_forward(self, x, *args, **kwargs):
     """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
     name = _single_active(self, self.lora_A)
-    if args or kwargs or self.disable_adapters or self.merged or name is None or _bnb_cpu_packed(self):
+    base = self.get_base_layer()
+    # a 4-bit base that bitsandbytes repacked for its CPU kernel computes in bf16 from then on: PEFT's
+    # forward, which calls that kernel, is what computes what PEFT computes
+    if args or kwargs or self.disable_adapters or self.merged or name is None or repacked_for_bnb_cpu(base):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
-    bias = self.get_base_layer().bias
+    bias = base.bias
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     dropout, scaling = self.lora_dropout[name], self.scaling[name]
     if name in self.lora_variant:  # DoRA (_unsupported_reason let no other variant through)
@@ -142,9 +139,10 @@ def _fast_lora_forward(self, x, *args, **kwargs):
 def _fast_ia3_forward(self, x, *args, **kwargs):
     """PEFT ``ia3.Linear.forward`` on fastpeft's op (PEFT's own forward where it does not apply)."""
     name = _single_active(self, self.ia3_l)
-    if args or kwargs or self.disable_adapters or self.merged or name is None or _bnb_cpu_packed(self):
+    base = self.get_base_layer()
+    if args or kwargs or self.disable_adapters or self.merged or name is None or repacked_for_bnb_cpu(base):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    return ia3_linear(x, LoraLinear.base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
+    return ia3_linear(x, LoraLinear.base_weight(self), base.bias, self.ia3_l[name].view(-1),
                       self.is_feedforward)
 
 

@@ -16,16 +16,18 @@ def _ids(pattern: str, m: int, n: int) -> torch.Tensor:
         return torch.zeros(m, dtype=torch.long)
     if pattern == "distinct":  # decode: one token per adapter, the gathered bmm
         return torch.arange(m) % n
+    if pattern == "rows":  # prefill, few rows per adapter: rows of 3 tokens gathered, one row without adapter
+        return torch.tensor([2, 0, -1, 1, 2]).repeat_interleave(3)[:m]
     if pattern == "runs":  # prefill: each row's tokens contiguous, rows of the same adapter apart
         return torch.tensor([0, 0, 0, 1, 1, -1, -1, 0, 0, 2, 2, 2, 1])[:m]
     return torch.randint(-1, n, (m,))  # scattered, some without adapter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("pattern", ["one_adapter", "distinct", "runs", "scattered"])
+@pytest.mark.parametrize("pattern", ["one_adapter", "distinct", "rows", "runs", "scattered"])
 @pytest.mark.parametrize("ranks", [[8, 8, 8, 8], [3, 17, 1, 8]], ids=["equal_ranks", "mixed_ranks"])
 def test_reference_path_matches_the_oracle(reference_backend, dtype, pattern, ranks):
-    m, in_features, out_features = 13, 33, 17
+    m, in_features, out_features = (15 if pattern == "rows" else 13), 33, 17
     bank, adapters = random_bank(ranks, in_features, out_features, dtype)
     for k, a in enumerate(adapters):  # rank padding is never read: NaN there would show
         bank.lora_a[k, a.rank:] = float("nan")
@@ -35,8 +37,11 @@ def test_reference_path_matches_the_oracle(reference_backend, dtype, pattern, ra
     base = torch.randn(m, out_features, dtype=dtype, device=DEVICE)
     y = non_contiguous(base.clone())
     meta = MultiLoraMeta.build(ids, decode=pattern == "distinct")
+    gather = meta.reference_plan.gather
     if pattern != "scattered":  # 13 scattered tokens over 4 adapters may take either path
-        assert (meta.reference_plan.gather is not None) == (pattern == "distinct")
+        assert (gather is not None) == (pattern in ("distinct", "rows"))
+    if pattern == "rows":
+        assert gather[0] == 3 and gather[1].tolist() == [0, 1, 3, 4]
     assert multi_lora_add_(y, x, bank, meta) is y
     assert_rel_close(y, base.double() + reference_delta(x, adapters, ids[:, None], None), dtype)
 

@@ -179,8 +179,9 @@ class LoraLinear(nn.Module):
     def base_weight(self) -> Union[torch.Tensor, NF4Weight]:
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
-        if _is_bnb_linear4bit(self.base_layer):
-            if repacked_for_bnb_cpu(self.base_layer):
+        base = self.base_layer
+        if _is_bnb_linear4bit(base):
+            if repacked_for_bnb_cpu(base):
                 raise ValueError(
                     "bitsandbytes has repacked this Linear4bit for its own CPU kernel (it does so in place on an "
                     "eval-mode forward without grad on an AVX512-BF16 CPU), rounding its absmax to bf16: it no "
@@ -189,13 +190,13 @@ class LoraLinear(nn.Module):
                 )
             # the view is cached (building and validating one costs more than a decode step's small matmul);
             # reused only while the layer holds the very same packed tensor and quant state
-            param = self.base_layer.weight
+            param = base.weight
             key = (param, param.quant_state, param.data_ptr())
             cached = self.__dict__.get("_fastpeft_nf4_view")
             if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
                 cached = self.__dict__["_fastpeft_nf4_view"] = (key, NF4Weight.from_bnb(param))
             return cached[1]
-        return self.base_layer.weight
+        return base.weight
 
     @property
     def bias(self) -> Optional[torch.Tensor]:

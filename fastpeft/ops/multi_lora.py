@@ -8,15 +8,17 @@ combination of adapters uses several), and for the Triton kernels the tokens gro
 Off CUDA the op runs the reference math of ``fastpeft.reference.multi_lora_delta`` (the oracle the tests
 hold it to), grouped by a :class:`ReferencePlan` built once per batch layout instead of once per layer:
 the tokens of each adapter as a slice when they are contiguous (prefill: a row's tokens are), so the
-LoRA term is one in-place ``addmm_`` on a view; and, when tokens are spread over many adapters with a
-single slot each (decode: one token per row), one batched pair of ``bmm`` over per-token gathered
-adapter factors instead of a loop over adapters. In eager mode the reference path is called directly,
+LoRA term is one in-place ``addmm_`` on a view; and, when the batch's rows are spread over many adapters
+with a single slot each (decode steps, and prefill of rows with distinct adapters), one batched pair of
+``bmm`` over per-row gathered adapter factors (gathered once per batch and layer, reused by every step)
+instead of a loop over adapters. In eager mode the reference path is called directly,
 without the custom op's dispatch (tens of microseconds per call, more than a small layer's LoRA math).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -25,11 +27,11 @@ from .dispatch import backend_for
 
 # Tokens per prefill tile: 16 is tl.dot's minimum. Untuned: no GPU in this task.
 PREFILL_BLOCK_M = 16
-# Reference path: gather per-token factors and bmm (instead of one matmul pair per adapter) when the batch
-# has fewer than this many tokens per adapter. CPU, tiny Llama decode (python -m fastpeft.bench --suite cpu
-# --cases decode_adapters): 16 adapters over 16 one-token rows, the gather is ~5x faster than the loop;
-# 64-token prefill rows favour the loop (no copy of the factors).
-GATHER_MAX_TOKENS_PER_ADAPTER = 4
+# Reference path: gather each row's adapter factors and bmm (instead of one matmul pair per adapter) when
+# the batch has at most this many rows per adapter it names (the gathered copies then stay within that
+# multiple of the used adapters' own size). CPU, tiny Llama (python -m bench.check_cpu --cases
+# multi_lora_decode): 16 adapters over 16 rows, decode and prefill, ~2-5x faster than the loop.
+GATHER_MAX_ROWS_PER_ADAPTER = 4
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,21 @@ class ReferencePlan:
 
     ``groups``: per adapter ``k`` the batch names, ``(k, rows, weights)``: ``rows`` the tokens using it
     (a ``slice`` when contiguous, else int64 indices, ascending), ``weights`` fp32 ``(n, 1)`` summed over
-    the token's slots naming ``k``, or None when all are 1. ``gather``: ``(rows, ids, weights)`` for the
-    batched path (one slot, few tokens per adapter): ``rows`` int64 of the tokens with an adapter (None:
-    all tokens), ``ids`` int64 their adapter, ``weights`` fp32 ``(n,)`` or None; else None."""
+    the token's slots naming ``k``, or None when all are 1. ``gather``: for the batched path (one slot,
+    the tokens in rows of ``T`` consecutive tokens that share an adapter, few rows per adapter)
+    ``(T, rows, ids, weights)``: ``rows`` int64 of the rows with an adapter (None: every row), ``ids``
+    int64 their adapter, ``weights`` fp32 ``(n,)`` or None; else None."""
 
     groups: tuple
     gather: Optional[tuple]
+    # per layer and row layout (keyed by the bank's lora_a, held so its id stays its own, and the rows' adapters):
+    # the gathered, transposed factors and per-row coefficients of the batched path, built at the first call
+    # and reused by the next ones; shared by the plans of one batch (prefill and decode steps)
+    gathered: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, slot_ids: torch.Tensor, slot_weights: torch.Tensor) -> "ReferencePlan":
+    def build(cls, slot_ids: torch.Tensor, slot_weights: torch.Tensor,
+              gathered: Optional[dict] = None) -> "ReferencePlan":
         ids = slot_ids.long()
         groups = []
         for k in torch.unique(ids[ids >= 0]).tolist():
@@ -58,14 +66,28 @@ class ReferencePlan:
             weights = None if bool((weights == 1).all()) else weights[:, None]
             start, n = int(rows[0]), rows.numel()
             groups.append((k, slice(start, start + n) if int(rows[-1]) - start + 1 == n else rows, weights))
-        gather = None
-        if ids.shape[1] == 1 and len(groups) > 1 and ids.shape[0] < GATHER_MAX_TOKENS_PER_ADAPTER * len(groups):
-            active = (ids[:, 0] >= 0) & (slot_weights[:, 0] != 0)
-            rows = active.nonzero().squeeze(1)
-            weights = slot_weights[rows, 0]
-            gather = (None if rows.numel() == ids.shape[0] else rows, ids[rows, 0],
-                      None if bool((weights == 1).all()) else weights)
-        return cls(tuple(groups), gather)
+        return cls(tuple(groups), _gather_rows(ids, slot_weights, len(groups)), {} if gathered is None else gathered)
+
+
+def _gather_rows(ids: torch.Tensor, slot_weights: torch.Tensor, n_adapters: int) -> Optional[tuple]:
+    """``ReferencePlan.gather`` for int64 ``ids`` ``(M, S)`` (with the rows' adapters and weights appended as a
+    hashable key of the gathered factors), or None. ``T`` is the gcd of the lengths of the
+    runs of equal (adapter, weight) in token order: every block of ``T`` tokens then lies inside one run
+    (a prefill row's tokens share its adapter; decode has ``T = 1``)."""
+    if ids.shape[1] != 1 or n_adapters < 2:
+        return None
+    ids, weights = ids[:, 0], slot_weights[:, 0]
+    change = ((ids[1:] != ids[:-1]) | (weights[1:] != weights[:-1])).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), ids.shape[0]]
+    tokens_per_row = math.gcd(*(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+    ids, weights = ids[::tokens_per_row], weights[::tokens_per_row]
+    if ids.shape[0] > GATHER_MAX_ROWS_PER_ADAPTER * n_adapters:
+        return None
+    rows = ((ids >= 0) & (weights != 0)).nonzero().squeeze(1)
+    weights = weights[rows]
+    key = (tuple(ids.tolist()), tuple(weights.tolist()))
+    return (tokens_per_row, None if rows.numel() == ids.shape[0] else rows, ids[rows],
+            None if bool((weights == 1).all()) else weights, key)
 
 
 def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list,
@@ -77,16 +99,24 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         rank = used_ranks.pop()
         if rank == 0:
             return
-        rows, ids, weights = plan.gather
-        x_rows = x if rows is None else x.index_select(0, rows)
-        h = torch.bmm(lora_a.index_select(0, ids)[:, :rank], x_rows.unsqueeze(2))  # (n, r, 1)
-        delta = torch.bmm(lora_b.index_select(0, ids)[:, :, :rank], h).squeeze(2)  # (n, out)
-        coef = scalings.index_select(0, ids)
-        delta.mul_((coef if weights is None else coef * weights).to(delta.dtype).unsqueeze(1))
+        tokens_per_row, rows, ids, weights, key = plan.gather
+        key = (id(lora_a), key)
+        cached = plan.gathered.get(key)
+        if cached is None or cached[0] is not lora_a:
+            # (n, in, r) and (n, r, out), contiguous: bmm of one-row matrices runs an order of magnitude faster
+            # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
+            a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
+            coef = scalings.index_select(0, ids)
+            coef = (coef if weights is None else coef * weights).to(lora_b.dtype).view(-1, 1, 1)
+            b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous().mul_(coef)
+            cached = plan.gathered[key] = (lora_a, a_t, b_t)
+        _, a_t, b_t = cached
+        x_rows = x.view(-1, tokens_per_row, x.shape[-1])  # splitting the token dim: a view at any strides
+        y_rows = y.view(-1, tokens_per_row, y.shape[-1])
         if rows is None:
-            y.add_(delta)
+            y_rows.baddbmm_(torch.bmm(x_rows, a_t), b_t)
         else:
-            y.index_add_(0, rows, delta)
+            y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows.index_select(0, rows), a_t), b_t))
         return
     scaling_list = scalings.tolist()
     for k, rows, weights in plan.groups:
@@ -128,10 +158,11 @@ class MultiLoraMeta:
 
     @classmethod
     def build(cls, slot_ids: torch.Tensor, slot_weights: Optional[torch.Tensor] = None,
-              decode: bool = False) -> "MultiLoraMeta":
+              decode: bool = False, reference_cache: Optional[dict] = None) -> "MultiLoraMeta":
         """From ``slot_ids`` int ``(M,)`` or ``(M, S)`` and optional ``slot_weights`` of the same shape.
         ``decode=True`` (one token per sequence) picks one-token tiles (GEMV); otherwise tokens of one
-        adapter are tiled ``PREFILL_BLOCK_M`` at a time."""
+        adapter are tiled ``PREFILL_BLOCK_M`` at a time. ``reference_cache``: a dict shared by the metadata
+        of one batch's steps, where the reference path keeps per-layer gathered factors."""
         if slot_ids.dim() == 1:
             slot_ids = slot_ids[:, None]
             slot_weights = None if slot_weights is None else slot_weights[:, None]
@@ -172,7 +203,8 @@ class MultiLoraMeta:
             slot_tiles=tuple(slot_tiles),
             block_m=block_m,
             max_adapter_id=int(slot_ids.max()) if slot_ids.numel() else -1,
-            reference_plan=None if device.type == "cuda" else ReferencePlan.build(slot_ids, slot_weights),
+            reference_plan=None if device.type == "cuda" else ReferencePlan.build(slot_ids, slot_weights,
+                                                                                 reference_cache),
         )
 
 
