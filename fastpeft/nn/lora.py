@@ -191,6 +191,8 @@ class LoraLinear(nn.Module):
             # the view is cached (building and validating one costs more than a decode step's small matmul);
             # reused only while the layer holds the very same packed tensor and quant state
             param = base.weight
+            if torch.compiler.is_compiling():  # traced once: no cache (dynamo cannot compare data pointers)
+                return NF4Weight.from_bnb(param)
             key = (param, param.quant_state, param.data_ptr())
             cached = self.__dict__.get("_fastpeft_nf4_view")
             if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
