@@ -41,10 +41,17 @@ class MultiLoraBatch:
         self.slot_ids = slot_ids
         self.slot_weights = torch.ones(slot_ids.shape) if slot_weights is None else slot_weights
         self._metas: dict = {}
+        self._reference_cache: dict = {}  # the CPU path's per-layer gathered factors, shared by prefill and decode
 
     @property
     def num_rows(self) -> int:
         return self.slot_ids.shape[0]
+
+    def repeated(self, times: int) -> "MultiLoraBatch":
+        """The same choice with each row repeated ``times`` times, copies next to each other (how
+        ``generate`` expands a batch for beams or several return sequences)."""
+        return MultiLoraBatch(self.bank, self.slot_ids.repeat_interleave(times, dim=0),
+                              self.slot_weights.repeat_interleave(times, dim=0))
 
     def meta(self, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
         """Metadata for an activation of shape ``(B, T, ...)`` or ``(B, ...)`` (``lead_shape`` = all but the
@@ -59,7 +66,8 @@ class MultiLoraBatch:
                 tokens_per_row *= d
             ids = self.slot_ids.to(device).repeat_interleave(tokens_per_row, dim=0)
             weights = self.slot_weights.to(device).repeat_interleave(tokens_per_row, dim=0)
-            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1)
+            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1,
+                                                   reference_cache=self._reference_cache)
         return self._metas[key]
 
 
