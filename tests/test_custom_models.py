@@ -319,3 +319,19 @@ def test_mixed_model_another_adapter_over_lora(decisions):
     assert summary.replaced == {"base_model.model.lin0.base_layer": "lora"}
     _assert_same(_step(ours, X), _step(theirs, X))
     assert _counts(decisions, {}) == {"_fused_lora": 1}
+
+
+@pytest.mark.parametrize("config, expected", [
+    (_lora(lora_dropout=0.3), {"_fused_lora": 2}),
+    (_lora(use_dora=True), {"_fused_dora": 2}),
+    (_ia3(feedforward_modules=["lin1"]), {"_fused_ia3": 2}),
+], ids=["lora", "dora", "ia3"])
+def test_autocast_matches_peft(config, expected, decisions):
+    # what HF Trainer(bf16=True) runs: fp32 weights, bf16 compute under autocast; the same output dtype as PEFT
+    theirs, ours = _pair(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_step = _step(theirs, X)
+        got = _step(ours, X)
+    assert got[0].dtype == expected_step[0].dtype == torch.bfloat16
+    _assert_same(got, expected_step, tol=2e-2)
+    assert _counts(decisions, expected) == expected
