@@ -38,6 +38,7 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
+from .peft_paths import combined_lora_factors, mixed_batch_lora
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -96,8 +97,6 @@ def _unsupported_reason(layer, kind: str) -> Optional[str]:
         from peft.tuners.lora.variants import DoraLinearVariant
 
         for name in layer.lora_A:
-            if layer.lora_bias.get(name, False):
-                return f"adapter {name!r} has lora_bias=True, which fastpeft does not implement"
             variant = layer.lora_variant.get(name)
             if variant is not None and not isinstance(variant, DoraLinearVariant):
                 return f"adapter {name!r} uses the LoRA variant {type(variant).__name__}; fastpeft runs LoRA and DoRA"
@@ -117,20 +116,46 @@ def _single_active(layer, adapters: dict) -> Optional[str]:
 
 def _fast_lora_forward(self, x, *args, **kwargs):
     """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
-    name = _single_active(self, self.lora_A)
-    if args or kwargs or self.disable_adapters or self.merged or name is None:
+    if not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None \
+            and not self.disable_adapters and not self.merged:
+        out = mixed_batch_lora(self, x, lambda: lora_linear(x, LoraLinear.base_weight(self),
+                                                            self.get_base_layer().bias, None, None, 0.0),
+                               kwargs["adapter_names"])
+        if out is not None:
+            return out
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if args or kwargs or self.disable_adapters or self.merged or not active:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
     bias = self.get_base_layer().bias
+    if len(active) > 1:
+        factors = combined_lora_factors(self, active)
+        if factors is None:
+            return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+        lora_a, lora_b, lora_bias = factors
+        return lora_linear(x, weight, _plus(bias, lora_bias), lora_a, lora_b, 1.0)
+    name = active[0]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     dropout, scaling = self.lora_dropout[name], self.scaling[name]
+    lora_bias = self.lora_B[name].bias if self.lora_bias.get(name, False) else None
     if name in self.lora_variant:  # DoRA (_unsupported_reason let no other variant through)
+        if lora_bias is not None:  # PEFT scales the LoRA bias by m/n: not in dora_linear
+            return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
         # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
         x_dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
         return dora_linear(x, weight, bias, lora_a, lora_b, scaling, self.lora_magnitude_vector[name].weight,
                            x_dropped)
     x_dropped, dropout_p = dropout_inputs(dropout, x)
+    if lora_bias is not None:  # PEFT's (h Bᵀ + b_B) · s: s · b_B joins the base bias
+        bias = _plus(bias, lora_bias * scaling)
     return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped, dropout_p)
+
+
+def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``bias + extra`` where either may be None (differentiable in both)."""
+    if bias is None or extra is None:
+        return extra if bias is None else bias
+    return bias + extra
 
 
 def _fast_ia3_forward(self, x, *args, **kwargs):

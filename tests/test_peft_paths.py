@@ -1,0 +1,203 @@
+"""The fused paths of accelerated PEFT LoRA layers beyond one plain adapter (fastpeft.peft_paths): mixed-adapter
+batches (``adapter_names``), several active adapters, ``lora_bias``; each against PEFT's own forward on the same
+model (outputs, every gradient) and counted, so a test fails if PEFT's forward ran instead."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import fastpeft
+import fastpeft.patch
+import fastpeft.peft_paths
+
+from conftest import assert_rel_close, make_tiny_llama
+
+peft = pytest.importorskip("peft")
+
+TOKENS = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(2))
+LAYERS = 14  # adapted linear layers of the tiny Llama with target_modules="all-linear"
+
+
+def _lora(**kwargs):
+    kwargs = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear", **kwargs}
+    return peft.LoraConfig(**kwargs)
+
+
+def _randomise(model, prefix=""):
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name and prefix in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+def _three_adapters(**extra):
+    """PEFT model with adapters "alpha" (r 4), "beta" (r 2, rsLoRA, other alpha) and "gamma" (q_proj / v_proj only)."""
+    model = peft.get_peft_model(make_tiny_llama(), _lora(**extra), adapter_name="alpha")
+    model.add_adapter("beta", _lora(r=2, lora_alpha=3, use_rslora=True, **extra))
+    model.add_adapter("gamma", _lora(r=3, target_modules=["q_proj", "v_proj"], **extra))
+    _randomise(model)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _counting():
+    """Counts fused calls: fastpeft's ops as the accelerated layers call them."""
+    calls = []
+    targets = [(fastpeft.patch, "lora_linear"), (fastpeft.patch, "dora_linear"), (fastpeft.peft_paths, "_add_lora")]
+    originals = [getattr(module, name) for module, name in targets]
+    for (module, name), op in zip(targets, originals):
+        setattr(module, name, lambda *a, _op=op, _name=name, **k: calls.append(_name) or _op(*a, **k))
+    try:
+        yield calls
+    finally:
+        for (module, name), op in zip(targets, originals):
+            setattr(module, name, op)
+
+
+def _accelerated_pair(model):
+    theirs = copy.deepcopy(model)
+    fastpeft.accelerate(model)
+    return model, theirs
+
+
+# ---------------------------------------------------------------------------------------------- mixed batches
+NAMES = ["beta", "__base__", "alpha", "gamma"]
+
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["plain", "lora_bias"])
+def test_mixed_batch_forward_and_generate_match_peft(lora_bias):
+    ours, theirs = _accelerated_pair(_three_adapters(lora_bias=lora_bias))
+    with torch.no_grad():
+        expected = theirs(TOKENS, adapter_names=NAMES).logits
+        with _counting() as calls:
+            out = ours(TOKENS, adapter_names=NAMES).logits
+        assert calls.count("_add_lora") == LAYERS and calls.count("lora_linear") == LAYERS  # base + fused LoRA
+        assert_rel_close(out, expected)
+        # rows: each equals PEFT with that adapter alone (the base model for "__base__")
+        for row, name in enumerate(NAMES):
+            if name == "__base__":
+                with theirs.disable_adapter():
+                    alone = theirs(TOKENS[row:row + 1]).logits
+            else:
+                theirs.set_adapter(name)
+                alone = theirs(TOKENS[row:row + 1]).logits
+            assert_rel_close(out[row:row + 1], alone)
+    theirs.set_adapter("alpha")
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with _counting() as calls:
+        generated = ours.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs)
+    assert calls.count("_add_lora") == 3 * LAYERS
+    assert torch.equal(generated, theirs.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs))
+
+
+def test_mixed_batch_bank_follows_parameter_changes():
+    ours, theirs = _accelerated_pair(_three_adapters())
+    with torch.no_grad():
+        first = ours(TOKENS, adapter_names=NAMES).logits
+        for model in (ours, theirs):
+            model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["beta"].weight.mul_(3.0)
+        out = ours(TOKENS, adapter_names=NAMES).logits
+        assert_rel_close(out, theirs(TOKENS, adapter_names=NAMES).logits)
+        assert not torch.allclose(out, first)
+
+
+def test_mixed_batch_with_autograd_runs_peft_and_matches():
+    ours, theirs = _accelerated_pair(_three_adapters())
+    results = []
+    for model in (theirs, ours):
+        model.zero_grad()
+        with _counting() as calls:
+            logits = model(TOKENS, adapter_names=NAMES).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert "_add_lora" not in calls  # inference-only op: PEFT's forward carries the gradients
+    assert_rel_close(results[1][0], results[0][0])
+    assert results[1][1].keys() == results[0][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        assert_rel_close(results[1][1][name], grad, tol=1e-4)
+
+
+def test_mixed_batch_errors_are_peft_errors():
+    model = peft.get_peft_model(make_tiny_llama(), _lora(target_modules=["q_proj"]), adapter_name="alpha")
+    model.add_adapter("delta", _lora(target_modules=["q_proj"], use_dora=True))
+    fastpeft.accelerate(model.eval())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+            model(TOKENS, adapter_names=["alpha", "delta", "alpha", "alpha"])
+        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+            model(TOKENS, adapter_names=["alpha"])
+
+
+# ---------------------------------------------------------------------------------------------- several active
+def _loss_and_grads(model, tokens=TOKENS):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(ours, theirs, fused: int):
+    expected, ref_grads = _loss_and_grads(theirs)
+    with _counting() as calls:
+        out, grads = _loss_and_grads(ours)
+    assert calls.count("lora_linear") == fused
+    assert_rel_close(out, expected)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], tol=1e-4)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["plain", "lora_bias"])
+def test_several_active_adapters_are_one_fused_term(lora_bias):
+    ours, theirs = _accelerated_pair(_three_adapters(lora_bias=lora_bias))
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["alpha", "beta", "gamma"])  # "gamma" only where it exists (q_proj, v_proj)
+        model.train()
+    _assert_same(ours, theirs, fused=LAYERS)
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert any(".beta.weight" in n for n in grads) and any(".gamma.weight" in n for n in grads)
+    if lora_bias:
+        assert any("lora_B.alpha.bias" in n for n in grads)
+
+
+def test_several_active_adapters_with_dropout_run_peft_in_training_only():
+    ours, theirs = _accelerated_pair(_three_adapters(lora_dropout=0.25))
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["alpha", "beta"])
+        model.train()
+    torch.manual_seed(5)
+    expected, ref_grads = _loss_and_grads(theirs)
+    torch.manual_seed(5)
+    with _counting() as calls:
+        out, grads = _loss_and_grads(ours)
+    assert calls == []  # one dropout mask per adapter in PEFT: not one fused term
+    assert torch.equal(out, expected) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    ours.eval()
+    theirs.eval()
+    _assert_same(ours, theirs, fused=LAYERS)
+
+
+def test_weighted_adapter_alone_and_with_another():
+    ours, theirs = _accelerated_pair(_three_adapters())
+    for model in (ours, theirs):
+        model.add_weighted_adapter(["alpha", "beta"], [0.7, -0.4], "w", combination_type="cat")
+        model.base_model.set_adapter(["w", "alpha"])
+        model.train()
+    _assert_same(ours, theirs, fused=LAYERS)
+    for model in (ours, theirs):
+        model.set_adapter("w")
+    _assert_same(ours, theirs, fused=LAYERS)
+
+
+def test_lora_bias_single_adapter():
+    ours, theirs = _accelerated_pair(peft.get_peft_model(make_tiny_llama(), _lora(lora_bias=True)))
+    _randomise(ours)
+    _randomise(theirs)
+    summary = fastpeft.accelerate(ours)
+    assert len(summary.replaced) == LAYERS and not summary.skipped
+    ours.train()
+    theirs.train()
+    _assert_same(ours, theirs, fused=LAYERS)
