@@ -7,12 +7,13 @@ changes: the layer keeps its ``base_layer``, its ``lora_A`` / ``lora_B`` / ``lor
 ``ia3_l`` ModuleDicts and the very same Parameter objects, so the optimizer's parameters, the state-dict
 keys and PEFT's ``save_pretrained`` / ``load_adapter`` / ``set_adapter`` / ``merge_and_unload`` /
 ``disable_adapter`` keep working (they see a PEFT layer; ``isinstance`` holds). The forward reads PEFT's
-state at each call (active adapter, scaling, dropout, magnitude), so nothing goes stale. Where the fused
-op does not apply at call time, the layer runs PEFT's own forward: adapters disabled or merged, several
-active adapters in one layer, ``adapter_names=`` mixed batches, extra forward arguments. ``restore(model)``
-puts PEFT's classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases,
-``fan_in_fan_out``, ``lora_bias``, LoRA variants other than DoRA) are left untouched and reported in the
-returned :class:`PatchSummary` and a log line.
+state at each call (active adapter, scaling, dropout, magnitude), so nothing goes stale. Several active
+LoRA adapters in one layer and ``adapter_names=`` mixed batches run fused too (:mod:`fastpeft.peft_paths`).
+Where the fused op does not apply at call time, the layer runs PEFT's own forward: adapters disabled or
+merged, extra forward arguments, the cases :mod:`fastpeft.peft_paths` lists. ``restore(model)`` puts PEFT's
+classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases, ``fan_in_fan_out``, LoRA
+variants other than DoRA) are left untouched and reported in the returned :class:`PatchSummary` and a log
+line.
 
 ``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
 ``Linear4bit`` layers of any model with :class:`~fastpeft.nn.LoraLinear` / :class:`~fastpeft.nn.DoraLinear`.

@@ -172,9 +172,9 @@ def test_unsupported_layers_are_reported(caplog):
     assert type(model.base_model.model.model.embed_tokens) is peft.tuners.lora.Embedding
 
 
-def test_lora_bias_and_variants_are_reported():
-    summary = fastpeft.accelerate(_peft_model(_lora(target_modules=["q_proj"], lora_bias=True)))
-    assert not summary.replaced and all("lora_bias" in why for why in summary.skipped.values())
+def test_other_lora_variants_are_reported():
+    summary = fastpeft.accelerate(_peft_model(_lora(target_modules=["q_proj"], alora_invocation_tokens=[1, 2])))
+    assert not summary.replaced and all("ALoraLinearVariant" in why for why in summary.skipped.values())
 
 
 def test_model_without_adapters_is_refused():
