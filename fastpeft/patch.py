@@ -39,7 +39,7 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import combined_lora_factors, mixed_batch_lora
+from .peft_paths import combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, mixed_batch_lora
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -54,7 +54,7 @@ _FAST_LAYERS = (LoraLinear, IA3Linear)
 class PatchSummary:
     """What :func:`accelerate`, :func:`inject` or :func:`load_model_adapter` did: ``replaced`` maps each
     module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, with ``+nf4`` over a 4-bit
-    base); ``skipped`` maps each adapted or targeted layer it left alone to the reason."""
+    base; ``nf4`` for a frozen 4-bit layer no PEFT layer wraps); ``skipped`` maps each adapted or targeted layer it left alone to the reason."""
 
     replaced: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
@@ -174,7 +174,7 @@ _FAST_CLASSES: dict = {}
 def _fast_class(peft_class: type, kind: str) -> type:
     """The subclass of ``peft_class`` whose forward runs fastpeft's op (one per PEFT class)."""
     if peft_class not in _FAST_CLASSES:
-        forward = _fast_lora_forward if kind == "lora" else _fast_ia3_forward
+        forward = {"lora": _fast_lora_forward, "ia3": _fast_ia3_forward, "nf4": frozen_4bit_forward}[kind]
         _FAST_CLASSES[peft_class] = type(
             f"Fast{peft_class.__name__}", (peft_class,),
             {"forward": forward, "_fastpeft_peft_class": peft_class, "__module__": __name__},
@@ -186,11 +186,15 @@ def _is_accelerated(module) -> bool:
     return "_fastpeft_peft_class" in type(module).__dict__
 
 
-def accelerate(model: nn.Module) -> PatchSummary:
+def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
     """Run every supported adapted layer of a PEFT model on fastpeft's ops, in place (see the module
-    docstring). Returns the :class:`PatchSummary` (also logged); idempotent. Raises ``ValueError`` if the
-    model has no PEFT adapter layers at all."""
+    docstring). With ``frozen_4bit`` (the default), every bitsandbytes NF4 ``Linear4bit`` that no PEFT layer
+    wraps (the frozen bases under prompt / prefix / P-tuning, BitFit, or LoRA on some modules only) runs on
+    fastpeft's NF4 op too (kind ``nf4`` in the summary); ``frozen_4bit=False`` leaves them on bitsandbytes'
+    forward (and puts back any an earlier call switched). Returns the :class:`PatchSummary` (also logged);
+    idempotent. Raises ``ValueError``, saying what the model holds, if there is nothing to accelerate."""
     summary = PatchSummary()
+    inside_peft_layers: set = set()
     if "peft" in sys.modules:  # a model with PEFT layers has imported peft already
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -198,6 +202,7 @@ def accelerate(model: nn.Module) -> PatchSummary:
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
+            inside_peft_layers.update(id(m) for m in module.modules())
             peft_class = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
             kind = kinds.get(peft_class)
             if kind is None:
@@ -209,13 +214,44 @@ def accelerate(model: nn.Module) -> PatchSummary:
                 continue
             module.__class__ = _fast_class(peft_class, kind)
             summary.replaced[name] = _kind_label(module, kind)
+    _accelerate_frozen_4bit(model, inside_peft_layers, frozen_4bit, summary)
     if not summary.replaced and not summary.skipped:
-        raise ValueError(
-            f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
-            "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)"
-        )
+        raise ValueError(_nothing_to_accelerate(model, frozen_4bit))
     (logger.warning if summary.skipped else logger.info)("%s", summary)
     return summary
+
+
+def _accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: bool, summary: PatchSummary) -> None:
+    """Switch (or, not ``enabled``, switch back) the bitsandbytes ``Linear4bit`` layers no PEFT layer wraps."""
+    if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported bitsandbytes already
+        return
+    for name, module in model.named_modules():
+        if not _is_bnb_linear4bit(module) or id(module) in inside_peft_layers:
+            continue
+        original = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
+        if not enabled:
+            module.__class__ = original
+            continue
+        reason = frozen_4bit_reason(module)
+        if reason is not None:
+            summary.skipped[name] = reason
+            continue
+        module.__class__ = _fast_class(original, "nf4")
+        summary.replaced[name] = "nf4"
+
+
+def _nothing_to_accelerate(model: nn.Module, frozen_4bit: bool) -> str:
+    """The error for a model with no layer :func:`accelerate` switches: what it holds, what fastpeft does."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return (f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
+                "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)")
+    kinds = sorted({str(getattr(config.peft_type, "value", config.peft_type)) for config in configs.values()})
+    text = (f"this PEFT model's adapters ({', '.join(kinds)}) add no adapted layers: fastpeft accelerates LoRA, DoRA "
+            "and IA3 layers, and the frozen bitsandbytes 4-bit linear layers of any model; ")
+    if not frozen_4bit and any(_is_bnb_linear4bit(m) for m in model.modules()):
+        return text + "its 4-bit layers were left on bitsandbytes by frozen_4bit=False. Nothing to accelerate"
+    return text + "it has neither (prompt / prefix / P-tuning run in its embeddings and attention). Nothing to accelerate"
 
 
 def restore(model: nn.Module) -> int:
@@ -225,6 +261,7 @@ def restore(model: nn.Module) -> int:
     for module in model.modules():
         if _is_accelerated(module):
             module.__class__ = module._fastpeft_peft_class
+            module.__dict__.pop("_fastpeft_bank", None)  # the mixed-batch adapter bank (fastpeft.peft_paths)
             count += 1
     if count == 0:
         raise ValueError("no layer of this model was accelerated by fastpeft.accelerate")

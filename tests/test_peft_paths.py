@@ -12,7 +12,7 @@ import fastpeft
 import fastpeft.patch
 import fastpeft.peft_paths
 
-from conftest import assert_rel_close, make_tiny_llama
+from conftest import Holder, assert_rel_close, bnb_linear4bit, load_tiny_llama_4bit, make_tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -46,14 +46,15 @@ def _three_adapters(**extra):
 def _counting():
     """Counts fused calls: fastpeft's ops as the accelerated layers call them."""
     calls = []
-    targets = [(fastpeft.patch, "lora_linear"), (fastpeft.patch, "dora_linear"), (fastpeft.peft_paths, "_add_lora")]
-    originals = [getattr(module, name) for module, name in targets]
-    for (module, name), op in zip(targets, originals):
-        setattr(module, name, lambda *a, _op=op, _name=name, **k: calls.append(_name) or _op(*a, **k))
+    targets = [(fastpeft.patch, "lora_linear", "lora_linear"), (fastpeft.patch, "dora_linear", "dora_linear"),
+               (fastpeft.peft_paths, "_add_lora", "_add_lora"), (fastpeft.peft_paths, "lora_linear", "frozen_4bit")]
+    originals = [getattr(module, name) for module, name, _ in targets]
+    for (module, name, label), op in zip(targets, originals):
+        setattr(module, name, lambda *a, _op=op, _label=label, **k: calls.append(_label) or _op(*a, **k))
     try:
         yield calls
     finally:
-        for (module, name), op in zip(targets, originals):
+        for (module, name, _), op in zip(targets, originals):
             setattr(module, name, op)
 
 
@@ -201,3 +202,67 @@ def test_lora_bias_single_adapter():
     ours.train()
     theirs.train()
     _assert_same(ours, theirs, fused=LAYERS)
+
+
+# ---------------------------------------------------------------------------------------------- frozen 4-bit
+FROZEN_CONFIGS = {
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+    "lora_some": lambda: _lora(target_modules=["q_proj", "v_proj"]),
+}
+
+
+@pytest.mark.parametrize("method", list(FROZEN_CONFIGS))
+def test_frozen_4bit_bases_run_on_fastpeft(tiny_llama_dir, method):
+    pytest.importorskip("bitsandbytes")
+    compute_dtype = torch.bfloat16 if method == "prompt" else torch.float32  # bitsandbytes' compute dtype rule
+    # one model, bitsandbytes first (a deep copy of 4-bit weights is not faithful); train mode so bitsandbytes
+    # never repacks its weights for the CPU kernel
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir, compute_dtype), FROZEN_CONFIGS[method]()).train()
+    expected, ref_grads = _loss_and_grads(model, TOKENS[:2])
+    summary = fastpeft.accelerate(model)
+    frozen = [name for name, kind in summary.replaced.items() if kind == "nf4"]
+    assert len(frozen) == (10 if method == "lora_some" else LAYERS) and not summary.skipped
+    with _counting() as calls:
+        out, grads = _loss_and_grads(model, TOKENS[:2])
+    assert calls.count("frozen_4bit") == len(frozen)
+    assert out.dtype == expected.dtype == torch.float32
+    assert_rel_close(out, expected, dtype=compute_dtype)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], tol=1e-4 if compute_dtype == torch.float32 else 2e-2)
+    if method == "lora_some":  # the opt-out puts bitsandbytes' forward back, and keeps the LoRA layers fused
+        summary = fastpeft.accelerate(model, frozen_4bit=False)
+        assert set(summary.replaced.values()) == {"lora+nf4"}
+        layer = model.base_model.model.model.layers[0].mlp.up_proj
+        assert type(layer) is type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer)
+
+
+def test_frozen_4bit_bitfit_bias_gradient():
+    layer = bnb_linear4bit(64, 47, with_bias=True)
+    model = Holder(layer).train()
+    x = torch.randn(5, 64, requires_grad=True)
+    dy = torch.randn(5, 47)
+    expected = model.proj(x)
+    ref_grads = torch.autograd.grad(expected, [x, layer.bias], dy)
+    summary = fastpeft.accelerate(model)
+    assert summary.replaced == {"proj": "nf4"}
+    with _counting() as calls:
+        out = model.proj(x)
+    grads = torch.autograd.grad(out, [x, layer.bias], dy)
+    assert calls == ["frozen_4bit"]
+    assert_rel_close(out, expected)
+    for grad, ref in zip(grads, ref_grads):
+        assert_rel_close(grad, ref, tol=1e-4)
+    assert fastpeft.restore(model) == 1 and type(model.proj).__name__ == "Linear4bit"
+
+
+def test_prompt_tuning_without_4bit_layers_says_what_it_is(tiny_llama_dir):
+    model = peft.get_peft_model(make_tiny_llama(), FROZEN_CONFIGS["prompt"]())
+    with pytest.raises(ValueError, match="adapters \\(PROMPT_TUNING\\) add no adapted layers.*Nothing to accelerate"):
+        fastpeft.accelerate(model)
+    pytest.importorskip("bitsandbytes")
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), FROZEN_CONFIGS["prefix"]())
+    with pytest.raises(ValueError, match="PREFIX_TUNING.*left on bitsandbytes by frozen_4bit=False"):
+        fastpeft.accelerate(model, frozen_4bit=False)
