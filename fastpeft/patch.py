@@ -1,7 +1,7 @@
 """Adopting fastpeft in one line: accelerate a PEFT model in place, or add adapters without peft.
 
 ``accelerate(model)`` walks a PEFT model and switches every supported adapted layer (PEFT's LoRA / DoRA /
-IA3 ``Linear`` and bitsandbytes ``Linear4bit`` layers) to fastpeft's fused ops **by changing the layer's
+IA3 ``Linear`` and bitsandbytes ``Linear4bit`` layers, and GPT-2-style ``Conv1D`` bases) to fastpeft's fused ops **by changing the layer's
 class in place** to a subclass of PEFT's own class whose ``forward`` calls ``fastpeft.ops``. Nothing else
 changes: the layer keeps its ``base_layer``, its ``lora_A`` / ``lora_B`` / ``lora_magnitude_vector`` /
 ``ia3_l`` ModuleDicts and the very same Parameter objects, so the optimizer's parameters, the state-dict
@@ -11,8 +11,8 @@ state at each call (active adapter, scaling, dropout, magnitude), so nothing goe
 LoRA adapters in one layer and ``adapter_names=`` mixed batches run fused too (:mod:`fastpeft.peft_paths`).
 Where the fused op does not apply at call time, the layer runs PEFT's own forward: adapters disabled or
 merged, extra forward arguments, the cases :mod:`fastpeft.peft_paths` lists. ``restore(model)`` puts PEFT's
-classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases, ``fan_in_fan_out``, LoRA
-variants other than DoRA) are left untouched and reported in the returned :class:`PatchSummary` and a log
+classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases, LoRA variants other than
+DoRA) are left untouched and reported in the returned :class:`PatchSummary` and a log
 line.
 
 ``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
@@ -39,7 +39,8 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, mixed_batch_lora
+from .peft_paths import (base_weight, combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, is_conv1d,
+                         mixed_batch_lora)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -88,12 +89,11 @@ def _unsupported_reason(layer, kind: str) -> Optional[str]:
     """Why fastpeft cannot run this PEFT layer, or None."""
     base = layer.get_base_layer()
     if not _is_bnb_linear4bit(base):
-        if type(base) is not nn.Linear:
-            return f"base layer {type(base).__name__} is not torch.nn.Linear or bitsandbytes Linear4bit"
+        if type(base) is not nn.Linear and not is_conv1d(base):
+            return (f"base layer {type(base).__name__} is not torch.nn.Linear, transformers' Conv1D or bitsandbytes "
+                    "Linear4bit")
         if not base.weight.is_floating_point():
             return f"base weight dtype {base.weight.dtype} is not floating point"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (transposed base weight) is not supported"
     if kind == "lora":
         from peft.tuners.lora.variants import DoraLinearVariant
 
@@ -119,7 +119,7 @@ def _fast_lora_forward(self, x, *args, **kwargs):
     """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
     if not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None \
             and not self.disable_adapters and not self.merged:
-        out = mixed_batch_lora(self, x, lambda: lora_linear(x, LoraLinear.base_weight(self),
+        out = mixed_batch_lora(self, x, lambda: lora_linear(x, base_weight(self),
                                                             self.get_base_layer().bias, None, None, 0.0),
                                kwargs["adapter_names"])
         if out is not None:
@@ -127,7 +127,7 @@ def _fast_lora_forward(self, x, *args, **kwargs):
     active = [name for name in self.active_adapters if name in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
+    weight = base_weight(self)
     bias = self.get_base_layer().bias
     if len(active) > 1:
         factors = combined_lora_factors(self, active)
@@ -164,7 +164,7 @@ def _fast_ia3_forward(self, x, *args, **kwargs):
     name = _single_active(self, self.ia3_l)
     if args or kwargs or self.disable_adapters or self.merged or name is None:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    return ia3_linear(x, LoraLinear.base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
+    return ia3_linear(x, base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
                       self.is_feedforward)
 
 

@@ -29,11 +29,13 @@ from torch import nn
 
 from .bank import LoraBank
 from .nf4 import NF4Weight
+from .nn.lora import LoraLinear
 from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
 
-__all__ = ["combined_lora_factors", "mixed_batch_lora", "dropout_active", "frozen_4bit_reason", "frozen_4bit_forward"]
+__all__ = ["base_weight", "is_conv1d", "combined_lora_factors", "mixed_batch_lora", "dropout_active",
+           "frozen_4bit_reason", "frozen_4bit_forward"]
 
 BASE_ONLY = "__base__"  # PEFT's adapter name for rows that get the base model alone
 
@@ -68,6 +70,20 @@ def combined_lora_factors(layer, names: Sequence[str]) -> Optional[tuple]:
     biases = [_lora_bias(layer, name) * layer.scaling[name] for name in names if _lora_bias(layer, name) is not None]
     lora_bias = None if not biases else torch.stack(biases).sum(0) if len(biases) > 1 else biases[0]
     return lora_a, lora_b, lora_bias
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: ``y = x W + b``, ``weight`` ``(in, out)``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def base_weight(layer):
+    """The base weight of a PEFT layer as fastpeft's ops take it, ``(out, in)``, no copy: the dense weight, a
+    ``Conv1D``'s ``(in, out)`` weight as its transposed view (the ops read any strides), or an
+    :class:`~fastpeft.nf4.NF4Weight` view of a bitsandbytes 4-bit one (with the same repacking check as
+    fastpeft's own layer)."""
+    weight = LoraLinear.base_weight(layer)
+    return weight.t() if is_conv1d(layer.get_base_layer()) else weight
 
 
 # ---------------------------------------------------------------------------------------------- mixed batches

@@ -47,6 +47,7 @@ def _counting():
     """Counts fused calls: fastpeft's ops as the accelerated layers call them."""
     calls = []
     targets = [(fastpeft.patch, "lora_linear", "lora_linear"), (fastpeft.patch, "dora_linear", "dora_linear"),
+               (fastpeft.patch, "ia3_linear", "ia3_linear"),
                (fastpeft.peft_paths, "_add_lora", "_add_lora"), (fastpeft.peft_paths, "lora_linear", "frozen_4bit")]
     originals = [getattr(module, name) for module, name, _ in targets]
     for (module, name, label), op in zip(targets, originals):
@@ -266,3 +267,41 @@ def test_prompt_tuning_without_4bit_layers_says_what_it_is(tiny_llama_dir):
     model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), FROZEN_CONFIGS["prefix"]())
     with pytest.raises(ValueError, match="PREFIX_TUNING.*left on bitsandbytes by frozen_4bit=False"):
         fastpeft.accelerate(model, frozen_4bit=False)
+
+
+# ---------------------------------------------------------------------------------------------- fan_in_fan_out
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "lora_bias", "ia3"])
+def test_gpt2_conv1d_bases(kind):
+    targets = ["c_attn", "c_proj", "c_fc"]  # every Conv1D of GPT-2 (weights stored (in, out))
+    if kind == "ia3":
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=["c_fc"], fan_in_fan_out=True,
+                                init_ia3_weights=False)
+    else:
+        config = _lora(target_modules=targets, fan_in_fan_out=True, use_dora=kind == "dora",
+                       lora_bias=kind == "lora_bias")
+    theirs = peft.get_peft_model(_tiny_gpt2(), config)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if param.requires_grad:
+                param.mul_(1.0 + 0.2 * torch.randn(param.shape)).add_(0.05 * torch.randn(param.shape))
+    ours = copy.deepcopy(theirs)
+    summary = fastpeft.accelerate(ours)
+    assert len(summary.replaced) == 8 and not summary.skipped
+    counted = {"dora": "dora_linear", "ia3": "ia3_linear"}.get(kind, "lora_linear")
+    expected, ref_grads = _loss_and_grads(theirs.train())
+    with _counting() as calls:
+        out, grads = _loss_and_grads(ours.train())
+    assert calls.count(counted) == 8
+    assert_rel_close(out, expected)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], tol=1e-4)
