@@ -86,7 +86,7 @@ def test_nf4_lora_matmul_rejects_bad_inputs():
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_nf4_gemv_split_k_adds_the_epilogue_once(dtype):
-    # few output tiles and K = 5 blocks of GEMV_BLOCK_K: the launcher splits K five ways
+    # few output tiles and K = 5 blocks of the GEMV's BLOCK_K: the plan splits K five ways (tests/test_plan.py)
     weight = NF4Weight.quantize(torch.randn(5, 300, device=DEVICE), 64, double_quant=True)
     a = torch.randn(3, 300, device=DEVICE, dtype=dtype)
     lora_h, lora_expand = torch.randn(3, 2, device=DEVICE, dtype=dtype), torch.randn(2, 5, device=DEVICE, dtype=dtype)

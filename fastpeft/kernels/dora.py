@@ -25,10 +25,11 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from .nf4 import nf4_dequant_values, nf4_kernel_args
+from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Untuned: no GPU in this task (tl.dot needs >= 16 per dimension).
-BLOCK_O = 32
-BLOCK_K = 64
+# Output rows and K slice per program, warps, stages, per GPU architecture. Source: untuned, no GPU
+# (tl.dot needs >= 16 per dimension; warps and stages are Triton's defaults).
+NORM_CONFIGS = {"default": {"BLOCK_O": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}}
 MAX_RANK = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,6 +64,20 @@ def _dora_norm_kernel(
         merged = w + scaling * tl.dot(lora_b, lora_a, input_precision="ieee")
         sum_sq += tl.sum(merged * merged, axis=1)
     tl.store(norm_ptr + offs_o, tl.sqrt(sum_sq).to(norm_ptr.dtype.element_ty), mask=o_mask)
+
+
+def plan_dora_weight_norm(out_features: int, rank: int, is_nf4: bool, blocksize: int = 64, nested: bool = False,
+                          arch: tuple | None = None) -> LaunchPlan:
+    """The norm launch for an ``(out_features, in)`` weight (dense, or NF4 with ``blocksize`` / ``nested``)
+    and rank ``rank``: one program per ``BLOCK_O`` rows, the whole rank in one ``BLOCK_R`` tile."""
+    config = config_for(NORM_CONFIGS, arch)
+    return LaunchPlan(
+        op="dora_weight_norm", variant="nf4" if is_nf4 else "dense", kernel=_dora_norm_kernel,
+        grid=(triton.cdiv(out_features, config["BLOCK_O"]),),
+        constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, "BLOCK_O": config["BLOCK_O"],
+                    "BLOCK_K": config["BLOCK_K"], "BLOCK_R": max(16, triton.next_power_of_2(rank))},
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
 
 
 def dora_weight_norm(
@@ -117,11 +132,8 @@ def dora_weight_norm(
         packed, absmax, code, nested_code, nested_absmax, nested_offset = (weight,) * 6
         blocksize, nested = 64, False
         stride_wo, stride_wi = weight.stride()
-    _dora_norm_kernel[(triton.cdiv(out_features, BLOCK_O),)](
-        packed, absmax, code, nested_code, nested_absmax, lora_a, lora_b, out,
-        nested_offset, float(scaling), out_features, in_features, rank,
-        stride_wo, stride_wi, lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        IS_NF4=is_nf4, BLOCKSIZE=blocksize, NESTED=nested,
-        BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-    )
+    plan = plan_dora_weight_norm(out_features, rank, is_nf4, blocksize, nested, device_arch(weight.device))
+    launch(plan, packed, absmax, code, nested_code, nested_absmax, lora_a, lora_b, out,
+           nested_offset, float(scaling), out_features, in_features, rank,
+           stride_wo, stride_wi, lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1))
     return out

@@ -37,11 +37,11 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from .nf4 import nf4_dequant_values, nf4_kernel_args
+from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Untuned: no GPU in this task (tl.dot needs >= 16 per dimension; moderate register use).
-BLOCK_M = 32
-BLOCK_N = 64
-BLOCK_K = 32
+# Tile, warps, stages per GPU architecture. Source: untuned, no GPU (tl.dot needs >= 16 per dimension;
+# moderate register use; warps and stages are Triton's defaults).
+MATMUL_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -101,6 +101,25 @@ def _check_vector(name: str, t, length: int, a: torch.Tensor):
         raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def plan_ia3_matmul(
+    m: int, n: int, *, is_nf4: bool, blocksize: int = 64, nested: bool = False, has_in_scale: bool = False,
+    has_bias: bool = False, has_out_scale: bool = False, has_reduce: bool = False, store_out: bool = True,
+    arch: tuple | None = None,
+) -> LaunchPlan:
+    """The launch of an ``(m, K) · (K, n)`` IA3 product (dense or NF4 weight) with the given prologue /
+    epilogue flags: one program per ``BLOCK_M x BLOCK_N`` output tile."""
+    config = config_for(MATMUL_CONFIGS, arch)
+    return LaunchPlan(
+        op="ia3_matmul", variant="nf4" if is_nf4 else "dense", kernel=_ia3_matmul_kernel,
+        grid=(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"])),
+        constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, "HAS_IN_SCALE": has_in_scale,
+                    "HAS_BIAS": has_bias, "HAS_OUT_SCALE": has_out_scale, "HAS_REDUCE": has_reduce,
+                    "STORE_OUT": store_out, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                    "BLOCK_K": config["BLOCK_K"]},
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
 
 
 def ia3_matmul(
@@ -170,17 +189,16 @@ def ia3_matmul(
     placeholder = a  # never read: the matching HAS_* flag is False
     target = out if out is not None else placeholder
     rows = reduce_rows if reduce_rows is not None else placeholder
-    _ia3_matmul_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
-        a, packed, absmax, code, nested_code, nested_absmax,
-        in_scale if in_scale is not None else placeholder, bias if bias is not None else placeholder,
-        out_scale if out_scale is not None else placeholder, rows, target,
-        reduced if reduced is not None else placeholder,
-        nested_offset, m, n, k,
-        a.stride(0), a.stride(1), stride_wn, stride_wk, rows.stride(0), rows.stride(1),
-        target.stride(0), target.stride(1),
-        IS_NF4=is_nf4, BLOCKSIZE=blocksize, NESTED=nested,
-        HAS_IN_SCALE=in_scale is not None, HAS_BIAS=bias is not None, HAS_OUT_SCALE=out_scale is not None,
-        HAS_REDUCE=reduce_rows is not None, STORE_OUT=store_out,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    plan = plan_ia3_matmul(
+        m, n, is_nf4=is_nf4, blocksize=blocksize, nested=nested, has_in_scale=in_scale is not None,
+        has_bias=bias is not None, has_out_scale=out_scale is not None, has_reduce=reduce_rows is not None,
+        store_out=store_out, arch=device_arch(a.device),
     )
+    launch(plan, a, packed, absmax, code, nested_code, nested_absmax,
+           in_scale if in_scale is not None else placeholder, bias if bias is not None else placeholder,
+           out_scale if out_scale is not None else placeholder, rows, target,
+           reduced if reduced is not None else placeholder,
+           nested_offset, m, n, k,
+           a.stride(0), a.stride(1), stride_wn, stride_wk, rows.stride(0), rows.stride(1),
+           target.stride(0), target.stride(1))
     return out, reduced

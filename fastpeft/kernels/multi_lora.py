@@ -40,10 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Block sizes: untuned, no GPU in this task. BLOCK_M is the metadata's block_m (16 prefill, 1 decode).
-BLOCK_K = 32
-BLOCK_R = 16
-BLOCK_N = 32
+from .plan import LaunchPlan, config_for, device_arch, launch
+
+# K / rank / out slices, warps and stages per GPU architecture (BLOCK_M is the metadata's block_m: 16
+# prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults).
+CONFIGS = {"default": {"BLOCK_K": 32, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fused shrink→expand or two launches, per regime. Untuned: no GPU in this task (bench it, then flip).
 FUSED = {"decode": False, "prefill": False}
@@ -181,6 +182,34 @@ def _multi_lora_fused_kernel(
                 stride_wm, stride_ym, stride_yo)
 
 
+def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: int, fused: Optional[bool] = None,
+                    arch: tuple | None = None) -> tuple:
+    """The launches of one slot over ``num_tiles`` tiles of ``block_m`` tokens (1: decode), a bank of
+    largest rank ``max_rank``: ``(fused,)`` or ``(shrink, expand)``. ``fused`` None reads ``FUSED`` for
+    the regime."""
+    if fused is None:
+        fused = FUSED["decode" if block_m == 1 else "prefill"]
+    config = config_for(CONFIGS, arch)
+    regime = "decode" if block_m == 1 else "prefill"
+    use_dot = block_m >= 16
+    common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    out_grid = (num_tiles, triton.cdiv(out_features, config["BLOCK_N"]))
+    if fused:
+        return (LaunchPlan(
+            op="multi_lora_add_", variant=f"fused-{regime}", kernel=_multi_lora_fused_kernel, grid=out_grid,
+            constexprs={"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_R": config["BLOCK_R"],
+                        "BLOCK_K": config["BLOCK_K"], "USE_DOT": use_dot}, **common),)
+    return (
+        LaunchPlan(op="multi_lora_add_", variant=f"shrink-{regime}", kernel=_multi_lora_shrink_kernel,
+                   grid=(num_tiles, triton.cdiv(max_rank, config["BLOCK_R"])),
+                   constexprs={"BLOCK_M": block_m, "BLOCK_R": config["BLOCK_R"], "BLOCK_K": config["BLOCK_K"],
+                               "USE_DOT": use_dot}, **common),
+        LaunchPlan(op="multi_lora_add_", variant=f"expand-{regime}", kernel=_multi_lora_expand_kernel, grid=out_grid,
+                   constexprs={"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_R": config["BLOCK_R"],
+                               "USE_DOT": use_dot}, **common),
+    )
+
+
 def multi_lora_add_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -244,7 +273,7 @@ def multi_lora_add_(
     if fused is None:
         fused = FUSED["decode" if block_m == 1 else "prefill"]
     h = None if fused else torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
-    use_dot = block_m >= 16
+    arch = device_arch(x.device)
     first = 0
     for slot, count in enumerate(slot_tiles):
         if count == 0:
@@ -253,25 +282,18 @@ def multi_lora_add_(
         order = token_order[slot]
         weights = slot_weights[:, slot]
         first += count
+        plans = plan_multi_lora(count, max_rank, out_features, block_m, fused, arch)
         if fused:
-            _multi_lora_fused_kernel[(count, triton.cdiv(out_features, BLOCK_N))](
-                x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
-                x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0), y.stride(1),
-                in_features, out_features,
-                BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, USE_DOT=use_dot,
-            )
+            launch(plans[0], x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+                   x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                   lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0), y.stride(1),
+                   in_features, out_features)
             continue
-        _multi_lora_shrink_kernel[(count, triton.cdiv(max_rank, BLOCK_R))](
-            x, lora_a, ranks, order, slot_tile_rows, h,
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-            h.stride(0), h.stride(1), in_features,
-            BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, USE_DOT=use_dot,
-        )
-        _multi_lora_expand_kernel[(count, triton.cdiv(out_features, BLOCK_N))](
-            h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
-            h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-            weights.stride(0), y.stride(0), y.stride(1), out_features,
-            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, USE_DOT=use_dot,
-        )
+        shrink, expand = plans
+        launch(shrink, x, lora_a, ranks, order, slot_tile_rows, h,
+               x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+               h.stride(0), h.stride(1), in_features)
+        launch(expand, h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+               h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+               weights.stride(0), y.stride(0), y.stride(1), out_features)
     return y

@@ -18,10 +18,15 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NESTED_BLOCKSIZE as _NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
+from .plan import LaunchPlan, config_for, device_arch, launch
 
 NESTED_BLOCKSIZE = tl.constexpr(_NESTED_BLOCKSIZE)
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements per program, warps, stages of the dequantisation kernel, per GPU architecture.
+# Source: untuned, no GPU (BLOCK 1024 = 8 elements per thread at 4 warps; warps and stages are Triton's
+# defaults).
+DEQUANT_CONFIGS = {"default": {"BLOCK": 1024, "num_warps": 4, "num_stages": 3}}
 _code_cache: dict = {}
 
 
@@ -79,6 +84,18 @@ def nf4_kernel_args(weight: NF4Weight) -> tuple:
     return (weight.packed, weight.absmax, nf4_code(weight.device), weight.absmax, weight.absmax, weight.absmax)
 
 
+def plan_nf4_dequantize(numel: int, blocksize: int, nested: bool, arch: tuple | None = None) -> LaunchPlan:
+    """The launch that dequantises ``numel`` NF4 elements (``blocksize``, double-quantised if ``nested``).
+    fp fusion is off: the nested absmax must round as bitsandbytes' separate multiply and add do."""
+    config = config_for(DEQUANT_CONFIGS, arch)
+    return LaunchPlan(
+        op="nf4_dequantize", variant="elementwise", kernel=_nf4_dequant_kernel,
+        grid=(triton.cdiv(numel, config["BLOCK"]),),
+        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, "BLOCK": config["BLOCK"]},
+        num_warps=config["num_warps"], num_stages=config["num_stages"], options={"enable_fp_fusion": False},
+    )
+
+
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None) -> torch.Tensor:
     """Dequantise ``weight`` to a new contiguous ``(out, in)`` tensor of ``dtype`` with Triton."""
     dtype = weight.dtype if dtype is None else dtype
@@ -88,11 +105,8 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None) -> torch.Tensor
         raise TypeError(f"NF4 dequantisation produces one of {_OUT_DTYPES}, not {dtype}")
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     numel = out.numel()
-    block = 1024
-    packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
-    _nf4_dequant_kernel[(triton.cdiv(numel, block),)](
-        packed, absmax, code, nested_code, nested_absmax, nested_offset, out, numel,
-        BLOCKSIZE=weight.blocksize, NESTED=weight.is_nested, BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    if numel == 0:
+        return out
+    plan = plan_nf4_dequantize(numel, weight.blocksize, weight.is_nested, device_arch(weight.device))
+    launch(plan, *nf4_kernel_args(weight), out, numel)
     return out

@@ -47,19 +47,18 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from .nf4 import nf4_dequant_values, nf4_kernel_args
+from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Block sizes: untuned, no GPU in this task (chosen for tl.dot's 16-minimum and moderate register use).
-GEMM_BLOCK_M = 32
-GEMM_BLOCK_N = 64
-GEMM_BLOCK_K = 32
-GEMV_MAX_M = 16
-GEMV_BLOCK_N = 32
-GEMV_BLOCK_K = 64
-GEMV_MAX_PRODUCT = 8192  # elements of the GEMV's 3-D product tile: 64 fp32 per thread at 4 warps
-# Split-K for the GEMV: K is cut so that about this many programs run (a guess at two waves of an H100's
-# 132 SMs), never below one BLOCK_K per split. Untuned: no GPU in this task.
-GEMV_TARGET_PROGRAMS = 256
-MAX_BLOCK_R = 64
+# Tiles, warps and stages per variant and GPU architecture. Source: untuned, no GPU (chosen for tl.dot's
+# 16-minimum and moderate register use; warps and stages are Triton's defaults).
+# GEMV: BLOCK_K is the largest K slice that keeps the (BLOCK_M, BLOCK_K, BLOCK_N) broadcast product within
+# MAX_PRODUCT elements (64 fp32 per thread at 4 warps); K is split so that about TARGET_PROGRAMS programs
+# run (a guess at two waves of an H100's 132 SMs), never below one BLOCK_K per split.
+GEMM_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "MAX_BLOCK_R": 64,
+                            "num_warps": 4, "num_stages": 3}}
+GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 64, "MAX_PRODUCT": 8192, "TARGET_PROGRAMS": 256,
+                            "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 3}}
+GEMV_MAX_M = 16  # M at or below which the GEMV runs (tl.dot needs 16 rows)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -140,6 +139,42 @@ def _check_vector(name: str, t, length: int, a: torch.Tensor):
         raise ValueError(f"{name} must be contiguous")
 
 
+def plan_nf4_lora_matmul(
+    m: int, n: int, k: int, rank: int = 0, *, blocksize: int = 64, nested: bool = False, has_bias: bool = False,
+    has_col_scale: bool = False, arch: tuple | None = None,
+) -> LaunchPlan:
+    """The launch of an ``(m, k) · (k, n)`` NF4 product with a rank-``rank`` LoRA epilogue (0: none).
+
+    ``variant`` is ``"gemm"`` (``m > GEMV_MAX_M``: ``tl.dot`` tiles) or ``"gemv"`` (broadcast
+    multiply-sum, split-K when the output has too few tiles: ``constexprs["SPLIT_K"] > 1`` means the
+    launcher accumulates into a zeroed fp32 workspace). ``runtime["k_per_split"]``: the K slice length.
+    """
+    if m > GEMV_MAX_M:
+        config = config_for(GEMM_CONFIGS, arch)
+        block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        block_r = min(config["MAX_BLOCK_R"], max(16, triton.next_power_of_2(max(rank, 1))))
+    else:
+        config = config_for(GEMV_CONFIGS, arch)
+        block_m, block_n = triton.next_power_of_2(m), config["BLOCK_N"]
+        # the broadcast product is a (BLOCK_M, BLOCK_K, BLOCK_N) register tile: keep it bounded as M grows
+        block_k = min(config["BLOCK_K"], max(16, config["MAX_PRODUCT"] // (block_m * block_n)))
+        block_r = min(config["MAX_BLOCK_R"], triton.next_power_of_2(max(rank, 1)))
+    use_dot = m > GEMV_MAX_M
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    split_k = 1 if use_dot else max(1, min(k_blocks, config["TARGET_PROGRAMS"] // tiles))
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    return LaunchPlan(
+        op="nf4_lora_matmul", variant="gemm" if use_dot else "gemv", kernel=_nf4_lora_matmul_kernel,
+        grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k),
+        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, "HAS_BIAS": has_bias, "HAS_LORA": rank > 0,
+                    "HAS_COL_SCALE": has_col_scale, "USE_DOT": use_dot, "SPLIT_K": split_k, "BLOCK_M": block_m,
+                    "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": block_r},
+        num_warps=config["num_warps"], num_stages=config["num_stages"], runtime={"k_per_split": k_per_split},
+    )
+
+
 def nf4_lora_matmul(
     a: torch.Tensor,
     weight: NF4Weight,
@@ -206,38 +241,22 @@ def nf4_lora_matmul(
     if k == 0:
         raise ValueError("the weight has no columns to reduce over")
 
-    use_dot = m > GEMV_MAX_M
-    if use_dot:
-        block_m, block_n, block_k = GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K
-        block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(max(rank, 1))))
-    else:
-        block_m, block_n = triton.next_power_of_2(m), GEMV_BLOCK_N
-        # the broadcast product is a (BLOCK_M, BLOCK_K, BLOCK_N) register tile: keep it bounded as M grows
-        block_k = min(GEMV_BLOCK_K, max(16, GEMV_MAX_PRODUCT // (block_m * block_n)))
-        block_r = min(MAX_BLOCK_R // 4, triton.next_power_of_2(max(rank, 1)))
+    plan = plan_nf4_lora_matmul(m, n, k, rank, blocksize=weight.blocksize, nested=weight.is_nested,
+                                has_bias=bias is not None, has_col_scale=col_scale is not None,
+                                arch=device_arch(a.device))
     stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
-    packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
     placeholder = a  # never read: the matching HAS_* flag is False
     h = lora_h if lora_h is not None else placeholder
     expand = lora_expand if lora_expand is not None else placeholder
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    split_k = 1 if use_dot else max(1, min(k_blocks, GEMV_TARGET_PROGRAMS // tiles))
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # no empty splits
-    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.device)
-    _nf4_lora_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        a, packed, absmax, code, nested_code, nested_absmax,
-        bias if bias is not None else placeholder, h, expand,
-        col_scale if col_scale is not None else placeholder, target,
-        nested_offset, float(scaling),
-        m, n, k, rank, k_per_split,
-        a.stride(0), a.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
-        expand.stride(0), expand.stride(1), target.stride(0), target.stride(1),
-        BLOCKSIZE=weight.blocksize, NESTED=weight.is_nested,
-        HAS_BIAS=bias is not None, HAS_LORA=lora_h is not None, HAS_COL_SCALE=col_scale is not None,
-        USE_DOT=use_dot, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-    )
+    packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
+    target = out if plan.constexprs["SPLIT_K"] == 1 else torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    launch(plan, a, packed, absmax, code, nested_code, nested_absmax,
+           bias if bias is not None else placeholder, h, expand,
+           col_scale if col_scale is not None else placeholder, target,
+           nested_offset, float(scaling),
+           m, n, k, rank, plan.runtime["k_per_split"],
+           a.stride(0), a.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
+           expand.stride(0), expand.stride(1), target.stride(0), target.stride(1))
     if target is not out:
         out.copy_(target)
     return out

@@ -1,0 +1,81 @@
+"""The launch plans (``fastpeft.kernels.plan``): pure, frozen, and what the launchers really launch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastpeft.kernels import dora, ia3, multi_lora, nf4, nf4_matmul
+from fastpeft.kernels.plan import LaunchPlan, config_for, recording
+from fastpeft.nf4 import NF4Weight
+
+ARCHES = (None, (8, 0), (8, 9), (9, 0))
+
+
+def test_plan_is_frozen_and_validated():
+    plan = nf4.plan_nf4_dequantize(4096 * 4096, 64, True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.num_warps = 8
+    with pytest.raises(TypeError):
+        plan.constexprs["BLOCK"] = 1
+    with pytest.raises(ValueError, match="path"):
+        LaunchPlan(op="x", variant="y", path="cuda-graph")
+    with pytest.raises(ValueError, match="kernel and a grid"):
+        LaunchPlan(op="x", variant="y")
+    assert "nf4_dequantize/elementwise: _nf4_dequant_kernel grid=(16384,)" in plan.describe()
+    assert plan.options["enable_fp_fusion"] is False
+
+
+def test_config_for_falls_back_to_default():
+    table = {"default": {"BLOCK": 1}, (9, 0): {"BLOCK": 2}}
+    assert config_for(table, None)["BLOCK"] == 1
+    assert config_for(table, (8, 0))["BLOCK"] == 1
+    assert config_for(table, (9, 0))["BLOCK"] == 2
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_nf4_matmul_plan_picks_gemv_up_to_16_rows_and_splits_k(arch):
+    gemm = nf4_matmul.plan_nf4_lora_matmul(17, 4096, 4096, 16, arch=arch)
+    assert gemm.variant == "gemm" and gemm.constexprs["USE_DOT"] and gemm.constexprs["SPLIT_K"] == 1
+    assert gemm.grid == (1, 64, 1)
+    gemv = nf4_matmul.plan_nf4_lora_matmul(16, 4096, 4096, 16, arch=arch)
+    assert gemv.variant == "gemv" and not gemv.constexprs["USE_DOT"]
+    # few output tiles and K = 300 = 5 blocks of 64: five splits, each one BLOCK_K long
+    split = nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 2, arch=arch)
+    assert split.constexprs["SPLIT_K"] == 5 and split.runtime["k_per_split"] == 64 and split.grid == (1, 1, 5)
+    assert nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
+
+
+def test_multi_lora_plan_follows_fused_table(monkeypatch):
+    shrink, expand = multi_lora.plan_multi_lora(64, 64, 4096, 1)
+    assert (shrink.variant, expand.variant) == ("shrink-decode", "expand-decode")
+    assert shrink.grid == (64, 4) and expand.grid == (64, 128) and not shrink.constexprs["USE_DOT"]
+    monkeypatch.setattr(multi_lora, "FUSED", {"decode": False, "prefill": True})
+    (fused,) = multi_lora.plan_multi_lora(8, 64, 4096, 16)
+    assert fused.variant == "fused-prefill" and fused.constexprs["USE_DOT"]
+
+
+def _recorded(fn, *args, **kwargs):
+    with recording() as launches:
+        fn(*args, **kwargs)
+    return launches
+
+
+def test_launchers_launch_their_plan():
+    # on meta tensors: the launchers validate, plan and build their arguments, and nothing runs
+    meta = torch.device("meta")
+    weight = NF4Weight.quantize(torch.randn(40, 128), 64, double_quant=True)
+    weight = NF4Weight.from_op_args(*[t.to(meta) if isinstance(t, torch.Tensor) else t for t in weight.op_args()])
+    a = torch.empty(3, 128, device=meta, dtype=torch.float16)
+    ((plan, args),) = _recorded(nf4_matmul.nf4_lora_matmul, a, weight)
+    assert plan == nf4_matmul.plan_nf4_lora_matmul(3, 40, 128, 0, blocksize=64, nested=True)
+    assert args[0] is a
+    ((plan, _),) = _recorded(nf4.nf4_dequantize, weight, torch.float16)
+    assert plan == nf4.plan_nf4_dequantize(40 * 128, 64, True)
+    lora_a, lora_b = torch.empty(16, 128, device=meta), torch.empty(40, 16, device=meta)
+    ((plan, _),) = _recorded(dora.dora_weight_norm, weight, lora_a, lora_b, 2.0)
+    assert plan == dora.plan_dora_weight_norm(40, 16, True, 64, True)
+    ((plan, _),) = _recorded(ia3.ia3_matmul, a, weight, in_scale=torch.empty(128, device=meta, dtype=torch.float16))
+    assert plan == ia3.plan_ia3_matmul(3, 40, is_nf4=True, nested=True, has_in_scale=True)
