@@ -39,7 +39,7 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import (base_weight, combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, is_conv1d,
+from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, is_conv1d,
                          mixed_batch_lora)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
@@ -71,17 +71,18 @@ class PatchSummary:
 
 # ---------------------------------------------------------------------------------------------- accelerate
 def _peft_layer_kinds() -> dict:
-    """``{PEFT layer class: "lora" | "ia3"}`` for the classes fastpeft runs (the 4-bit ones when
+    """``{PEFT layer class: "lora" | "ia3" | "adalora"}`` for the classes fastpeft runs (the 4-bit ones when
     bitsandbytes is importable)."""
-    from peft.tuners import ia3, lora
+    from peft.tuners import adalora, ia3, lora
 
-    kinds = {lora.Linear: "lora", ia3.Linear: "ia3"}
+    kinds = {lora.Linear: "lora", ia3.Linear: "ia3", adalora.SVDLinear: "adalora"}
     try:
+        from peft.tuners.adalora.bnb import SVDLinear4bit
         from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:  # peft defines its bnb layers only when bitsandbytes is installed
         return kinds
-    kinds.update({LoraLinear4bit: "lora", IA3Linear4bit: "ia3"})
+    kinds.update({LoraLinear4bit: "lora", IA3Linear4bit: "ia3", SVDLinear4bit: "adalora"})
     return kinds
 
 
@@ -168,13 +169,24 @@ def _fast_ia3_forward(self, x, *args, **kwargs):
                       self.is_feedforward)
 
 
+def _fast_adalora_forward(self, x, *args, **kwargs):
+    """PEFT ``adalora.SVDLinear.forward`` on fastpeft's LoRA op (PEFT's own forward where it does not apply)."""
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    lora_a, lora_b = adalora_factors(self, active[0])
+    x_dropped, dropout_p = dropout_inputs(self.lora_dropout[active[0]], x)
+    return lora_linear(x, base_weight(self), self.get_base_layer().bias, lora_a, lora_b, 1.0, x_dropped, dropout_p)
+
+
 _FAST_CLASSES: dict = {}
 
 
 def _fast_class(peft_class: type, kind: str) -> type:
     """The subclass of ``peft_class`` whose forward runs fastpeft's op (one per PEFT class)."""
     if peft_class not in _FAST_CLASSES:
-        forward = {"lora": _fast_lora_forward, "ia3": _fast_ia3_forward, "nf4": frozen_4bit_forward}[kind]
+        forward = {"lora": _fast_lora_forward, "ia3": _fast_ia3_forward, "adalora": _fast_adalora_forward,
+                   "nf4": frozen_4bit_forward}[kind]
         _FAST_CLASSES[peft_class] = type(
             f"Fast{peft_class.__name__}", (peft_class,),
             {"forward": forward, "_fastpeft_peft_class": peft_class, "__module__": __name__},

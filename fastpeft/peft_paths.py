@@ -15,6 +15,7 @@ call, or ``None``, and the layer then runs PEFT's own forward. They read PEFT's 
   layer's LoRA adapters are packed once into a :class:`~fastpeft.bank.LoraBank` (cached until a parameter
   changes) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
   PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
+- :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
 - :func:`frozen_4bit_forward`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
   P-tuning, BitFit, LoRA on some modules only) on fastpeft's NF4 op instead of bitsandbytes' forward.
 """
@@ -34,7 +35,7 @@ from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
 
-__all__ = ["base_weight", "is_conv1d", "combined_lora_factors", "mixed_batch_lora", "dropout_active",
+__all__ = ["base_weight", "is_conv1d", "combined_lora_factors", "adalora_factors", "mixed_batch_lora", "dropout_active",
            "frozen_4bit_reason", "frozen_4bit_forward"]
 
 BASE_ONLY = "__base__"  # PEFT's adapter name for rows that get the base model alone
@@ -84,6 +85,18 @@ def base_weight(layer):
     fastpeft's own layer)."""
     weight = LoraLinear.base_weight(layer)
     return weight.t() if is_conv1d(layer.get_base_layer()) else weight
+
+
+def adalora_factors(layer, name: str) -> tuple:
+    """``(lora_a, lora_b)`` of AdaLoRA adapter ``name`` of a PEFT ``SVDLinear`` / ``SVDLinear4bit``, for the
+    LoRA term ``(drop(x) lora_aᵀ) lora_bᵀ`` at scaling 1: PEFT's ``drop(x) (A ∘ E)ᵀ Bᵀ · s / (ranknum + 1e-5)``
+    with ``lora_a = A ∘ E`` ``(r, in)`` and ``lora_b = B · s / (ranknum + 1e-5)`` ``(out, r)``. Built
+    differentiably from PEFT's parameters at each call, so ``A``, ``E`` and ``B`` get PEFT's gradients and the
+    rank masking of ``update_and_allocate`` (zeros written into ``E``) applies at once; ``ranknum`` stays a
+    tensor (no device sync)."""
+    lora_b = layer.lora_B[name]
+    rank_scale = layer.scaling[name] / (layer.ranknum[name] + 1e-5)
+    return layer.lora_A[name] * layer.lora_E[name], lora_b * rank_scale.to(lora_b.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- mixed batches

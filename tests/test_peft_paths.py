@@ -305,3 +305,68 @@ def test_gpt2_conv1d_bases(kind):
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
         assert_rel_close(grads[name], ref_grads[name], tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- AdaLoRA
+def _adalora(tokens_steps: int):
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=1, deltaT=1, total_step=tokens_steps,
+                                lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = peft.get_peft_model(make_tiny_llama(), config)
+    with torch.no_grad():  # PEFT starts E at zero, which would hide a wrong A or B
+        for name, param in model.named_parameters():
+            if "lora_E" in name:
+                param.normal_()
+    return model
+
+
+def test_adalora_trains_like_peft_step_by_step():
+    steps = 4
+    theirs = _adalora(steps)
+    ours = copy.deepcopy(theirs)
+    summary = fastpeft.accelerate(ours)
+    assert set(summary.replaced.values()) == {"adalora"} and len(summary.replaced) == 6
+    runs = []
+    for model in (theirs, ours):
+        model.train()
+        # SGD: Adam's division by √v would blow fp32 rounding in near-zero gradients up to 1e-4 relative
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        losses, calls_per_step = [], []
+        for step in range(steps):
+            with _counting() as calls:
+                loss = model(TOKENS[:2], labels=TOKENS[:2]).loss  # + AdaLoRA's orthogonality penalty
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)  # masks the lowest-importance singular values in E
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+            calls_per_step.append(calls.count("lora_linear"))
+        runs.append((losses, calls_per_step, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (ref_losses, _, ref_params), (losses, calls_per_step, params) = runs
+    assert calls_per_step == [6] * steps
+    for loss, ref_loss in zip(losses, ref_losses):
+        assert_rel_close(loss, ref_loss)
+    masked = [n for n, p in ref_params.items() if "lora_E" in n and (p == 0).any()]
+    assert masked  # the rank allocator did prune
+    for name, ref in ref_params.items():
+        assert_rel_close(params[name], ref, tol=1e-4)
+
+
+def test_adalora_4bit_matches_peft(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), config).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_E" in name:
+                param.normal_()
+    expected, ref_grads = _loss_and_grads(model, TOKENS[:2])
+    summary = fastpeft.accelerate(model)
+    assert set(summary.replaced.values()) == {"adalora+nf4", "nf4"}
+    with _counting() as calls:
+        out, grads = _loss_and_grads(model, TOKENS[:2])
+    assert calls.count("lora_linear") == 4
+    assert_rel_close(out, expected)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], tol=1e-4)
