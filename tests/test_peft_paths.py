@@ -95,6 +95,22 @@ def test_mixed_batch_forward_and_generate_match_peft(lora_bias):
     assert torch.equal(generated, theirs.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs))
 
 
+def test_mixed_batch_4bit_base(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), _lora(target_modules=["q_proj", "down_proj"]),
+                                adapter_name="alpha")
+    model.add_adapter("beta", _lora(r=2, target_modules=["q_proj"]))
+    _randomise(model)
+    fastpeft.accelerate(model.eval())
+    # ours first: bitsandbytes' eval forward on CPU repacks the 4-bit weights for its own kernel
+    with torch.no_grad():
+        with _counting() as calls:
+            out = model(TOKENS, adapter_names=NAMES[:3] + ["alpha"]).logits
+        assert calls.count("_add_lora") == 4
+        fastpeft.restore(model)
+        assert_rel_close(out, model(TOKENS, adapter_names=NAMES[:3] + ["alpha"]).logits)
+
+
 def test_mixed_batch_bank_follows_parameter_changes():
     ours, theirs = _accelerated_pair(_three_adapters())
     with torch.no_grad():
