@@ -39,8 +39,8 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason, is_conv1d,
-                         mixed_batch_lora)
+from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_forward, frozen_4bit_reason,
+                         is_conv1d, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -119,22 +119,19 @@ def _single_active(layer, adapters: dict) -> Optional[str]:
 def _fast_lora_forward(self, x, *args, **kwargs):
     """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
     if not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None \
-            and not self.disable_adapters and not self.merged:
-        out = mixed_batch_lora(self, x, lambda: lora_linear(x, base_weight(self),
-                                                            self.get_base_layer().bias, None, None, 0.0),
-                               kwargs["adapter_names"])
-        if out is not None:
-            return out
+            and not self.disable_adapters and not self.merged \
+            and mixed_batch_reason(self, x, kwargs["adapter_names"]) is None:
+        base_output = lora_linear(x, base_weight(self), self.get_base_layer().bias, None, None, 0.0)
+        return mixed_batch_lora(self, x, base_output, kwargs["adapter_names"])
     active = [name for name in self.active_adapters if name in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     weight = base_weight(self)
     bias = self.get_base_layer().bias
     if len(active) > 1:
-        factors = combined_lora_factors(self, active)
-        if factors is None:
+        if several_adapters_reason(self, active) is not None:
             return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-        lora_a, lora_b, lora_bias = factors
+        lora_a, lora_b, lora_bias = combined_lora_factors(self, active)
         return lora_linear(x, weight, _plus(bias, lora_bias), lora_a, lora_b, 1.0)
     name = active[0]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight

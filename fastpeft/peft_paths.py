@@ -23,7 +23,7 @@ call, or ``None``, and the layer then runs PEFT's own forward. They read PEFT's 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
 
-__all__ = ["base_weight", "is_conv1d", "combined_lora_factors", "adalora_factors", "mixed_batch_lora", "dropout_active",
+__all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
+           "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
            "frozen_4bit_reason", "frozen_4bit_forward"]
 
 BASE_ONLY = "__base__"  # PEFT's adapter name for rows that get the base model alone
@@ -54,18 +55,28 @@ def _lora_bias(layer, name: str) -> Optional[torch.Tensor]:
     return layer.lora_B[name].bias if layer.lora_bias.get(name, False) else None
 
 
-def combined_lora_factors(layer, names: Sequence[str]) -> Optional[tuple]:
-    """``(lora_a, lora_b, lora_bias)`` for one fused LoRA term equal to PEFT's sum over the active LoRA
-    adapters ``names`` of a PEFT ``lora`` layer, with every scaling folded in (the term is
-    ``(drop(x) lora_aᵀ) lora_bᵀ + lora_bias``, scaling 1): ``lora_a`` ``(Σr, in)``, ``lora_b`` ``(out, Σr)``,
-    ``lora_bias`` ``(out,)`` or None. ``None`` where no single term is PEFT's sum: a LoRA variant (DoRA)
-    among them, adapters of different dtypes (PEFT casts ``x`` to each), or dropout active on any adapter
-    (PEFT draws one mask per adapter)."""
+def _dtypes(layer, names) -> set:
+    return {layer.lora_A[name].weight.dtype for name in names} | {layer.lora_B[name].weight.dtype for name in names}
+
+
+def several_adapters_reason(layer, names: Sequence[str]) -> Optional[str]:
+    """Why PEFT's sum over the active LoRA adapters ``names`` of a PEFT ``lora`` layer is not one fused LoRA
+    term (:func:`combined_lora_factors`) at this call, or None: a LoRA variant (DoRA) among them, adapters of
+    different dtypes (PEFT casts ``x`` to each), or dropout active on any (PEFT draws one mask per adapter)."""
     if any(name in layer.lora_variant for name in names):
-        return None
-    dtypes = {layer.lora_A[name].weight.dtype for name in names} | {layer.lora_B[name].weight.dtype for name in names}
-    if len(dtypes) != 1 or any(dropout_active(layer.lora_dropout[name]) for name in names):
-        return None
+        return "several active adapters, one with a LoRA variant (DoRA)"
+    if len(_dtypes(layer, names)) != 1:
+        return "several active adapters of different dtypes"
+    if any(dropout_active(layer.lora_dropout[name]) for name in names):
+        return "several active adapters with dropout in training (PEFT draws one mask per adapter)"
+    return None
+
+
+def combined_lora_factors(layer, names: Sequence[str]) -> tuple:
+    """``(lora_a, lora_b, lora_bias)`` for one fused LoRA term equal to PEFT's sum over the active LoRA
+    adapters ``names`` of a PEFT ``lora`` layer (where :func:`several_adapters_reason` is None), every scaling
+    folded in (the term is ``(x lora_aᵀ) lora_bᵀ + lora_bias``, scaling 1): ``lora_a`` ``(Σr, in)``,
+    ``lora_b`` ``(out, Σr)``, ``lora_bias`` ``(out,)`` or None."""
     lora_a = torch.cat([layer.lora_A[name].weight for name in names])
     lora_b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in names], dim=1)
     biases = [_lora_bias(layer, name) * layer.scaling[name] for name in names if _lora_bias(layer, name) is not None]
@@ -155,30 +166,41 @@ def _bank(layer, names: tuple) -> tuple:
     return bank, bias_table
 
 
-def mixed_batch_lora(layer, x: torch.Tensor, base_forward: Callable[[], torch.Tensor],
-                     adapter_names) -> Optional[torch.Tensor]:
-    """PEFT's ``_mixed_batch_forward`` of a PEFT ``lora`` layer: ``base_forward()`` (the base layer's output
-    for ``x``, ``(B, ..., out)``, a fresh tensor this function may change in place) plus, on each row ``b``,
-    the LoRA term of adapter ``adapter_names[b]`` (none for ``"__base__"`` or an adapter this layer does
-    not have), computed in the adapters' dtype and added in the output's, as PEFT does. ``None`` where this
-    is not what PEFT computes or PEFT raises (caller runs PEFT's forward): autograd recording, autocast,
-    dropout active, a LoRA variant among the named adapters, adapters of different dtypes, or
-    ``adapter_names`` not one entry per row."""
-    if isinstance(adapter_names, str) or len(adapter_names) != len(x) or x.dim() < 2:
-        return None
+def mixed_batch_adapters(layer, adapter_names) -> list:
+    """The adapters of a PEFT ``lora`` layer that ``adapter_names`` names (sorted)."""
+    return sorted({name for name in adapter_names if name in layer.lora_A})
+
+
+def mixed_batch_reason(layer, x: torch.Tensor, adapter_names) -> Optional[str]:
+    """Why :func:`mixed_batch_lora` is not what PEFT's forward computes for ``adapter_names`` at this call (or
+    PEFT raises), or None: ``adapter_names`` not one entry per row, autocast, autograd recording (the
+    multi-LoRA op is inference only), dropout active, a LoRA variant among the named adapters (PEFT refuses
+    DoRA), adapters of different dtypes."""
+    if isinstance(adapter_names, str) or x.dim() < 2 or len(adapter_names) != len(x):
+        return "adapter_names is not one entry per row"
     if torch.is_autocast_enabled(x.device.type):
-        return None
-    named = sorted({name for name in adapter_names if name in layer.lora_A})
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in layer.get_base_layer().parameters()) or any(
-            p.requires_grad for name in named for p in layer.lora_A[name].parameters())
-            or any(p.requires_grad for name in named for p in layer.lora_B[name].parameters())):
-        return None
-    if any(name in layer.lora_variant or dropout_active(layer.lora_dropout[name]) for name in named):
-        return None
-    if len({layer.lora_A[name].weight.dtype for name in named} | {layer.lora_B[name].weight.dtype for name in named}) != 1:
-        return None
-    base_output = base_forward()
+        return "adapter_names under autocast"
+    named = mixed_batch_adapters(layer, adapter_names)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.base_layer.parameters())
+                                    or any(p.requires_grad for name in named for module in
+                                           (layer.lora_A[name], layer.lora_B[name]) for p in module.parameters())):
+        return "adapter_names with autograd recording (the multi-LoRA op is inference only)"
+    if any(name in layer.lora_variant for name in named):
+        return "adapter_names naming an adapter with a LoRA variant"
+    if any(dropout_active(layer.lora_dropout[name]) for name in named):
+        return "adapter_names with dropout active"
+    if len(_dtypes(layer, named)) > 1:
+        return "adapter_names naming adapters of different dtypes"
+    return None
+
+
+def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's ``_mixed_batch_forward`` of a PEFT ``lora`` layer (where :func:`mixed_batch_reason` is None):
+    ``base_output`` (the base layer's output for ``x`` ``(B, ..., in)``, ``(B, ..., out)``, a fresh tensor
+    this function may change in place) plus, on each row ``b``, the LoRA term of adapter ``adapter_names[b]``
+    (none for ``"__base__"`` or an adapter this layer does not have), computed in the adapters' dtype and
+    added in the output's, as PEFT does."""
+    named = mixed_batch_adapters(layer, adapter_names)
     if not named:
         return base_output
     names = tuple(named)

@@ -88,10 +88,10 @@ def test_mixed_batch_forward_and_generate_match_peft(lora_bias):
                 alone = theirs(TOKENS[row:row + 1]).logits
             assert_rel_close(out[row:row + 1], alone)
     theirs.set_adapter("alpha")
-    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
     with _counting() as calls:
         generated = ours.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs)
-    assert calls.count("_add_lora") == 3 * LAYERS
+    assert calls.count("_add_lora") == 2 * LAYERS
     assert torch.equal(generated, theirs.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs))
 
 
@@ -112,13 +112,15 @@ def test_mixed_batch_4bit_base(tiny_llama_dir):
 
 
 def test_mixed_batch_bank_follows_parameter_changes():
-    ours, theirs = _accelerated_pair(_three_adapters())
+    ours, theirs = (model.base_model.model.model.layers[0].self_attn.q_proj for model in
+                    _accelerated_pair(_three_adapters()))
+    x = torch.randn(4, 3, 64)
     with torch.no_grad():
-        first = ours(TOKENS, adapter_names=NAMES).logits
-        for model in (ours, theirs):
-            model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["beta"].weight.mul_(3.0)
-        out = ours(TOKENS, adapter_names=NAMES).logits
-        assert_rel_close(out, theirs(TOKENS, adapter_names=NAMES).logits)
+        first = ours(x, adapter_names=NAMES)
+        for layer in (ours, theirs):
+            layer.lora_B["beta"].weight.mul_(3.0)  # in place, as an optimizer step
+        out = ours(x, adapter_names=NAMES)
+        assert_rel_close(out, theirs(x, adapter_names=NAMES))
         assert not torch.allclose(out, first)
 
 
