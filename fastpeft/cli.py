@@ -1,4 +1,5 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension) and
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
+thresholds) and
 ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`)."""
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def info_lines() -> list[str]:
     import torch
 
     import fastpeft
+    from fastpeft.kernels.nf4_dispatch import describe as nf4_dispatch_lines
+    from fastpeft.kernels.plan import device_arch
     from fastpeft.ops.dispatch import backend_for, requested_backend
 
     cuda = torch.cuda.is_available()
@@ -44,6 +47,7 @@ def info_lines() -> list[str]:
         f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
+        *nf4_dispatch_lines(device_arch(device)),
     ]
 
 

@@ -53,5 +53,6 @@ def test_info_reports_versions_backend_and_extension(capsys):
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for needle in ("fastpeft 0.1.0", "torch ", "triton ", "bitsandbytes ", "device: ", "use: ", "CUDA extension"):
+    for needle in ("fastpeft 0.1.0", "torch ", "triton ", "bitsandbytes ", "device: ", "use: ", "CUDA extension",
+                   "NF4 dispatch", "GEMV M <= 4", "dequantise + cuBLAS"):
         assert needle in out
