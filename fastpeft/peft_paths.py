@@ -16,7 +16,7 @@ call, or ``None``, and the layer then runs PEFT's own forward. They read PEFT's 
   changes) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
   PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
 - :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
-- :func:`frozen_4bit_forward`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
+- :func:`frozen_4bit_linear`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
   P-tuning, BitFit, LoRA on some modules only) on fastpeft's NF4 op instead of bitsandbytes' forward.
 """
 
@@ -37,7 +37,7 @@ from .ops.multi_lora import MultiLoraMeta
 
 __all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
            "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
-           "frozen_4bit_reason", "frozen_4bit_forward"]
+           "frozen_4bit_linear"]
 
 BASE_ONLY = "__base__"  # PEFT's adapter name for rows that get the base model alone
 
@@ -223,36 +223,21 @@ def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_
 
 
 # ---------------------------------------------------------------------------------------------- frozen 4-bit
-def frozen_4bit_reason(module) -> Optional[str]:
-    """Why a bitsandbytes ``Linear4bit`` outside any PEFT layer cannot run on fastpeft's NF4 op, or None."""
-    quant_state = getattr(module.weight, "quant_state", None)
-    if quant_state is None:
-        return "the 4-bit weight is not quantised yet (move the model to its device first)"
-    if quant_state.quant_type != "nf4":
-        return f"quant_type={quant_state.quant_type!r}: fastpeft reads NF4 only"
-    return None
-
-
-def frozen_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``bitsandbytes.nn.Linear4bit.forward`` on fastpeft's NF4 op: the same compute dtype rule (the layer's
-    ``compute_dtype``, set from the first input when unset; the bias cast to it, in place as bitsandbytes
-    does), output in the input's dtype; gradients for ``x`` and a trainable bias. bitsandbytes' own forward
-    where the op does not apply at this call: extra arguments, autocast, or a weight bitsandbytes has
-    repacked for its CPU kernel."""
-    quant_state = getattr(self.weight, "quant_state", None)
-    if args or kwargs or quant_state is None or getattr(quant_state, "packing_format_for_cpu", False) \
-            or torch.is_autocast_enabled(x.device.type):
-        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    if not self.compute_type_is_set:
-        self.set_compute_type(x)
-        self.compute_type_is_set = True
+def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward`` on fastpeft's NF4 op (for an NF4 weight in bitsandbytes' layout):
+    the same compute dtype rule (the layer's ``compute_dtype``, set from the first input when unset; the bias
+    cast to it, in place as bitsandbytes does), output in the input's dtype; gradients for ``x`` and a
+    trainable bias."""
+    if not layer.compute_type_is_set:
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
     input_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
-    bias = self.bias
+    if layer.compute_dtype is not None:
+        x = x.to(layer.compute_dtype)
+    bias = layer.bias
     if bias is not None:
         if bias.dtype != x.dtype:
             bias.data = bias.data.to(x.dtype)
-        if self.compute_dtype is not None:
-            bias = bias.to(self.compute_dtype)
-    return lora_linear(x, NF4Weight.from_bnb(self.weight), bias, None, None, 0.0).to(input_dtype)
+        if layer.compute_dtype is not None:
+            bias = bias.to(layer.compute_dtype)
+    return lora_linear(x, NF4Weight.from_bnb(layer.weight), bias, None, None, 0.0).to(input_dtype)
