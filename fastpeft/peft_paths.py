@@ -1,9 +1,10 @@
 """Fused paths for PEFT LoRA layer states beyond "one plain adapter active": the pieces
 :mod:`fastpeft.patch` calls from an accelerated layer's forward.
 
-Each function either returns what the fused op needs to compute exactly what PEFT's forward would at this
-call, or ``None``, and the layer then runs PEFT's own forward. They read PEFT's state at each call
-(``active_adapters``, ``scaling``, dropout modules, parameters), so nothing goes stale.
+A path is a ``*_reason`` function, which ``fastpeft.patch._fused_path`` asks at each call (why the fused op
+would not compute exactly what PEFT's forward does at this call, or None; PEFT's forward runs then), and the
+function computing it. They read PEFT's state at each call (``active_adapters``, ``scaling``, dropout
+modules, parameters), so nothing goes stale.
 
 - :func:`combined_lora_factors`: several LoRA adapters active in one layer (``set_adapter([...])`` on the
   tuner). PEFT adds ``s_i · B_i A_i drop_i(x)`` adapter by adapter; without active dropout that sum is one
@@ -38,9 +39,6 @@ from .ops.multi_lora import MultiLoraMeta
 __all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
            "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
            "frozen_4bit_linear"]
-
-BASE_ONLY = "__base__"  # PEFT's adapter name for rows that get the base model alone
-
 
 def dropout_active(dropout: nn.Module) -> bool:
     """Whether PEFT's LoRA dropout module changes its input at this call."""
