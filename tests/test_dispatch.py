@@ -58,6 +58,34 @@ def test_info_reports_versions_backend_and_extension(capsys):
         assert needle in out
 
 
+def test_interpreter_bf16_is_corrected_at_run_time():
+    """Issue 16: with FASTPEFT_BACKEND=triton TRITON_INTERPRET=1 (no test conftest), a bf16 QLoRA layer with
+    more than 16 tokens (the tl.dot GEMM) matches the float64 reference, forward and gradients."""
+    code = (
+        "import os\n"
+        "os.environ.update(TRITON_INTERPRET='1', FASTPEFT_BACKEND='triton')\n"
+        "import torch\n"
+        "from fastpeft import reference\n"
+        "from fastpeft.nf4 import NF4Weight\n"
+        "from fastpeft.ops.lora import lora_linear\n"
+        "torch.manual_seed(0)\n"
+        "weight = NF4Weight.quantize(torch.randn(47, 65) / 8, 64, True)\n"
+        "x = torch.randn(21, 65, dtype=torch.bfloat16, requires_grad=True)\n"
+        "a = (torch.randn(8, 65, dtype=torch.bfloat16) / 8).requires_grad_()\n"
+        "b = torch.randn(47, 8, dtype=torch.bfloat16, requires_grad=True)\n"
+        "y = lora_linear(x, weight, None, a, b, 2.0)\n"
+        "dy = torch.randn_like(y)\n"
+        "grads = torch.autograd.grad(y, [x, a, b], dy)\n"
+        "leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]\n"
+        "ref = reference.lora_linear(leaves[0], weight, None, leaves[1], leaves[2], 2.0)\n"
+        "ref_grads = torch.autograd.grad(ref, leaves, dy.double())\n"
+        "rel = lambda u, v: float((u.double() - v).norm() / v.norm())\n"
+        "errors = [rel(y, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)]\n"
+        "assert max(errors) < 2e-2, errors\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("backend, interpret, problem", [
     ("triton", "0", "needs TRITON_INTERPRET=1"),
     ("trtion", "1", "FASTPEFT_BACKEND='trtion' is not one of"),

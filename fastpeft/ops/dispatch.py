@@ -5,6 +5,10 @@
 before triton is imported: Triton's interpreter then runs them, slowly, which is how CI tests them);
 ``FASTPEFT_BACKEND=reference`` forces the PyTorch reference. The variable is read at each call, so
 tests can switch it with ``monkeypatch.setenv``.
+
+Triton's interpreter (triton 3.9) computes bf16 dots and casts on bit patterns; the first op sent to the
+Triton backend under the interpreter installs ``fastpeft.kernels.interpreter``'s correction, so bf16 runs
+correctly there instead of returning silent garbage.
 """
 
 from __future__ import annotations
@@ -42,4 +46,8 @@ def backend_for(device: torch.device) -> str:
             f"FASTPEFT_BACKEND=triton on a {device.type} tensor needs TRITON_INTERPRET=1 set before triton is "
             "imported (Triton's CPU interpreter); or use FASTPEFT_BACKEND=reference"
         )
+    if device.type != "cuda":
+        from ..kernels.interpreter import install_bf16_interpreter_fix
+
+        install_bf16_interpreter_fix()
     return "triton"
