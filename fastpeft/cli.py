@@ -1,5 +1,7 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension) and
-``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`)."""
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, a sample
+launch plan), ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`) and ``fastpeft
+check-kernels`` (every production launch compiled for sm_80 / sm_89 / sm_90a and read in SASS, no GPU
+needed: :mod:`fastpeft.check_kernels`)."""
 
 from __future__ import annotations
 
@@ -55,12 +57,19 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
                                 description="Micro and end-to-end benchmarks; see `python -m fastpeft.bench -h`."))
+    from .check_kernels import build_parser as check_parser, run_cli as run_check
+
+    check_parser(sub.add_parser("check-kernels", help="compile every production launch for sm_80/89/90a and "
+                                "report registers, spills, occupancy, MMA and loads (no GPU needed)",
+                                description="See `python -m fastpeft.check_kernels -h`."))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
     elif args.command == "bench":
         return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
+    elif args.command == "check-kernels":
+        return run_check(args)
     return 0
 
 
