@@ -30,7 +30,7 @@ import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 from .inputs import Weight, check_linear_inputs
 
 
@@ -73,20 +73,24 @@ def _ia3_matmul_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
                                  out_features, in_features, blocksize, weight_dtype)
-    if backend_for(a.device) == "triton":
-        from ..kernels.ia3 import ia3_matmul as kernel
 
-        out, reduced = kernel(a, weight if dense is None else dense.to(a.dtype), transpose_weight=transpose_weight,
-                              in_scale=in_scale, bias=bias, out_scale=out_scale, reduce_rows=reduce_rows,
-                              store_out=store_out)
-    else:
+    def torch_path():
         w = reference.base_weight(weight, a.dtype)
         scaled = a if in_scale is None else (a * in_scale).to(a.dtype)
         z = scaled @ (w if transpose_weight else w.t())
         if bias is not None:
             z = z + bias
         out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
-        reduced = None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+        return out, None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+
+    if backend_for(a.device) == "triton":
+        from ..kernels.ia3 import ia3_matmul as kernel
+
+        out, reduced = run_kernel("ia3_matmul", lambda: kernel(
+            a, weight if dense is None else dense.to(a.dtype), transpose_weight=transpose_weight, in_scale=in_scale,
+            bias=bias, out_scale=out_scale, reduce_rows=reduce_rows, store_out=store_out), torch_path)
+    else:
+        out, reduced = torch_path()
     # a custom op returns tensors only: empty stand-ins for the parts not asked for
     return (out if out is not None else a.new_empty(0),
             reduced if reduced is not None else a.new_empty(0, dtype=torch.float32))

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 
 # Tokens per prefill tile: 16 is tl.dot's minimum. Untuned: no GPU in this task.
 PREFILL_BLOCK_M = 16
@@ -104,16 +104,20 @@ def _multi_lora_add_op(
     block_m: int,
     max_adapter_id: int,
 ) -> None:
+    def torch_path():
+        rank_list = ranks.tolist()
+        lora_as = [lora_a[k, :r] for k, r in enumerate(rank_list)]
+        lora_bs = [lora_b[k, :, :r] for k, r in enumerate(rank_list)]
+        reference.multi_lora_delta(x, lora_as, lora_bs, scalings.tolist(), slot_ids, slot_weights, out=y)
+
     if backend_for(x.device) == "triton":
         from ..kernels.multi_lora import multi_lora_add_
 
-        multi_lora_add_(y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles, slot_tiles,
-                        block_m, max_adapter_id)
+        run_kernel("multi_lora_add_", lambda: multi_lora_add_(
+            y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles, slot_tiles, block_m,
+            max_adapter_id), torch_path)
         return
-    rank_list = ranks.tolist()
-    lora_as = [lora_a[k, :r] for k, r in enumerate(rank_list)]
-    lora_bs = [lora_b[k, :, :r] for k, r in enumerate(rank_list)]
-    reference.multi_lora_delta(x, lora_as, lora_bs, scalings.tolist(), slot_ids, slot_weights, out=y)
+    torch_path()
 
 
 @_multi_lora_add_op.register_fake
