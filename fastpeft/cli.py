@@ -46,13 +46,27 @@ def info_lines() -> list[str]:
         f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
+        *plan_lines(device),
     ]
+
+
+def plan_lines(device) -> list[str]:
+    """The launch plans of a QLoRA layer (4096x4096, r=16) on ``device``'s architecture at decode and
+    prefill sizes: what the kernels would run (``fastpeft.kernels.plan``)."""
+    from fastpeft.kernels.nf4_matmul import plan_nf4_lora_matmul
+    from fastpeft.kernels.plan import device_arch
+
+    arch = device_arch(device)
+    where = f"sm_{arch[0]}{arch[1]}" if arch else "no GPU: the default table"
+    return [f"plan, QLoRA forward M={m} 4096x4096 r=16 ({where}): "
+            f"{plan_nf4_lora_matmul(m, 4096, 4096, 16, nested=True, arch=arch).describe()}" for m in (1, 512)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print versions, device, backend and whether the CUDA extension is built")
+    sub.add_parser("info", help="print versions, device, backend, whether the CUDA extension is built and a "
+                   "sample launch plan")
     from .bench.__main__ import build_parser as bench_parser, exit_status, run as run_bench
 
     bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
