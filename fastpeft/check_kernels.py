@@ -77,8 +77,8 @@ def weight_tile(plan) -> int:
         return c["BLOCK_K"] * c["BLOCK_N"]
     if plan.op == "dora_weight_norm":
         return c["BLOCK_O"] * c["BLOCK_K"]
-    if plan.op == "nf4_dequantize":
-        return c["BLOCK"]
+    if plan.op == "nf4_dequantize":  # no loop: one BLOCK_R x BLOCK_C tile per program
+        return c["BLOCK_R"] * c["BLOCK_C"]
     if plan.op == "multi_lora_add_":  # adapter weights: A slices in shrink (and fused), B slices in expand
         return c["BLOCK_R"] * (c["BLOCK_N"] if plan.variant.startswith("expand") else c["BLOCK_K"])
     raise ValueError(f"no weight tile known for {plan.op}")
@@ -92,6 +92,7 @@ class Case:
     """One launch of the grid: ``family`` and ``step`` (``fwd``, ``dx``, ``dm``...), its parameters and the
     recorded ``plan`` / ``args``. ``key`` names it uniquely (the thresholds file uses it)."""
 
+    arch: str
     family: str
     step: str
     dtype: str
@@ -124,15 +125,16 @@ def _nf4_weight(out_features: int, in_features: int, dtype):
                      nested_offset=_meta(()))
 
 
-def _record(fn, *args, **kwargs) -> list:
+def _record(arch: str, fn, *args, **kwargs) -> list:
     from .kernels.plan import recording
 
-    with recording() as launches:
+    cc = ARCHES[arch]["cc"]
+    with recording((cc // 10, cc % 10)) as launches:
         fn(*args, **kwargs)
     return launches
 
 
-def _layer_launches(family: str, base: str, m: int, out_f: int, in_f: int, rank: int, dtype) -> list:
+def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f: int, rank: int, dtype) -> list:
     """``[(step, plan, args)]``: the Triton launches of one layer's forward and backward, as the autograd
     functions in ``fastpeft.ops`` issue them (no dropout, every input requiring a gradient)."""
     from .kernels.dora import dora_weight_norm
@@ -166,11 +168,11 @@ def _layer_launches(family: str, base: str, m: int, out_f: int, in_f: int, rank:
         steps.append(("out-dl", ia3_matmul, (x, weight), dict(reduce_rows=dy, store_out=False)))
     launches = []
     for step, fn, args, kwargs in steps:
-        launches += [(step, plan, largs) for plan, largs in _record(fn, *args, **kwargs)]
+        launches += [(step, plan, largs) for plan, largs in _record(arch, fn, *args, **kwargs)]
     return launches
 
 
-def _multi_lora_launches(regime: str, out_f: int, in_f: int, dtype) -> list:
+def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype) -> list:
     """The launches of ``fastpeft.ops.multi_lora_add_`` for 64 adapters of ranks 8..64, one per sequence."""
     from .kernels.multi_lora import multi_lora_add_
 
@@ -181,7 +183,7 @@ def _multi_lora_launches(regime: str, out_f: int, in_f: int, dtype) -> list:
              for k in range(seqs) for start in range(0, per_seq, block_m)]
     n, max_rank = MULTI_LORA_ADAPTERS, max(MULTI_LORA_RANKS)
     launches = _record(
-        multi_lora_add_, _meta(m, out_f, dtype=dtype), _meta(m, in_f, dtype=dtype),
+        arch, multi_lora_add_, _meta(m, out_f, dtype=dtype), _meta(m, in_f, dtype=dtype),
         _meta(n, max_rank, in_f, dtype=dtype), _meta(n, out_f, max_rank, dtype=dtype),
         _meta(n, dtype=torch.int32), _meta(n), _meta(m, 1), _meta(1, m, dtype=torch.int32),
         _meta(len(tiles), 3, dtype=torch.int32), [len(tiles)], block_m, n - 1,
@@ -189,62 +191,67 @@ def _multi_lora_launches(regime: str, out_f: int, in_f: int, dtype) -> list:
     return [(plan.variant.split("-")[0], plan, args) for plan, args in launches]
 
 
-def production_grid(families=FAMILIES, dtypes=tuple(DTYPES), tokens=TOKENS, shapes=SHAPES, ranks=RANKS) -> list:
-    """Every launch of the production grid (issue 11) as :class:`Case` rows, restricted to the given
-    families / dtypes / token counts / (out, in) shapes / ranks. Launches that do not depend on a parameter
-    (the norm on ``M``, IA3 on the rank) appear once for it."""
-    cases = []
-    for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        for out_f, in_f in shapes:
-            if "nf4_dequant" in families:
-                from .kernels.nf4 import nf4_dequantize
+def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES), tokens=TOKENS, shapes=SHAPES,
+                    ranks=RANKS) -> list:
+    """Every launch of the production grid (issue 11) as :class:`Case` rows, planned for each of ``arches``
+    and restricted to the given families / dtypes / token counts / (out, in) shapes / ranks. Launches that
+    do not depend on a parameter (the norm on ``M``, IA3 on the rank) appear once for it."""
+    from .kernels.nf4 import nf4_dequantize
 
-                for plan, args in _record(nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
-                    cases.append(Case("nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4", plan, args))
-            if "multi_lora" in families:
-                for regime in MULTI_LORA_CASES:
-                    seqs, per_seq = MULTI_LORA_CASES[regime]
-                    for step, plan, args in _multi_lora_launches(regime, out_f, in_f, dtype):
-                        cases.append(Case("multi_lora", f"{regime}-{step}", dtype_name, seqs * per_seq,
-                                          (out_f, in_f), 0, "dense", plan, args))
-            for family, bases in (("qlora", ("nf4",)), ("dora", ("nf4", "dense")), ("ia3", ("nf4", "dense"))):
-                if family not in families:
-                    continue
-                for base in bases:
-                    seen = set()
-                    for m in tokens:
-                        for rank in (ranks if family != "ia3" else (0,)):
-                            for step, plan, args in _layer_launches(family, base, m, out_f, in_f, max(rank, 1), dtype):
-                                m_used, rank_used = (0 if step == "norm" else m), (0 if family == "ia3" else rank)
-                                if (step, m_used, rank_used) in seen:
-                                    continue
-                                seen.add((step, m_used, rank_used))
-                                cases.append(Case(family, step, dtype_name, m_used, (out_f, in_f), rank_used, base,
-                                                  plan, args))
+    cases = []
+    for arch in arches:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for out_f, in_f in shapes:
+                if "nf4_dequant" in families:
+                    for plan, args in _record(arch, nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
+                        cases.append(Case(arch, "nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4",
+                                          plan, args))
+                if "multi_lora" in families:
+                    for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
+                        for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype):
+                            cases.append(Case(arch, "multi_lora", f"{regime}-{step}", dtype_name, seqs * per_seq,
+                                              (out_f, in_f), 0, "dense", plan, args))
+                for family, bases in (("qlora", ("nf4",)), ("dora", ("nf4", "dense")), ("ia3", ("nf4", "dense"))):
+                    if family not in families:
+                        continue
+                    for base in bases:
+                        seen = set()
+                        for m in tokens:
+                            for rank in (ranks if family != "ia3" else (0,)):
+                                for step, plan, args in _layer_launches(arch, family, base, m, out_f, in_f,
+                                                                        max(rank, 1), dtype):
+                                    m_used, rank_used = (0 if step == "norm" else m), (0 if family == "ia3" else rank)
+                                    if (step, m_used, rank_used, plan.variant) in seen:
+                                        continue
+                                    seen.add((step, m_used, rank_used, plan.variant))
+                                    cases.append(Case(arch, family, step, dtype_name, m_used, (out_f, in_f),
+                                                      rank_used, base, plan, args))
     return cases
 
 
 # The CI gate's subset: the main plan of each kernel family (tests/test_check_kernels.py).
 MAIN_KEYS = (
-    "qlora/fwd nf4 bf16 M=512 4096x4096 r=16 gemm",
+    "qlora/fwd nf4 bf16 M=16 14336x4096 r=16 splitk",
     "qlora/fwd nf4 bf16 M=1 4096x4096 r=16 gemv",
-    "dora/norm nf4 bf16 M=0 4096x4096 r=64 nf4",
-    "ia3/ff-fwd nf4 bf16 M=512 4096x4096 nf4",
-    "nf4_dequant/dequant nf4 bf16 M=0 4096x4096 elementwise",
+    "qlora/dx nf4 bf16 M=1 4096x4096 r=16 gemv",
+    "ia3/ff-fwd nf4 bf16 M=1 4096x4096 nf4",
+    "ia3/ff-fwd dense bf16 M=512 4096x4096 dense",
+    "nf4_dequant/dequant nf4 bf16 M=0 4096x4096 tiles",
     "multi_lora/decode-shrink dense bf16 M=64 4096x4096 shrink-decode",
     "multi_lora/prefill-expand dense bf16 M=8192 4096x4096 expand-prefill",
 )
 
 
-def main_cases() -> list:
-    """The :data:`MAIN_KEYS` launches, built from the smallest grid that holds them."""
-    cases = production_grid(dtypes=("bf16",), tokens=(1, 512), shapes=((4096, 4096),), ranks=(16, 64))
-    by_key = {c.key: c for c in cases}
-    missing = [k for k in MAIN_KEYS if k not in by_key]
+def main_cases(arches=("sm_80", "sm_90a")) -> list:
+    """The :data:`MAIN_KEYS` launches for each of ``arches``, built from the smallest grid that holds them."""
+    cases = production_grid(arches, dtypes=("bf16",), tokens=(1, 16, 512), shapes=((4096, 4096), (14336, 4096)),
+                            ranks=(16, 64))
+    by_key = {(c.arch, c.key): c for c in cases}
+    missing = [(a, k) for a in arches for k in MAIN_KEYS if (a, k) not in by_key]
     if missing:
         raise RuntimeError(f"main launches missing from the grid: {missing}")
-    return [by_key[k] for k in MAIN_KEYS]
+    return [by_key[a, k] for a in arches for k in MAIN_KEYS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,10 +453,10 @@ def _compile_in_worker(job: Job) -> dict:
     return compile_job(job)
 
 
-def run(cases: list, arches: list, jobs: int = 1, progress=None) -> list:
-    """Compile every case for every arch (each distinct specialisation once) and return result rows:
+def run(cases: list, jobs: int = 1, progress=None) -> list:
+    """Compile every case for its arch (each distinct specialisation once) and return result rows:
     ``{"key", "arch", "family", "step", ..., "plan": describe(), **analysis}``."""
-    pairs = [(case, arch, Job.of(case.plan, case.args, arch)) for case in cases for arch in arches]
+    pairs = [(case, case.arch, Job.of(case.plan, case.args, case.arch)) for case in cases]
     unique = list(dict.fromkeys(job for _, _, job in pairs))
     results = {}
     if jobs > 1 and len(unique) > 1:
@@ -579,12 +586,13 @@ def run_cli(args) -> int:
               file=sys.stderr)
         return 2
     if args.main:
-        cases = main_cases()
+        cases = main_cases(tuple(args.arch))
     else:
         shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shape)
-        cases = production_grid(tuple(args.family), tuple(args.dtype), tuple(args.tokens), shapes, tuple(args.rank))
+        cases = production_grid(tuple(args.arch), tuple(args.family), tuple(args.dtype), tuple(args.tokens), shapes,
+                                tuple(args.rank))
     start = time.perf_counter()
-    rows = run(cases, list(args.arch), args.jobs, None if args.quiet else _progress_bar)
+    rows = run(cases, args.jobs, None if args.quiet else _progress_bar)
     elapsed = time.perf_counter() - start
     if not args.quiet:
         print(format_table(rows))

@@ -1,7 +1,7 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, a sample
-launch plan), ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`) and ``fastpeft
-check-kernels`` (every production launch compiled for sm_80 / sm_89 / sm_90a and read in SASS, no GPU
-needed: :mod:`fastpeft.check_kernels`)."""
+"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
+thresholds, sample launch plans), ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`) and
+``fastpeft check-kernels`` (every production launch compiled for sm_80 / sm_89 / sm_90a and read in SASS,
+no GPU needed: :mod:`fastpeft.check_kernels`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def info_lines() -> list[str]:
     import torch
 
     import fastpeft
+    from fastpeft.kernels.nf4_dispatch import describe as nf4_dispatch_lines
+    from fastpeft.kernels.plan import device_arch
     from fastpeft.ops.dispatch import backend_for, requested_backend
 
     cuda = torch.cuda.is_available()
@@ -46,6 +48,7 @@ def info_lines() -> list[str]:
         f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
+        *nf4_dispatch_lines(device_arch(device)),
         *plan_lines(device),
     ]
 

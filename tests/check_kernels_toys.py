@@ -62,29 +62,29 @@ def toy_cases() -> list:
     def case(name, kernel, args, num_warps, weight_tile, **constexprs):
         plan = LaunchPlan(op="toy", variant=name, kernel=kernel, grid=(1,), constexprs=constexprs,
                           num_warps=num_warps, runtime={"weight_tile": weight_tile})
-        return Case("toy", name, "bf16", 0, (0, 0), 0, "dense", plan, args)
+        return [Case(arch, "toy", name, "bf16", 0, (0, 0), 0, "dense", plan, args) for arch in GATE_ARCHES]
 
     f16, bf16 = torch.float16, torch.bfloat16
     return [
-        case("spill", _toy_spill_kernel, (_meta(64, 256, dtype=f16), _meta(256, 256, dtype=f16),
+        *case("spill", _toy_spill_kernel, (_meta(64, 256, dtype=f16), _meta(256, 256, dtype=f16),
                                           _meta(64, 256, dtype=torch.float32), 256),
              1, 32 * 256, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32),
-        case("bf16-dot", _toy_bf16_dot_kernel, (_meta(128, 512, dtype=bf16), _meta(512, 128, dtype=bf16),
+        *case("bf16-dot", _toy_bf16_dot_kernel, (_meta(128, 512, dtype=bf16), _meta(512, 128, dtype=bf16),
                                                 _meta(128, 128, dtype=bf16), 512),
              4, 32 * 128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
-        case("malformed", _toy_malformed_kernel, (_meta(16, dtype=torch.float32),), 4, 3, BLOCK=3),
+        *case("malformed", _toy_malformed_kernel, (_meta(16, dtype=torch.float32),), 4, 3, BLOCK=3),
     ]
 
 
 def unspecialised_gemm() -> dict:
-    """The main NF4 GEMM (bf16, M = 512) for sm_90a compiled *without* the JIT's specialisation (no
+    """The main NF4 GEMM (``MAIN_KEYS[0]``) for sm_90a compiled *without* the JIT's specialisation (no
     divisibility attributes, integers equal to 1 left as i32 arguments): the control that shows the
     specialisation matters."""
     import dataclasses
 
     from fastpeft import check_kernels
 
-    case = check_kernels.main_cases()[0]
+    case = check_kernels.main_cases(("sm_90a",))[0]
     job = check_kernels.Job.of(case.plan, case.args, "sm_90a")
     declared = {p.name for p in case.plan.kernel.params if p.is_constexpr}
     names = [name for name, _ in job.signature]
@@ -98,6 +98,6 @@ if __name__ == "__main__":
     from fastpeft import check_kernels
 
     os.environ.pop("TRITON_INTERPRET", None)
-    rows = check_kernels.run(check_kernels.main_cases() + toy_cases(), list(GATE_ARCHES), jobs=2)
+    rows = check_kernels.run(check_kernels.main_cases(GATE_ARCHES) + toy_cases(), jobs=2)
     with open(sys.argv[1], "w") as f:
         json.dump({"rows": rows, "unspecialised_gemm": unspecialised_gemm()}, f)

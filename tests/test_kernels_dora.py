@@ -48,6 +48,57 @@ def test_norm_kernel_nf4_matches_reference(in_features, out_features, rank, doub
     assert_rel_close(out, reference.dora_weight_norm(weight, lora_a.double(), lora_b.double(), 2.0), torch.float32)
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+def test_norm_identity_survives_cancellation(nf4):
+    """Rows where s·B A nearly cancels W (n / ‖W‖ ≈ 7e-3): the identity's three terms cancel; each row stays
+    within the module docstring's bound 4 u (‖W‖² + ‖s B A‖²) / n² of float64 (u = 2⁻²⁴, fp32)."""
+    in_features, out_features, rank, scaling = 64, 24, 64, 0.5
+    dense = torch.randn(out_features, in_features, device=DEVICE)
+    weight = NF4Weight.quantize(dense, 64, double_quant=True) if nf4 else dense
+    w64 = weight.dequantize(torch.float64) if nf4 else dense.double()
+    # an orthogonal A (well conditioned: the terms stay of the size of ‖W‖²), B = -W Aᵀ / s + residual
+    lora_a = torch.linalg.qr(torch.randn(in_features, rank, device=DEVICE, dtype=torch.float64))[0].t()
+    residual = 1e-2 * torch.randn(out_features, rank, device=DEVICE, dtype=torch.float64)
+    lora_b = -w64 @ lora_a.t() / scaling + residual  # s B A = -W + s · residual · A
+    lora_a, lora_b = lora_a.float(), lora_b.float()
+    ref = reference.dora_weight_norm(w64, lora_a.double(), lora_b.double(), scaling)
+    w_sq = w64.square().sum(1)
+    assert (ref.square() / w_sq).max() < 1e-4  # the rows do cancel
+    out = norm_kernel(weight, lora_a, lora_b, scaling)
+    lora_sq = (scaling * lora_b.double() @ lora_a.double()).square().sum(1)
+    bound = 4 * 2.0**-24 * (w_sq + lora_sq) / ref.square()
+    assert ((out.double() - ref).abs() / ref <= bound).all()
+
+
+def test_norm_caches_the_base_norm_until_the_base_changes(monkeypatch):
+    from fastpeft.kernels import dora as dora_kernels
+
+    weight = torch.randn(17, 33, device=DEVICE)
+    lora_a, lora_b = _lora(33, 17, 4, torch.float32)
+
+    def ref():
+        return reference.dora_weight_norm(weight.double(), lora_a.double(), lora_b.double(), 0.7)
+
+    computed = []
+    original = torch.linalg.vector_norm
+
+    def norm(*args, **kwargs):
+        if args[0].dim() == 2:  # a weight's row norms (the error helper takes norms of 1-D vectors)
+            computed.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    expected = ref()
+    monkeypatch.setattr(torch.linalg, "vector_norm", norm)
+    for _ in range(2):
+        assert_rel_close(norm_kernel(weight, lora_a, lora_b, 0.7), expected)
+    assert computed == [(17, 33)] and weight in dora_kernels._weight_sq_norms
+    weight.mul_(2.0)  # an in-place change of the (frozen) base bumps its version: recomputed
+    out = norm_kernel(weight, lora_a, lora_b, 0.7)
+    monkeypatch.undo()
+    assert_rel_close(out, ref())
+    assert computed == [(17, 33)] * 2
+
+
 def test_norm_kernel_errors():
     weight = torch.randn(9, 20)
     lora_a, lora_b = _lora(20, 9, 3, torch.float32)

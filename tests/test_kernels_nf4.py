@@ -23,6 +23,22 @@ def test_triton_dequant_is_bit_exact(triton_backend, shape, blocksize, double_qu
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "shape, blocksize",
+    # even in-features take the vector decode: whole blocks per tile row (aligned: one block per row, two or
+    # four per 128-column tile, a block over several tiles) and blocks straddling rows (100 % 64 != 0);
+    # 300 x 64 has > 256 blocks (two second-level scales)
+    [((300, 64), 64), ((9, 192), 32), ((3, 512), 256), ((2, 4096), 4096), ((5, 100), 64)],
+)
+def test_triton_dequant_vector_layouts_are_bit_exact(triton_backend, shape, blocksize, double_quant):
+    from fastpeft.kernels.nf4 import DEQUANT_CONFIGS, nf4_layout
+
+    weight = NF4Weight.quantize(torch.randn(shape, device=DEVICE) * 3, blocksize, double_quant)
+    assert nf4_layout(shape[1], blocksize, DEQUANT_CONFIGS["default"]["BLOCK_C"])["EVEN_IN"]
+    assert torch.equal(dequantize_nf4(weight, torch.float32), weight.dequantize(torch.float32))
+
+
 def test_triton_dequant_writes_every_element(triton_backend):
     # a fresh output is allocated by the launcher; NaN-poisoning the allocator's memory checks coverage
     from fastpeft.kernels import nf4 as kernels

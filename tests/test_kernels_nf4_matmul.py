@@ -20,15 +20,23 @@ def _reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, 
     return out if bias is None else out + bias.double()
 
 
-# (M, in, out, r): M = 1, 7 and 16 (the largest) take the GEMV variant, 19 and 40 the tl.dot GEMM; none
-# are block multiples.
-CASES = [(1, 65, 47, 1), (7, 33, 17, 8), (16, 47, 33, 16), (19, 129, 95, 16), (40, 65, 33, 64)]
+# (M, in, out, r), none block multiples: odd in-features take the element-wise decode; 128 and 192 the
+# vector decode with whole blocks per row, 100 with blocks straddling rows.
+CASES = [(1, 65, 47, 1), (3, 128, 40, 4), (7, 33, 17, 8), (19, 192, 95, 16), (40, 100, 33, 64)]
+# thresholds (FASTPEFT_NF4_GEMV_MAX_M, FASTPEFT_NF4_TRITON_MAX_M) that force each variant at every M
+FORCE = {"gemv": ("64", "64"), "splitk": ("0", "64"), "cublas": ("0", "0")}
+
 
 
 @pytest.mark.parametrize("transpose_weight", [False, True])
-@pytest.mark.parametrize("m, in_features, out_features, rank", CASES)
+@pytest.mark.parametrize("variant, m, in_features, out_features, rank",
+                         [(v, *case) for v in sorted(FORCE) for case in CASES if v != "gemv" or case[0] <= 8])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_nf4_lora_matmul_matches_reference(m, in_features, out_features, rank, transpose_weight, dtype):
+def test_nf4_lora_matmul_matches_reference(monkeypatch, variant, m, in_features, out_features, rank,
+                                           transpose_weight, dtype):
+    gemv_max, triton_max = FORCE[variant]
+    monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", gemv_max)
+    monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", triton_max)
     double_quant = rank % 2 == 0  # alternate, so both absmax formats meet every variant
     with_bias = rank != 8
     weight = NF4Weight.quantize(torch.randn(out_features, in_features, device=DEVICE), 64, double_quant)
@@ -38,6 +46,9 @@ def test_nf4_lora_matmul_matches_reference(m, in_features, out_features, rank, t
     lora_expand = torch.randn(n, rank, device=DEVICE, dtype=dtype).t()  # a transposed view, like Bᵀ
     bias = torch.randn(n, device=DEVICE, dtype=dtype) if with_bias else None
     out = poisoned((m, n), dtype)
+    plan = kernels.plan_nf4_lora_matmul(m, n, k, rank, transpose_weight=transpose_weight, in_features=in_features,
+                                        fp32=dtype == torch.float32)
+    assert plan.variant == variant
     kernels.nf4_lora_matmul(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
                             lora_expand=lora_expand, scaling=0.7, out=out)
     ref = _reference(a, weight, transpose_weight, bias, lora_h, lora_expand, 0.7, None)
@@ -95,3 +106,67 @@ def test_nf4_gemv_split_k_adds_the_epilogue_once(dtype):
     kernels.nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=1.5,
                             col_scale=col_scale, out=out)
     assert_rel_close(out, _reference(a, weight, False, bias, lora_h, lora_expand, 1.5, col_scale), dtype)
+
+
+@pytest.mark.parametrize("arch", [None, (8, 0), (8, 9), (9, 0)])
+def test_plans_dispatch_by_m(arch):
+    """Decode rows take the GEMV, mid M the split-K tl.dot GEMM, large M (prefill, training) cuBLAS."""
+    plan = kernels.plan_nf4_lora_matmul
+    for m in (1, 4):
+        assert plan(m, 4096, 4096, 16, arch=arch).variant == "gemv"
+    mid = plan(16, 11008, 4096, 16, arch=arch)  # 172 column tiles: more than one wave on every table
+    assert mid.variant == "splitk" and mid.constexprs["USE_DOT"] and mid.constexprs["BLOCK_K"] == 64
+    assert mid.constexprs["SPLIT_K"] == 1 and mid.constexprs["BLOCK_M"] == 16  # 172 tiles fill the GPU
+    for m in (512, 4096):
+        for transpose in (False, True):
+            large = plan(m, 4096, 4096, 16, transpose_weight=transpose, arch=arch)
+            assert (large.variant, large.path, large.kernel) == ("cublas", "torch", None)
+    # fp32 has no tensor-core path: cuBLAS from 8 rows
+    assert plan(8, 4096, 4096, 16, fp32=True, arch=arch).variant == "cublas"
+    assert plan(7, 4096, 4096, 16, fp32=True, arch=arch).variant == "splitk"
+
+
+def test_dispatch_thresholds_follow_waves_and_overrides(monkeypatch):
+    from fastpeft.kernels import nf4_dispatch
+
+    # sm_90, 132 SMs: an output of 3 waves of 64-column tiles keeps M <= 64 on Triton, 1 wave M <= 32
+    assert nf4_dispatch.nf4_path(64, 3 * 132 * 64, False, (9, 0)) == "splitk"
+    assert nf4_dispatch.nf4_path(65, 3 * 132 * 64, False, (9, 0)) == "cublas"
+    assert nf4_dispatch.nf4_path(33, 132 * 64, False, (9, 0)) == "cublas"
+    assert nf4_dispatch.nf4_path(128, 3 * 108 * 64, False, (8, 0)) == "splitk"
+    monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "1000")
+    assert nf4_dispatch.nf4_path(999, 64, False, (9, 0)) == "splitk"
+    # 16 output tiles: K is split 16 ways (GemLite's SPLIT_K 8-16) to fill the GPU
+    split = kernels.plan_nf4_lora_matmul(16, 1024, 4096, arch=(9, 0))
+    assert split.constexprs["SPLIT_K"] == 16 and split.grid == (1, 16, 16)
+    nf4_dispatch.set_thresholds(gemv_max_m=8)
+    try:
+        assert nf4_dispatch.nf4_path(8, 64, False, None) == "gemv"
+        assert any("FASTPEFT_NF4_GEMV_MAX_M=8" in line for line in nf4_dispatch.describe(None))
+    finally:
+        nf4_dispatch.set_thresholds()
+    monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", "four")
+    with pytest.raises(ValueError, match="FASTPEFT_NF4_GEMV_MAX_M='four' is not an integer"):
+        nf4_dispatch.nf4_path(1, 64, False, None)
+
+
+def test_dequant_buffer_is_reused_across_layers(monkeypatch):
+    """The cuBLAS path dequantises every layer into one buffer per device and dtype, grown to the largest
+    layer: the dense weights of two layers never coexist."""
+    from fastpeft.kernels import nf4 as nf4_kernels
+
+    monkeypatch.setattr(nf4_kernels, "_dequant_buffers", {})
+    monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", "0")
+    monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "0")
+    small = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), 64)
+    large = NF4Weight.quantize(torch.randn(24, 128, device=DEVICE), 64, double_quant=True)
+    allocations = []
+    original_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or original_empty(*a, **k))
+    for weight in (small, large, small, large):
+        a = torch.randn(5, weight.in_features, device=DEVICE)
+        out = kernels.nf4_lora_matmul(a, weight)
+        assert_rel_close(out, _reference(a, weight, False, None, None, None, 0.0, None), torch.float32)
+    (buffer,) = nf4_kernels._dequant_buffers.values()
+    assert buffer.numel() == large.shape.numel()  # grown once to the largest layer, never a second one
+    assert sum(1 for shape in allocations if shape and shape[0] in (16 * 64, 24 * 128)) == 2

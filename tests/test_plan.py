@@ -15,7 +15,7 @@ ARCHES = (None, (8, 0), (8, 9), (9, 0))
 
 
 def test_plan_is_frozen_and_validated():
-    plan = nf4.plan_nf4_dequantize(4096 * 4096, 64, True)
+    plan = nf4.plan_nf4_dequantize(4096, 4096, 64, True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.num_warps = 8
     with pytest.raises(TypeError):
@@ -24,7 +24,7 @@ def test_plan_is_frozen_and_validated():
         LaunchPlan(op="x", variant="y", path="cuda-graph")
     with pytest.raises(ValueError, match="kernel and a grid"):
         LaunchPlan(op="x", variant="y")
-    assert "nf4_dequantize/elementwise: _nf4_dequant_kernel grid=(16384,)" in plan.describe()
+    assert "nf4_dequantize/tiles: _nf4_dequant_kernel grid=(256, 32)" in plan.describe()
     assert plan.options["enable_fp_fusion"] is False
 
 
@@ -36,15 +36,11 @@ def test_config_for_falls_back_to_default():
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_nf4_matmul_plan_picks_gemv_up_to_16_rows_and_splits_k(arch):
-    gemm = nf4_matmul.plan_nf4_lora_matmul(17, 4096, 4096, 16, arch=arch)
-    assert gemm.variant == "gemm" and gemm.constexprs["USE_DOT"] and gemm.constexprs["SPLIT_K"] == 1
-    assert gemm.grid == (1, 64, 1)
-    gemv = nf4_matmul.plan_nf4_lora_matmul(16, 4096, 4096, 16, arch=arch)
+def test_nf4_matmul_plan_picks_gemv_for_decode_and_splits_k(arch):
+    gemv = nf4_matmul.plan_nf4_lora_matmul(4, 4096, 4096, 16, arch=arch)
     assert gemv.variant == "gemv" and not gemv.constexprs["USE_DOT"]
-    # few output tiles and K = 300 = 5 blocks of 64: five splits, each one BLOCK_K long
-    split = nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 2, arch=arch)
-    assert split.constexprs["SPLIT_K"] == 5 and split.runtime["k_per_split"] == 64 and split.grid == (1, 1, 5)
+    # K = 4096 in GEMV slices of 2 x 256: 8 splits
+    assert gemv.constexprs["SPLIT_K"] == 8 and gemv.runtime["k_per_split"] == 512
     assert nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
 
 
@@ -71,11 +67,17 @@ def test_launchers_launch_their_plan():
     a = torch.empty(3, 128, device=meta, dtype=torch.float16)
     ((plan, args),) = _recorded(nf4_matmul.nf4_lora_matmul, a, weight)
     assert plan == nf4_matmul.plan_nf4_lora_matmul(3, 40, 128, 0, blocksize=64, nested=True)
+    ((plan, _),) = _recorded(nf4_matmul.nf4_lora_matmul, torch.empty(3, 40, device=meta, dtype=torch.float16), weight,
+                             transpose_weight=True)
+    assert plan == nf4_matmul.plan_nf4_lora_matmul(3, 128, 40, 0, blocksize=64, nested=True, transpose_weight=True)
     assert args[0] is a
     ((plan, _),) = _recorded(nf4.nf4_dequantize, weight, torch.float16)
-    assert plan == nf4.plan_nf4_dequantize(40 * 128, 64, True)
+    assert plan == nf4.plan_nf4_dequantize(40, 128, 64, True)
     lora_a, lora_b = torch.empty(16, 128, device=meta), torch.empty(40, 16, device=meta)
-    ((plan, _),) = _recorded(dora.dora_weight_norm, weight, lora_a, lora_b, 2.0)
-    assert plan == dora.plan_dora_weight_norm(40, 16, True, 64, True)
+    # the DoRA norm launches no kernel of its own: W Aᵀ is the NF4 product's plan (M = r = 16, fp32: cuBLAS
+    # after dequantising) and ‖W‖² one more dequantisation
+    assert dora.plan_dora_weight_norm(40, 16, True, 64, True).path == "torch"
+    plans = [plan for plan, _ in _recorded(dora.dora_weight_norm, weight, lora_a, lora_b, 2.0)]
+    assert plans == [nf4.plan_nf4_dequantize(40, 128, 64, True)] * 2
     ((plan, _),) = _recorded(ia3.ia3_matmul, a, weight, in_scale=torch.empty(128, device=meta, dtype=torch.float16))
-    assert plan == ia3.plan_ia3_matmul(3, 40, is_nf4=True, nested=True, has_in_scale=True)
+    assert plan == ia3.plan_ia3_matmul(3, 40, is_nf4=True, nested=True, has_in_scale=True, in_features=128)

@@ -16,17 +16,19 @@ Every IA3 pass is one launch of this kernel (``l`` the IA3 vector):
 - output backward: ``dx = (dy ⊙ l) W`` is ``a = dy``, ``in_scale = l``; ``dl = Σ_t dy ⊙ (x Wᵀ + b)`` is a
   second launch with ``reduce_rows = dy`` and no output written (``x Wᵀ + b`` is recomputed, never stored).
 
-Design: an NF4 weight is decoded tile by tile with ``fastpeft.kernels.nf4.nf4_dequant_values`` (fp32
-values, one cast to the input dtype as ``dequantize_4bit`` does) and never materialised; a dense weight
-is read through its strides. The weight element ``(k, n)`` of ``op(W)`` sits at ``n * stride_wn + k *
-stride_wk``. The prologue scale is applied to the ``a`` tile in fp32 and rounded once to the input dtype
+Design: an NF4 weight is decoded tile by tile with ``fastpeft.kernels.nf4.nf4_tile`` (vector loads of
+the packed rows, fp32 values, one cast to the input dtype as ``dequantize_4bit`` does) and never
+materialised, except at large ``M`` where the plan dequantises into the reusable buffer and runs cuBLAS
+(``fastpeft.kernels.nf4_dispatch``, as for QLoRA); a dense weight is read through its strides (the
+element ``(k, n)`` of ``op(W)`` at ``n * stride_wn + k * stride_wk``). The prologue scale is applied to the ``a`` tile in fp32 and rounded once to the input dtype
 (as PEFT's ``(x * l).to(dtype)``). The row reduction is accumulated per tile in fp32 and added with
 ``atomic_add`` into an fp32 ``(N,)`` buffer, so its summation order (not its value) varies from run to run.
 fp32 ``tl.dot`` uses ``input_precision="ieee"`` to match PyTorch's fp32 matmul (tf32 would be a GPU
 tuning choice to measure, not a default).
 
 Limits: block sizes untuned (no GPU in this task); no split-K / GEMV variant for decode — tiles of 16
-rows waste most of ``tl.dot`` when ``M`` is 1 (a GPU measurement decides whether one is worth adding).
+rows waste most of ``tl.dot`` when ``M`` is 1; a dense weight at large ``M`` still runs this kernel (the
+IA3 scales would need their own passes around cuBLAS).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from .nf4 import nf4_dequant_values, nf4_kernel_args
+from .nf4 import dequant_buffer, nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Tile, warps, stages per GPU architecture. Source: untuned, no GPU (tl.dot needs >= 16 per dimension;
-# moderate register use; warps and stages are Triton's defaults).
-MATMUL_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}}
+# Tile, warps, stages per GPU architecture. BLOCK_K = 64 = the NF4 block (one scale per row and step, as
+# the NF4 split-K GEMM); BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table
+# for the shape, no GPU measurement here; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
+MATMUL_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,17 +53,21 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _ia3_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     in_scale_ptr, bias_ptr, out_scale_ptr, reduce_rows_ptr, out_ptr, reduced_ptr,
-    nested_offset_ptr, M, N, K,
+    nested_offset_ptr, M, N, K, in_features, row_bytes,
     stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
-    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
+    ALIGNED: tl.constexpr, TRANSPOSE: tl.constexpr,
     HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
     HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start.to(tl.int64) + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    if IS_NF4:
+        code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -69,13 +77,16 @@ def _ia3_matmul_kernel(
         if HAS_IN_SCALE:
             in_scale = tl.load(in_scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * in_scale[None, :]).to(a_ptr.dtype.element_ty)
-        w_idx = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        if IS_NF4:
-            w = nf4_dequant_values(w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-                                   nested_offset_ptr, w_idx, w_mask, BLOCKSIZE, NESTED)
+        if IS_NF4:  # tiles of W in its own orientation (packed rows contiguous), as fastpeft.kernels.nf4_matmul
+            if TRANSPOSE:
+                w = nf4_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, offs_k, k_mask, n_start,
+                             in_features, row_bytes, BLOCK_N, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED)
+            else:
+                w = tl.trans(nf4_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, offs_n, n_mask,
+                                      k_start, in_features, row_bytes, BLOCK_K, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED))
         else:
-            w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -106,20 +117,44 @@ def _check_vector(name: str, t, length: int, a: torch.Tensor):
 def plan_ia3_matmul(
     m: int, n: int, *, is_nf4: bool, blocksize: int = 64, nested: bool = False, has_in_scale: bool = False,
     has_bias: bool = False, has_out_scale: bool = False, has_reduce: bool = False, store_out: bool = True,
-    arch: tuple | None = None,
+    transpose_weight: bool = False, in_features: int = 64, fp32: bool = False, arch: tuple | None = None,
+    sm_count: int | None = None,
 ) -> LaunchPlan:
-    """The launch of an ``(m, K) · (K, n)`` IA3 product (dense or NF4 weight) with the given prologue /
-    epilogue flags: one program per ``BLOCK_M x BLOCK_N`` output tile."""
+    """The launch of an ``(m, K) · (K, n)`` IA3 product (dense or NF4 weight of ``in_features`` columns) with
+    the given prologue / epilogue flags: one program per ``BLOCK_M x BLOCK_N`` output tile, or, for an NF4
+    weight at the ``M`` where ``fastpeft.kernels.nf4_dispatch`` picks cuBLAS, ``path="torch"``
+    (``variant="cublas"``: dequantise into the reusable buffer, cuBLAS, the scales in place)."""
+    if is_nf4 and nf4_path(m, n, fp32, arch, sm_count) == "cublas":
+        return LaunchPlan(op="ia3_matmul", variant="cublas", path="torch")
     config = config_for(MATMUL_CONFIGS, arch)
+    block_m = 16 if m <= 16 else config["BLOCK_M"]
+    layout = (nf4_layout(in_features, blocksize, config["BLOCK_N"] if transpose_weight else config["BLOCK_K"])
+              if is_nf4 else {"EVEN_IN": False, "ALIGNED": False})
     return LaunchPlan(
         op="ia3_matmul", variant="nf4" if is_nf4 else "dense", kernel=_ia3_matmul_kernel,
-        grid=(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"])),
-        constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, "HAS_IN_SCALE": has_in_scale,
+        grid=(triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"])),
+        constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, **layout,
+                    "TRANSPOSE": transpose_weight, "HAS_IN_SCALE": has_in_scale,
                     "HAS_BIAS": has_bias, "HAS_OUT_SCALE": has_out_scale, "HAS_REDUCE": has_reduce,
-                    "STORE_OUT": store_out, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                    "STORE_OUT": store_out, "BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
                     "BLOCK_K": config["BLOCK_K"]},
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+
+
+def _cublas_ia3_matmul(a, weight: NF4Weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced):
+    """Large ``M`` on NF4: dequantise into the per-device buffer, then cuBLAS; the input scale is applied in
+    fp32 and rounded once (as the kernel), the row reduction and output scale in fp32."""
+    w = nf4_dequantize(weight, a.dtype, out=dequant_buffer(weight, a.dtype))
+    w = w if transpose_weight else w.t()
+    if in_scale is not None:
+        a = (a.float() * in_scale.float()).to(a.dtype)
+    z = a @ w if bias is None else torch.addmm(bias, a, w)
+    if reduced is not None:
+        reduced.add_((reduce_rows.float() * z.float()).sum(0))
+    if out is not None:
+        out.copy_(z if out_scale is None else z.float() * out_scale.float())
+    return out, reduced
 
 
 def ia3_matmul(
@@ -180,7 +215,7 @@ def ia3_matmul(
     if is_nf4:
         packed, absmax, code, nested_code, nested_absmax, nested_offset = nf4_kernel_args(weight)
         blocksize, nested = weight.blocksize, weight.is_nested
-        stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
+        stride_wn, stride_wk = 0, 0  # unused: NF4 tiles are addressed by packed rows (row_bytes)
     else:
         # the five NF4 pointers are never read (IS_NF4=False)
         packed, absmax, code, nested_code, nested_absmax, nested_offset = (weight,) * 6
@@ -192,13 +227,16 @@ def ia3_matmul(
     plan = plan_ia3_matmul(
         m, n, is_nf4=is_nf4, blocksize=blocksize, nested=nested, has_in_scale=in_scale is not None,
         has_bias=bias is not None, has_out_scale=out_scale is not None, has_reduce=reduce_rows is not None,
-        store_out=store_out, arch=device_arch(a.device),
+        store_out=store_out, transpose_weight=transpose_weight, in_features=in_features,
+        fp32=a.dtype == torch.float32, arch=device_arch(a.device),
     )
+    if plan.path == "torch":
+        return _cublas_ia3_matmul(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced)
     launch(plan, a, packed, absmax, code, nested_code, nested_absmax,
            in_scale if in_scale is not None else placeholder, bias if bias is not None else placeholder,
            out_scale if out_scale is not None else placeholder, rows, target,
            reduced if reduced is not None else placeholder,
-           nested_offset, m, n, k,
+           nested_offset, m, n, k, in_features, in_features // 2,
            a.stride(0), a.stride(1), stride_wn, stride_wk, rows.stride(0), rows.stride(1),
            target.stride(0), target.stride(1))
     return out, reduced

@@ -10,55 +10,74 @@ and ``E = Bᵀ`` in the forward; ``h = dy B`` and ``E = A`` for ``dx``. The bias
 scale ``c`` (``HAS_COL_SCALE``; for DoRA's ``m / ‖W + sBA‖``, IA3's output scale) are optional, as is
 the whole LoRA term (``HAS_LORA``). Everything is accumulated in fp32 and the output is written once.
 
-Design: ``W`` is read as packed NF4 (double-quantised absmax included) through
-``fastpeft.kernels.nf4.nf4_dequant_values`` tile by tile and never materialised. One kernel serves both
-directions: the weight element ``(n, k)`` of the product is at flat NF4 index
-``n * stride_wn + k * stride_wk``, i.e. ``(in, 1)`` for ``Wᵀ`` and ``(1, in)`` for ``W``. Values are
-dequantised in fp32 and cast once to the input dtype before the product, as ``dequantize_4bit`` then
-``matmul`` would do, so the kernel reproduces "dequantise, then cuBLAS" up to accumulation order.
+Design: ``W`` is read as packed NF4 (double-quantised absmax included) through the one decode helper
+``fastpeft.kernels.nf4.nf4_tile``, tile by tile, never materialised: tiles are always taken in ``W``'s own
+orientation (rows = out-features, columns = in-features, along which the packed bytes are contiguous), so
+both directions read bytes as wide vectors: the forward decodes a ``(BLOCK_N, BLOCK_K)`` tile and transposes
+it in registers, ``dx`` decodes ``(BLOCK_K, BLOCK_N)`` tiles along the packed rows. Values are dequantised
+in fp32 and cast once to the input dtype before the product, as ``dequantize_4bit`` then ``matmul`` would
+do, so the kernel reproduces "dequantise, then cuBLAS" up to accumulation order.
 
-Two variants, picked by ``M`` in the launcher (``GEMV_MAX_M``):
+What runs is a plan (``plan_nf4_matmul``, from ``fastpeft.kernels.dispatch``: rules on ``M`` and the
+number of SM waves the output fills, per GPU architecture, each table entry citing its source):
 
-- GEMM (``M > 16``): ``BLOCK_M x BLOCK_N`` output tiles, ``tl.dot`` over ``BLOCK_K`` slices; the LoRA
-  epilogue is one more ``tl.dot`` of an ``(BLOCK_M, BLOCK_R)`` slice of ``h`` with ``E``.
-- GEMV (decode, ``M <= 16``): ``tl.dot`` needs 16 rows, so the product is a broadcast multiply-sum over
-  ``M`` rounded up to a power of two; each program reads its ``BLOCK_N`` columns of packed bytes once
-  for all ``M`` rows, so the weight traffic is the packed bytes. Split-K: when the output has too few
-  tiles to fill the GPU, ``K`` is cut into ``SPLIT_K`` slices; each program ``atomic_add``s its fp32
-  partial into a zeroed ``(M, N)`` fp32 workspace (split 0 also adds the LoRA term and the bias), and
-  the launcher casts the workspace into ``out`` (a pass over ``M x N``, small for decode). The
-  summation order then varies from run to run in the last bits.
+- ``gemv`` (decode, ``M <= 4``): GemLite's split-K GEMV shape: each program takes ``BLOCK_N`` outputs and a
+  short slice of ``K`` (two ``BLOCK_K`` chunks by default), multiplies in fp32 and reduces with ``tl.sum``
+  (``tl.dot`` needs 16 rows), and ``atomic_add``s its partial into a zeroed fp32 ``(M, N)`` workspace;
+  weights are loaded ``evict_first`` (streamed once), activations ``evict_last`` (reused by every program).
+- ``splitk`` (``4 < M <=`` the arch's threshold): ``tl.dot`` tiles of ``BLOCK_M`` (16/32/64) x 64 with
+  ``BLOCK_K = 64`` (one NF4 block per step: one scale per row), ``K`` split so the grid fills the GPU,
+  fp32 atomics into the workspace as above (GemLite's tuned small-M table).
+- ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-device buffer
+  (``fastpeft.kernels.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
+  in place with ``addmm_`` (``B A`` never formed), then the column scale and bias in place (bitsandbytes
+  0.50 and Unsloth: cuBLAS's wgmma path beats any mma.sync kernel there).
+
+In the split variants split 0 adds the LoRA term and bias, every split scales its own partial by the column
+scale (it distributes over the sum), and the launcher casts the workspace into ``out`` (a pass over
+``M x N``, small for those ``M``); the summation order then varies from run to run in the last bits.
 
 fp32: ``tl.dot`` uses ``input_precision="ieee"`` so fp32 results match PyTorch's fp32 matmul instead of
 tf32's 10-bit mantissa (the reference contract; a tf32 variant is a GPU tuning question). The kernel is
 launched with fp-fusion on: a nested absmax may then differ from bitsandbytes' in its last bit (FMA),
-far below any matmul's rounding; bit-exact dequantisation is ``fastpeft.kernels.nf4``'s job.
+far below any matmul's rounding; bit-exact dequantisation is ``fastpeft.kernels.nf4``'s job (and the
+``cublas`` path's, which dequantises with it).
 
-Limits / not done (no GPU in this task): block sizes and the split-K target are untuned; there is no
-autotune and no "dequantise tile-wise then cuBLAS" branch for large ``M`` — each needs a GPU measurement before it is worth keeping. The dense-weight LoRA path is cuBLAS in
+Limits: tile shapes are taken from the anchors' published tables, not tuned on a GPU here (``fastpeft
+tune`` is the place for per-GPU crossovers). The dense-weight LoRA path is cuBLAS in
 ``fastpeft/ops/lora.py`` and needs no kernel.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from .nf4 import nf4_dequant_values, nf4_kernel_args
+from .nf4 import dequant_buffer, nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Tiles, warps and stages per variant and GPU architecture. Source: untuned, no GPU (chosen for tl.dot's
-# 16-minimum and moderate register use; warps and stages are Triton's defaults).
-# GEMV: BLOCK_K is the largest K slice that keeps the (BLOCK_M, BLOCK_K, BLOCK_N) broadcast product within
-# MAX_PRODUCT elements (64 fp32 per thread at 4 warps); K is split so that about TARGET_PROGRAMS programs
-# run (a guess at two waves of an H100's 132 SMs), never below one BLOCK_K per split.
-GEMM_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "MAX_BLOCK_R": 64,
-                            "num_warps": 4, "num_stages": 3}}
-GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 64, "MAX_PRODUCT": 8192, "TARGET_PROGRAMS": 256,
-                            "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 3}}
-GEMV_MAX_M = 16  # M at or below which the GEMV runs (tl.dot needs 16 rows)
+# Tiles, warps and stages per variant and GPU architecture (``fastpeft.kernels.plan.config_for``).
+# GEMV: BLOCK_N outputs x CHUNKS slices of BLOCK_K per program (GemLite's M=1 kernel: "BLOCK_N columns x two
+# chunks of BLOCK_K", tl.sum, fp32 atomics). Our packed rows run along in-features, so the forward tile is
+# (BLOCK_N W rows) x (BLOCK_K in-features): 32 x 256 at 4 warps is 64 codes per thread per chunk in 8-byte
+# loads; dx tiles (BLOCK_K W rows) x (BLOCK_N in-features), 32 x 128 (16-byte loads). Both sized to stay at
+# <= 128 registers up to M = 4 (25% occupancy; measured with the sm_80 AOT compile, no GPU).
+# SPLITK: GemLite's tuned H100 small-M table: BLOCK_K 64 (= the NF4 block: one scale per row and step),
+# BLOCK_M 16/32/64 (M rounded up), BLOCK_N 64, SPLIT_K 8-16 (here: as many as fill TARGET_PROGRAMS, capped
+# at MAX_SPLIT_K), 4 warps, 2 stages (1 on sm_89: its 100 KB of shared memory).
+GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 256, "DX_BLOCK_N": 128, "DX_BLOCK_K": 32, "CHUNKS": 2,
+                            "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1}}
+SPLITK_CONFIGS = {
+    "default": {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16,
+                "num_warps": 4, "num_stages": 2},
+    (8, 9): {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 284, "MAX_SPLIT_K": 16,
+             "num_warps": 4, "num_stages": 1},
+}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -67,21 +86,24 @@ def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     bias_ptr, h_ptr, expand_ptr, col_scale_ptr, out_ptr,
     nested_offset_ptr, scaling,
-    M, N, K, rank, k_per_split,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr, stride_er, stride_en,
-    stride_om, stride_on,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    M, N, K, rank, k_per_split, in_features, row_bytes,
+    stride_am, stride_ak, stride_hm, stride_hr, stride_er, stride_en, stride_om, stride_on,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_COL_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    EVICT_W: tl.constexpr, EVICT_A: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start.to(tl.int64) + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    k_begin = split.to(tl.int64) * k_per_split
+    k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
     # the epilogue terms (LoRA, bias) are added by split 0 only; every split scales its own partial sum
     # by the column scale, which distributes over the sum
     first_split = split == 0
@@ -89,17 +111,35 @@ def _nf4_lora_matmul_kernel(
     for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < k_end
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        w = nf4_dequant_values(
-            packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
-            offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, w_mask, BLOCKSIZE, NESTED,
-        ).to(a_ptr.dtype.element_ty)  # one rounding to the input dtype, as dequantize_4bit does
+        if TRANSPOSE:  # dx: the (BLOCK_K, BLOCK_N) tile of W itself, along its packed rows
+            w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
+                         offs_k, k_mask, n_start, in_features, row_bytes,
+                         BLOCK_N, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, EVICT_W)
+        else:  # forward: the (BLOCK_N, BLOCK_K) tile of W, transposed in registers below
+            w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
+                         offs_n, n_mask, k_start, in_features, row_bytes,
+                         BLOCK_K, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, EVICT_W)
+        w = w.to(a_ptr.dtype.element_ty)  # one rounding to the input dtype, as dequantize_4bit does
         if USE_DOT:
-            acc += tl.dot(a, w, input_precision="ieee")
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT_A)
+            if TRANSPOSE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            # GEMV: one activation row at a time against the whole weight tile, reduced along K in the
+            # tile's own layout (no 3-D broadcast tile, no layout conversion)
+            w = w.to(tl.float32)
+            for row in tl.static_range(BLOCK_M):
+                m_row = tl.program_id(0).to(tl.int64) * BLOCK_M + row
+                a_row = tl.load(a_ptr + m_row * stride_am + offs_k * stride_ak, mask=k_mask & (m_row + 0 * offs_k < M), other=0.0,
+                                eviction_policy=EVICT_A).to(tl.float32)
+                if TRANSPOSE:
+                    part = tl.sum(w * a_row[:, None], axis=0)
+                else:
+                    part = tl.sum(w * a_row[None, :], axis=1)
+                acc += tl.where((tl.arange(0, BLOCK_M) == row)[:, None], part[None, :], 0.0)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r_start in range(0, tl.where(first_split, rank, 0), BLOCK_R):
@@ -110,7 +150,7 @@ def _nf4_lora_matmul_kernel(
             e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             if USE_DOT:
-                lora += tl.dot(h, e, input_precision="ieee")
+                lora += tl.dot(h, e.to(h.dtype), input_precision="ieee")
             else:
                 lora += tl.sum(h.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
         acc += scaling * lora
@@ -141,38 +181,78 @@ def _check_vector(name: str, t, length: int, a: torch.Tensor):
 
 def plan_nf4_lora_matmul(
     m: int, n: int, k: int, rank: int = 0, *, blocksize: int = 64, nested: bool = False, has_bias: bool = False,
-    has_col_scale: bool = False, arch: tuple | None = None,
+    has_col_scale: bool = False, transpose_weight: bool = False, in_features: Optional[int] = None,
+    fp32: bool = False, arch: tuple | None = None, sm_count: Optional[int] = None,
 ) -> LaunchPlan:
     """The launch of an ``(m, k) · (k, n)`` NF4 product with a rank-``rank`` LoRA epilogue (0: none).
 
-    ``variant`` is ``"gemm"`` (``m > GEMV_MAX_M``: ``tl.dot`` tiles) or ``"gemv"`` (broadcast
-    multiply-sum, split-K when the output has too few tiles: ``constexprs["SPLIT_K"] > 1`` means the
-    launcher accumulates into a zeroed fp32 workspace). ``runtime["k_per_split"]``: the K slice length.
+    ``variant`` (``fastpeft.kernels.nf4_dispatch.nf4_path``): ``"gemv"`` (broadcast multiply-sum, split-K),
+    ``"splitk"`` (``tl.dot`` tiles, split-K) or ``"cublas"`` (``path="torch"``: dequantise into the
+    reusable buffer, then cuBLAS). ``constexprs["SPLIT_K"] > 1`` means the launcher accumulates into a
+    zeroed fp32 workspace; ``runtime["k_per_split"]``: the K slice length. ``in_features``: the weight's
+    (default: ``k``, or ``n`` with ``transpose_weight``), for the decode layout. ``fp32``: the inputs are
+    fp32 (no tensor cores: the Triton range is shorter).
     """
-    if m > GEMV_MAX_M:
-        config = config_for(GEMM_CONFIGS, arch)
-        block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-        block_r = min(config["MAX_BLOCK_R"], max(16, triton.next_power_of_2(max(rank, 1))))
-    else:
+    variant = nf4_path(m, n, fp32, arch, sm_count)
+    if variant == "cublas":
+        return LaunchPlan(op="nf4_lora_matmul", variant="cublas", path="torch")
+    in_features = in_features if in_features is not None else (n if transpose_weight else k)
+    if variant == "gemv":
         config = config_for(GEMV_CONFIGS, arch)
-        block_m, block_n = triton.next_power_of_2(m), config["BLOCK_N"]
-        # the broadcast product is a (BLOCK_M, BLOCK_K, BLOCK_N) register tile: keep it bounded as M grows
-        block_k = min(config["BLOCK_K"], max(16, config["MAX_PRODUCT"] // (block_m * block_n)))
+        block_m = triton.next_power_of_2(m)
+        block_n, block_k = ((config["DX_BLOCK_N"], config["DX_BLOCK_K"]) if transpose_weight
+                            else (config["BLOCK_N"], config["BLOCK_K"]))
         block_r = min(config["MAX_BLOCK_R"], triton.next_power_of_2(max(rank, 1)))
-    use_dot = m > GEMV_MAX_M
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    split_k = 1 if use_dot else max(1, min(k_blocks, config["TARGET_PROGRAMS"] // tiles))
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+        k_per_split = config["CHUNKS"] * block_k
+        evict_w, evict_a = "evict_first", "evict_last"  # weights streamed once, activations reused
+    else:
+        config = config_for(SPLITK_CONFIGS, arch)
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
+        block_r = min(config["MAX_BLOCK_R"], max(16, triton.next_power_of_2(max(rank, 1))))
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        k_blocks = triton.cdiv(k, block_k)
+        split_k = max(1, min(k_blocks, config["MAX_SPLIT_K"], config["TARGET_PROGRAMS"] // tiles))
+        k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+        evict_w, evict_a = "", ""
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k)
     return LaunchPlan(
-        op="nf4_lora_matmul", variant="gemm" if use_dot else "gemv", kernel=_nf4_lora_matmul_kernel,
+        op="nf4_lora_matmul", variant=variant, kernel=_nf4_lora_matmul_kernel,
         grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k),
-        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, "HAS_BIAS": has_bias, "HAS_LORA": rank > 0,
-                    "HAS_COL_SCALE": has_col_scale, "USE_DOT": use_dot, "SPLIT_K": split_k, "BLOCK_M": block_m,
-                    "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": block_r},
+        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, **layout, "TRANSPOSE": transpose_weight,
+                    "HAS_BIAS": has_bias, "HAS_LORA": rank > 0, "HAS_COL_SCALE": has_col_scale,
+                    "USE_DOT": variant == "splitk", "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                    "BLOCK_K": block_k, "BLOCK_R": block_r, "EVICT_W": evict_w, "EVICT_A": evict_a},
         num_warps=config["num_warps"], num_stages=config["num_stages"], runtime={"k_per_split": k_per_split},
     )
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32; bf16/fp16 inputs stay on tensor cores on CUDA."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # CPU has no mixed-dtype mm; the inputs are exact in fp32
+
+
+def _cublas_lora_matmul(a, weight: NF4Weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale, out):
+    """Large ``M``: dequantise into the per-device buffer, cuBLAS ``a · op(W)``, the LoRA term added in place
+    (``addmm_``: ``B A`` never formed), then the column scale and the bias in place."""
+    w = nf4_dequantize(weight, a.dtype, out=dequant_buffer(weight, a.dtype))
+    w = w if transpose_weight else w.t()
+    if out.dtype == a.dtype:
+        torch.mm(a, w, out=out)
+    else:
+        out.copy_(mm_fp32(a, w))
+    if lora_h is not None:
+        out.addmm_(lora_h, lora_expand, alpha=scaling)
+    if col_scale is not None:
+        out.mul_(col_scale.to(out.dtype))
+    if bias is not None:
+        out.add_(bias)
+    return out
 
 
 def nf4_lora_matmul(
@@ -193,7 +273,7 @@ def nf4_lora_matmul(
     ``transpose_weight=True``, ``W`` (``K = out``, ``N = in``). ``lora_h`` ``(M, r)`` and ``lora_expand``
     ``(r, N)`` (any strides) come together or not at all; ``bias`` and ``col_scale`` are ``(N,)``.
     Tensors share ``a``'s dtype except ``col_scale`` (any float). Returns ``out`` (a new ``(M, N)`` tensor
-    of ``a.dtype`` unless given).
+    of ``a.dtype`` unless given; a given one may also be float32, to keep the fp32 accumulation).
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
@@ -234,8 +314,9 @@ def nf4_lora_matmul(
     _check_vector("col_scale", col_scale, n, a)
     if out is None:
         out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != a.dtype or out.device != a.device:
-        raise ValueError(f"out must be ({m}, {n}) {a.dtype} on {a.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
+    elif tuple(out.shape) != (m, n) or out.dtype not in (a.dtype, torch.float32) or out.device != a.device:
+        raise ValueError(f"out must be ({m}, {n}) {a.dtype} or float32 on {a.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} {out.device}")
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -243,8 +324,10 @@ def nf4_lora_matmul(
 
     plan = plan_nf4_lora_matmul(m, n, k, rank, blocksize=weight.blocksize, nested=weight.is_nested,
                                 has_bias=bias is not None, has_col_scale=col_scale is not None,
-                                arch=device_arch(a.device))
-    stride_wn, stride_wk = (1, in_features) if transpose_weight else (in_features, 1)
+                                transpose_weight=transpose_weight, in_features=in_features,
+                                fp32=a.dtype == torch.float32, arch=device_arch(a.device))
+    if plan.path == "torch":
+        return _cublas_lora_matmul(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale, out)
     placeholder = a  # never read: the matching HAS_* flag is False
     h = lora_h if lora_h is not None else placeholder
     expand = lora_expand if lora_expand is not None else placeholder
@@ -254,8 +337,8 @@ def nf4_lora_matmul(
            bias if bias is not None else placeholder, h, expand,
            col_scale if col_scale is not None else placeholder, target,
            nested_offset, float(scaling),
-           m, n, k, rank, plan.runtime["k_per_split"],
-           a.stride(0), a.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
+           m, n, k, rank, plan.runtime["k_per_split"], in_features, in_features // 2,
+           a.stride(0), a.stride(1), h.stride(0), h.stride(1),
            expand.stride(0), expand.stride(1), target.stride(0), target.stride(1))
     if target is not out:
         out.copy_(target)

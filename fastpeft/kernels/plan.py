@@ -85,8 +85,11 @@ def config_for(table: Mapping, arch: Optional[tuple]) -> Mapping:
 
 
 def device_arch(device: torch.device) -> Optional[tuple]:
-    """``(major, minor)`` of a CUDA ``device``; ``None`` for any other device (the interpreter)."""
+    """``(major, minor)`` of a CUDA ``device``; ``None`` for any other device (the interpreter). A meta
+    device inside ``recording(arch)`` stands for a GPU of that ``arch``."""
     device = torch.device(device)
+    if device.type == "meta" and _recorder is not None:
+        return _recording_arch
     if device.type != "cuda":
         return None
     return tuple(torch.cuda.get_device_capability(device))
@@ -103,20 +106,24 @@ class KernelLaunchError(RuntimeError):
         super().__init__(f"the Triton kernel of {plan.op} ({plan.variant}) failed: {type(error).__name__}: {error}")
 
 
-# The static check swaps launching for recording (``recording()``): a list while active, else None.
+# The static check swaps launching for recording (``recording()``): a list while active, else None, and
+# the architecture that meta tensors stand for meanwhile.
 _recorder: Optional[list] = None
+_recording_arch: Optional[tuple] = None
 
 
 @contextlib.contextmanager
-def recording():
-    """Within this block :func:`launch` records ``(plan, args)`` instead of launching: how
-    ``fastpeft.check_kernels`` gets the exact arguments a launcher passes (with meta tensors)."""
-    global _recorder
-    outer, _recorder = _recorder, []
+def recording(arch: Optional[tuple] = None):
+    """Within this block :func:`launch` records ``(plan, args)`` instead of launching, and meta tensors
+    plan as on a GPU of ``arch``: how ``fastpeft.check_kernels`` gets the exact plans and arguments a
+    launcher would use on that GPU (with meta tensors)."""
+    global _recorder, _recording_arch
+    outer = _recorder, _recording_arch
+    _recorder, _recording_arch = [], arch
     try:
         yield _recorder
     finally:
-        _recorder = outer
+        _recorder, _recording_arch = outer
 
 
 def launch(plan: LaunchPlan, *args) -> None:
