@@ -2,8 +2,8 @@
 
 Without a CUDA device, Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set
 here, before anything imports triton. Its ``tl.dot`` is wrong for bf16 inputs and its fp32 -> bf16 casts
-truncate instead of rounding to nearest even (triton 3.9), so bf16 kernel tests run only on a GPU
-(``kernel_dtypes``).
+truncate instead of rounding to nearest even (triton 3.9); ``fastpeft.kernels.interpreter`` corrects both
+(bf16 only) and is installed here, so kernel tests run in bf16 as well (``kernel_dtypes``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,18 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTPEFT_STRICT", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis in CI: derandomised (the same examples every run, a failure reproduces), no per-example deadline
+# (interpreter and CPU timings vary), and each test's budget set by its own max_examples.
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples instead.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from fastpeft.kernels.interpreter import install_bf16_interpreter_fix  # noqa: E402
+
+install_bf16_interpreter_fix()  # no-op unless TRITON_INTERPRET=1
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -28,8 +40,8 @@ TF32_REL_TOL = 5e-4
 
 
 def kernel_dtypes() -> list[torch.dtype]:
-    """Dtypes a kernel test can run in here: bf16 only on a real GPU (the interpreter's bf16 dot and casts are wrong)."""
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+    """Dtypes every kernel test runs in (bf16 in the interpreter through ``install_bf16_interpreter_fix``)."""
+    return [torch.float32, torch.float16, torch.bfloat16]
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -57,3 +57,49 @@ def test_info_reports_versions_backend_and_extension(capsys):
                    "NF4 dispatch", "GEMV M <= 4", "dequantise + cuBLAS",
                    "plan, QLoRA forward M=1 4096x4096 r=16 (no GPU: the default table): nf4_lora_matmul/gemv"):
         assert needle in out
+
+
+def test_interpreter_bf16_is_corrected_at_run_time():
+    """Issue 16: with FASTPEFT_BACKEND=triton TRITON_INTERPRET=1 (no test conftest), a bf16 QLoRA layer with
+    more than 16 tokens (the tl.dot GEMM) matches the float64 reference, forward and gradients."""
+    code = (
+        "import os\n"
+        "os.environ.update(TRITON_INTERPRET='1', FASTPEFT_BACKEND='triton')\n"
+        "import torch\n"
+        "from fastpeft import reference\n"
+        "from fastpeft.nf4 import NF4Weight\n"
+        "from fastpeft.ops.lora import lora_linear\n"
+        "torch.manual_seed(0)\n"
+        "weight = NF4Weight.quantize(torch.randn(47, 65) / 8, 64, True)\n"
+        "x = torch.randn(21, 65, dtype=torch.bfloat16, requires_grad=True)\n"
+        "a = (torch.randn(8, 65, dtype=torch.bfloat16) / 8).requires_grad_()\n"
+        "b = torch.randn(47, 8, dtype=torch.bfloat16, requires_grad=True)\n"
+        "y = lora_linear(x, weight, None, a, b, 2.0)\n"
+        "dy = torch.randn_like(y)\n"
+        "grads = torch.autograd.grad(y, [x, a, b], dy)\n"
+        "leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]\n"
+        "ref = reference.lora_linear(leaves[0], weight, None, leaves[1], leaves[2], 2.0)\n"
+        "ref_grads = torch.autograd.grad(ref, leaves, dy.double())\n"
+        "rel = lambda u, v: float((u.double() - v).norm() / v.norm())\n"
+        "errors = [rel(y, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)]\n"
+        "assert max(errors) < 2e-2, errors\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend, interpret, problem", [
+    ("triton", "0", "needs TRITON_INTERPRET=1"),
+    ("trtion", "1", "FASTPEFT_BACKEND='trtion' is not one of"),
+])
+def test_info_reports_a_bad_backend_setting_without_a_traceback(monkeypatch, capsys, backend, interpret, problem):
+    """`fastpeft info` is what people run to debug: a backend that cannot work is a line, not a crash."""
+    from fastpeft.cli import main
+
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("with a CUDA device the Triton kernels need no interpreter")
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "FASTPEFT_BACKEND problem: " in out and problem in out
+    assert "CUDA extension" in out  # the lines after the problem are printed too

@@ -10,6 +10,10 @@ Safe fallback (:func:`run_kernel`): when a Triton kernel fails to compile or lau
 architecture it was never compiled for, an old Triton), the op warns once, naming itself and the error, and
 runs its PyTorch path instead of crashing. ``FASTPEFT_STRICT=1`` raises instead (the test suite sets it, so
 a kernel failure in CI is never hidden behind the reference).
+
+Triton's interpreter (triton 3.9) computes bf16 dots and casts on bit patterns; the first op sent to the
+Triton backend under the interpreter installs ``fastpeft.kernels.interpreter``'s correction, so bf16 runs
+correctly there instead of returning silent garbage.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ def backend_for(device: torch.device) -> str:
             f"FASTPEFT_BACKEND=triton on a {device.type} tensor needs TRITON_INTERPRET=1 set before triton is "
             "imported (Triton's CPU interpreter); or use FASTPEFT_BACKEND=reference"
         )
+    if device.type != "cuda":
+        from ..kernels.interpreter import install_bf16_interpreter_fix
+
+        install_bf16_interpreter_fix()
     return "triton"
 
 
