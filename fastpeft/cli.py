@@ -1,6 +1,7 @@
 """The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
-thresholds) and
-``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`)."""
+thresholds, sample launch plans), ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`) and
+``fastpeft check-kernels`` (every production launch compiled for sm_80 / sm_89 / sm_90a and read in SASS,
+no GPU needed: :mod:`fastpeft.check_kernels`)."""
 
 from __future__ import annotations
 
@@ -60,17 +61,36 @@ def info_lines() -> tuple[list[str], bool]:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
         *nf4_dispatch_lines(device_arch(device)),
+        *plan_lines(device),
     ], backend_ok
+
+
+def plan_lines(device) -> list[str]:
+    """The launch plans of a QLoRA layer (4096x4096, r=16) on ``device``'s architecture at decode and
+    prefill sizes: what the kernels would run (``fastpeft.kernels.plan``)."""
+    from fastpeft.kernels.nf4_matmul import plan_nf4_lora_matmul
+    from fastpeft.kernels.plan import device_arch
+
+    arch = device_arch(device)
+    where = f"sm_{arch[0]}{arch[1]}" if arch else "no GPU: the default table"
+    return [f"plan, QLoRA forward M={m} 4096x4096 r=16 ({where}): "
+            f"{plan_nf4_lora_matmul(m, 4096, 4096, 16, nested=True, arch=arch).describe()}" for m in (1, 512)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print versions, device, backend and whether the CUDA extension is built")
+    sub.add_parser("info", help="print versions, device, backend, whether the CUDA extension is built and a "
+                   "sample launch plan")
     from .bench.__main__ import build_parser as bench_parser, exit_status, run as run_bench
 
     bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
                                 description="Micro and end-to-end benchmarks; see `python -m fastpeft.bench -h`."))
+    from .check_kernels import build_parser as check_parser, run_cli as run_check
+
+    check_parser(sub.add_parser("check-kernels", help="compile every production launch for sm_80/89/90a and "
+                                "report registers, spills, occupancy, MMA and loads (no GPU needed)",
+                                description="See `python -m fastpeft.check_kernels -h`."))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -79,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if backend_ok else 1
     elif args.command == "bench":
         return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
+    elif args.command == "check-kernels":
+        return run_check(args)
     return 0
 
 

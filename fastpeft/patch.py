@@ -1,7 +1,8 @@
 """Adopting fastpeft in one line: accelerate a PEFT model in place, or add adapters without peft.
 
 ``accelerate(model)`` walks a PEFT model and switches every supported adapted layer (PEFT's LoRA / DoRA /
-IA3 ``Linear`` and bitsandbytes ``Linear4bit`` layers) to fastpeft's fused ops **by changing the layer's
+IA3 / AdaLoRA ``Linear`` layers over ``nn.Linear``, GPT-2-style ``Conv1D`` and bitsandbytes ``Linear4bit``
+bases) to fastpeft's fused ops **by changing the layer's
 class in place** to a subclass of PEFT's own class whose ``forward`` calls ``fastpeft.ops``. Nothing else
 changes: the layer keeps its ``base_layer``, its ``lora_A`` / ``lora_B`` / ``lora_magnitude_vector`` /
 ``ia3_l`` ModuleDicts and the very same Parameter objects, so the optimizer's parameters, the state-dict
@@ -9,12 +10,15 @@ keys and PEFT's ``save_pretrained`` / ``load_adapter`` / ``set_adapter`` / ``mer
 ``disable_adapter`` keep working (they see a PEFT layer; ``isinstance`` holds; the class keeps PEFT's name, so
 ``repr`` is PEFT's). The forward reads PEFT's state at each call (active adapter, scaling, dropout, magnitude), so
 nothing goes stale, and runs a fused op only when it computes exactly what PEFT's forward would at that call
-(``_fused_path``); otherwise it runs PEFT's own forward: adapters disabled or merged, several active adapters,
-``adapter_names=`` mixed batches or other extra forward arguments, an active adapter with ``lora_bias`` or a
-LoRA variant other than DoRA, hooks on the base layer or the adapter's submodules (or global module hooks), a
-trainable base weight. ``restore(model)`` puts PEFT's classes back. Layers fastpeft cannot run at all
-(embeddings, convolutions, 8-bit bases, a PEFT layer as base layer, ``fan_in_fan_out``) are left on PEFT's
-class and reported in the returned :class:`PatchSummary` and a log line.
+(``_fused_path``; several active LoRA adapters, ``adapter_names=`` mixed batches, ``lora_bias`` and AdaLoRA
+are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own forward: adapters disabled or
+merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
+``lora_bias``, hooks on the base layer or the adapter's submodules (or global module hooks), a trainable base
+weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
+bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, unless
+``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
+run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
+reported in the returned :class:`PatchSummary` and a log line.
 
 ``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
 ``Linear4bit`` layers of any model with :class:`~fastpeft.nn.LoraLinear` / :class:`~fastpeft.nn.DoraLinear`.
@@ -40,6 +44,8 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
+from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_linear, is_conv1d,
+                         mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -53,8 +59,8 @@ _FAST_LAYERS = (LoraLinear, IA3Linear)
 @dataclass
 class PatchSummary:
     """What :func:`accelerate`, :func:`inject` or :func:`load_model_adapter` did: ``replaced`` maps each
-    module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, with ``+nf4`` over a 4-bit
-    base); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
+    module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, ``adalora``, with ``+nf4`` over a
+    4-bit base; ``nf4`` for a frozen 4-bit layer no PEFT layer wraps); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
     each switched layer holding adapters fastpeft does not fuse to the reason (the layer runs PEFT's forward
     while such an adapter is active)."""
 
@@ -74,17 +80,18 @@ class PatchSummary:
 
 # ---------------------------------------------------------------------------------------------- accelerate
 def _peft_layer_kinds() -> dict:
-    """``{PEFT layer class: "lora" | "ia3"}`` for the classes fastpeft runs (the 4-bit ones when
+    """``{PEFT layer class: "lora" | "ia3" | "adalora"}`` for the classes fastpeft runs (the 4-bit ones when
     bitsandbytes is importable)."""
-    from peft.tuners import ia3, lora
+    from peft.tuners import adalora, ia3, lora
 
-    kinds = {lora.Linear: "lora", ia3.Linear: "ia3"}
+    kinds = {lora.Linear: "lora", ia3.Linear: "ia3", adalora.SVDLinear: "adalora"}
     try:
+        from peft.tuners.adalora.bnb import SVDLinear4bit
         from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:  # peft defines its bnb layers only when bitsandbytes is installed
         return kinds
-    kinds.update({LoraLinear4bit: "lora", IA3Linear4bit: "ia3"})
+    kinds.update({LoraLinear4bit: "lora", IA3Linear4bit: "ia3", SVDLinear4bit: "adalora"})
     return kinds
 
 
@@ -111,22 +118,22 @@ def _base_reason(base) -> Optional[str]:
         if getattr(state, "packing_format_for_cpu", False):
             return "bitsandbytes repacked this Linear4bit for its own CPU kernel (no longer the NF4 layout)"
         return None
-    if type(base) is not nn.Linear:
+    if type(base) is not nn.Linear and not is_conv1d(base):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if isinstance(base, BaseTunerLayer):
             return (f"its base layer is a PEFT {type(base).__module__}.{type(base).__qualname__} layer (stacked "
                     "adapters): fastpeft fuses only over a plain base")
-        return f"base layer {type(base).__name__} is not torch.nn.Linear or bitsandbytes Linear4bit"
+        return (f"base layer {type(base).__name__} is not torch.nn.Linear, transformers' Conv1D or bitsandbytes "
+                "Linear4bit")
     if not base.weight.is_floating_point():
         return f"base weight dtype {base.weight.dtype} is not floating point"
     return None
 
 
 def _layer_reason(layer) -> Optional[str]:
-    """Why no call of this layer can be fused (its base or its layout), or None."""
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (transposed base weight) is not supported"
+    """Why no call of this layer can be fused (its base), or None. (``fan_in_fan_out`` is PEFT's flag for a
+    ``Conv1D`` base, which :func:`~fastpeft.peft_paths.base_weight` reads transposed.)"""
     return _base_reason(layer.base_layer)
 
 
@@ -134,11 +141,33 @@ def _adapter_reason(layer, kind: str, name: str) -> Optional[str]:
     """Why a call with adapter ``name`` active cannot be fused, or None."""
     if kind != "lora":
         return None
-    if layer.lora_bias.get(name, False):
-        return f"adapter {name!r} has lora_bias=True, which fastpeft does not implement"
     variant = layer.lora_variant.get(name)
     if variant is not None and type(variant) is not _dora_variant():
         return f"adapter {name!r} uses the LoRA variant {type(variant).__name__}; fastpeft runs LoRA and DoRA"
+    if variant is not None and layer.lora_bias.get(name, False):
+        return f"adapter {name!r} is DoRA with lora_bias=True (PEFT scales the LoRA bias by m/n; dora_linear has none)"
+    return None
+
+
+def _adapters_reason(layer, kind: str, names) -> Optional[str]:
+    """Why a call with adapters ``names`` in use cannot be fused (their configuration, their submodules), or
+    None. PEFT's forward calls ``lora_A`` / ``lora_B`` / ``lora_dropout`` / the DoRA magnitude as modules: hooks
+    on them would not fire on the fused path."""
+    for name in names:
+        reason = _adapter_reason(layer, kind, name)
+        if reason is not None or kind == "ia3":
+            if reason is not None:
+                return reason
+            continue
+        modules = [layer.lora_dropout[name]]
+        if kind == "lora":
+            modules += [layer.lora_A[name], layer.lora_B[name]]
+            if type(modules[1]) is not nn.Linear or type(modules[2]) is not nn.Linear:
+                return f"adapter {name!r}: lora_A / lora_B are not plain torch.nn.Linear"
+            if name in layer.lora_variant:
+                modules.append(layer.lora_magnitude_vector[name])
+        if any(_has_hooks(module) for module in modules):
+            return f"hooks on a submodule of adapter {name!r}"
     return None
 
 
@@ -180,44 +209,78 @@ def _call_reason(layer, args, kwargs) -> Optional[str]:
     return None
 
 
-def _single_active(layer, adapters) -> Optional[str]:
-    active = [name for name in layer.active_adapters if name in adapters]
-    return active[0] if len(active) == 1 else None
+def _mixed_batch_call(kind: str, args, kwargs) -> bool:
+    """A LoRA layer called with ``adapter_names=`` alone (PEFT's mixed-adapter batches)."""
+    return kind == "lora" and not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None
 
 
 def _fused_path(layer, x, args, kwargs):
     """Decide one call of an accelerated layer: ``(fused_forward, arg)`` when ``fused_forward(layer, x, arg)``
     computes exactly what PEFT's forward would (output and gradients), else a string saying why PEFT's forward
-    runs. ``x`` is the call's input (unused by today's checks, there for checks on it)."""
-    reason = _call_reason(layer, args, kwargs) or _layer_reason(layer)
-    if reason is not None:
-        return reason
+    runs."""
     kind = layer._fastpeft_kind
-    adapters = layer.lora_A if kind == "lora" else layer.ia3_l
-    name = _single_active(layer, adapters)
-    if name is None:
-        return "several active adapters" if any(n in adapters for n in layer.active_adapters) else "no active adapter"
-    reason = _adapter_reason(layer, kind, name)
+    mixed = _mixed_batch_call(kind, args, kwargs)
+    reason = _call_reason(layer, () if mixed else args, {} if mixed else kwargs) or _layer_reason(layer)
     if reason is not None:
         return reason
+    if mixed:
+        adapter_names = kwargs["adapter_names"]
+        names = mixed_batch_adapters(layer, adapter_names)
+        reason = _adapters_reason(layer, kind, names) or mixed_batch_reason(layer, x, adapter_names)
+        return reason or (_fused_mixed_batch, adapter_names)
+    adapters = layer.ia3_l if kind == "ia3" else layer.lora_A
+    active = [name for name in layer.active_adapters if name in adapters]
+    if not active:
+        return "no active adapter"
+    reason = _adapters_reason(layer, kind, active)
+    if reason is not None:
+        return reason
+    if len(active) > 1:
+        if kind != "lora":
+            return f"several active {kind} adapters"
+        return several_adapters_reason(layer, active) or (_fused_several_lora, tuple(active))
+    name = active[0]
     if kind == "ia3":
         return _fused_ia3, name
-    modules = [layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]]
-    if type(modules[0]) is not nn.Linear or type(modules[1]) is not nn.Linear:
-        return f"adapter {name!r}: lora_A / lora_B are not plain torch.nn.Linear"
-    if name in layer.lora_variant:
-        modules.append(layer.lora_magnitude_vector[name])
-    if any(_has_hooks(module) for module in modules):
-        return f"hooks on a submodule of adapter {name!r}"
+    if kind == "adalora":
+        return _fused_adalora, name
     return (_fused_dora if name in layer.lora_variant else _fused_lora), name
 
 
 def _fused_lora(layer, x, name: str):
     """PEFT's LoRA forward for one active adapter ``name`` as one fastpeft op."""
-    base = layer.base_layer
     x_dropped, dropout_p = dropout_inputs(layer.lora_dropout[name], x)
-    return lora_linear(x, LoraLinear.base_weight(layer), base.bias, layer.lora_A[name].weight,
-                       layer.lora_B[name].weight, layer.scaling[name], x_dropped, dropout_p)
+    bias, scaling = layer.base_layer.bias, layer.scaling[name]
+    if layer.lora_bias.get(name, False):  # PEFT's (h Bᵀ + b_B) · s: s · b_B joins the base bias
+        bias = _plus(bias, layer.lora_B[name].bias * scaling)
+    return lora_linear(x, base_weight(layer), bias, layer.lora_A[name].weight, layer.lora_B[name].weight, scaling,
+                       x_dropped, dropout_p)
+
+
+def _fused_several_lora(layer, x, names: tuple):
+    """PEFT's sum over several active LoRA adapters as one fastpeft op (concatenated factors)."""
+    lora_a, lora_b, lora_bias = combined_lora_factors(layer, names)
+    return lora_linear(x, base_weight(layer), _plus(layer.base_layer.bias, lora_bias), lora_a, lora_b, 1.0)
+
+
+def _fused_mixed_batch(layer, x, adapter_names):
+    """PEFT's mixed-adapter batch (``adapter_names=``): the base op, then the multi-LoRA op."""
+    base_output = lora_linear(x, base_weight(layer), layer.base_layer.bias, None, None, 0.0)
+    return mixed_batch_lora(layer, x, base_output, adapter_names)
+
+
+def _fused_adalora(layer, x, name: str):
+    """PEFT's AdaLoRA ``SVDLinear`` forward for one active adapter ``name`` as one fastpeft op."""
+    lora_a, lora_b = adalora_factors(layer, name)
+    x_dropped, dropout_p = dropout_inputs(layer.lora_dropout[name], x)
+    return lora_linear(x, base_weight(layer), layer.base_layer.bias, lora_a, lora_b, 1.0, x_dropped, dropout_p)
+
+
+def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``bias + extra`` where either may be None (differentiable in both)."""
+    if bias is None or extra is None:
+        return extra if bias is None else bias
+    return bias + extra
 
 
 def _fused_dora(layer, x, name: str):
@@ -225,14 +288,14 @@ def _fused_dora(layer, x, name: str):
     dropout = layer.lora_dropout[name]
     # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
     x_dropped = dropout(x) if layer.training and not isinstance(dropout, nn.Identity) else None
-    return dora_linear(x, LoraLinear.base_weight(layer), layer.base_layer.bias, layer.lora_A[name].weight,
+    return dora_linear(x, base_weight(layer), layer.base_layer.bias, layer.lora_A[name].weight,
                        layer.lora_B[name].weight, layer.scaling[name], layer.lora_magnitude_vector[name].weight,
                        x_dropped)
 
 
 def _fused_ia3(layer, x, name: str):
     """PEFT's IA3 forward for one active adapter ``name`` as one fastpeft op."""
-    return ia3_linear(x, LoraLinear.base_weight(layer), layer.base_layer.bias, layer.ia3_l[name].view(-1),
+    return ia3_linear(x, base_weight(layer), layer.base_layer.bias, layer.ia3_l[name].view(-1),
                       layer.is_feedforward)
 
 
@@ -243,6 +306,15 @@ def _accelerated_forward(self, x, *args, **kwargs):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     fused_forward, arg = path
     return fused_forward(self, x, arg)
+
+
+def _frozen_4bit_forward(self, x, *args, **kwargs):
+    """The forward of a bitsandbytes ``Linear4bit`` no PEFT layer wraps, switched by :func:`accelerate`:
+    :func:`~fastpeft.peft_paths.frozen_4bit_linear` where it computes what bitsandbytes' forward would, else
+    that forward (extra arguments, autocast, a weight not in the NF4 layout)."""
+    if args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    return frozen_4bit_linear(self, x)
 
 
 def _kind_label(layer, kind: str) -> str:
@@ -260,7 +332,8 @@ def _fast_class(peft_class: type, kind: str) -> type:
     if peft_class not in _FAST_CLASSES:
         _FAST_CLASSES[peft_class] = type(
             peft_class.__name__, (peft_class,),
-            {"forward": _accelerated_forward, "_fastpeft_peft_class": peft_class, "_fastpeft_kind": kind,
+            {"forward": _frozen_4bit_forward if kind == "nf4" else _accelerated_forward,
+             "_fastpeft_peft_class": peft_class, "_fastpeft_kind": kind,
              "__module__": __name__, "__qualname__": peft_class.__qualname__},
         )
     return _FAST_CLASSES[peft_class]
@@ -270,11 +343,15 @@ def _is_accelerated(module) -> bool:
     return "_fastpeft_peft_class" in type(module).__dict__
 
 
-def accelerate(model: nn.Module) -> PatchSummary:
+def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
     """Run every supported adapted layer of a PEFT model on fastpeft's ops, in place (see the module
-    docstring). Returns the :class:`PatchSummary` (also logged); idempotent. Raises ``ValueError`` if the
-    model has no PEFT adapter layers at all."""
+    docstring). With ``frozen_4bit`` (the default), every bitsandbytes NF4 ``Linear4bit`` that no PEFT layer
+    wraps (the frozen bases under prompt / prefix / P-tuning, BitFit, or LoRA on some modules only) runs on
+    fastpeft's NF4 op too (kind ``nf4`` in the summary); ``frozen_4bit=False`` leaves them on bitsandbytes'
+    forward (and puts back any an earlier call switched). Returns the :class:`PatchSummary` (also logged);
+    idempotent. Raises ``ValueError``, saying what the model holds, if there is nothing to accelerate."""
     summary = PatchSummary()
+    inside_peft_layers: set = set()
     if "peft" in sys.modules:  # a model with PEFT layers has imported peft already
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -282,6 +359,7 @@ def accelerate(model: nn.Module) -> PatchSummary:
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
+            inside_peft_layers.update(id(m) for m in module.modules())
             peft_class = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
             kind = kinds.get(peft_class)
             if kind is None:
@@ -294,26 +372,59 @@ def accelerate(model: nn.Module) -> PatchSummary:
                 continue
             module.__class__ = _fast_class(peft_class, kind)
             summary.replaced[name] = _kind_label(module, kind)
-            adapters = module.lora_A if kind == "lora" else module.ia3_l
+            adapters = module.ia3_l if kind == "ia3" else module.lora_A
             notes = [why for why in (_adapter_reason(module, kind, a) for a in adapters) if why is not None]
             if notes:
                 summary.peft_forward[name] = "; ".join(notes)
+    _accelerate_frozen_4bit(model, inside_peft_layers, frozen_4bit, summary)
     if not summary.replaced and not summary.skipped:
-        raise ValueError(
-            f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
-            "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)"
-        )
+        raise ValueError(_nothing_to_accelerate(model, frozen_4bit))
     (logger.warning if summary.skipped or summary.peft_forward else logger.info)("%s", summary)
     return summary
 
 
+def _accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: bool, summary: PatchSummary) -> None:
+    """Switch (or, not ``enabled``, switch back) the bitsandbytes ``Linear4bit`` layers no PEFT layer wraps."""
+    if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported bitsandbytes already
+        return
+    for name, module in model.named_modules():
+        if not _is_bnb_linear4bit(module) or id(module) in inside_peft_layers:
+            continue
+        original = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
+        if not enabled:
+            module.__class__ = original
+            continue
+        reason = _base_reason(module)
+        if reason is not None:
+            module.__class__ = original
+            summary.skipped[name] = reason
+            continue
+        module.__class__ = _fast_class(original, "nf4")
+        summary.replaced[name] = "nf4"
+
+
+def _nothing_to_accelerate(model: nn.Module, frozen_4bit: bool) -> str:
+    """The error for a model with no layer :func:`accelerate` switches: what it holds, what fastpeft does."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return (f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
+                "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)")
+    kinds = sorted({str(getattr(config.peft_type, "value", config.peft_type)) for config in configs.values()})
+    text = (f"this PEFT model's adapters ({', '.join(kinds)}) add no adapted layers: fastpeft accelerates LoRA, DoRA "
+            "and IA3 layers, and the frozen bitsandbytes 4-bit linear layers of any model; ")
+    if not frozen_4bit and any(_is_bnb_linear4bit(m) for m in model.modules()):
+        return text + "its 4-bit layers were left on bitsandbytes by frozen_4bit=False. Nothing to accelerate"
+    return text + "it has neither (prompt / prefix / P-tuning run in its embeddings and attention). Nothing to accelerate"
+
+
 def restore(model: nn.Module) -> int:
-    """Put PEFT's own layer classes back on every layer :func:`accelerate` switched; returns how many.
-    Raises ``ValueError`` if none was."""
+    """Put PEFT's (and bitsandbytes') own layer classes back on every layer :func:`accelerate` switched;
+    returns how many. Raises ``ValueError`` if none was."""
     count = 0
     for module in model.modules():
         if _is_accelerated(module):
             module.__class__ = module._fastpeft_peft_class
+            module.__dict__.pop("_fastpeft_bank", None)  # the mixed-batch adapter bank (fastpeft.peft_paths)
             count += 1
     if count == 0:
         raise ValueError("no layer of this model was accelerated by fastpeft.accelerate")

@@ -14,6 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A kernel that fails must fail its test, never pass silently on the PyTorch fallback
+# (fastpeft.ops.dispatch.run_kernel); tests/test_fallback.py unsets it to test the fallback itself.
+os.environ.setdefault("FASTPEFT_STRICT", "1")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -173,13 +173,15 @@ CASES = [
     ("lora-gaussian-patterns", lambda: _lora(init_lora_weights="gaussian", rank_pattern={"lin1": 2},
                                              alpha_pattern={"lin1": 3}), {"_fused_lora": 2}),
     ("lora-modules_to_save", lambda: _lora(target_modules=["lin0"], modules_to_save=["lin1"]), {"_fused_lora": 1}),
-    ("lora-lora_bias", lambda: _lora(lora_bias=True), {"peft:lora_bias=True": 2}),
+    ("lora-lora_bias", lambda: _lora(lora_bias=True), {"_fused_lora": 2}),
     ("dora", lambda: _lora(use_dora=True), {"_fused_dora": 2}),
     ("dora-dropout-bias-all", lambda: _lora(use_dora=True, lora_dropout=0.3, bias="all"), {"_fused_dora": 2}),
     ("dora-at-initialisation", lambda: _lora(use_dora=True, init_lora_weights=True), {"_fused_dora": 2}),
     ("ia3", lambda: _ia3(), {"_fused_ia3": 2}),
     ("ia3-feedforward", lambda: _ia3(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
      {"_fused_ia3": 2}),
+    ("adalora-dropout", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_dropout=0.3,
+                                                   target_modules=LAYERS), {"_fused_adalora": 2}),
 ]
 
 
@@ -235,8 +237,10 @@ def test_set_adapter_and_several_active_adapters(two_adapters, decisions):
     assert _counts(decisions, {}) == {"_fused_lora": 2}
     for model in (theirs, ours):  # several active adapters: the base model's set_adapter takes a list
         model.base_model.set_adapter(["default", "other"])
-    _assert_same(_step(ours, X), _step(theirs, X))
+    _assert_same(_step(ours, X), _step(theirs, X))  # "other" has dropout: PEFT draws a mask per adapter
     assert _counts(decisions, {"peft:several active": 0}) == {"peft:several active": 2}
+    _assert_same_eval(theirs, ours)  # no dropout: one fused term with concatenated factors
+    assert _counts(decisions, {}) == {"_fused_several_lora": 2}
 
 
 def test_disable_adapter(two_adapters, decisions):
@@ -266,7 +270,7 @@ def test_merge_unmerge_and_merge_and_unload(two_adapters, decisions):
 def test_adapter_names_mixed_batch(two_adapters, decisions):
     theirs, ours = two_adapters
     _assert_same_eval(theirs, ours, adapter_names=["default", "other"])
-    assert _counts(decisions, {"peft:extra forward arguments": 0}) == {"peft:extra forward arguments": 2}
+    assert _counts(decisions, {}) == {"_fused_mixed_batch": 2}
 
 
 def test_save_and_load_several_adapters(two_adapters, decisions, tmp_path):

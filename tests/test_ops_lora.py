@@ -250,3 +250,26 @@ def test_outputs_can_be_changed_in_place(reference_backend, nf4, lead):
         assert torch.equal(out, ref), name
         for grad, ref_grad in zip(grads, ref_grads):
             assert (grad is None) == (ref_grad is None) and (grad is None or torch.equal(grad, ref_grad)), name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_weight_stored_transposed(monkeypatch, backend):
+    # a GPT-2 Conv1D keeps its weight (in, out): the ops take its transposed view (any strides), no copy
+    from fastpeft.ops.dora import dora_linear
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    x, weight, bias, lora_a, lora_b = _inputs((2, 3), 33, 17, 4, torch.float32, nf4=False, double_quant=False,
+                                              with_bias=True, bias_grad=True)
+    stored = weight.t().contiguous()  # (in, out)
+    magnitude = torch.rand(17, device=DEVICE).add_(0.5).requires_grad_()
+    leaves = [x, lora_a, lora_b, bias]
+    for op, ref_op, extra in ((lora_linear, reference.lora_linear, ()), (dora_linear, reference.dora_linear, (magnitude,))):
+        y = op(x, stored.t(), bias, lora_a, lora_b, 0.7, *extra)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves + list(extra), dy)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves + list(extra)]
+        ref = ref_op(leaves64[0], weight.double(), leaves64[3], leaves64[1], leaves64[2], 0.7, *leaves64[4:])
+        ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+        assert_rel_close(y, ref, torch.float32)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert_rel_close(grad, ref_grad, tol=GRAD_TOL[torch.float32])

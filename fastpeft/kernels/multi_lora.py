@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import LaunchPlan, config_for, device_arch, launch
+from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
 # K / rank / out slices, warps and stages per GPU architecture (BLOCK_M is the metadata's block_m: 16
 # prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults).
@@ -275,6 +275,7 @@ def multi_lora_add_(
     h = None if fused else torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
     arch = device_arch(x.device)
     first = 0
+    wrote_y = False
     for slot, count in enumerate(slot_tiles):
         if count == 0:
             continue
@@ -283,17 +284,23 @@ def multi_lora_add_(
         weights = slot_weights[:, slot]
         first += count
         plans = plan_multi_lora(count, max_rank, out_features, block_m, fused, arch)
-        if fused:
-            launch(plans[0], x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
-                   x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-                   lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0), y.stride(1),
-                   in_features, out_features)
-            continue
-        shrink, expand = plans
-        launch(shrink, x, lora_a, ranks, order, slot_tile_rows, h,
-               x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-               h.stride(0), h.stride(1), in_features)
-        launch(expand, h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
-               h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-               weights.stride(0), y.stride(0), y.stride(1), out_features)
+        try:
+            if fused:
+                launch(plans[0], x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+                       x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                       lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0),
+                       y.stride(1), in_features, out_features)
+            else:
+                shrink, expand = plans
+                launch(shrink, x, lora_a, ranks, order, slot_tile_rows, h,
+                       x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                       h.stride(0), h.stride(1), in_features)
+                launch(expand, h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
+                       h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+                       weights.stride(0), y.stride(0), y.stride(1), out_features)
+        except KernelLaunchError as exc:
+            # a later slot's launch can compile anew (its tile slice has another alignment) after an earlier
+            # slot already added into y: no other path may then redo the whole update
+            raise KernelLaunchError(exc.plan, exc.error, output_touched=wrote_y) from exc.error
+        wrote_y = True
     return y

@@ -85,35 +85,58 @@ def config_for(table: Mapping, arch: Optional[tuple]) -> Mapping:
 
 
 def device_arch(device: torch.device) -> Optional[tuple]:
-    """``(major, minor)`` of a CUDA ``device``; ``None`` for any other device (the interpreter)."""
+    """``(major, minor)`` of a CUDA ``device``; ``None`` for any other device (the interpreter). A meta
+    device inside ``recording(arch)`` stands for a GPU of that ``arch``."""
     device = torch.device(device)
+    if device.type == "meta" and _recorder is not None:
+        return _recording_arch
     if device.type != "cuda":
         return None
     return tuple(torch.cuda.get_device_capability(device))
 
 
-# The static check swaps launching for recording (``recording()``): a list while active, else None.
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel failed to compile or launch (an architecture it was never compiled for, an old
+    Triton, a driver error). ``op`` names the launcher; the original exception is ``__cause__``.
+    ``output_touched``: an in-place op had already written part of its output when it failed, so running
+    another implementation on the same output would apply the update twice."""
+
+    def __init__(self, plan: LaunchPlan, error: BaseException, output_touched: bool = False):
+        self.op, self.plan, self.error, self.output_touched = plan.op, plan, error, output_touched
+        super().__init__(f"the Triton kernel of {plan.op} ({plan.variant}) failed: {type(error).__name__}: {error}")
+
+
+# The static check swaps launching for recording (``recording()``): a list while active, else None, and
+# the architecture that meta tensors stand for meanwhile.
 _recorder: Optional[list] = None
+_recording_arch: Optional[tuple] = None
 
 
 @contextlib.contextmanager
-def recording():
-    """Within this block :func:`launch` records ``(plan, args)`` instead of launching: how
-    ``fastpeft.check_kernels`` gets the exact arguments a launcher passes (with meta tensors)."""
-    global _recorder
-    outer, _recorder = _recorder, []
+def recording(arch: Optional[tuple] = None):
+    """Within this block :func:`launch` records ``(plan, args)`` instead of launching, and meta tensors
+    plan as on a GPU of ``arch``: how ``fastpeft.check_kernels`` gets the exact plans and arguments a
+    launcher would use on that GPU (with meta tensors)."""
+    global _recorder, _recording_arch
+    outer = _recorder, _recording_arch
+    _recorder, _recording_arch = [], arch
     try:
         yield _recorder
     finally:
-        _recorder = outer
+        _recorder, _recording_arch = outer
 
 
 def launch(plan: LaunchPlan, *args) -> None:
-    """Run a Triton ``plan`` with the kernel's non-constexpr ``args`` (in the kernel's order)."""
+    """Run a Triton ``plan`` with the kernel's non-constexpr ``args`` (in the kernel's order). Any failure
+    of the compile or the launch is raised as :class:`KernelLaunchError` (``fastpeft.ops.dispatch`` then
+    falls back to the op's PyTorch path)."""
     if plan.path != "triton":
         raise ValueError(f"{plan.op}/{plan.variant} is planned on the {plan.path} path, not a Triton kernel")
     if _recorder is not None:
         _recorder.append((plan, args))
         return
-    plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                           **plan.options)
+    try:
+        plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+                               **plan.options)
+    except Exception as exc:  # compile (Triton, ptxas), resource and driver errors alike
+        raise KernelLaunchError(plan, exc) from exc

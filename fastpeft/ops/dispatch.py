@@ -6,6 +6,11 @@ before triton is imported: Triton's interpreter then runs them, slowly, which is
 ``FASTPEFT_BACKEND=reference`` forces the PyTorch reference. The variable is read at each call, so
 tests can switch it with ``monkeypatch.setenv``.
 
+Safe fallback (:func:`run_kernel`): when a Triton kernel fails to compile or launch on the user's GPU (an
+architecture it was never compiled for, an old Triton), the op warns once, naming itself and the error, and
+runs its PyTorch path instead of crashing. ``FASTPEFT_STRICT=1`` raises instead (the test suite sets it, so
+a kernel failure in CI is never hidden behind the reference).
+
 Triton's interpreter (triton 3.9) computes bf16 dots and casts on bit patterns; the first op sent to the
 Triton backend under the interpreter installs ``fastpeft.kernels.interpreter``'s correction, so bf16 runs
 correctly there instead of returning silent garbage.
@@ -14,8 +19,15 @@ correctly there instead of returning silent garbage.
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Callable, TypeVar
 
 import torch
+
+from ..kernels.plan import KernelLaunchError
+
+T = TypeVar("T")
+_warned_ops: set = set()
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -51,3 +63,25 @@ def backend_for(device: torch.device) -> str:
 
         install_bf16_interpreter_fix()
     return "triton"
+
+
+def strict() -> bool:
+    """True when ``FASTPEFT_STRICT=1``: a failing Triton kernel raises instead of falling back."""
+    return os.environ.get("FASTPEFT_STRICT", "0").strip() == "1"
+
+
+def run_kernel(op: str, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
+    """``kernel()``; if its Triton launch fails (:class:`~fastpeft.kernels.plan.KernelLaunchError`), warn
+    once for ``op`` and return ``fallback()`` (the op's PyTorch path), unless :func:`strict` or the kernel
+    had already written part of an in-place output. Validation errors (``ValueError`` / ``TypeError``)
+    pass through untouched."""
+    try:
+        return kernel()
+    except KernelLaunchError as exc:
+        if strict() or exc.output_touched:
+            raise
+        if op not in _warned_ops:
+            _warned_ops.add(op)
+            warnings.warn(f"fastpeft: {exc}; running the PyTorch path of {op} instead (warned once per op; "
+                          "FASTPEFT_STRICT=1 raises)", RuntimeWarning, stacklevel=3)
+        return fallback()

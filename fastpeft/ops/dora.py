@@ -51,7 +51,7 @@ import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
 from .lora import _base_matmul
@@ -76,11 +76,14 @@ def _dora_weight_norm_op(
 ) -> torch.Tensor:
     weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
                                  out_features, in_features, blocksize, weight_dtype)
+    def torch_path():
+        return reference.dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=dtype)
+
     if backend_for(lora_a.device) == "triton":
         from ..kernels.dora import dora_weight_norm as kernel
 
-        return kernel(weight, lora_a, lora_b, scaling, dtype=dtype)
-    return reference.dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=dtype)
+        return run_kernel("dora_weight_norm", lambda: kernel(weight, lora_a, lora_b, scaling, dtype=dtype), torch_path)
+    return torch_path()
 
 
 @_dora_weight_norm_op.register_fake

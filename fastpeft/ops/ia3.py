@@ -30,7 +30,7 @@ import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 from .inputs import Weight, autocast_dtype, check_linear_inputs
 from .lora import lora_linear
 
@@ -74,15 +74,18 @@ def _ia3_matmul_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
                                  out_features, in_features, blocksize, weight_dtype)
+
+    def torch_path():
+        return _ia3_matmul_reference(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, store_out)
+
     if backend_for(a.device) == "triton":
         from ..kernels.ia3 import ia3_matmul as kernel
 
-        out, reduced = kernel(a, weight if dense is None else dense.to(a.dtype), transpose_weight=transpose_weight,
-                              in_scale=in_scale, bias=bias, out_scale=out_scale, reduce_rows=reduce_rows,
-                              store_out=store_out)
+        out, reduced = run_kernel("ia3_matmul", lambda: kernel(
+            a, weight if dense is None else dense.to(a.dtype), transpose_weight=transpose_weight, in_scale=in_scale,
+            bias=bias, out_scale=out_scale, reduce_rows=reduce_rows, store_out=store_out), torch_path)
     else:
-        out, reduced = _ia3_matmul_reference(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows,
-                                             store_out)
+        out, reduced = torch_path()
     # a custom op returns tensors only: empty stand-ins for the parts not asked for
     return (out if out is not None else a.new_empty(0),
             reduced if reduced is not None else a.new_empty(0, dtype=_reduction_dtype(a.dtype)))

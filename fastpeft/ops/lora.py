@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..nf4 import NF4Weight
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
 
 
@@ -72,12 +72,17 @@ def _nf4_lora_matmul_op(
 ) -> torch.Tensor:
     weight = NF4Weight.from_op_args(packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
                                     in_features, blocksize, weight_dtype)
+
+    def torch_path():
+        return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale)
+
     if backend_for(a.device) == "triton":
         from ..kernels.nf4_matmul import nf4_lora_matmul as kernel
 
-        return kernel(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
-                      lora_expand=lora_expand, scaling=scaling, col_scale=col_scale)
-    return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale)
+        return run_kernel("nf4_lora_matmul", lambda: kernel(
+            a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand,
+            scaling=scaling, col_scale=col_scale), torch_path)
+    return torch_path()
 
 
 def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,

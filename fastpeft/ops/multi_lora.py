@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 
 # Tokens per prefill tile: 16 is tl.dot's minimum. Untuned: no GPU in this task.
 PREFILL_BLOCK_M = 16
@@ -227,13 +227,17 @@ def _multi_lora_add_op(
     block_m: int,
     max_adapter_id: int,
 ) -> None:
+    def torch_path():
+        _reference_add_(y, x, lora_a, lora_b, ranks.tolist(), scalings, ReferencePlan.build(slot_ids, slot_weights))
+
     if backend_for(x.device) == "triton":
         from ..kernels.multi_lora import multi_lora_add_
 
-        multi_lora_add_(y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles, slot_tiles,
-                        block_m, max_adapter_id)
+        run_kernel("multi_lora_add_", lambda: multi_lora_add_(
+            y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles, slot_tiles, block_m,
+            max_adapter_id), torch_path)
         return
-    _reference_add_(y, x, lora_a, lora_b, ranks.tolist(), scalings, ReferencePlan.build(slot_ids, slot_weights))
+    torch_path()
 
 
 @_multi_lora_add_op.register_fake

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..nf4 import NF4Weight
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 
 
 @torch.library.custom_op("fastpeft::nf4_dequantize", mutates_args=())
@@ -29,7 +29,7 @@ def _nf4_dequantize_op(
     if backend_for(packed.device) == "triton":
         from ..kernels.nf4 import nf4_dequantize
 
-        return nf4_dequantize(weight, dtype)
+        return run_kernel("nf4_dequantize", lambda: nf4_dequantize(weight, dtype), lambda: weight.dequantize(dtype))
     return weight.dequantize(dtype)
 
 

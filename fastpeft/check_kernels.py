@@ -1,0 +1,626 @@
+"""``fastpeft check-kernels``: every production launch compiled for real GPUs, on a CPU, and read in SASS.
+
+No GPU is needed. For each launch of a fixed production grid (``production_grid``) the launchers of
+``fastpeft.kernels`` run on meta tensors inside ``fastpeft.kernels.plan.recording()``: they validate,
+plan and build their arguments exactly as on a GPU, and the ``(plan, args)`` they would launch is
+recorded instead. Each launch is then specialised as Triton's JIT specialises it at launch (Triton's own
+binder and ``_pack_args`` over the real argument list: ``tt.divisibility=16`` on pointers and integers
+divisible by 16, integers equal to 1 turned into constants, the plan's ``num_warps`` / ``num_stages`` /
+compiler options), compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
+sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the triton wheel bundles:
+
+- registers, stack (spill) and local bytes from ``cuobjdump --dump-resource-usage``; spill instructions
+  (``STL`` / ``LDL``) counted in the SASS; shared memory from the compiled kernel's metadata;
+- theoretical occupancy from registers, shared memory and warps per block against each architecture's
+  per-SM limits (``ARCHES``), and which of the three limits it;
+- the **main loop**: the SASS is scanned for backward branches (a ``BRA`` whose target address is before
+  its own); each one closes a loop spanning ``[target, branch]``. The main loop is the loop with the
+  most tensor-core instructions, then the most global loads (nested loops are counted with their outer
+  loop). A kernel without a backward branch (the elementwise NF4 dequantisation) is counted whole. The
+  software pipeliner does not unroll, so one pass through the loop is one ``BLOCK_K`` step;
+- in that loop: tensor-core instructions (``HMMA`` = ``mma.sync``, ``HGMMA`` = Hopper ``wgmma``) and
+  global loads (``LDG``, and ``LDGSTS`` = ``cp.async`` to shared memory) by width in bits (8/16/32/64/128),
+  per thread; and per weight element: ``loads x threads / weight elements per iteration`` (the weight tile
+  of one step: ``weight_tile``). "Narrow" loads are those under 64 bits.
+
+Identical compilations (many shapes specialise the same way) are compiled once per architecture; Triton's
+on-disk cache makes a second run fast. ``--jobs`` compiles in parallel processes. See ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+# Per-SM limits (CUDA occupancy calculator data; KERNELS.md): registers, shared memory per SM and the most
+# one block may use, warps, blocks, and the shared memory the system reserves per block (1 KB on sm_80+).
+ARCHES = {
+    "sm_80": {"cc": 80, "regs": 65536, "smem": 167936, "smem_block": 166912, "warps": 64, "blocks": 32},
+    "sm_89": {"cc": 89, "regs": 65536, "smem": 102400, "smem_block": 101376, "warps": 48, "blocks": 24},
+    "sm_90a": {"cc": 90, "regs": 65536, "smem": 233472, "smem_block": 232448, "warps": 64, "blocks": 32},
+}
+SMEM_RESERVED_PER_BLOCK = 1024
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+MMA_RANK = {"none": 0, "HMMA": 1, "HGMMA": 2}
+THRESHOLDS_PATH = Path(__file__).with_name("check_kernels_thresholds.json")
+
+# The production grid (issue 11).
+TOKENS = (1, 4, 16, 64, 512, 4096)
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (out, in)
+RANKS = (16, 64)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NF4_BLOCKSIZE = 64
+MULTI_LORA_ADAPTERS = 64
+MULTI_LORA_RANKS = tuple(8 + (56 * k) // (MULTI_LORA_ADAPTERS - 1) for k in range(MULTI_LORA_ADAPTERS))  # 8..64
+MULTI_LORA_CASES = {"decode": (64, 1), "prefill": (64, 128)}  # (sequences, tokens per sequence)
+FAMILIES = ("qlora", "dora", "ia3", "nf4_dequant", "multi_lora")
+
+
+def weight_tile(plan) -> int:
+    """Weight elements one main-loop iteration of ``plan``'s kernel consumes (one program); a plan of
+    another op states it as ``runtime["weight_tile"]``."""
+    c = plan.constexprs
+    if "weight_tile" in plan.runtime:
+        return plan.runtime["weight_tile"]
+    if plan.op in ("nf4_lora_matmul", "ia3_matmul"):
+        return c["BLOCK_K"] * c["BLOCK_N"]
+    if plan.op == "dora_weight_norm":
+        return c["BLOCK_O"] * c["BLOCK_K"]
+    if plan.op == "nf4_dequantize":  # no loop: one BLOCK_R x BLOCK_C tile per program
+        return c["BLOCK_R"] * c["BLOCK_C"]
+    if plan.op == "multi_lora_add_":  # adapter weights: A slices in shrink (and fused), B slices in expand
+        return c["BLOCK_R"] * (c["BLOCK_N"] if plan.variant.startswith("expand") else c["BLOCK_K"])
+    raise ValueError(f"no weight tile known for {plan.op}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid: each case calls the launchers on meta tensors and records what they would launch.
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One launch of the grid: ``family`` and ``step`` (``fwd``, ``dx``, ``dm``...), its parameters and the
+    recorded ``plan`` / ``args``. ``key`` names it uniquely (the thresholds file uses it)."""
+
+    arch: str
+    family: str
+    step: str
+    dtype: str
+    tokens: int
+    shape: tuple
+    rank: int
+    base: str  # "nf4" or "dense"
+    plan: object
+    args: tuple
+
+    @property
+    def key(self) -> str:
+        out, inp = self.shape
+        rank = f" r={self.rank}" if self.rank else ""
+        return f"{self.family}/{self.step} {self.base} {self.dtype} M={self.tokens} {out}x{inp}{rank} {self.plan.variant}"
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _nf4_weight(out_features: int, in_features: int, dtype):
+    from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+
+    numel = out_features * in_features
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    return NF4Weight(packed=_meta((numel + 1) // 2, dtype=torch.uint8), absmax=_meta(blocks, dtype=torch.uint8),
+                     shape=torch.Size((out_features, in_features)), dtype=dtype, blocksize=NF4_BLOCKSIZE,
+                     nested_code=_meta(256), nested_absmax=_meta(-(-blocks // NESTED_BLOCKSIZE)),
+                     nested_offset=_meta(()))
+
+
+def _record(arch: str, fn, *args, **kwargs) -> list:
+    from .kernels.plan import recording
+
+    cc = ARCHES[arch]["cc"]
+    with recording((cc // 10, cc % 10)) as launches:
+        fn(*args, **kwargs)
+    return launches
+
+
+def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f: int, rank: int, dtype) -> list:
+    """``[(step, plan, args)]``: the Triton launches of one layer's forward and backward, as the autograd
+    functions in ``fastpeft.ops`` issue them (no dropout, every input requiring a gradient)."""
+    from .kernels.dora import dora_weight_norm
+    from .kernels.ia3 import ia3_matmul
+    from .kernels.nf4_matmul import nf4_lora_matmul
+
+    weight = _nf4_weight(out_f, in_f, dtype) if base == "nf4" else _meta(out_f, in_f, dtype=dtype)
+    x, dy = _meta(m, in_f, dtype=dtype), _meta(m, out_f, dtype=dtype)
+    lora_a, lora_b = _meta(rank, in_f, dtype=dtype), _meta(out_f, rank, dtype=dtype)
+    h, g = _meta(m, rank, dtype=dtype), _meta(m, rank, dtype=dtype)
+    steps = []
+    if family == "qlora":  # ops/lora.py: forward with the LoRA term in the epilogue; dx with g A in it
+        steps.append(("fwd", nf4_lora_matmul, (x, weight), dict(lora_h=h, lora_expand=lora_b.t(), scaling=2.0)))
+        steps.append(("dx", nf4_lora_matmul, (dy, weight),
+                      dict(transpose_weight=True, lora_h=g, lora_expand=lora_a, scaling=2.0)))
+    elif family == "dora":  # ops/dora.py: norm; c ⊙ (x Wᵀ + s h Bᵀ); dx = dz W + s g A; dm's reduction
+        col_scale = _meta(out_f, dtype=dtype)
+        steps.append(("norm", dora_weight_norm, (weight, lora_a, lora_b, 2.0), dict(dtype=dtype)))
+        if base == "nf4":
+            steps.append(("fwd", nf4_lora_matmul, (x, weight),
+                          dict(lora_h=h, lora_expand=lora_b.t(), scaling=2.0, col_scale=col_scale)))
+            steps.append(("dx", nf4_lora_matmul, (dy, weight),
+                          dict(transpose_weight=True, lora_h=g, lora_expand=lora_a, scaling=2.0)))
+        steps.append(("dm", ia3_matmul, (x, weight), dict(reduce_rows=dy, store_out=False)))
+    elif family == "ia3":  # ops/ia3.py, feed-forward (input scale) and output (output scale) layers
+        l_in, l_out = _meta(in_f, dtype=dtype), _meta(out_f, dtype=dtype)
+        steps.append(("ff-fwd", ia3_matmul, (x, weight), dict(in_scale=l_in)))
+        steps.append(("ff-bwd", ia3_matmul, (dy, weight), dict(transpose_weight=True, out_scale=l_in, reduce_rows=x)))
+        steps.append(("out-fwd", ia3_matmul, (x, weight), dict(out_scale=l_out)))
+        steps.append(("out-dx", ia3_matmul, (dy, weight), dict(transpose_weight=True, in_scale=l_out)))
+        steps.append(("out-dl", ia3_matmul, (x, weight), dict(reduce_rows=dy, store_out=False)))
+    launches = []
+    for step, fn, args, kwargs in steps:
+        launches += [(step, plan, largs) for plan, largs in _record(arch, fn, *args, **kwargs)]
+    return launches
+
+
+def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype) -> list:
+    """The launches of ``fastpeft.ops.multi_lora_add_`` for 64 adapters of ranks 8..64, one per sequence."""
+    from .kernels.multi_lora import multi_lora_add_
+
+    seqs, per_seq = MULTI_LORA_CASES[regime]
+    m = seqs * per_seq
+    block_m = 1 if regime == "decode" else 16  # fastpeft.ops.multi_lora.MultiLoraMeta
+    tiles = [(k, k * per_seq + start, min(block_m, per_seq - start))
+             for k in range(seqs) for start in range(0, per_seq, block_m)]
+    n, max_rank = MULTI_LORA_ADAPTERS, max(MULTI_LORA_RANKS)
+    launches = _record(
+        arch, multi_lora_add_, _meta(m, out_f, dtype=dtype), _meta(m, in_f, dtype=dtype),
+        _meta(n, max_rank, in_f, dtype=dtype), _meta(n, out_f, max_rank, dtype=dtype),
+        _meta(n, dtype=torch.int32), _meta(n), _meta(m, 1), _meta(1, m, dtype=torch.int32),
+        _meta(len(tiles), 3, dtype=torch.int32), [len(tiles)], block_m, n - 1,
+    )
+    return [(plan.variant.split("-")[0], plan, args) for plan, args in launches]
+
+
+def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES), tokens=TOKENS, shapes=SHAPES,
+                    ranks=RANKS) -> list:
+    """Every launch of the production grid (issue 11) as :class:`Case` rows, planned for each of ``arches``
+    and restricted to the given families / dtypes / token counts / (out, in) shapes / ranks. Launches that
+    do not depend on a parameter (the norm on ``M``, IA3 on the rank) appear once for it."""
+    from .kernels.nf4 import nf4_dequantize
+
+    cases = []
+    for arch in arches:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for out_f, in_f in shapes:
+                if "nf4_dequant" in families:
+                    for plan, args in _record(arch, nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
+                        cases.append(Case(arch, "nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4",
+                                          plan, args))
+                if "multi_lora" in families:
+                    for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
+                        for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype):
+                            cases.append(Case(arch, "multi_lora", f"{regime}-{step}", dtype_name, seqs * per_seq,
+                                              (out_f, in_f), 0, "dense", plan, args))
+                for family, bases in (("qlora", ("nf4",)), ("dora", ("nf4", "dense")), ("ia3", ("nf4", "dense"))):
+                    if family not in families:
+                        continue
+                    for base in bases:
+                        seen = set()
+                        for m in tokens:
+                            for rank in (ranks if family != "ia3" else (0,)):
+                                for step, plan, args in _layer_launches(arch, family, base, m, out_f, in_f,
+                                                                        max(rank, 1), dtype):
+                                    m_used, rank_used = (0 if step == "norm" else m), (0 if family == "ia3" else rank)
+                                    if (step, m_used, rank_used, plan.variant) in seen:
+                                        continue
+                                    seen.add((step, m_used, rank_used, plan.variant))
+                                    cases.append(Case(arch, family, step, dtype_name, m_used, (out_f, in_f),
+                                                      rank_used, base, plan, args))
+    return cases
+
+
+# The CI gate's subset: the main plan of each kernel family (tests/test_check_kernels.py).
+MAIN_KEYS = (
+    "qlora/fwd nf4 bf16 M=16 14336x4096 r=16 splitk",
+    "qlora/fwd nf4 bf16 M=1 4096x4096 r=16 gemv",
+    "qlora/dx nf4 bf16 M=1 4096x4096 r=16 gemv",
+    "ia3/ff-fwd nf4 bf16 M=1 4096x4096 nf4",
+    "ia3/ff-fwd dense bf16 M=512 4096x4096 dense",
+    "nf4_dequant/dequant nf4 bf16 M=0 4096x4096 tiles",
+    "multi_lora/decode-shrink dense bf16 M=64 4096x4096 shrink-decode",
+    "multi_lora/prefill-expand dense bf16 M=8192 4096x4096 expand-prefill",
+)
+
+
+def main_cases(arches=("sm_80", "sm_90a")) -> list:
+    """The :data:`MAIN_KEYS` launches for each of ``arches``, built from the smallest grid that holds them."""
+    cases = production_grid(arches, dtypes=("bf16",), tokens=(1, 16, 512), shapes=((4096, 4096), (14336, 4096)),
+                            ranks=(16, 64))
+    by_key = {(c.arch, c.key): c for c in cases}
+    missing = [(a, k) for a in arches for k in MAIN_KEYS if (a, k) not in by_key]
+    if missing:
+        raise RuntimeError(f"main launches missing from the grid: {missing}")
+    return [by_key[a, k] for a in arches for k in MAIN_KEYS]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Specialise and compile.
+
+def specialise(plan, args, arch: str):
+    """``(signature, constexprs, attrs, options)`` for ``plan`` launched with ``args`` on ``arch``, computed by
+    Triton's own JIT binder (``create_function_from_signature`` + ``JITFunction._pack_args``): what
+    ``kernel[grid](*args, ...)`` would compile on that GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    fn = plan.kernel
+    backend = make_backend(GPUTarget("cuda", ARCHES[arch]["cc"], 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.options)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options.__dict__
+
+
+def _freeze(value):
+    """A hashable copy of nested dicts / lists (dicts become item tuples, in their order)."""
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw_attrs(attrs: tuple) -> dict:
+    return {path: [list(pair) for pair in pairs] for path, pairs in attrs}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One compilation: a kernel (``module:qualname``), its specialisation and the target, plus what the
+    SASS analysis needs (threads per program, weight elements per main-loop iteration)."""
+
+    kernel: str
+    arch: str
+    signature: tuple
+    constexprs: tuple
+    attrs: tuple
+    options: tuple
+    num_warps: int
+    weight_elements: int
+
+    @classmethod
+    def of(cls, plan, args, arch: str) -> "Job":
+        signature, constexprs, attrs, options = specialise(plan, args, arch)
+        fn = plan.kernel
+        return cls(
+            kernel=f"{fn.module}:{fn.fn.__qualname__}", arch=arch, signature=_freeze(signature),
+            constexprs=_freeze(constexprs), attrs=_freeze(attrs), options=_freeze(options),
+            num_warps=plan.num_warps, weight_elements=weight_tile(plan),
+        )
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_job(job: Job, plan_kernel=None) -> dict:
+    """Compile ``job`` and analyse its cubin; ``{"compiled": False, "error": ...}`` when Triton or ptxas fails."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    start = time.perf_counter()
+    if plan_kernel is None:
+        module, qualname = job.kernel.split(":")
+        plan_kernel = getattr(importlib.import_module(module), qualname)
+    signature, constexprs, options = dict(job.signature), dict(job.constexprs), dict(job.options)
+    target = GPUTarget("cuda", ARCHES[job.arch]["cc"], 32)
+    try:
+        kernel = triton.compile(ASTSource(plan_kernel, signature, constexprs, _thaw_attrs(job.attrs)), target=target,
+                                options=options)
+    except Exception as exc:  # a compile error is a result of the check, reported in its row
+        return {"compiled": False, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                if str(exc).strip() else type(exc).__name__, "seconds": time.perf_counter() - start}
+    result = analyse_cubin(kernel.asm["cubin"], job.arch, int(kernel.metadata.shared), job.num_warps,
+                           job.weight_elements)
+    result.update(compiled=True, seconds=time.perf_counter() - start)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Read the cubin.
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def parse_sass(text: str) -> list:
+    """``[(address, opcode, operands)]`` of every instruction in ``cuobjdump -sass`` output."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(text)]
+
+
+def _load_width(opcode: str):
+    """Width in bits of a global load opcode (``LDG`` / ``LDGSTS``), None for anything else."""
+    parts = opcode.split(".")
+    if parts[0] not in ("LDG", "LDGSTS"):
+        return None
+    for width, tokens in ((128, {"128"}), (64, {"64"}), (16, {"U16", "S16"}), (8, {"U8", "S8"})):
+        if tokens & set(parts[1:]):
+            return width
+    return 32
+
+
+def _mma_kind(opcode: str):
+    head = opcode.split(".")[0]
+    return head if head in ("HMMA", "HGMMA") else None
+
+
+def main_loop(instructions: list) -> tuple:
+    """``(first, last, found)`` address range of the main loop (see the module docstring); the whole
+    kernel with ``found=False`` when it has no backward branch."""
+    loops = []
+    for addr, opcode, operands in instructions:
+        if opcode.split(".")[0] == "BRA":
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            # a branch to itself is the padding loop ptxas puts after the last EXIT, not a loop
+            if target and int(target.group(1), 16) < addr:
+                loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        return instructions[0][0], instructions[-1][0], False
+
+    def weight(loop):
+        body = [op for a, op, _ in instructions if loop[0] <= a <= loop[1]]
+        return (sum(_mma_kind(op) is not None for op in body), sum(_load_width(op) is not None for op in body),
+                loop[1] - loop[0])
+
+    first, last = max(loops, key=weight)
+    return first, last, True
+
+
+def occupancy(arch: str, registers: int, shared: int, num_warps: int) -> tuple:
+    """``(occupancy in [0, 1], limiter, blocks per SM)``; the limiter is ``regs``, ``smem`` or ``warps``
+    (the block and warp counts per SM), ``none`` if the block does not fit at all."""
+    limits = ARCHES[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by = {
+        "regs": (limits["regs"] // regs_per_warp) // num_warps,
+        "smem": limits["smem"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else limits["blocks"],
+        "warps": min(limits["warps"] // num_warps, limits["blocks"]),
+    }
+    if shared > limits["smem_block"]:
+        by["smem"] = 0
+    limiter = min(by, key=lambda k: (by[k], k != "warps"))
+    blocks = by[limiter]
+    return blocks * num_warps / limits["warps"], (limiter if blocks else "none"), blocks
+
+
+def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_elements: int) -> dict:
+    """Registers, spills, shared memory, occupancy, main-loop MMA and global loads of one compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    resources = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage)}
+    instructions = parse_sass(sass)
+    first, last, found = main_loop(instructions)
+    body = [op for a, op, _ in instructions if first <= a <= last]
+    mma = [k for k in map(_mma_kind, body) if k]
+    loads = {}
+    for width in filter(None, map(_load_width, body)):
+        loads[width] = loads.get(width, 0) + 1
+    threads = num_warps * 32
+    total_shared = shared + resources.get("SHARED", 0)
+    occ, limiter, blocks = occupancy(arch, resources.get("REG", 0), total_shared, num_warps)
+    spill_ops = sum(op.split(".")[0] in ("STL", "LDL") for _, op, _ in instructions)
+    return {
+        "registers": resources.get("REG", 0), "stack_bytes": resources.get("STACK", 0),
+        "local_bytes": resources.get("LOCAL", 0), "spill_instructions": spill_ops,
+        "shared_bytes": total_shared, "occupancy": round(occ, 4), "occupancy_limiter": limiter,
+        "blocks_per_sm": blocks,
+        "main_loop": {"found": found, "instructions": len(body)},
+        "mma_kind": (max(set(mma), key=MMA_RANK.get) if mma else "none"), "mma_count": len(mma),
+        "loads_per_thread": {str(w): n for w, n in sorted(loads.items())},
+        "loads_per_element": {str(w): round(n * threads / weight_elements, 4) for w, n in sorted(loads.items())},
+        "narrow_loads_per_element": round(sum(n for w, n in loads.items() if w < 64) * threads / weight_elements, 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run, report, compare with thresholds.
+
+def _compile_in_worker(job: Job) -> dict:
+    return compile_job(job)
+
+
+def run(cases: list, jobs: int = 1, progress=None) -> list:
+    """Compile every case for its arch (each distinct specialisation once) and return result rows:
+    ``{"key", "arch", "family", "step", ..., "plan": describe(), **analysis}``."""
+    pairs = [(case, case.arch, Job.of(case.plan, case.args, case.arch)) for case in cases]
+    unique = list(dict.fromkeys(job for _, _, job in pairs))
+    results = {}
+    if jobs > 1 and len(unique) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(unique))) as pool:
+            for done, (job, result) in enumerate(zip(unique, pool.imap(_compile_in_worker, unique)), 1):
+                results[job] = result
+                if progress:
+                    progress(done, len(unique), job)
+    else:
+        for done, job in enumerate(unique, 1):
+            results[job] = compile_job(job)
+            if progress:
+                progress(done, len(unique), job)
+    rows = []
+    for case, arch, job in pairs:
+        rows.append({"key": case.key, "arch": arch, "family": case.family, "step": case.step, "base": case.base,
+                     "dtype": case.dtype, "tokens": case.tokens, "shape": list(case.shape), "rank": case.rank,
+                     "kernel": case.plan.kernel_name, "variant": case.plan.variant, "grid": list(case.plan.grid),
+                     "plan": case.plan.describe(), **results[job]})
+    return rows
+
+
+def _progress_bar(done: int, total: int, job: Job, stream=sys.stderr):
+    width = 30
+    filled = width * done // total
+    name = job.kernel.split(":")[1]
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {job.arch} {name[:40]:<40}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+COLUMNS = ("arch", "launch", "regs", "spill B", "smem KB", "occupancy", "MMA in loop", "loads/thread in loop",
+           "narrow loads/elem")
+
+
+def _cells(row: dict) -> list:
+    if not row["compiled"]:
+        return [row["arch"], row["key"], "ERROR", row["error"], "", "", "", "", ""]
+    loads = " ".join(f"{n}x{w}b" for w, n in row["loads_per_thread"].items()) or "-"
+    return [row["arch"], row["key"], str(row["registers"]), str(row["stack_bytes"]),
+            f"{row['shared_bytes'] / 1024:.1f}", f"{row['occupancy']:.0%} ({row['occupancy_limiter']})",
+            f"{row['mma_kind']} x{row['mma_count']}" if row["mma_count"] else "none", loads,
+            f"{row['narrow_loads_per_element']:.3g}"]
+
+
+def format_table(rows: list) -> str:
+    """A plain-text table, one row per launch and architecture."""
+    table = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+
+
+def format_markdown(rows: list) -> str:
+    """The same table in Markdown."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# Threshold fields and in which direction a number gets worse.
+THRESHOLD_FIELDS = {"stack_bytes": "max", "registers": "max", "shared_bytes": "max", "occupancy": "min",
+                    "narrow_loads_per_element": "max", "mma_kind": "mma"}
+
+
+def thresholds_of(rows: list) -> dict:
+    """The thresholds file's content for ``rows``: per ``"<arch> <key>"`` today's value of each field."""
+    return {f"{r['arch']} {r['key']}": {f: r[f] for f in THRESHOLD_FIELDS} for r in rows if r["compiled"]}
+
+
+def compare(rows: list, thresholds: dict) -> tuple:
+    """``(regressions, improvements)``: lists of messages, a row against its thresholds entry. A launch
+    that does not compile, or has no entry, is a regression."""
+    worse, better = [], []
+    for r in rows:
+        name = f"{r['arch']} {r['key']}"
+        if not r["compiled"]:
+            worse.append(f"{name}: does not compile: {r['error']}")
+            continue
+        limit = thresholds.get(name)
+        if limit is None:
+            worse.append(f"{name}: no thresholds entry (add one with --write-thresholds)")
+            continue
+        for field, direction in THRESHOLD_FIELDS.items():
+            value, bound = r[field], limit[field]
+            if direction == "mma":
+                value, bound = MMA_RANK[value], MMA_RANK[bound]
+            if (value > bound) if direction in ("max",) else (value < bound):
+                worse.append(f"{name}: {field} {r[field]} is worse than the threshold {limit[field]}")
+            elif value != bound:
+                better.append(f"{name}: {field} {r[field]} beats the threshold {limit[field]} (tighten it)")
+    return worse, better
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="fastpeft check-kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", choices=tuple(ARCHES), default=list(ARCHES),
+                        help="GPU architectures to compile for (default: all)")
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="kernel families")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--tokens", "-M", nargs="+", type=int, default=list(TOKENS), help="token counts M")
+    parser.add_argument("--shape", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN weight shapes")
+    parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS))
+    parser.add_argument("--main", action="store_true", help="only the CI gate's main launch of each family")
+    parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    parser.add_argument("--md", metavar="PATH", help="write the table as Markdown")
+    parser.add_argument("--check", action="store_true",
+                        help=f"compare with {THRESHOLDS_PATH.name}: exit 1 on any regression")
+    parser.add_argument("--write-thresholds", action="store_true",
+                        help=f"write today's numbers of these launches into {THRESHOLDS_PATH.name}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table on the terminal")
+    return parser
+
+
+def run_cli(args) -> int:
+    """Run ``fastpeft check-kernels`` with parsed ``args``; the exit status."""
+    # The check compiles for real GPUs: Triton must not be in interpreter mode (TRITON_INTERPRET=1 turns
+    # every @triton.jit kernel into an interpreted function that cannot be compiled). Before triton is
+    # imported the variable can still be dropped (for this process and the compile workers).
+    if "triton" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET", None)
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        print("check-kernels compiles for real GPUs: run it in a process without TRITON_INTERPRET=1",
+              file=sys.stderr)
+        return 2
+    if args.main:
+        cases = main_cases(tuple(args.arch))
+    else:
+        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shape)
+        cases = production_grid(tuple(args.arch), tuple(args.family), tuple(args.dtype), tuple(args.tokens), shapes,
+                                tuple(args.rank))
+    start = time.perf_counter()
+    rows = run(cases, args.jobs, None if args.quiet else _progress_bar)
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        print(format_table(rows))
+    failed = sum(not r["compiled"] for r in rows)
+    print(f"{len(rows)} launches x arch, {len(rows) - failed} compiled, {failed} failed, {elapsed:.0f} s",
+          file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.md:
+        Path(args.md).write_text(format_markdown(rows) + "\n")
+    if args.write_thresholds:
+        current = json.loads(THRESHOLDS_PATH.read_text()) if THRESHOLDS_PATH.exists() else {}
+        current.update(thresholds_of(rows))
+        THRESHOLDS_PATH.write_text(json.dumps(dict(sorted(current.items())), indent=1) + "\n")
+    status = 1 if failed else 0
+    if args.check:
+        worse, better = compare(rows, json.loads(THRESHOLDS_PATH.read_text()))
+        for line in better:
+            print("better:", line, file=sys.stderr)
+        for line in worse:
+            print("REGRESSION:", line, file=sys.stderr)
+        status = 1 if worse else status
+    return status
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

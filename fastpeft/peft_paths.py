@@ -1,0 +1,241 @@
+"""Fused paths for PEFT LoRA layer states beyond "one plain adapter active": the pieces
+:mod:`fastpeft.patch` calls from an accelerated layer's forward.
+
+A path is a ``*_reason`` function, which ``fastpeft.patch._fused_path`` asks at each call (why the fused op
+would not compute exactly what PEFT's forward does at this call, or None; PEFT's forward runs then), and the
+function computing it. They read PEFT's state at each call (``active_adapters``, ``scaling``, dropout
+modules, parameters), so nothing goes stale.
+
+- :func:`combined_lora_factors`: several LoRA adapters active in one layer (``set_adapter([...])`` on the
+  tuner). PEFT adds ``s_i · B_i A_i drop_i(x)`` adapter by adapter; without active dropout that sum is one
+  LoRA term with concatenated factors ``A = cat(A_i)`` ``(Σr_i, in)`` and ``B = cat(s_i · B_i)``
+  ``(out, Σr_i)`` (the scalings folded into ``B`` differentiably, so each ``A_i`` / ``B_i`` gets PEFT's
+  gradient through ``cat``), plus ``Σ s_i · b_i`` for adapters with ``lora_bias``.
+- :func:`mixed_batch_lora`: ``model(..., adapter_names=[...])`` / ``generate(adapter_names=...)``. PEFT's
+  ``_mixed_batch_forward`` runs the base once and, per distinct adapter, the LoRA term of its rows; here the
+  layer's LoRA adapters are packed once into a :class:`~fastpeft.bank.LoraBank` (cached until a parameter
+  changes) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
+  PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
+- :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
+- :func:`frozen_4bit_linear`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
+  P-tuning, BitFit, LoRA on some modules only) on fastpeft's NF4 op instead of bitsandbytes' forward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .bank import LoraBank
+from .nf4 import NF4Weight
+from .nn.lora import LoraLinear
+from .nn.multi_lora import _add_lora
+from .ops.lora import lora_linear
+from .ops.multi_lora import MultiLoraMeta
+
+__all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
+           "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
+           "frozen_4bit_linear"]
+
+def dropout_active(dropout: nn.Module) -> bool:
+    """Whether PEFT's LoRA dropout module changes its input at this call."""
+    if isinstance(dropout, nn.Identity):
+        return False
+    if isinstance(dropout, nn.Dropout):
+        return dropout.training and dropout.p > 0.0
+    return True  # an unknown module: assume it does
+
+
+def _lora_bias(layer, name: str) -> Optional[torch.Tensor]:
+    return layer.lora_B[name].bias if layer.lora_bias.get(name, False) else None
+
+
+def _dtypes(layer, names) -> set:
+    return {layer.lora_A[name].weight.dtype for name in names} | {layer.lora_B[name].weight.dtype for name in names}
+
+
+def several_adapters_reason(layer, names: Sequence[str]) -> Optional[str]:
+    """Why PEFT's sum over the active LoRA adapters ``names`` of a PEFT ``lora`` layer is not one fused LoRA
+    term (:func:`combined_lora_factors`) at this call, or None: a LoRA variant (DoRA) among them, adapters of
+    different dtypes (PEFT casts ``x`` to each), or dropout active on any (PEFT draws one mask per adapter)."""
+    if any(name in layer.lora_variant for name in names):
+        return "several active adapters, one with a LoRA variant (DoRA)"
+    if len(_dtypes(layer, names)) != 1:
+        return "several active adapters of different dtypes"
+    if any(dropout_active(layer.lora_dropout[name]) for name in names):
+        return "several active adapters with dropout in training (PEFT draws one mask per adapter)"
+    return None
+
+
+def combined_lora_factors(layer, names: Sequence[str]) -> tuple:
+    """``(lora_a, lora_b, lora_bias)`` for one fused LoRA term equal to PEFT's sum over the active LoRA
+    adapters ``names`` of a PEFT ``lora`` layer (where :func:`several_adapters_reason` is None), every scaling
+    folded in (the term is ``(x lora_aᵀ) lora_bᵀ + lora_bias``, scaling 1): ``lora_a`` ``(Σr, in)``,
+    ``lora_b`` ``(out, Σr)``, ``lora_bias`` ``(out,)`` or None."""
+    lora_a = torch.cat([layer.lora_A[name].weight for name in names])
+    lora_b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in names], dim=1)
+    biases = [_lora_bias(layer, name) * layer.scaling[name] for name in names if _lora_bias(layer, name) is not None]
+    lora_bias = None if not biases else torch.stack(biases).sum(0) if len(biases) > 1 else biases[0]
+    return lora_a, lora_b, lora_bias
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: ``y = x W + b``, ``weight`` ``(in, out)``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def base_weight(layer):
+    """The base weight of a PEFT layer as fastpeft's ops take it, ``(out, in)``, no copy: the dense weight, a
+    ``Conv1D``'s ``(in, out)`` weight as its transposed view (the ops read any strides), or an
+    :class:`~fastpeft.nf4.NF4Weight` view of a bitsandbytes 4-bit one (with the same repacking check as
+    fastpeft's own layer)."""
+    weight = LoraLinear.base_weight(layer)
+    return weight.t() if is_conv1d(layer.get_base_layer()) else weight
+
+
+def adalora_factors(layer, name: str) -> tuple:
+    """``(lora_a, lora_b)`` of AdaLoRA adapter ``name`` of a PEFT ``SVDLinear`` / ``SVDLinear4bit``, for the
+    LoRA term ``(drop(x) lora_aᵀ) lora_bᵀ`` at scaling 1: PEFT's ``drop(x) (A ∘ E)ᵀ Bᵀ · s / (ranknum + 1e-5)``
+    with ``lora_a = A ∘ E`` ``(r, in)`` and ``lora_b = B · s / (ranknum + 1e-5)`` ``(out, r)``. Built
+    differentiably from PEFT's parameters at each call, so ``A``, ``E`` and ``B`` get PEFT's gradients and the
+    rank masking of ``update_and_allocate`` (zeros written into ``E``) applies at once; ``ranknum`` stays a
+    tensor (no device sync)."""
+    lora_b = layer.lora_B[name]
+    rank_scale = layer.scaling[name] / (layer.ranknum[name] + 1e-5)
+    return layer.lora_A[name] * layer.lora_E[name], lora_b * rank_scale.to(lora_b.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- mixed batches
+# Per forward call every adapted layer sees the same ``adapter_names``; the per-token metadata depends only on
+# the names, the layer's adapter order and the activation shape, so a few recent ones are kept.
+_META_CACHE: "OrderedDict[tuple, MultiLoraMeta]" = OrderedDict()
+_META_CACHE_SIZE = 16
+
+
+def _meta(row_ids: tuple, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
+    key = (row_ids, lead_shape, str(device))
+    meta = _META_CACHE.get(key)
+    if meta is None:
+        tokens_per_row = 1
+        for size in lead_shape[1:]:
+            tokens_per_row *= size
+        ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(tokens_per_row).to(device)
+        meta = MultiLoraMeta.build(ids, decode=tokens_per_row == 1)
+        _META_CACHE[key] = meta
+        if len(_META_CACHE) > _META_CACHE_SIZE:
+            _META_CACHE.popitem(last=False)
+    else:
+        _META_CACHE.move_to_end(key)
+    return meta
+
+
+def _bank(layer, names: tuple) -> tuple:
+    """``(LoraBank, bias table or None)`` of ``names`` (slot ``k`` = ``names[k]``), cached on the layer until
+    one of those parameters or scalings changes (an optimizer step bumps the parameters' versions)."""
+    params = [p for name in names for p in (layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                            _lora_bias(layer, name)) if p is not None]
+    key = (names, tuple(layer.scaling[name] for name in names),
+           tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+    cached = layer.__dict__.get("_fastpeft_bank")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weight = layer.lora_A[names[0]].weight
+    ranks = [layer.lora_A[name].weight.shape[0] for name in names]
+    max_rank = max(ranks)
+    with torch.no_grad():
+        lora_a = weight.new_zeros(len(names), max_rank, weight.shape[1])
+        lora_b = weight.new_zeros(len(names), layer.lora_B[names[0]].weight.shape[0], max_rank)
+        for k, (name, rank) in enumerate(zip(names, ranks)):
+            lora_a[k, :rank] = layer.lora_A[name].weight
+            lora_b[k, :, :rank] = layer.lora_B[name].weight
+        bias_table = None
+        if any(_lora_bias(layer, name) is not None for name in names):
+            # row k: s_k · b_k; a last row of zeros for tokens of no adapter
+            bias_table = weight.new_zeros(len(names) + 1, lora_b.shape[1])
+            for k, name in enumerate(names):
+                if _lora_bias(layer, name) is not None:
+                    bias_table[k] = _lora_bias(layer, name) * layer.scaling[name]
+    bank = LoraBank(lora_a=lora_a, lora_b=lora_b, ranks=torch.tensor(ranks, dtype=torch.int32, device=weight.device),
+                    scalings=torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=weight.device))
+    layer.__dict__["_fastpeft_bank"] = (key, (bank, bias_table))
+    return bank, bias_table
+
+
+def mixed_batch_adapters(layer, adapter_names) -> list:
+    """The adapters of a PEFT ``lora`` layer that ``adapter_names`` names (sorted)."""
+    return sorted({name for name in adapter_names if name in layer.lora_A})
+
+
+def mixed_batch_reason(layer, x: torch.Tensor, adapter_names) -> Optional[str]:
+    """Why :func:`mixed_batch_lora` is not what PEFT's forward computes for ``adapter_names`` at this call (or
+    PEFT raises), or None: ``adapter_names`` not one entry per row, autocast, autograd recording (the
+    multi-LoRA op is inference only), dropout active, a LoRA variant among the named adapters (PEFT refuses
+    DoRA), adapters of different dtypes."""
+    if isinstance(adapter_names, str) or x.dim() < 2 or len(adapter_names) != len(x):
+        return "adapter_names is not one entry per row"
+    if torch.is_autocast_enabled(x.device.type):
+        return "adapter_names under autocast"
+    named = mixed_batch_adapters(layer, adapter_names)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.base_layer.parameters())
+                                    or any(p.requires_grad for name in named for module in
+                                           (layer.lora_A[name], layer.lora_B[name]) for p in module.parameters())):
+        return "adapter_names with autograd recording (the multi-LoRA op is inference only)"
+    if any(name in layer.lora_variant for name in named):
+        return "adapter_names naming an adapter with a LoRA variant"
+    if any(dropout_active(layer.lora_dropout[name]) for name in named):
+        return "adapter_names with dropout active"
+    if len(_dtypes(layer, named)) > 1:
+        return "adapter_names naming adapters of different dtypes"
+    return None
+
+
+def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's ``_mixed_batch_forward`` of a PEFT ``lora`` layer (where :func:`mixed_batch_reason` is None):
+    ``base_output`` (the base layer's output for ``x`` ``(B, ..., in)``, ``(B, ..., out)``, a fresh tensor
+    this function may change in place) plus, on each row ``b``, the LoRA term of adapter ``adapter_names[b]``
+    (none for ``"__base__"`` or an adapter this layer does not have), computed in the adapters' dtype and
+    added in the output's, as PEFT does."""
+    named = mixed_batch_adapters(layer, adapter_names)
+    if not named:
+        return base_output
+    names = tuple(named)
+    bank, bias_table = _bank(layer, names)
+    slot = {name: k for k, name in enumerate(names)}
+    row_ids = tuple(slot.get(name, -1) for name in adapter_names)
+    meta = _meta(row_ids, tuple(x.shape[:-1]), x.device)
+    out_features = base_output.shape[-1]
+    y = base_output.reshape(-1, out_features)
+    x_tokens = x.reshape(-1, x.shape[-1])
+    if bias_table is not None:
+        # PEFT adds (h Bᵀ + b) · s in the adapters' dtype: put s · b into the delta before the cast
+        ids = meta.slot_ids[:, 0].long()
+        delta = bias_table[torch.where(ids < 0, len(names), ids)]
+        delta = _add_lora(delta, x_tokens.to(delta.dtype), bank, meta)
+        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else y + delta.to(y.dtype)
+    else:
+        y = _add_lora(y, x_tokens, bank, meta)
+    return y.reshape(base_output.shape)
+
+
+# ---------------------------------------------------------------------------------------------- frozen 4-bit
+def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward`` on fastpeft's NF4 op (for an NF4 weight in bitsandbytes' layout):
+    the same compute dtype rule (the layer's ``compute_dtype``, set from the first input when unset; the bias
+    cast to it, in place as bitsandbytes does), output in the input's dtype; gradients for ``x`` and a
+    trainable bias."""
+    if not layer.compute_type_is_set:
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    input_dtype = x.dtype
+    if layer.compute_dtype is not None:
+        x = x.to(layer.compute_dtype)
+    bias = layer.bias
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)
+        if layer.compute_dtype is not None:
+            bias = bias.to(layer.compute_dtype)
+    return lora_linear(x, NF4Weight.from_bnb(layer.weight), bias, None, None, 0.0).to(input_dtype)

@@ -1,0 +1,137 @@
+"""The static GPU check (``fastpeft.check_kernels``) and the CI gate built on it.
+
+The gate: the main launch of each kernel family (``check_kernels.MAIN_KEYS``), compiled for sm_80 and
+sm_90a with the JIT's specialisation, must compile and must not be worse than
+``fastpeft/check_kernels_thresholds.json`` in spill bytes, registers, shared memory, occupancy, MMA kind
+or narrow loads per weight element. The thresholds only ever tighten: when a number improves the test
+prints it, and the file is rewritten with ``python -m fastpeft.check_kernels --main --arch sm_80 sm_90a
+--write-thresholds``.
+
+Compiling needs a process without ``TRITON_INTERPRET`` (this one runs the interpreter), so one subprocess
+(``tests/check_kernels_toys.py``) compiles everything once per session and the tests read its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastpeft import check_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("check_kernels") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""  # compiling must not need a GPU
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "check_kernels_toys.py"), str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _rows(compiled, family=None, step=None):
+    return [r for r in compiled["rows"] if (family is None or r["family"] == family) and (step is None or r["step"] == step)]
+
+
+def test_main_launches_compile_and_do_not_regress(compiled):
+    rows = [r for r in compiled["rows"] if r["family"] != "toy"]
+    assert len(rows) == 2 * len(check_kernels.MAIN_KEYS)
+    thresholds = json.loads(check_kernels.THRESHOLDS_PATH.read_text())
+    worse, better = check_kernels.compare(rows, thresholds)
+    for line in better:
+        print("better:", line)
+    assert not worse, "\n".join(worse)
+
+
+def test_thresholds_are_exactly_the_gate():
+    thresholds = json.loads(check_kernels.THRESHOLDS_PATH.read_text())
+    expected = {f"{arch} {key}" for arch in ("sm_80", "sm_90a") for key in check_kernels.MAIN_KEYS}
+    assert set(thresholds) == expected
+    assert all(set(entry) == set(check_kernels.THRESHOLD_FIELDS) for entry in thresholds.values())
+
+
+def test_compare_flags_worse_numbers_and_reports_better_ones():
+    row = {"arch": "sm_80", "key": "k", "compiled": True, "stack_bytes": 0, "registers": 100, "shared_bytes": 1024,
+           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "mma_kind": "HMMA"}
+    limit = {f: row[f] for f in check_kernels.THRESHOLD_FIELDS}
+    assert check_kernels.compare([row], {"sm_80 k": limit}) == ([], [])
+    for field, value in (("stack_bytes", 8), ("registers", 101), ("shared_bytes", 2048), ("occupancy", 0.25),
+                         ("narrow_loads_per_element", 1.5), ("mma_kind", "none")):
+        worse, _ = check_kernels.compare([{**row, field: value}], {"sm_80 k": limit})
+        assert len(worse) == 1 and field in worse[0]
+    worse, better = check_kernels.compare([{**row, "mma_kind": "HGMMA", "registers": 90}], {"sm_80 k": limit})
+    assert not worse and len(better) == 2
+    worse, _ = check_kernels.compare([{"arch": "sm_80", "key": "k", "compiled": False, "error": "boom"}],
+                                     {"sm_80 k": limit})
+    assert "does not compile: boom" in worse[0]
+    assert "no thresholds entry" in check_kernels.compare([row], {})[0][0]
+
+
+def test_spilling_toy_is_reported_as_spilling(compiled):
+    for row in _rows(compiled, "toy", "spill"):
+        assert row["compiled"] and row["registers"] == 255
+        assert row["stack_bytes"] > 0 and row["spill_instructions"] > 0, row
+
+
+def test_bf16_dot_toy_shows_tensor_core_instructions(compiled):
+    by_arch = {r["arch"]: r for r in _rows(compiled, "toy", "bf16-dot")}
+    assert by_arch["sm_80"]["mma_kind"] == "HMMA" and by_arch["sm_80"]["mma_count"] > 0
+    assert by_arch["sm_90a"]["mma_kind"] == "HGMMA" and by_arch["sm_90a"]["mma_count"] > 0
+    assert by_arch["sm_80"]["main_loop"]["found"]
+
+
+def test_malformed_kernel_reports_the_compile_error(compiled):
+    rows = _rows(compiled, "toy", "malformed")
+    assert len(rows) == 2
+    for row in rows:
+        assert not row["compiled"] and "power of 2" in row["error"]
+
+
+def test_specialisation_matches_the_jit(compiled):
+    # the same NF4 GEMM compiled without the JIT's divisibility / ==1 specialisation: more registers and
+    # the activation tile split into 16-bit loads instead of one 128-bit copy (issue 11's check)
+    special = next(r for r in compiled["rows"] if r["arch"] == "sm_90a" and r["key"] == check_kernels.MAIN_KEYS[0])
+    plain = compiled["unspecialised_gemm"]
+    assert plain["registers"] > special["registers"] + 32
+    assert special["loads_per_thread"].get("128", 0) >= 1 and "16" not in special["loads_per_thread"]
+    assert plain["loads_per_thread"].get("16", 0) > 0 and "128" not in plain["loads_per_thread"]
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0020*/               @P0 LDG.E.128 R8, desc[UR4][R4.64] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R8, R10, R12 ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64], P1 ;
+        /*0050*/              @!P3 BRA 0x10 ;
+        /*0060*/                   LDG.E.64 R2, desc[UR4][R4.64] ;
+        /*0070*/                   STL [R1], R2 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_sass_main_loop_and_load_widths():
+    instructions = check_kernels.parse_sass(SASS)
+    assert [op for _, op, _ in instructions][:3] == ["MOV", "LDG.E.U8", "LDG.E.128"]
+    assert check_kernels.main_loop(instructions) == (0x10, 0x50, True)  # BRA 0x90 to itself is padding
+    widths = [check_kernels._load_width(op) for _, op, _ in instructions]
+    assert widths == [None, 8, 128, None, 128, None, 64, None, None, None]
+    assert check_kernels.main_loop(instructions[:2]) == (0x0, 0x10, False)
+
+
+def test_occupancy_from_registers_shared_memory_and_warps():
+    # the NF4 GEMM: 128 registers, 56 KB + 1 KB, 4 warps — sm_80 fits two blocks by shared memory
+    assert check_kernels.occupancy("sm_80", 128, 57344 + 1024, 4) == (0.125, "smem", 2)
+    assert check_kernels.occupancy("sm_90a", 138, 58368, 4) == (0.1875, "regs", 3)
+    assert check_kernels.occupancy("sm_89", 32, 0, 4) == (1.0, "warps", 12)  # 48 warps per SM
+    assert check_kernels.occupancy("sm_89", 32, 200 * 1024, 4) == (0.0, "none", 0)
