@@ -6,13 +6,15 @@ class in place** to a subclass of PEFT's own class whose ``forward`` calls ``fas
 changes: the layer keeps its ``base_layer``, its ``lora_A`` / ``lora_B`` / ``lora_magnitude_vector`` /
 ``ia3_l`` ModuleDicts and the very same Parameter objects, so the optimizer's parameters, the state-dict
 keys and PEFT's ``save_pretrained`` / ``load_adapter`` / ``set_adapter`` / ``merge_and_unload`` /
-``disable_adapter`` keep working (they see a PEFT layer; ``isinstance`` holds). The forward reads PEFT's
-state at each call (active adapter, scaling, dropout, magnitude), so nothing goes stale. Where the fused
-op does not apply at call time, the layer runs PEFT's own forward: adapters disabled or merged, several
-active adapters in one layer, ``adapter_names=`` mixed batches, extra forward arguments. ``restore(model)``
-puts PEFT's classes back. Layers fastpeft cannot run (embeddings, convolutions, 8-bit bases,
-``fan_in_fan_out``, ``lora_bias``, LoRA variants other than DoRA) are left untouched and reported in the
-returned :class:`PatchSummary` and a log line.
+``disable_adapter`` keep working (they see a PEFT layer; ``isinstance`` holds; the class keeps PEFT's name, so
+``repr`` is PEFT's). The forward reads PEFT's state at each call (active adapter, scaling, dropout, magnitude), so
+nothing goes stale, and runs a fused op only when it computes exactly what PEFT's forward would at that call
+(``_fused_path``); otherwise it runs PEFT's own forward: adapters disabled or merged, several active adapters,
+``adapter_names=`` mixed batches or other extra forward arguments, an active adapter with ``lora_bias`` or a
+LoRA variant other than DoRA, hooks on the base layer or the adapter's submodules (or global module hooks), a
+trainable base weight. ``restore(model)`` puts PEFT's classes back. Layers fastpeft cannot run at all
+(embeddings, convolutions, 8-bit bases, a PEFT layer as base layer, ``fan_in_fan_out``) are left on PEFT's
+class and reported in the returned :class:`PatchSummary` and a log line.
 
 ``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
 ``Linear4bit`` layers of any model with :class:`~fastpeft.nn.LoraLinear` / :class:`~fastpeft.nn.DoraLinear`.
@@ -52,10 +54,13 @@ _FAST_LAYERS = (LoraLinear, IA3Linear)
 class PatchSummary:
     """What :func:`accelerate`, :func:`inject` or :func:`load_model_adapter` did: ``replaced`` maps each
     module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, with ``+nf4`` over a 4-bit
-    base); ``skipped`` maps each adapted or targeted layer it left alone to the reason."""
+    base); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
+    each switched layer holding adapters fastpeft does not fuse to the reason (the layer runs PEFT's forward
+    while such an adapter is active)."""
 
     replaced: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    peft_forward: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict = {}
@@ -63,6 +68,7 @@ class PatchSummary:
             kinds[kind] = kinds.get(kind, 0) + 1
         done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
         text = f"fastpeft: {len(self.replaced)} layers on fastpeft ops ({done}); {len(self.skipped)} left as they are"
+        text += "".join(f"\n  {name}: PEFT's forward while active: {why}" for name, why in self.peft_forward.items())
         return text + "".join(f"\n  skipped {name}: {why}" for name, why in self.skipped.items())
 
 
@@ -82,76 +88,180 @@ def _peft_layer_kinds() -> dict:
     return kinds
 
 
-def _unsupported_reason(layer, kind: str) -> Optional[str]:
-    """Why fastpeft cannot run this PEFT layer, or None."""
-    base = layer.get_base_layer()
-    if not _is_bnb_linear4bit(base):
-        if type(base) is not nn.Linear:
-            return f"base layer {type(base).__name__} is not torch.nn.Linear or bitsandbytes Linear4bit"
-        if not base.weight.is_floating_point():
-            return f"base weight dtype {base.weight.dtype} is not floating point"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (transposed base weight) is not supported"
-    if kind == "lora":
-        from peft.tuners.lora.variants import DoraLinearVariant
+# ---------------------------------------------------------------------------------------------- the per-call gate
+# An accelerated layer asks ``_fused_path`` at every call whether a fused op computes exactly what PEFT's forward
+# would at that call; if not, PEFT's own forward runs. The reasons are split by how long they hold:
+# ``_base_reason`` / ``_layer_reason`` (the base layer and the layer's configuration: ``accelerate`` reports them
+# and leaves such layers on PEFT's class), ``_adapter_reason`` (one adapter's configuration: ``accelerate`` notes
+# them, the layer is switched and runs PEFT's forward while such an adapter is active) and ``_call_reason`` (this
+# call's arguments and the layer's state). Every check is a few attribute reads: no tensor is touched.
+# A new fused path is a ``(layer, x, arg) -> y`` function plus the case in ``_fused_path`` that returns it.
 
-        for name in layer.lora_A:
-            if layer.lora_bias.get(name, False):
-                return f"adapter {name!r} has lora_bias=True, which fastpeft does not implement"
-            variant = layer.lora_variant.get(name)
-            if variant is not None and not isinstance(variant, DoraLinearVariant):
-                return f"adapter {name!r} uses the LoRA variant {type(variant).__name__}; fastpeft runs LoRA and DoRA"
+
+def _base_reason(base) -> Optional[str]:
+    """Why fastpeft's ops cannot compute ``base(x)`` exactly as this base layer does, or None. Only the base
+    layer itself counts (what PEFT's forward calls): a PEFT layer under a PEFT layer (stacked adapters of a mixed
+    model) is not looked through."""
+    if _is_bnb_linear4bit(base):
+        state = base.weight.quant_state
+        if state is None:
+            return "the bitsandbytes Linear4bit weight is not quantised yet (not moved to a device)"
+        if state.quant_type != "nf4":
+            return f"the bitsandbytes Linear4bit has quant_type={state.quant_type!r}; fastpeft reads NF4"
+        if getattr(state, "packing_format_for_cpu", False):
+            return "bitsandbytes repacked this Linear4bit for its own CPU kernel (no longer the NF4 layout)"
+        return None
+    if type(base) is not nn.Linear:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(base, BaseTunerLayer):
+            return (f"its base layer is a PEFT {type(base).__module__}.{type(base).__qualname__} layer (stacked "
+                    "adapters): fastpeft fuses only over a plain base")
+        return f"base layer {type(base).__name__} is not torch.nn.Linear or bitsandbytes Linear4bit"
+    if not base.weight.is_floating_point():
+        return f"base weight dtype {base.weight.dtype} is not floating point"
     return None
 
 
-def _kind_label(layer, kind: str) -> str:
-    if kind == "lora" and any(name in layer.lora_variant for name in layer.lora_A):
-        kind = "dora"
-    return kind + ("+nf4" if _is_bnb_linear4bit(layer.get_base_layer()) else "")
+def _layer_reason(layer) -> Optional[str]:
+    """Why no call of this layer can be fused (its base or its layout), or None."""
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (transposed base weight) is not supported"
+    return _base_reason(layer.base_layer)
 
 
-def _single_active(layer, adapters: dict) -> Optional[str]:
+def _adapter_reason(layer, kind: str, name: str) -> Optional[str]:
+    """Why a call with adapter ``name`` active cannot be fused, or None."""
+    if kind != "lora":
+        return None
+    if layer.lora_bias.get(name, False):
+        return f"adapter {name!r} has lora_bias=True, which fastpeft does not implement"
+    variant = layer.lora_variant.get(name)
+    if variant is not None and type(variant) is not _dora_variant():
+        return f"adapter {name!r} uses the LoRA variant {type(variant).__name__}; fastpeft runs LoRA and DoRA"
+    return None
+
+
+def _dora_variant() -> type:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return DoraLinearVariant
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …):
+    they would fire for the submodules PEFT's forward calls and the fused op does not."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
+def _call_reason(layer, args, kwargs) -> Optional[str]:
+    """Why this call cannot be fused whatever the adapters (arguments, layer state, hooks, trainable base)."""
+    if args or kwargs:
+        return "extra forward arguments (adapter_names= mixed batches and others)"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapters merged into the base weight"
+    if _global_hooks():
+        return "global module hooks are registered"
+    base = layer.base_layer
+    if _has_hooks(base):
+        return "hooks on the base layer"
+    if base.weight.requires_grad and torch.is_grad_enabled():
+        return "the base weight is trainable (requires_grad=True): fastpeft's ops give it no gradient"
+    return None
+
+
+def _single_active(layer, adapters) -> Optional[str]:
     active = [name for name in layer.active_adapters if name in adapters]
     return active[0] if len(active) == 1 else None
 
 
-def _fast_lora_forward(self, x, *args, **kwargs):
-    """PEFT ``lora.Linear.forward`` on fastpeft's ops (PEFT's own forward where they do not apply)."""
-    name = _single_active(self, self.lora_A)
-    if args or kwargs or self.disable_adapters or self.merged or name is None:
-        return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    weight = LoraLinear.base_weight(self)  # the same NF4 view / repacking check as fastpeft's own layer
-    bias = self.get_base_layer().bias
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    dropout, scaling = self.lora_dropout[name], self.scaling[name]
-    if name in self.lora_variant:  # DoRA (_unsupported_reason let no other variant through)
-        # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
-        x_dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
-        return dora_linear(x, weight, bias, lora_a, lora_b, scaling, self.lora_magnitude_vector[name].weight,
-                           x_dropped)
-    x_dropped, dropout_p = dropout_inputs(dropout, x)
-    return lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_dropped, dropout_p)
+def _fused_path(layer, x, args, kwargs):
+    """Decide one call of an accelerated layer: ``(fused_forward, arg)`` when ``fused_forward(layer, x, arg)``
+    computes exactly what PEFT's forward would (output and gradients), else a string saying why PEFT's forward
+    runs. ``x`` is the call's input (unused by today's checks, there for checks on it)."""
+    reason = _call_reason(layer, args, kwargs) or _layer_reason(layer)
+    if reason is not None:
+        return reason
+    kind = layer._fastpeft_kind
+    adapters = layer.lora_A if kind == "lora" else layer.ia3_l
+    name = _single_active(layer, adapters)
+    if name is None:
+        return "several active adapters" if any(n in adapters for n in layer.active_adapters) else "no active adapter"
+    reason = _adapter_reason(layer, kind, name)
+    if reason is not None:
+        return reason
+    if kind == "ia3":
+        return _fused_ia3, name
+    modules = [layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]]
+    if type(modules[0]) is not nn.Linear or type(modules[1]) is not nn.Linear:
+        return f"adapter {name!r}: lora_A / lora_B are not plain torch.nn.Linear"
+    if name in layer.lora_variant:
+        modules.append(layer.lora_magnitude_vector[name])
+    if any(_has_hooks(module) for module in modules):
+        return f"hooks on a submodule of adapter {name!r}"
+    return (_fused_dora if name in layer.lora_variant else _fused_lora), name
 
 
-def _fast_ia3_forward(self, x, *args, **kwargs):
-    """PEFT ``ia3.Linear.forward`` on fastpeft's op (PEFT's own forward where it does not apply)."""
-    name = _single_active(self, self.ia3_l)
-    if args or kwargs or self.disable_adapters or self.merged or name is None:
+def _fused_lora(layer, x, name: str):
+    """PEFT's LoRA forward for one active adapter ``name`` as one fastpeft op."""
+    base = layer.base_layer
+    x_dropped, dropout_p = dropout_inputs(layer.lora_dropout[name], x)
+    return lora_linear(x, LoraLinear.base_weight(layer), base.bias, layer.lora_A[name].weight,
+                       layer.lora_B[name].weight, layer.scaling[name], x_dropped, dropout_p)
+
+
+def _fused_dora(layer, x, name: str):
+    """PEFT's DoRA forward for one active adapter ``name`` as one fastpeft op."""
+    dropout = layer.lora_dropout[name]
+    # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
+    x_dropped = dropout(x) if layer.training and not isinstance(dropout, nn.Identity) else None
+    return dora_linear(x, LoraLinear.base_weight(layer), layer.base_layer.bias, layer.lora_A[name].weight,
+                       layer.lora_B[name].weight, layer.scaling[name], layer.lora_magnitude_vector[name].weight,
+                       x_dropped)
+
+
+def _fused_ia3(layer, x, name: str):
+    """PEFT's IA3 forward for one active adapter ``name`` as one fastpeft op."""
+    return ia3_linear(x, LoraLinear.base_weight(layer), layer.base_layer.bias, layer.ia3_l[name].view(-1),
+                      layer.is_feedforward)
+
+
+def _accelerated_forward(self, x, *args, **kwargs):
+    """The forward of an accelerated PEFT layer: the fused op :func:`_fused_path` picks, else PEFT's forward."""
+    path = _fused_path(self, x, args, kwargs)
+    if isinstance(path, str):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
-    return ia3_linear(x, LoraLinear.base_weight(self), self.get_base_layer().bias, self.ia3_l[name].view(-1),
-                      self.is_feedforward)
+    fused_forward, arg = path
+    return fused_forward(self, x, arg)
+
+
+def _kind_label(layer, kind: str) -> str:
+    if kind == "lora" and any(type(v) is _dora_variant() for v in layer.lora_variant.values()):
+        kind = "dora"
+    return kind + ("+nf4" if _is_bnb_linear4bit(layer.base_layer) else "")
 
 
 _FAST_CLASSES: dict = {}
 
 
 def _fast_class(peft_class: type, kind: str) -> type:
-    """The subclass of ``peft_class`` whose forward runs fastpeft's op (one per PEFT class)."""
+    """The subclass of ``peft_class`` whose forward runs fastpeft's ops (one per PEFT class). It carries PEFT's
+    class name, so ``repr(layer)`` and ``type(layer).__name__`` read as PEFT's."""
     if peft_class not in _FAST_CLASSES:
-        forward = _fast_lora_forward if kind == "lora" else _fast_ia3_forward
         _FAST_CLASSES[peft_class] = type(
-            f"Fast{peft_class.__name__}", (peft_class,),
-            {"forward": forward, "_fastpeft_peft_class": peft_class, "__module__": __name__},
+            peft_class.__name__, (peft_class,),
+            {"forward": _accelerated_forward, "_fastpeft_peft_class": peft_class, "_fastpeft_kind": kind,
+             "__module__": __name__, "__qualname__": peft_class.__qualname__},
         )
     return _FAST_CLASSES[peft_class]
 
@@ -177,18 +287,23 @@ def accelerate(model: nn.Module) -> PatchSummary:
             if kind is None:
                 summary.skipped[name] = f"PEFT layer {peft_class.__module__}.{peft_class.__qualname__} is not supported"
                 continue
-            reason = _unsupported_reason(module, kind)
+            reason = _layer_reason(module)
             if reason is not None:
+                module.__class__ = peft_class  # an earlier accelerate may have switched it
                 summary.skipped[name] = reason
                 continue
             module.__class__ = _fast_class(peft_class, kind)
             summary.replaced[name] = _kind_label(module, kind)
+            adapters = module.lora_A if kind == "lora" else module.ia3_l
+            notes = [why for why in (_adapter_reason(module, kind, a) for a in adapters) if why is not None]
+            if notes:
+                summary.peft_forward[name] = "; ".join(notes)
     if not summary.replaced and not summary.skipped:
         raise ValueError(
             f"{type(model).__name__} has no PEFT adapter layers: wrap it with peft.get_peft_model first, or add "
             "adapters without peft with fastpeft.inject(model, r=..., target_modules=...)"
         )
-    (logger.warning if summary.skipped else logger.info)("%s", summary)
+    (logger.warning if summary.skipped or summary.peft_forward else logger.info)("%s", summary)
     return summary
 
 

@@ -201,3 +201,52 @@ def test_dropout_arguments_are_checked():
         lora_linear(x, weight, None, lora_a, lora_b, 1.0, x_dropped=x, dropout_p=0.1)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         lora_linear(x, weight, None, lora_a, lora_b, 1.0, dropout_p=1.0)
+
+
+def _linear_op_calls(nf4):
+    """``(name, f(x, weight, bias, params))`` for each fastpeft linear op and mode, ``params`` the adapter
+    tensors: the ops whose output a caller may change in place."""
+    from fastpeft.ops.dora import dora_linear
+    from fastpeft.ops.ia3 import ia3_linear
+
+    def dropped(x):
+        return torch.nn.functional.dropout(x, 0.3)
+
+    return [
+        ("lora", lambda x, w, b, a, bb, m, l_in, l_out: lora_linear(x, w, b, a, bb, 0.7)),
+        ("lora x_dropped", lambda x, w, b, a, bb, m, l_in, l_out: lora_linear(x, w, b, a, bb, 0.7, dropped(x))),
+        ("lora dropout_p", lambda x, w, b, a, bb, m, l_in, l_out: lora_linear(x, w, b, a, bb, 0.7, dropout_p=0.3)),
+        ("lora base only", lambda x, w, b, a, bb, m, l_in, l_out: lora_linear(x, w, b, None, None, 0.0)),
+        ("dora", lambda x, w, b, a, bb, m, l_in, l_out: dora_linear(x, w, b, a, bb, 0.7, m)),
+        ("dora x_dropped", lambda x, w, b, a, bb, m, l_in, l_out: dora_linear(x, w, b, a, bb, 0.7, m, dropped(x))),
+        ("ia3 feed-forward", lambda x, w, b, a, bb, m, l_in, l_out: ia3_linear(x, w, b, l_in, True)),
+        ("ia3", lambda x, w, b, a, bb, m, l_in, l_out: ia3_linear(x, w, b, l_out, False)),
+    ]
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_outputs_can_be_changed_in_place(reference_backend, nf4, lead):
+    # nn.ReLU(inplace=True) after the layer, or PEFT's `result += ...` over it: the op's output must not be a
+    # view autograd forbids to modify, and the gradients must be those of the out-of-place computation
+    x, weight, bias, lora_a, lora_b = _inputs(lead, 33, 17, 3, torch.float32, nf4, False, True, bias_grad=True)
+    magnitude = (1 + 0.1 * torch.randn(17, device=DEVICE)).requires_grad_()
+    l_in = (1 + 0.1 * torch.randn(33, device=DEVICE)).requires_grad_()
+    l_out = (1 + 0.1 * torch.randn(17, device=DEVICE)).requires_grad_()
+    params = [x, bias, lora_a, lora_b, magnitude, l_in, l_out]
+    for name, op in _linear_op_calls(nf4):
+        results = []
+        for in_place in (False, True):
+            torch.manual_seed(7)
+            y = op(x, weight, bias, lora_a, lora_b, magnitude, l_in, l_out)
+            if in_place:
+                y.add_(1.0).relu_()
+            else:
+                y = torch.relu(y + 1.0)
+            used = [p for p in params if p.grad_fn is None]
+            grads = torch.autograd.grad(y.square().sum(), used, allow_unused=True)
+            results.append((y.detach(), grads))
+        (ref, ref_grads), (out, grads) = results
+        assert torch.equal(out, ref), name
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert (grad is None) == (ref_grad is None) and (grad is None or torch.equal(grad, ref_grad)), name

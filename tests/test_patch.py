@@ -87,7 +87,7 @@ def test_accelerate_matches_peft_dense(kind):
     assert set(summary.replaced.values()) == {kind} and not summary.skipped
     assert len(summary.replaced) == (14 if kind != "ia3" else 6)
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
-    assert type(layer).__name__.startswith("Fast") and isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer)
+    assert fastpeft.patch._is_accelerated(layer) and isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -172,9 +172,10 @@ def test_unsupported_layers_are_reported(caplog):
     assert type(model.base_model.model.model.embed_tokens) is peft.tuners.lora.Embedding
 
 
-def test_lora_bias_and_variants_are_reported():
+def test_lora_bias_adapters_are_noted():
     summary = fastpeft.accelerate(_peft_model(_lora(target_modules=["q_proj"], lora_bias=True)))
-    assert not summary.replaced and all("lora_bias" in why for why in summary.skipped.values())
+    assert len(summary.replaced) == 2 and summary.peft_forward.keys() == summary.replaced.keys()
+    assert all("lora_bias" in why for why in summary.peft_forward.values()) and "lora_bias" in str(summary)
 
 
 def test_model_without_adapters_is_refused():
@@ -208,3 +209,165 @@ def test_accelerated_layer_on_triton_kernels(triton_backend, tiny_llama_dir, nf4
     assert_rel_close(out, ref)
     for g, g_ref in zip(grads, ref_grads):
         assert_rel_close(g, g_ref, tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- per-call gate
+class _MLP(torch.nn.Module):
+    """Two biased linear layers, small enough for many configurations."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = torch.nn.Linear(13, 22)
+        self.lin1 = torch.nn.Linear(22, 7)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def _mlp_pair(config, **kwargs):
+    """``(PEFT's model, the same model accelerated)`` for ``config`` over a fresh :class:`_MLP`."""
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_MLP(), config, **kwargs)
+    ours = copy.deepcopy(theirs)
+    fastpeft.accelerate(ours)
+    return theirs, ours
+
+
+def _assert_same_step(theirs, ours, x):
+    """The same output and the same gradient of every trainable parameter."""
+    outs = []
+    for model in (theirs, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_grads), (out, grads) = outs
+    assert_rel_close(out, ref)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], tol=1e-5)
+
+
+X = torch.randn(5, 13, generator=torch.Generator().manual_seed(2))
+
+
+def test_adapter_with_a_lora_variant_added_after_accelerate_runs_peft():
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0", "lin1"]))
+    bdlora = _lora(target_modules=["lin0", "lin1"], use_bdlora={"target_modules_bd_a": ["lin1"],
+                                                               "target_modules_bd_b": ["lin0"], "nblocks": 2})
+    for model in (theirs, ours):
+        torch.manual_seed(4)
+        model.add_adapter("bd", bdlora)
+        model.set_adapter("bd")
+    _assert_same_step(theirs, ours, X)
+    summary = fastpeft.accelerate(ours)
+    assert set(summary.peft_forward) == set(summary.replaced) == {"base_model.model.lin0", "base_model.model.lin1"}
+    assert all("BdLoraLinearVariant" in why for why in summary.peft_forward.values())
+
+
+def test_lora_bias_adapter_added_after_accelerate_runs_peft_and_summary_agrees():
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0"]))
+    for model in (theirs, ours):
+        torch.manual_seed(4)
+        model.add_adapter("biased", _lora(target_modules=["lin0"], lora_bias=True))
+        torch.nn.init.normal_(model.base_model.model.lin0.lora_B["biased"].bias)
+        model.set_adapter("biased")
+    _assert_same_step(theirs, ours, X)
+    summary = fastpeft.accelerate(ours)
+    layer = ours.base_model.model.lin0
+    assert summary.replaced == {"base_model.model.lin0": "lora"} and not summary.skipped
+    assert "lora_bias" in summary.peft_forward["base_model.model.lin0"] and fastpeft.patch._is_accelerated(layer)
+    ours.set_adapter("default")  # back on the fused path
+    with _counting_fast_ops() as calls:
+        theirs.set_adapter("default")
+        _assert_same_step(theirs, ours, X)
+    assert len(calls) == 1
+
+
+def test_trainable_base_weight_gets_peft_gradient():
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0", "lin1"]))
+    for model in (theirs, ours):
+        model.base_model.model.lin0.base_layer.weight.requires_grad_(True)
+    with _counting_fast_ops() as calls:
+        _assert_same_step(theirs, ours, X)
+        with torch.no_grad():  # a frozen-for-this-call weight takes the fused path again
+            ours(X)
+    assert len(calls) == 3  # lin1 twice, lin0 without grad
+
+
+def test_stacked_lora_over_loha_is_left_to_peft():
+    loha = peft.LoHaConfig(r=2, target_modules=["lin0"], init_weights=False)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_MLP(), loha, adapter_name="loha", mixed=True)
+    theirs.add_adapter("lora", _lora(target_modules=["lin0", "lin1"]))
+    theirs.set_adapter(["loha", "lora"])
+    ours = copy.deepcopy(theirs)
+    summary = fastpeft.accelerate(ours)
+    assert summary.replaced == {"base_model.model.lin1": "lora"}
+    assert "stacked" in summary.skipped["base_model.model.lin0"]
+    with _counting_fast_ops() as calls:
+        _assert_same_step(theirs, ours, X)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("where", ["base_layer", "lora_A", "lora_B", "lora_dropout", "global"])
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_hooks_on_peft_submodules_fire(where, hook):
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0"], lora_dropout=0.1))
+    fired = {id(theirs): 0, id(ours): 0}
+    handles = []
+    for model in (theirs, ours):
+        def count(*args, _key=id(model)):
+            fired[_key] += 1
+        layer = model.base_model.model.lin0
+        if where == "global":
+            register = getattr(torch.nn.modules.module, f"register_module_{hook}_hook")
+            handles.append(register(count))
+            continue
+        module = layer.base_layer if where == "base_layer" else getattr(layer, where)["default"]
+        handles.append(getattr(module, f"register_{hook}_hook")(count))
+        model.train()
+    try:
+        with _counting_fast_ops() as calls:
+            for model in (theirs, ours):
+                torch.manual_seed(5)
+                model(X.requires_grad_()).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        X.requires_grad_(False)
+    assert fired[id(ours)] == fired[id(theirs)] > 0 and not calls
+
+
+def test_repr_is_peft():
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0"], use_dora=True))
+    assert repr(ours) == repr(theirs)
+    assert type(ours.base_model.model.lin0).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_in_place_ops_on_accelerated_outputs(kind):
+    # nn.ReLU(inplace=True) after the layer (and PEFT's own `result += ...` over a wrapped layer)
+    if kind == "ia3":
+        config = peft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], init_ia3_weights=False)
+    else:
+        config = _lora(target_modules=["lin0", "lin1"], use_dora=kind == "dora")
+    theirs, ours = _mlp_pair(config)
+    for model in (theirs, ours):
+        model.base_model.model.forward = lambda x, _m=model.base_model.model: _m.lin1(torch.relu_(_m.lin0(x)) + 1.0)
+    with _counting_fast_ops() as calls:
+        _assert_same_step(theirs, ours, X.unsqueeze(0).expand(3, -1, -1))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_at_initialisation_is_the_base_model_bit_for_bit(dropout):
+    theirs, ours = _mlp_pair(_lora(target_modules=["lin0", "lin1"], use_dora=True, init_lora_weights=True,
+                                   lora_dropout=dropout))
+    ours.train()
+    with torch.no_grad(), theirs.disable_adapter():
+        base = theirs(X)
+    with _counting_fast_ops() as calls:
+        assert torch.equal(ours(X), base) and torch.equal(theirs.train()(X), base)
+        assert torch.equal(ours.eval()(X), base)
+    assert len(calls) == 4

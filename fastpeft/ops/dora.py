@@ -16,7 +16,7 @@ Public API:
 Math, with ``c = m / n`` per output column, ``h = x' Aᵀ`` and ``z = x' Wᵀ + s · h Bᵀ``:
 
     no dropout (x' = x):  y = c ⊙ z + b
-    dropout:              y = x Wᵀ + b + c ⊙ z − x' Wᵀ        (PEFT's (c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ)
+    dropout:              y = (x Wᵀ + b) + ((c − 1) ⊙ x'Wᵀ + s · h (c ⊙ B)ᵀ)     (PEFT's order)
 
 Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dB = s · c ⊙ (dyᵀ h)``, ``dA = s · gᵀ x'``,
 ``dm = (Σ_t dy ⊙ x'Wᵀ + s · Σ_r B ⊙ (dyᵀ h)) / n``; ``dx = dz W + s · g A`` without dropout, else
@@ -30,7 +30,8 @@ Fusion: on an NF4 base the forward ``c ⊙ (x Wᵀ + s h Bᵀ) + b`` is one kern
 are ``dx`` (LoRA term in the epilogue) and the recomputed ``z``. On a dense base the products are cuBLAS
 as in ``fastpeft.ops.lora`` (the LoRA term added in place with ``addmm_``), and the scale and bias are one
 more in-place pass (``addcmul``) — a dense fused-epilogue kernel is a GPU measurement away. With dropout,
-the forward takes three base products as PEFT's does.
+the forward takes two base products, as PEFT's does, and adds the DoRA term to the base output last, as PEFT
+does: an adapter at initialisation (``c = 1``, ``B = 0``) leaves the base output bit for bit.
 
 Dtypes: computed in ``x.dtype``; ``lora_a``, ``lora_b``, ``magnitude`` and ``bias`` are cast to it
 differentiably (fp32 adapters get fp32 gradients). The norm is computed in fp32 from the stored values and
@@ -106,28 +107,27 @@ def _scaled_product(a, weight: Weight, bias, lora_h, lora_expand, scaling: float
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """The DoRA layer; see the module docstring. Inputs share ``x``'s dtype (``dora_linear`` casts)."""
+    """The DoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring. Inputs share
+    ``x``'s dtype (``dora_linear`` casts them and reshapes outside, so the output can be changed in place)."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
-        x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
-        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x.dtype)
+    def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
+        x_lora = x2d if x_dropped is None else x_dropped
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=x2d.dtype)
         col_scale = magnitude / norm
         h = x_lora @ lora_a.t()
         if x_dropped is None:
             y = _scaled_product(x2d, weight, bias, h, lora_b.t(), scaling, col_scale)
         else:
-            y = _base_matmul(x2d, weight, False, bias, None, None, scaling)
-            y += _scaled_product(x_lora, weight, None, h, lora_b.t(), scaling, col_scale)
-            y -= _base_matmul(x_lora, weight, False, None, None, None, scaling)
+            dora_term = _scaled_product(x_lora, weight, None, None, None, scaling, col_scale - 1)
+            dora_term.addmm_(h, (lora_b * col_scale.unsqueeze(1)).t(), alpha=scaling)
+            y = _base_matmul(x2d, weight, False, bias, None, None, scaling).add_(dora_term)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x_lora, h, lora_a, lora_b,
                               norm, col_scale)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -135,30 +135,28 @@ class DoraLinearFunction(torch.autograd.Function):
         weight = ctx.weight if ctx.weight is not None else dense_weight
         s = ctx.scaling
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, needs_m = ctx.needs_input_grad
-        lead = dy.shape[:-1]
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        dz = dy2d * col_scale
+        dz = dy * col_scale
         g = dz @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = dm = None
         if ctx.has_dropout:
             if needs_dx:
-                dx = _base_matmul(dy2d, weight, True, None, None, None, s).view(*lead, -1)
+                dx = _base_matmul(dy, weight, True, None, None, None, s)
             if needs_dx_dropped:
-                dx_dropped = _base_matmul(dy2d * (col_scale - 1), weight, True, None, g, lora_a, s).view(*lead, -1)
+                dx_dropped = _base_matmul(dy * (col_scale - 1), weight, True, None, g, lora_a, s)
         elif needs_dx:
-            dx = _base_matmul(dz, weight, True, None, g, lora_a, s).view(*lead, -1)
+            dx = _base_matmul(dz, weight, True, None, g, lora_a, s)
         if needs_bias:
-            dbias = dy2d.sum(0)
+            dbias = dy.sum(0)
         if needs_a:
             da = s * (g.t() @ x_lora)
         if needs_b or needs_m:
-            dy_h = dy2d.t() @ h  # (out, r)
+            dy_h = dy.t() @ h  # (out, r)
         if needs_b:
             db = s * col_scale.unsqueeze(1) * dy_h
         if needs_m:
             # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
             # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway
-            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy2d, store_out=False)[1]
+            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy, store_out=False)[1]
             dm = (base_part.to(dy.dtype) + s * (lora_b * dy_h).sum(1)) / norm
         return dx, dx_dropped, None, dbias, da, db, None, dm
 
@@ -182,4 +180,8 @@ def dora_linear(
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
     cast = [None if t is None else t.to(x.dtype) for t in (bias, lora_a, lora_b, magnitude)]
     bias, lora_a, lora_b, magnitude = cast
-    return DoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), magnitude)
+    if x_dropped is not None:
+        x_dropped = x_dropped.reshape(-1, in_features)
+    y = DoraLinearFunction.apply(x.reshape(-1, in_features), x_dropped, weight, bias, lora_a, lora_b, float(scaling),
+                                 magnitude)
+    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed

@@ -123,12 +123,12 @@ def ia3_matmul(
 
 
 class IA3LinearFunction(torch.autograd.Function):
-    """IA3 over a frozen base; see the module docstring. ``x`` and ``bias`` share one dtype (``ia3_linear``
-    casts); ``ia3_scale`` keeps its own."""
+    """IA3 over a frozen base on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring.
+    ``x`` and ``bias`` share one dtype (``ia3_linear`` casts them and reshapes outside, so the output can be
+    changed in place); ``ia3_scale`` keeps its own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ia3_scale, is_feedforward):
-        x2d = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2d, weight, bias, ia3_scale, is_feedforward):
         if is_feedforward:
             y, _ = ia3_matmul(x2d, weight, in_scale=ia3_scale, bias=bias)
         else:
@@ -136,30 +136,27 @@ class IA3LinearFunction(torch.autograd.Function):
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.is_feedforward = is_feedforward
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x2d, bias, ia3_scale)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         dense_weight, x2d, bias, ia3_scale = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         needs_dx, _, needs_bias, needs_scale, _ = ctx.needs_input_grad
-        dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dbias = dscale = None
         if ctx.is_feedforward:
             if needs_dx or needs_scale:
-                dx, dscale = ia3_matmul(dy2d, weight, transpose_weight=True, out_scale=ia3_scale,
+                dx, dscale = ia3_matmul(dy, weight, transpose_weight=True, out_scale=ia3_scale,
                                         reduce_rows=x2d if needs_scale else None, store_out=needs_dx)
             if needs_bias:
-                dbias = dy2d.sum(0)
+                dbias = dy.sum(0)
         else:
             if needs_dx:
-                dx, _ = ia3_matmul(dy2d, weight, transpose_weight=True, in_scale=ia3_scale)
+                dx, _ = ia3_matmul(dy, weight, transpose_weight=True, in_scale=ia3_scale)
             if needs_scale:
-                _, dscale = ia3_matmul(x2d, weight, bias=bias, reduce_rows=dy2d, store_out=False)
+                _, dscale = ia3_matmul(x2d, weight, bias=bias, reduce_rows=dy, store_out=False)
             if needs_bias:
-                dbias = (dy2d * ia3_scale).sum(0)
-        if dx is not None:
-            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
+                dbias = (dy * ia3_scale).sum(0)
         if dscale is not None:
             dscale = dscale.to(ia3_scale.dtype)
         return dx, None, dbias, dscale, None
@@ -183,4 +180,5 @@ def ia3_linear(
         )
     if bias is not None:
         bias = bias.to(x.dtype)
-    return IA3LinearFunction.apply(x, weight, bias, ia3_scale.contiguous(), bool(is_feedforward))
+    y = IA3LinearFunction.apply(x.reshape(-1, in_features), weight, bias, ia3_scale.contiguous(), bool(is_feedforward))
+    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed

@@ -134,20 +134,20 @@ def _rng_state(device: torch.device):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """The LoRA / QLoRA layer; see the module docstring. ``x_dropped`` None means ``drop(x) = x`` unless
-    ``dropout_p > 0`` (then the op draws the mask itself and redraws it in backward); ``lora_a`` /
-    ``lora_b`` None means the base layer alone. Inputs share one dtype (``lora_linear`` casts them)."""
+    """The LoRA / QLoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring.
+    ``x_dropped`` None means ``drop(x) = x`` unless ``dropout_p > 0`` (then the op draws the mask itself and
+    redraws it in backward); ``lora_a`` / ``lora_b`` None means the base layer alone. Inputs share one dtype
+    (``lora_linear`` casts them and reshapes outside, so the output is no view made in here and can be
+    changed in place)."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
+    def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
         ctx.dropout_p = dropout_p
         if dropout_p > 0.0:
-            ctx.rng_state = _rng_state(x.device)
-            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x.device, x.dtype)
+            ctx.rng_state = _rng_state(x2d.device)
+            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x2d.device, x2d.dtype)
         else:
-            x_lora = x2d if x_dropped is None else x_dropped.reshape(-1, in_features)
+            x_lora = x2d if x_dropped is None else x_dropped
         h = None if lora_a is None else x_lora @ lora_a.t()
         y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
@@ -160,7 +160,7 @@ class LoraLinearFunction(torch.autograd.Function):
             h if ctx.needs_input_grad[5] else None,
             lora_a, lora_b,
         )
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -168,9 +168,6 @@ class LoraLinearFunction(torch.autograd.Function):
         weight = ctx.weight if ctx.weight is not None else dense_weight
         scaling = ctx.scaling
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, _ = ctx.needs_input_grad
-        out_features = dy.shape[-1]
-        dy2d = dy.reshape(-1, out_features)
-        lead = dy.shape[:-1]
         has_lora = lora_a is not None
         mask = None
         x_lora = x_saved
@@ -182,24 +179,23 @@ class LoraLinearFunction(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng_state, dy.device)
                 else:
                     torch.set_rng_state(ctx.rng_state)
-                mask = _dropout_mask((dy2d.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, dy.dtype)
+                mask = _dropout_mask((dy.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, dy.dtype)
             x_lora = None if x_saved is None else x_saved * mask
-        g = dy2d @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
+        g = dy @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = None
         if needs_dx:
             fuse = has_lora and not ctx.has_dropout
-            dx = _base_matmul(dy2d, weight, True, None, g if fuse else None, lora_a if fuse else None, scaling)
+            dx = _base_matmul(dy, weight, True, None, g if fuse else None, lora_a if fuse else None, scaling)
             if mask is not None:
                 dx = dx.addcmul_(scaling * (g @ lora_a), mask)
-            dx = dx.view(*lead, dx.shape[-1])
         if needs_dx_dropped and has_lora:
-            dx_dropped = (scaling * (g @ lora_a)).view(*lead, lora_a.shape[1])
+            dx_dropped = scaling * (g @ lora_a)
         if needs_bias:
-            dbias = dy2d.sum(0)
+            dbias = dy.sum(0)
         if needs_a:
             da = scaling * (g.t() @ x_lora)
         if needs_b:
-            db = scaling * (dy2d.t() @ h)
+            db = scaling * (dy.t() @ h)
         return dx, dx_dropped, None, dbias, da, db, None, None
 
 
@@ -229,4 +225,8 @@ def lora_linear(
         raise ValueError("give x_dropped or dropout_p, not both")
     if bias is not None:
         bias = bias.to(x.dtype)
-    return LoraLinearFunction.apply(x, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
+    if x_dropped is not None:
+        x_dropped = x_dropped.reshape(-1, in_features)
+    y = LoraLinearFunction.apply(x.reshape(-1, in_features), x_dropped, weight, bias, lora_a, lora_b,
+                                 float(scaling), float(dropout_p))
+    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed
