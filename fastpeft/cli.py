@@ -1,7 +1,7 @@
 """The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
-thresholds, sample launch plans), ``fastpeft bench`` (the benchmark harness, :mod:`fastpeft.bench`) and
-``fastpeft check-kernels`` (every production launch compiled for sm_80 / sm_89 / sm_90a and read in SASS,
-no GPU needed: :mod:`fastpeft.check_kernels`)."""
+thresholds, sample launch plans), ``fastpeft tune`` (NF4 crossovers measured on this GPU), ``fastpeft bench``
+(the benchmark harness, :mod:`fastpeft.bench`) and ``fastpeft check-kernels`` (every production launch compiled
+for sm_80 / sm_89 / sm_90a and read in SASS, no GPU needed: :mod:`fastpeft.check_kernels`)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                    "sample launch plan")
     from .bench.__main__ import build_parser as bench_parser, exit_status, run as run_bench
 
+    tune = sub.add_parser("tune", help="measure the NF4 GEMV / split-K / cuBLAS crossovers on this GPU (CUDA only)",
+                          description="Times the three NF4 product variants over the static-check shapes and "
+                                      "writes a per-GPU JSON that the NF4 dispatch prefers over the shipped table.")
+    tune.add_argument("--out", type=str, default=None, help="file to write (default: $FASTPEFT_TUNE_DIR/sm_XY.json)")
+    tune.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
                                 description="Micro and end-to-end benchmarks; see `python -m fastpeft.bench -h`."))
     from .check_kernels import build_parser as check_parser, run_cli as run_check
@@ -97,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         lines, backend_ok = info_lines()
         print("\n".join(lines))
         return 0 if backend_ok else 1
+    elif args.command == "tune":
+        import torch
+
+        from .kernels.tuning import tune as run_tune, tune_path
+
+        if not torch.cuda.is_available():
+            print("fastpeft tune needs a CUDA GPU (it measures kernels); none is available", file=sys.stderr)
+            return 2
+        content = run_tune(dtype=getattr(torch, args.dtype), path=args.out, progress=print)
+        print(f"wrote {args.out or tune_path(tuple(content['arch']))}: tiers {content['tiers']}")
     elif args.command == "bench":
         return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
     elif args.command == "check-kernels":

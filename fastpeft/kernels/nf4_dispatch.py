@@ -7,7 +7,9 @@ wins above it. Decode rows (``M <= GEMV_MAX_M``) always take the GEMV (bitsandby
 ``_GEMM_4BIT_CUSTOM_FLOOR_M = 4``; GemLite's M=1 kernel). fp32 has no tensor-core path in either: Triton
 only below 8 rows (bitsandbytes: "fp32 has no MMA kernel ... custom only wins in the SIMT range (M<8)").
 
-Overrides, read at each call (so a test or a user can move the crossovers without editing code):
+A file written by ``fastpeft tune`` (``fastpeft.kernels.tuning``) for the running architecture is
+preferred over the shipped table. Overrides, read at each call (so a test or a user can move the
+crossovers without editing code), win over both:
 ``FASTPEFT_NF4_GEMV_MAX_M`` (largest ``M`` on the GEMV) and ``FASTPEFT_NF4_TRITON_MAX_M`` (largest ``M``
 on a Triton kernel; above it, cuBLAS), or the same names set with :func:`set_thresholds`. ``fastpeft
 info`` shows the table in use.
@@ -72,17 +74,24 @@ def table_for(arch: Optional[tuple]) -> dict:
 
 def nf4_path(m: int, n: int, fp32: bool, arch: Optional[tuple], sm_count: Optional[int] = None) -> str:
     """``"gemv"``, ``"splitk"`` or ``"cublas"`` for an ``(m, k) · (k, n)`` NF4 product."""
+    from .tuning import tuned_tiers
+
     entry = table_for(arch)
     sms = sm_count or entry["sms"]
+    waves = -(-n // 64) / sms
     gemv_max = _override(_ENV[0])
     triton_max = _override(_ENV[1])
+    tuned = tuned_tiers(arch) if not fp32 else None  # measured in bf16 by `fastpeft tune`
+    if tuned:
+        tier = next(tier for tier in tuned if waves >= tier[0])
     if gemv_max is None:
-        gemv_max = GEMV_MAX_M
+        gemv_max = tier[1] if tuned else GEMV_MAX_M
     if triton_max is None:
-        if fp32:
+        if tuned:
+            triton_max = tier[2]
+        elif fp32:
             triton_max = FP32_TRITON_MAX_M
         else:
-            waves = -(-n // 64) / sms
             triton_max = next(limit for min_waves, limit in entry["tiers"] if waves >= min_waves)
     if m <= gemv_max:
         return "gemv"
@@ -91,11 +100,17 @@ def nf4_path(m: int, n: int, fp32: bool, arch: Optional[tuple], sm_count: Option
 
 def describe(arch: Optional[tuple]) -> list[str]:
     """Lines for ``fastpeft info``: the thresholds in force for ``arch``."""
+    from .tuning import tune_path, tuned_tiers
+
     entry = table_for(arch)
     tiers = ", ".join(f">= {w:g} waves: M <= {limit}" for w, limit in entry["tiers"])
     lines = [f"NF4 dispatch ({'sm_%d%d' % tuple(arch) if arch else 'no GPU: default table'}, {entry['sms']} SMs): "
              f"GEMV M <= {GEMV_MAX_M}; split-K tl.dot {tiers}; above: dequantise + cuBLAS; fp32: Triton M <= "
              f"{FP32_TRITON_MAX_M}"]
+    tuned = tuned_tiers(arch)
+    if tuned:
+        lines.append(f"  preferred: measured on this GPU by `fastpeft tune` ({tune_path(arch)}): " + ", ".join(
+            f">= {w:.2g} waves: GEMV M <= {g}, Triton M <= {t}" for w, g, t in tuned))
     for name in _ENV:
         value = _override(name)
         if value is not None:

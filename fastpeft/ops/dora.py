@@ -4,9 +4,9 @@
 Public API:
 
 - ``dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=None)``: ``‖W + s·B A‖₂`` per output row,
-  ``(out,)``, detached (``fastpeft::dora_weight_norm``, a ``torch.library`` custom op: the tile-by-tile
-  Triton kernel ``fastpeft.kernels.dora`` that never materialises ``B A`` nor the dequantised ``W``, or
-  the reference).
+  ``(out,)``, detached (``fastpeft::dora_weight_norm``, a ``torch.library`` custom op:
+  ``fastpeft.kernels.dora``'s cached-‖W‖² identity, one skinny ``W Aᵀ`` product per call and no ``B A``,
+  or the reference).
 - ``dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, x_dropped=None)``: the layer.
   ``x`` ``(..., in)``, ``weight`` frozen dense ``(out, in)`` or :class:`~fastpeft.nf4.NF4Weight`, ``bias``
   ``(out,)`` or None, ``lora_a`` ``(r, in)``, ``lora_b`` ``(out, r)``, ``magnitude`` ``(out,)``;
