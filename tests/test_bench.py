@@ -114,7 +114,11 @@ def test_case_filter_and_every_case_has_all_implementations_named():
     assert impls["lora.fwd"] == {"fastpeft", "reference", "peft"}
     assert impls["nf4_dequant"] == {"fastpeft", "reference", "bnb"}
     assert impls["decode"] == {"hf", "peft", "fastpeft", "fastpeft-serving"}
-    assert {j.case for j in all_jobs(_config(cases=["decode", "ia3.fwd"]))} == {"decode", "ia3.fwd", "ia3.fwd_bwd"}
+    assert impls["decode_4bit"] == {"hf", "peft", "fastpeft"}
+    assert impls["train_step_4bit"] == impls["train_step"] == {"peft", "fastpeft"}
+    assert impls["multi_lora_decode"] == {"peft", "fastpeft-serving"}
+    assert {j.case for j in all_jobs(_config(cases=["decode", "ia3.fwd"]))} == {
+        "decode", "decode_4bit", "multi_lora_decode", "ia3.fwd", "ia3.fwd_bwd"}
 
 
 def test_percentiles_match_numpy():

@@ -371,3 +371,21 @@ def test_dora_at_initialisation_is_the_base_model_bit_for_bit(dropout):
         assert torch.equal(ours(X), base) and torch.equal(theirs.train()(X), base)
         assert torch.equal(ours.eval()(X), base)
     assert len(calls) == 4
+
+
+def test_a_4bit_base_repacked_by_bitsandbytes_runs_peft_forward(tiny_llama_dir):
+    """bitsandbytes repacks a Linear4bit for its bf16 CPU kernel on an eval no-grad forward (AVX512-BF16 CPUs);
+    from then on PEFT computes with that kernel, so the accelerated layer hands the call to PEFT's forward."""
+    model = _peft_model(_lora(target_modules=["q_proj"]), load_tiny_llama_4bit(tiny_llama_dir))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features)
+    layer.get_base_layer().weight.quant_state.packing_format_for_cpu = True  # what that forward leaves behind
+    peft_class = layer._fastpeft_peft_class
+    peft_forward = peft_class.forward
+    with torch.no_grad(), _counting_fast_ops() as calls:
+        try:
+            peft_class.forward = lambda self, x: "peft"
+            assert layer(x) == "peft" and not calls
+        finally:
+            peft_class.forward = peft_forward

@@ -244,3 +244,17 @@ def test_reference_gradcheck_float64():
     a_, b_ = a.detach(), b.detach()
     torch.autograd.gradcheck(lambda x, m: reference.dora_linear(x, w, bias, a_, b_, 0.7, m), (x, m))
     torch.autograd.gradcheck(lambda x, l: reference.ia3_linear(x, w, bias, l, True), (x, l_in))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nf4_base_weight_on_cpu_is_bitwise_the_reference_dequantisation(nested):
+    """base_weight hands CPU NF4 to bitsandbytes' C++ dequantiser only where it is exact: blocks inside rows."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for (out_f, in_f), blocksize in [((33, 256), 64), ((7, 128), 128), ((5, 96), 64), ((3, 64), 256)]:
+        packed = bnb.nn.Params4bit(torch.randn(out_f, in_f), requires_grad=False, quant_type="nf4",
+                                   blocksize=blocksize, compress_statistics=nested).to("cpu")
+        weight = NF4Weight.from_bnb(packed)
+        fast = reference._bnb_cpu_dequantizes(weight, torch.float32)
+        assert fast == (in_f % blocksize == 0)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            assert torch.equal(reference.base_weight(weight, dtype), weight.dequantize(dtype))

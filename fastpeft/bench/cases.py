@@ -5,9 +5,9 @@ its implementations: ``fastpeft`` (the package's modules / ops, or a PEFT model 
 ``fastpeft.accelerate``), ``fastpeft-serving`` (``MultiLoraModel``, for decode), ``reference`` (``fastpeft.reference``,
 plain PyTorch), ``peft`` (Hugging Face PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
 decode, ``hf`` (the model without adapters). A setup function builds one implementation and returns a
-:class:`Prepared` call; when something it needs is not importable (an optional dependency, or a fastpeft
-module that has not landed yet) it raises :class:`Unavailable` and the job is reported as skipped with
-that reason, so new modules show up in the bench as soon as they import.
+:class:`Prepared` call; when a third-party package it compares against is not importable it raises
+:class:`Unavailable` and the job is reported as skipped with that reason and the command that installs it
+(``pip install -e ".[bench]"`` brings everything the default suites compare against).
 
 Every implementation of a case is built from the same seeded weights. Inputs rotate over
 ``config.rotations`` sets. Micro cases carry a cost model (FLOPs and minimum bytes moved) for the roofline.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,6 +27,9 @@ import torch.nn as nn
 
 from .. import reference
 from ..nf4 import NF4Weight
+from ..nn import DoraLinear, IA3Linear, LoraLinear
+from ..patch import accelerate
+from ..serving import MultiLoraModel
 
 
 class Unavailable(Exception):
@@ -88,17 +92,19 @@ LLAMA_SIZES = {
 }
 
 
-def _require(module: str, attr: Optional[str] = None, why: str = ""):
-    """``module`` (or ``module.attr``), or :class:`Unavailable` naming what is missing."""
+# pip package that provides each optional import, for the "how to get it" part of a skip reason
+_PIP_NAMES = {"peft": "peft", "bitsandbytes": "bitsandbytes", "transformers": "transformers"}
+
+
+def _require(module: str):
+    """The third-party ``module``, or :class:`Unavailable` naming what is missing and how to install it
+    (everything the default suite compares against comes with ``pip install -e ".[bench]"``)."""
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise Unavailable(f"{module} not importable ({exc}){why}") from None
-    if attr is None:
-        return mod
-    if not hasattr(mod, attr):
-        raise Unavailable(f"{module}.{attr} not available yet{why}")
-    return getattr(mod, attr)
+        package = _PIP_NAMES.get(module.partition(".")[0], module.partition(".")[0])
+        raise Unavailable(f"{module} not importable ({exc}): pip install -e \".[bench]\" (or pip install "
+                          f"{package})") from None
 
 
 def _fastpeft_backend(device: torch.device) -> str:
@@ -268,10 +274,10 @@ def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
     base = base_weight if isinstance(base_weight, NF4Weight) else _dense_linear(w)
     adapter = (base, nn.Parameter(w.lora_a.detach()), nn.Parameter(w.lora_b.detach()), w.scaling, nn.Identity())
     if op == "dora":
-        layer = _require("fastpeft.nn", "DoraLinear", " (issue 4)").from_parameters(
+        layer = DoraLinear.from_parameters(
             *adapter, nn.Parameter(w.magnitude.detach()))
     else:
-        layer = _require("fastpeft.nn", "LoraLinear", " (issue 3)").from_parameters(*adapter)
+        layer = LoraLinear.from_parameters(*adapter)
     return layer, [p for p in layer.parameters() if p.requires_grad]
 
 
@@ -291,7 +297,7 @@ def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[
                 layer.ia3_l["default"].copy_(scale.detach().reshape(layer.ia3_l["default"].shape))
             forward, params = layer, [layer.ia3_l["default"]]
         else:
-            layer = _require("fastpeft.nn", "IA3Linear", " (issue 4)")(_dense_linear(w), is_feedforward=False)
+            layer = IA3Linear(_dense_linear(w), is_feedforward=False)
             with torch.no_grad():
                 layer.ia3_l.copy_(scale.detach().reshape(layer.ia3_l.shape))
             forward, params = layer, [layer.ia3_l]
@@ -364,9 +370,8 @@ def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int)
                 return model(x.unsqueeze(1), adapter_names=names).squeeze(1)
             note = "peft mixed batch (adapter_names)"
         else:
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(_OneLinear(_dense_linear(w)), {f"a{k}": _single_layer_adapter(cfg, "proj", lora_as[k], lora_bs[k])
-                                                           for k in range(n_adapters)})
+            adapters = {f"a{k}": _single_layer_adapter(cfg, "proj", lora_as[k], lora_bs[k]) for k in range(n_adapters)}
+            model = MultiLoraModel(_OneLinear(_dense_linear(w)), adapters)
             batch = model.batch(names)
 
             def forward(x):
@@ -430,6 +435,21 @@ def _model(cfg: BenchConfig) -> nn.Module:
     return model.to(cfg.device).eval()
 
 
+def _model_4bit(cfg: BenchConfig) -> nn.Module:
+    """The model of the end-to-end cases loaded as bitsandbytes NF4 (double quantisation, compute dtype
+    ``cfg.dtype``), the way users load QLoRA models: through ``BitsAndBytesConfig``."""
+    transformers = _require("transformers")
+    _require("bitsandbytes")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cfg.dtype)
+    load = dict(quantization_config=quantization, dtype=cfg.dtype, device_map={"": cfg.device.type})
+    if cfg.model_path:
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, **load).eval()
+    with tempfile.TemporaryDirectory() as path:
+        _model(cfg).save_pretrained(path)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **load).eval()
+
+
 def _token_batches(cfg: BenchConfig, batch: int, length: int, vocab: int) -> list:
     g = torch.Generator().manual_seed(4)
     return [torch.randint(1, vocab, (batch, length), generator=g).to(cfg.device) for _ in range(cfg.rotations)]
@@ -444,10 +464,11 @@ def _randomise_adapters(model: nn.Module) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
+def _train_step(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         peft = _require("peft")
-        model = peft.get_peft_model(_model(cfg), _lora_config(peft, cfg, _LLAMA_TARGETS))
+        base = _model_4bit(cfg) if four_bit else _model(cfg)
+        model = peft.get_peft_model(base, _lora_config(peft, cfg, _LLAMA_TARGETS))
         _randomise_adapters(model)
         note = _accelerate(model, cfg) if impl == "fastpeft" else ""
         model.train()
@@ -466,13 +487,13 @@ def _train_step(impl: str) -> Callable[[BenchConfig], Prepared]:
 
 def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
     """Switch a PEFT model's adapted layers to fastpeft's ops in place (``fastpeft.accelerate``); the note."""
-    summary = _require("fastpeft", "accelerate", " (PEFT layers on fastpeft ops)")(model)
+    summary = accelerate(model)
     return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
 
 
-def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
+def _decode(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
-        model = _model(cfg)
+        model = _model_4bit(cfg) if four_bit else _model(cfg)
         vocab = model.config.vocab_size
         note = ""
         generate = model.generate
@@ -485,8 +506,7 @@ def _decode(impl: str) -> Callable[[BenchConfig], Prepared]:
                 note = _accelerate(model, cfg)
             generate = model.generate
         elif impl == "fastpeft-serving":
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(model, {"a0": _model_adapter(cfg, model, seed=0)})
+            model = MultiLoraModel(model, {"a0": _model_adapter(cfg, model, seed=0)})
             generate, kwargs = model.generate, {"adapter_names": ["a0"]}
             note = "fastpeft.MultiLoraModel, one adapter; " + _fastpeft_backend(cfg.device)
         prompts = _token_batches(cfg, 1, cfg.decode_prompt, vocab)
@@ -520,6 +540,22 @@ def _model_adapter(cfg: BenchConfig, model: nn.Module, seed: int):
     return Adapter(config, tensors)
 
 
+def _peft_multi_adapter(cfg: BenchConfig, model: nn.Module, adapters: list) -> nn.Module:
+    """A PEFT model holding ``adapters`` as ``a0``, ``a1``, ... (eval mode: PEFT's mixed batches need it)."""
+    peft = _require("peft")
+    model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS), "a0")
+    for k in range(1, len(adapters)):
+        model.add_adapter(f"a{k}", _lora_config(peft, cfg, _LLAMA_TARGETS))
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, adapter in enumerate(adapters):
+            for key, tensor in adapter.tensors.items():
+                # PEFT's in-memory names carry the adapter: ...lora_A.a3.weight
+                module, kind, _ = key.rsplit(".", 2)
+                params[f"{module}.{kind}.a{k}.weight"].copy_(tensor)
+    return model.eval()
+
+
 def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
     """Prefill throughput of a mixed batch: ``serving_seqs`` sequences, each with one of ``n_adapters``."""
     def setup(cfg: BenchConfig) -> Prepared:
@@ -530,25 +566,13 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
         names = [f"a{rng.randrange(n_adapters)}" for _ in range(cfg.serving_seqs)]
         note = ""
         if impl == "peft":
-            peft = _require("peft")
-            model = peft.get_peft_model(model, _lora_config(peft, cfg, _LLAMA_TARGETS), "a0")
-            for k in range(1, n_adapters):
-                model.add_adapter(f"a{k}", _lora_config(peft, cfg, _LLAMA_TARGETS))
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for k, adapter in enumerate(adapters):
-                    for key, tensor in adapter.tensors.items():
-                        # PEFT's in-memory names carry the adapter: ...lora_A.a3.weight
-                        module, kind, _ = key.rsplit(".", 2)
-                        params[f"{module}.{kind}.a{k}.weight"].copy_(tensor)
-            model.eval()
+            model = _peft_multi_adapter(cfg, model, adapters)
 
             def forward(ids):
                 return model(input_ids=ids, adapter_names=names)
             note = "peft mixed batch (adapter_names)"
         else:
-            serving = _require("fastpeft.serving", "MultiLoraModel", " (issue 5)")
-            model = serving(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
+            model = MultiLoraModel(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
             batch = model.batch(names)
 
             def forward(ids):
@@ -563,12 +587,47 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
     return setup
 
 
+def _serving_decode(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
+    """Greedy decode of a ``serving_seqs``-row batch, row ``b`` with adapter ``a{b % n_adapters}`` (every adapter
+    used when ``n_adapters <= serving_seqs``): ``MultiLoraModel`` against PEFT's ``adapter_names`` generate."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        model = _model(cfg)
+        vocab = model.config.vocab_size
+        adapters = [_model_adapter(cfg, model, seed=k) for k in range(n_adapters)]
+        names = [f"a{b % n_adapters}" for b in range(cfg.serving_seqs)]
+        if impl == "peft":
+            model = _peft_multi_adapter(cfg, model, adapters)
+            note = "peft generate(adapter_names=...)"
+        else:
+            model = MultiLoraModel(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
+            note = "fastpeft.MultiLoraModel; " + _fastpeft_backend(cfg.device)
+        prompts = _token_batches(cfg, cfg.serving_seqs, cfg.decode_prompt, vocab)
+        n = cfg.decode_tokens
+
+        def run(i):
+            with torch.no_grad():
+                return model.generate(input_ids=prompts[i % len(prompts)], adapter_names=names, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return Prepared(run, tokens=n * cfg.serving_seqs, note=note)
+    return setup
+
+
 def e2e_jobs(cfg: BenchConfig) -> list:
     model = {"model": cfg.model_path or "built-in tiny Llama", "dtype": str(cfg.dtype).replace("torch.", "")}
     jobs = [Job("train_step", impl, {**model, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
                 _train_step(impl)) for impl in ("peft", "fastpeft")]
     jobs += [Job("decode", impl, {**model, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens, "r": cfg.rank},
                  _decode(impl)) for impl in ("hf", "peft", "fastpeft", "fastpeft-serving")]
+    nf4 = {**model, "base": "nf4"}  # QLoRA: the same model loaded in 4 bits; PEFT's layers call bitsandbytes
+    jobs += [Job("train_step_4bit", impl, {**nf4, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
+                 _train_step(impl, four_bit=True)) for impl in ("peft", "fastpeft")]
+    jobs += [Job("decode_4bit", impl, {**nf4, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
+                                       "r": cfg.rank}, _decode(impl, four_bit=True)) for impl in ("hf", "peft", "fastpeft")]
+    for n in cfg.serving_adapters:
+        jobs += [Job("multi_lora_decode", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs,
+                                                 "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
+                                                 "r": cfg.rank}, _serving_decode(impl, n))
+                 for impl in ("peft", "fastpeft-serving")]
     for n in cfg.serving_adapters:
         jobs += [Job("multi_lora_serving", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs, "seq": cfg.seq_len,
                                                   "r": cfg.rank}, _serving(impl, n)) for impl in ("peft", "fastpeft")]

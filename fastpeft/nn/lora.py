@@ -29,6 +29,12 @@ def _is_bnb_linear4bit(module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def repacked_for_bnb_cpu(module) -> bool:
+    """Whether bitsandbytes has repacked this ``Linear4bit`` for its own CPU kernel (in place, on an eval-mode
+    no-grad CPU forward on an AVX512-BF16 CPU; absmax rounded to bf16): no longer the NF4 layout."""
+    return _is_bnb_linear4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+
+
 class _NF4Base(nn.Module):
     """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``). The
     NF4Weight is a plain attribute, not a buffer: ``.to(device)`` does not move it (build it on the
@@ -173,16 +179,26 @@ class LoraLinear(nn.Module):
     def base_weight(self) -> Union[torch.Tensor, NF4Weight]:
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
-        if _is_bnb_linear4bit(self.base_layer):
-            if getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False):
+        base = self.base_layer
+        if _is_bnb_linear4bit(base):
+            if repacked_for_bnb_cpu(base):
                 raise ValueError(
                     "bitsandbytes has repacked this Linear4bit for its own CPU kernel (it does so in place on an "
                     "eval-mode forward without grad on an AVX512-BF16 CPU), rounding its absmax to bf16: it no "
                     "longer holds the NF4 layout. Wrap the layer before running it in eval mode, or set "
                     "support_avx512bf16_for_cpu = False on it first"
                 )
-            return NF4Weight.from_bnb(self.base_layer)
-        return self.base_layer.weight
+            # the view is cached (building and validating one costs more than a decode step's small matmul);
+            # reused only while the layer holds the very same packed tensor and quant state
+            param = base.weight
+            if torch.compiler.is_compiling():  # traced once: no cache (dynamo cannot compare data pointers)
+                return NF4Weight.from_bnb(param)
+            key = (param, param.quant_state, param.data_ptr())
+            cached = self.__dict__.get("_fastpeft_nf4_view")
+            if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
+                cached = self.__dict__["_fastpeft_nf4_view"] = (key, NF4Weight.from_bnb(param))
+            return cached[1]
+        return base.weight
 
     @property
     def bias(self) -> Optional[torch.Tensor]:

@@ -41,6 +41,7 @@ class MultiLoraBatch:
         self.slot_ids = slot_ids
         self.slot_weights = torch.ones(slot_ids.shape) if slot_weights is None else slot_weights
         self._metas: dict = {}
+        self._reference_cache: dict = {}  # the CPU path's per-layer gathered factors, shared by prefill and decode
 
     @property
     def num_rows(self) -> int:
@@ -59,7 +60,8 @@ class MultiLoraBatch:
                 tokens_per_row *= d
             ids = self.slot_ids.to(device).repeat_interleave(tokens_per_row, dim=0)
             weights = self.slot_weights.to(device).repeat_interleave(tokens_per_row, dim=0)
-            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1)
+            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1,
+                                                   reference_cache=self._reference_cache)
         return self._metas[key]
 
 

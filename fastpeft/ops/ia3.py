@@ -80,16 +80,25 @@ def _ia3_matmul_op(
                               in_scale=in_scale, bias=bias, out_scale=out_scale, reduce_rows=reduce_rows,
                               store_out=store_out)
     else:
-        w = reference.base_weight(weight, a.dtype)
-        scaled = a if in_scale is None else (a * in_scale).to(a.dtype)
-        z = scaled @ (w if transpose_weight else w.t())
-        if bias is not None:
-            z = z + bias
-        out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
-        reduced = None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+        out, reduced = _ia3_matmul_reference(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows,
+                                             store_out)
     # a custom op returns tensors only: empty stand-ins for the parts not asked for
     return (out if out is not None else a.new_empty(0),
             reduced if reduced is not None else a.new_empty(0, dtype=torch.float32))
+
+
+def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, bias, out_scale, reduce_rows,
+                          store_out: bool) -> tuple:
+    """The op off the Triton backend, ``(out or None, reduced or None)``: the dequantised or dense weight
+    (``reference.base_weight``) in a matmul."""
+    w = reference.base_weight(weight, a.dtype)
+    scaled = a if in_scale is None else (a * in_scale).to(a.dtype)
+    z = scaled @ (w if transpose_weight else w.t())
+    if bias is not None:
+        z = z + bias
+    out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
+    reduced = None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+    return out, reduced
 
 
 @_ia3_matmul_op.register_fake
@@ -117,9 +126,20 @@ def ia3_matmul(
     reduction None unless ``reduce_rows``. No autograd (``ia3_linear`` differentiates through it)."""
     if not isinstance(weight, (torch.Tensor, NF4Weight)):
         raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
+    if backend_for(a.device) == "reference" and not torch.compiler.is_compiling():
+        # eager, off the Triton backend: no custom-op dispatch (more than a small layer's matmul at M = 1);
+        # the op is what torch.compile traces
+        return _ia3_matmul_reference(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, store_out)
     out, reduced = _ia3_matmul_op(a, *weight_op_args(weight), transpose_weight, in_scale, bias, out_scale,
                                   reduce_rows, store_out)
     return (out if store_out else None), (reduced if reduce_rows is not None else None)
+
+
+def _ia3_forward(x2d, weight: Weight, bias, ia3_scale, is_feedforward: bool) -> torch.Tensor:
+    """The forward on 2-D ``x2d`` ``(M, in)``: ``(M, out)``."""
+    if is_feedforward:
+        return ia3_matmul(x2d, weight, in_scale=ia3_scale, bias=bias)[0]
+    return ia3_matmul(x2d, weight, bias=bias, out_scale=ia3_scale)[0]
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -129,10 +149,7 @@ class IA3LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, ia3_scale, is_feedforward):
-        if is_feedforward:
-            y, _ = ia3_matmul(x2d, weight, in_scale=ia3_scale, bias=bias)
-        else:
-            y, _ = ia3_matmul(x2d, weight, bias=bias, out_scale=ia3_scale)
+        y = _ia3_forward(x2d, weight, bias, ia3_scale, is_feedforward)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.is_feedforward = is_feedforward
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x2d, bias, ia3_scale)
@@ -180,5 +197,10 @@ def ia3_linear(
         )
     if bias is not None:
         bias = bias.to(x.dtype)
-    y = IA3LinearFunction.apply(x.reshape(-1, in_features), weight, bias, ia3_scale.contiguous(), bool(is_feedforward))
+    x2d, ia3_scale = x.reshape(-1, in_features), ia3_scale.contiguous()
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, ia3_scale)):
+        # nothing to differentiate: the forward alone, without the autograd Function's per-call cost
+        y = _ia3_forward(x2d, weight, bias, ia3_scale, bool(is_feedforward))
+    else:
+        y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, bool(is_feedforward))
     return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed

@@ -72,6 +72,12 @@ def _nf4_lora_matmul_op(
 
         return kernel(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
                       lora_expand=lora_expand, scaling=scaling, col_scale=col_scale)
+    return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale)
+
+
+def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,
+                               scaling: float, col_scale) -> torch.Tensor:
+    """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
     w = reference.base_weight(weight, a.dtype)
     out = a @ (w if transpose_weight else w.t())
     if lora_h is not None:
@@ -106,6 +112,11 @@ def nf4_lora_matmul(
     block: ``lora_linear`` differentiates through it)."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    if backend_for(a.device) == "reference" and not torch.compiler.is_compiling():
+        # eager, off the Triton backend: no custom-op dispatch nor NF4Weight rebuilt from its flat arguments
+        # (together more than a decode step's matmul on a small layer); the op is what torch.compile traces
+        return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, float(scaling),
+                                          col_scale)
     return _nf4_lora_matmul_op(a, *weight.op_args(), transpose_weight, bias, lora_h, lora_expand, float(scaling),
                                col_scale)
 
@@ -133,6 +144,18 @@ def _rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
+def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+    """The forward math on 2-D ``x2d`` ``(M, in)`` (``x_dropped`` 2-D or None): ``(y (M, out), drop(x) (M, in),
+    h = drop(x) Aᵀ (M, r) or None)``."""
+    if dropout_p > 0.0:
+        x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x2d.device, x2d.dtype)
+    else:
+        x_lora = x2d if x_dropped is None else x_dropped
+    h = None if lora_a is None else x_lora @ lora_a.t()
+    y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+    return y, x_lora, h
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA / QLoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring.
     ``x_dropped`` None means ``drop(x) = x`` unless ``dropout_p > 0`` (then the op draws the mask itself and
@@ -145,11 +168,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         if dropout_p > 0.0:
             ctx.rng_state = _rng_state(x2d.device)
-            x_lora = x2d * _dropout_mask(x2d.shape, dropout_p, x2d.device, x2d.dtype)
-        else:
-            x_lora = x2d if x_dropped is None else x_dropped
-        h = None if lora_a is None else x_lora @ lora_a.t()
-        y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+        y, x_lora, h = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None or dropout_p > 0.0
@@ -225,8 +244,14 @@ def lora_linear(
         raise ValueError("give x_dropped or dropout_p, not both")
     if bias is not None:
         bias = bias.to(x.dtype)
+    x2d = x.reshape(-1, in_features)
     if x_dropped is not None:
         x_dropped = x_dropped.reshape(-1, in_features)
-    y = LoraLinearFunction.apply(x.reshape(-1, in_features), x_dropped, weight, bias, lora_a, lora_b,
-                                 float(scaling), float(dropout_p))
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, x_dropped, bias, lora_a,
+                                                                                          lora_b)):
+        # nothing to differentiate (inference, decode): the forward alone, without the autograd Function's
+        # per-call cost (tens of microseconds, more than a decode step's LoRA math on a small layer)
+        y = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))[0]
+    else:
+        y = LoraLinearFunction.apply(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
     return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed

@@ -3,22 +3,135 @@
 :class:`MultiLoraMeta` is computed once per batch (and per token count: prefill and each decode step)
 and passed to every adapted layer: per token the adapter slots ``(k, w)`` (``S`` slots; a weighted
 combination of adapters uses several), and for the Triton kernels the tokens grouped by adapter
-(``token_order``, a permutation: the batch is never reordered) cut into tiles. On CPU the op runs
-``fastpeft.reference.multi_lora_delta``; inference only (no autograd).
+(``token_order``, a permutation: the batch is never reordered) cut into tiles. Inference only (no autograd).
+
+Off CUDA the op runs the reference math of ``fastpeft.reference.multi_lora_delta`` (the oracle the tests
+hold it to), grouped by a :class:`ReferencePlan` built once per batch layout instead of once per layer:
+the tokens of each adapter as a slice when they are contiguous (prefill: a row's tokens are), so the
+LoRA term is one in-place ``addmm_`` on a view; and, when the batch's rows are spread over many adapters
+with a single slot each (decode steps, and prefill of rows with distinct adapters), one batched pair of
+``bmm`` over per-row gathered adapter factors (gathered once per batch and layer, reused by every step)
+instead of a loop over adapters. In eager mode the reference path is called directly,
+without the custom op's dispatch (tens of microseconds per call, more than a small layer's LoRA math).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .. import reference
 from .dispatch import backend_for
 
 # Tokens per prefill tile: 16 is tl.dot's minimum. Untuned: no GPU in this task.
 PREFILL_BLOCK_M = 16
+# Reference path: gather each row's adapter factors and bmm (instead of one matmul pair per adapter) when
+# the batch has at most this many rows per adapter it names (the gathered copies then stay within that
+# multiple of the used adapters' own size). CPU, tiny Llama (python -m bench.check_cpu --cases
+# multi_lora_decode): 16 adapters over 16 rows, decode and prefill, ~2-5x faster than the loop.
+GATHER_MAX_ROWS_PER_ADAPTER = 4
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """How the reference path groups a batch (host-side, built once per batch layout).
+
+    ``groups``: per adapter ``k`` the batch names, ``(k, rows, weights)``: ``rows`` the tokens using it
+    (a ``slice`` when contiguous, else int64 indices, ascending), ``weights`` fp32 ``(n, 1)`` summed over
+    the token's slots naming ``k``, or None when all are 1. ``gather``: for the batched path (one slot,
+    the tokens in rows of ``T`` consecutive tokens that share an adapter, few rows per adapter)
+    ``(T, rows, ids, weights)``: ``rows`` int64 of the rows with an adapter (None: every row), ``ids``
+    int64 their adapter, ``weights`` fp32 ``(n,)`` or None; else None."""
+
+    groups: tuple
+    gather: Optional[tuple]
+    # per layer and row layout (keyed by the bank's lora_a, held so its id stays its own, and the rows' adapters):
+    # the gathered, transposed factors and per-row coefficients of the batched path, built at the first call
+    # and reused by the next ones; shared by the plans of one batch (prefill and decode steps)
+    gathered: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, slot_ids: torch.Tensor, slot_weights: torch.Tensor,
+              gathered: Optional[dict] = None) -> "ReferencePlan":
+        ids = slot_ids.long()
+        groups = []
+        for k in torch.unique(ids[ids >= 0]).tolist():
+            weight_k = torch.where(ids == k, slot_weights, 0).sum(-1)
+            rows = weight_k.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            weights = weight_k[rows]
+            weights = None if bool((weights == 1).all()) else weights[:, None]
+            start, n = int(rows[0]), rows.numel()
+            groups.append((k, slice(start, start + n) if int(rows[-1]) - start + 1 == n else rows, weights))
+        return cls(tuple(groups), _gather_rows(ids, slot_weights, len(groups)), {} if gathered is None else gathered)
+
+
+def _gather_rows(ids: torch.Tensor, slot_weights: torch.Tensor, n_adapters: int) -> Optional[tuple]:
+    """``ReferencePlan.gather`` for int64 ``ids`` ``(M, S)`` (with the rows' adapters and weights appended as a
+    hashable key of the gathered factors), or None. ``T`` is the gcd of the lengths of the
+    runs of equal (adapter, weight) in token order: every block of ``T`` tokens then lies inside one run
+    (a prefill row's tokens share its adapter; decode has ``T = 1``)."""
+    if ids.shape[1] != 1 or n_adapters < 2:
+        return None
+    ids, weights = ids[:, 0], slot_weights[:, 0]
+    change = ((ids[1:] != ids[:-1]) | (weights[1:] != weights[:-1])).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), ids.shape[0]]
+    tokens_per_row = math.gcd(*(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+    ids, weights = ids[::tokens_per_row], weights[::tokens_per_row]
+    if ids.shape[0] > GATHER_MAX_ROWS_PER_ADAPTER * n_adapters:
+        return None
+    rows = ((ids >= 0) & (weights != 0)).nonzero().squeeze(1)
+    weights = weights[rows]
+    key = (tuple(ids.tolist()), tuple(weights.tolist()))
+    return (tokens_per_row, None if rows.numel() == ids.shape[0] else rows, ids[rows],
+            None if bool((weights == 1).all()) else weights, key)
+
+
+def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list,
+                    scalings: torch.Tensor, plan: ReferencePlan) -> None:
+    """``y += Σ w · s_k · (x A_kᵀ) B_kᵀ`` per token as ``plan`` groups them; reads only each adapter's own
+    ``ranks[k]`` columns of the zero-padded bank (padding is never read, so never turns inf into NaN)."""
+    used_ranks = {ranks[k] for k, _, _ in plan.groups}
+    if plan.gather is not None and len(used_ranks) == 1:
+        rank = used_ranks.pop()
+        if rank == 0:
+            return
+        tokens_per_row, rows, ids, weights, key = plan.gather
+        key = (id(lora_a), key)
+        cached = plan.gathered.get(key)
+        if cached is None or cached[0] is not lora_a:
+            # (n, in, r) and (n, r, out), contiguous: bmm of one-row matrices runs an order of magnitude faster
+            # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
+            a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
+            coef = scalings.index_select(0, ids)
+            coef = (coef if weights is None else coef * weights).to(lora_b.dtype).view(-1, 1, 1)
+            b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous().mul_(coef)
+            cached = plan.gathered[key] = (lora_a, a_t, b_t)
+        _, a_t, b_t = cached
+        x_rows = x.view(-1, tokens_per_row, x.shape[-1])  # splitting the token dim: a view at any strides
+        y_rows = y.view(-1, tokens_per_row, y.shape[-1])
+        if rows is None:
+            y_rows.baddbmm_(torch.bmm(x_rows, a_t), b_t)
+        else:
+            y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows.index_select(0, rows), a_t), b_t))
+        return
+    scaling_list = scalings.tolist()
+    for k, rows, weights in plan.groups:
+        rank = ranks[k]
+        if rank == 0:  # the adapter does not touch this layer
+            continue
+        a, b = lora_a[k, :rank], lora_b[k, :, :rank]
+        contiguous = isinstance(rows, slice)
+        h = (x[rows] if contiguous else x.index_select(0, rows)) @ a.t()
+        if weights is not None:
+            h = h * weights.to(h.dtype)
+        if contiguous:
+            y[rows].addmm_(h, b.t(), alpha=scaling_list[k])
+        else:
+            y.index_add_(0, rows, h @ b.t(), alpha=scaling_list[k])
 
 
 @dataclass(frozen=True)
@@ -26,7 +139,9 @@ class MultiLoraMeta:
     """Per-batch metadata. ``slot_ids`` int32 ``(M, S)`` (``-1`` = empty slot), ``slot_weights`` fp32
     ``(M, S)``; ``token_order`` int32 ``(S, M)`` (per slot, tokens sorted by adapter, empty ones last),
     ``tiles`` int32 ``(T, 3)`` rows ``(adapter, start in token_order, length)``, ``slot_tiles`` the tile
-    count of each slot, ``block_m`` the tile height (1: decode), ``max_adapter_id`` (-1 if none)."""
+    count of each slot, ``block_m`` the tile height (1: decode), ``max_adapter_id`` (-1 if none);
+    ``reference_plan`` the reference path's grouping (built for CPU metadata; None on CUDA, where the
+    kernels never need it)."""
 
     slot_ids: torch.Tensor
     slot_weights: torch.Tensor
@@ -35,6 +150,7 @@ class MultiLoraMeta:
     slot_tiles: tuple
     block_m: int
     max_adapter_id: int
+    reference_plan: Optional[ReferencePlan] = None
 
     @property
     def num_tokens(self) -> int:
@@ -42,10 +158,11 @@ class MultiLoraMeta:
 
     @classmethod
     def build(cls, slot_ids: torch.Tensor, slot_weights: Optional[torch.Tensor] = None,
-              decode: bool = False) -> "MultiLoraMeta":
+              decode: bool = False, reference_cache: Optional[dict] = None) -> "MultiLoraMeta":
         """From ``slot_ids`` int ``(M,)`` or ``(M, S)`` and optional ``slot_weights`` of the same shape.
         ``decode=True`` (one token per sequence) picks one-token tiles (GEMV); otherwise tokens of one
-        adapter are tiled ``PREFILL_BLOCK_M`` at a time."""
+        adapter are tiled ``PREFILL_BLOCK_M`` at a time. ``reference_cache``: a dict shared by the metadata
+        of one batch's steps, where the reference path keeps per-layer gathered factors."""
         if slot_ids.dim() == 1:
             slot_ids = slot_ids[:, None]
             slot_weights = None if slot_weights is None else slot_weights[:, None]
@@ -77,14 +194,17 @@ class MultiLoraMeta:
                 start += length
             slot_tiles.append(count)
         device = slot_ids.device
+        slot_weights = slot_weights.to(torch.float32).contiguous()
         return cls(
             slot_ids=slot_ids,
-            slot_weights=slot_weights.to(torch.float32).contiguous(),
+            slot_weights=slot_weights,
             token_order=torch.stack(orders) if orders else torch.empty(0, 0, dtype=torch.int32, device=device),
             tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3),
             slot_tiles=tuple(slot_tiles),
             block_m=block_m,
             max_adapter_id=int(slot_ids.max()) if slot_ids.numel() else -1,
+            reference_plan=None if device.type == "cuda" else ReferencePlan.build(slot_ids, slot_weights,
+                                                                                 reference_cache),
         )
 
 
@@ -110,10 +230,7 @@ def _multi_lora_add_op(
         multi_lora_add_(y, x, lora_a, lora_b, ranks, scalings, slot_weights, token_order, tiles, slot_tiles,
                         block_m, max_adapter_id)
         return
-    rank_list = ranks.tolist()
-    lora_as = [lora_a[k, :r] for k, r in enumerate(rank_list)]
-    lora_bs = [lora_b[k, :, :r] for k, r in enumerate(rank_list)]
-    reference.multi_lora_delta(x, lora_as, lora_bs, scalings.tolist(), slot_ids, slot_weights, out=y)
+    _reference_add_(y, x, lora_a, lora_b, ranks.tolist(), scalings, ReferencePlan.build(slot_ids, slot_weights))
 
 
 @_multi_lora_add_op.register_fake
@@ -130,6 +247,10 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, bank, meta: MultiLoraMeta)
     if meta.max_adapter_id >= bank.num_adapters:
         raise ValueError(f"adapter id {meta.max_adapter_id} out of range: the bank holds {bank.num_adapters} "
                          f"adapters (ids -1..{bank.num_adapters - 1})")
+    if backend_for(x.device) == "reference" and not torch.compiler.is_compiling():
+        plan = meta.reference_plan or ReferencePlan.build(meta.slot_ids, meta.slot_weights)
+        _reference_add_(y, x, bank.lora_a, bank.lora_b, bank.ranks.tolist(), bank.scalings, plan)
+        return y
     _multi_lora_add_op(y, x, bank.lora_a, bank.lora_b, bank.ranks, bank.scalings, meta.slot_ids, meta.slot_weights,
                        meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m, meta.max_adapter_id)
     return y

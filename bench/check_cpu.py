@@ -1,0 +1,153 @@
+"""CPU regression check: fastpeft is never slower than what it replaces, measured side by side.
+
+``python -m bench.check_cpu [--rounds 7] [--cases decode,ia3] [--json out.json]`` (from the repository root) builds every implementation of
+each case of ``fastpeft bench --suite cpu`` (the same jobs, weights and inputs as the harness), then runs them
+interleaved: round after round, each implementation once, so a noisy neighbour on a shared CPU slows all of
+them alike. Each bound is on the median over rounds of the per-round time ratio, never on a wall time:
+
+- every case with a ``peft`` row: fastpeft / PEFT <= 1 + NOISE (the accelerated model, MultiLoraModel for the
+  multi-adapter cases, fastpeft's modules for the micro cases);
+- the micro IA3 / DoRA / multi-LoRA cases: fastpeft / reference <= 1 + NOISE;
+- ``decode``: MultiLoraModel with one adapter / PEFT's single-adapter decode <= 1.2;
+- ``multi_lora_decode``: PEFT's ``adapter_names`` generate / MultiLoraModel >= 3 with 16 adapters over 16 rows,
+  and MultiLoraModel's time with 64 adapters in the bank / with 1 <= 1.3 (reported for every count).
+
+Exit status 1 when a bound fails. Wall-clock CPU times of PyTorch code (fastpeft's CPU backend is its
+reference path): they say nothing about GPU kernels. Not part of the test suite (a timed test is flaky
+on shared CI machines); run it by hand or in a bench job, best with ``OMP_NUM_THREADS=1`` on a loaded host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Allowance for timer noise on the "never slower" bounds: the median of per-round ratios of interleaved runs
+# still moves by a few percent between runs on a shared 2-core host.
+NOISE = 0.05
+SERVING_ONE_ADAPTER_BOUND = 1.2  # MultiLoraModel decode, one adapter, vs PEFT's decode of the same model
+SERVING_SPEEDUP_16 = 3.0  # PEFT adapter_names generate / MultiLoraModel, 16 adapters over 16 rows
+SERVING_GROWTH_BOUND = 1.3  # MultiLoraModel decode, 64 adapters in the bank / 1
+
+
+def _groups(cfg) -> dict:
+    """``{(case, shape): [job, ...]}``; the multi-adapter decode cases form one group over every adapter count
+    (the growth bound compares them)."""
+    from fastpeft.bench.cases import all_jobs
+    from fastpeft.bench.report import shape_label
+
+    groups: dict = {}
+    for job in all_jobs(cfg):
+        key = (job.case, "all adapter counts" if job.case == "multi_lora_decode" else shape_label(job.params))
+        groups.setdefault(key, []).append(job)
+    return groups
+
+
+def _label(job) -> str:
+    return f"{job.impl}@{job.params['adapters']}" if job.case == "multi_lora_decode" else job.impl
+
+
+def measure_group(jobs: list, cfg, rounds: int) -> dict:
+    """``{label: [ms per round]}``: every implementation built, warmed up, then timed once per round, interleaved."""
+    from fastpeft.bench.cases import Unavailable
+
+    prepared = {}
+    for job in jobs:
+        try:
+            prepared[_label(job)] = job.setup(cfg)
+        except Unavailable as exc:
+            print(f"  {job.case} {_label(job)}: skipped ({exc})", file=sys.stderr)
+    for p in prepared.values():
+        for i in range(cfg.warmup + 1):
+            p.run(i)
+    samples: dict = {label: [] for label in prepared}
+    for r in range(rounds):
+        for label, p in prepared.items():
+            start = time.perf_counter()
+            p.run(r)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def _ratio(samples: dict, num: str, den: str) -> Optional[float]:
+    """The median over rounds of ``num`` time / ``den`` time, or None when one is missing."""
+    if num not in samples or den not in samples:
+        return None
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
+def bounds(case: str, samples: dict) -> list:
+    """``[(what, ratio, bound, ok)]`` for one group's samples."""
+    checks = []
+
+    def upper(what, num, den, bound):
+        ratio = _ratio(samples, num, den)
+        if ratio is not None:
+            checks.append((what, ratio, bound, ratio <= bound))
+
+    if case == "multi_lora_decode":
+        counts = sorted(int(label.split("@")[1]) for label in samples if label.startswith("fastpeft-serving@"))
+        for n in counts:
+            upper(f"MultiLoraModel / PEFT, {n} adapters", f"fastpeft-serving@{n}", f"peft@{n}", 1 + NOISE)
+        if 16 in counts:
+            ratio = _ratio(samples, "peft@16", "fastpeft-serving@16")
+            if ratio is not None:
+                checks.append(("PEFT / MultiLoraModel, 16 adapters (speed-up, lower bound)", ratio,
+                               SERVING_SPEEDUP_16, ratio >= SERVING_SPEEDUP_16))
+        if counts:
+            for n in counts[1:]:
+                upper(f"MultiLoraModel {n} / {counts[0]} adapters", f"fastpeft-serving@{n}",
+                      f"fastpeft-serving@{counts[0]}", SERVING_GROWTH_BOUND if n == 64 else float("inf"))
+        return checks
+    if case == "decode":
+        upper("MultiLoraModel one adapter / PEFT", "fastpeft-serving", "peft", SERVING_ONE_ADAPTER_BOUND)
+    if case == "multi_lora_serving":
+        upper("MultiLoraModel / PEFT", "fastpeft", "peft", 1 + NOISE)
+        return checks
+    upper("fastpeft / PEFT", "fastpeft", "peft", 1 + NOISE)
+    if case.split(".")[0] in ("ia3", "dora", "multi_lora"):
+        upper("fastpeft / reference", "fastpeft", "reference", 1 + NOISE)
+    return checks
+
+
+def main(argv: Optional[list] = None) -> int:
+    from fastpeft.bench.__main__ import build_parser, make_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--json", type=Path, help="write the samples, ratios and bounds here")
+    args = parser.parse_args(argv)
+    bench_argv = ["--suite", "cpu", "--device", "cpu"] + (["--cases", args.cases] if args.cases else [])
+    cfg = make_config(build_parser().parse_args(bench_argv))
+    report, failed = [], 0
+    print(f"CPU regression check: {args.rounds} interleaved rounds, torch threads {torch.get_num_threads()}; "
+          "ratios are medians over rounds of per-round time ratios")
+    for (case, shape), jobs in _groups(cfg).items():
+        samples = measure_group(jobs, cfg, args.rounds)
+        medians = {label: statistics.median(s) for label, s in samples.items()}
+        checks = bounds(case, samples)
+        print(f"{case} {shape}: " + ", ".join(f"{label} {ms:.2f} ms" for label, ms in medians.items()))
+        for what, ratio, bound, ok in checks:
+            failed += not ok
+            relation = ">=" if "lower bound" in what else "<="
+            print(f"    {'ok  ' if ok else 'FAIL'} {what}: {ratio:.3f} (bound {relation} {bound:g})")
+        report.append({"case": case, "shape": shape, "median_ms": medians, "samples_ms": samples,
+                       "checks": [{"what": w, "ratio": r, "bound": b, "ok": ok} for w, r, b, ok in checks]})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+                                         "noise_allowance": NOISE, "groups": report}, indent=1) + "\n")
+    print(f"{failed} bound(s) failed" if failed else "every bound holds")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
