@@ -118,6 +118,7 @@ class Adapter:
 
 def load_adapter(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Adapter:
     """Read a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -129,8 +130,18 @@ def load_adapter(path: Union[str, Path], device: Union[str, torch.device] = "cpu
             raise ValueError(f"{path / _PICKLE_NAME} is a pickle file, which fastpeft refuses to load (unpickling "
                              f"can run arbitrary code); re-save the adapter with safe_serialization=True")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    config = json.loads(config_file.read_text())
-    return Adapter(config=config, tensors=load_file(str(weights_file), device=str(device)))
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a {type(config).__name__}, not a JSON object")
+    try:
+        tensors = load_file(str(weights_file), device=str(device))
+    except SafetensorError as exc:
+        raise ValueError(f"{weights_file} is not a readable safetensors file (truncated or corrupted?): "
+                         f"{type(exc).__name__}: {exc}") from None
+    return Adapter(config=config, tensors=tensors)
 
 
 def save_adapter(adapter: Adapter, path: Union[str, Path]) -> None:

@@ -60,13 +60,16 @@ class LoraBank:
         dtype: torch.dtype,
         device,
         base_weight: Optional[reference.Weight] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> "LoraBank":
         """Pack ``adapters`` (``None`` = this adapter leaves the layer alone). ``base_weight`` is needed
-        only for DoRA (its norm)."""
+        only for DoRA (its norm). ``labels[k]`` names adapter ``k`` in error messages (default
+        ``"adapter k"``); every check runs before anything is packed."""
+        labels = [f"adapter {k}" for k in range(len(adapters))] if labels is None else labels
         ranks = [0 if a is None else a.rank for a in adapters]
-        for k, r in enumerate(ranks):
-            if r > MAX_RANK:
-                raise ValueError(f"adapter {k} has rank {r} > {MAX_RANK}")
+        for k, a in enumerate(adapters):
+            if a is not None:
+                _check_adapter(a, in_features, out_features, labels[k], base_weight is not None)
         n, max_rank = len(adapters), max(ranks, default=0)
         lora_a = torch.zeros(n, max_rank, in_features, dtype=dtype, device=device)
         lora_b = torch.zeros(n, out_features, max_rank, dtype=dtype, device=device)
@@ -80,26 +83,17 @@ class LoraBank:
                 continue
             if a.ia3_scale is not None:
                 if a.is_feedforward:
-                    _check_shape(a.ia3_scale, (in_features,), k, "ia3_scale")
                     in_scale[k] = a.ia3_scale
                     uses_in = True
                 else:
-                    _check_shape(a.ia3_scale, (out_features,), k, "ia3_scale")
                     out_scale[k] = bias_scale[k] = a.ia3_scale
                     uses_out = True
                 continue
             r = a.rank
-            _check_shape(a.lora_a, (r, in_features), k, "lora_a")
-            _check_shape(a.lora_b, (out_features, r), k, "lora_b")
             lora_a[k, :r] = a.lora_a
             lora_b[k, :, :r] = a.lora_b
             scalings[k] = a.scaling
             if a.magnitude is not None:
-                if base_weight is None:
-                    raise ValueError(f"adapter {k} is DoRA: packing it needs the base weight (a bitsandbytes 4-bit "
-                                     "layer already repacked for its CPU kernel has none: build the "
-                                     "MultiLoraModel before running the model on CPU in eval mode)")
-                _check_shape(a.magnitude, (out_features,), k, "magnitude")
                 norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
                                                   dtype=torch.float32)
                 out_scale[k] = a.magnitude.float() / norm
@@ -113,9 +107,26 @@ class LoraBank:
         )
 
 
-def _check_shape(t: torch.Tensor, shape: tuple, k: int, what: str) -> None:
+def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label: str, has_base: bool) -> None:
+    """Raise a ``ValueError`` naming ``label`` if ``a`` does not fit an ``(out, in)`` layer of this bank."""
+    if a.ia3_scale is not None:
+        _check_shape(a.ia3_scale, (in_features,) if a.is_feedforward else (out_features,), label, "ia3_scale")
+        return
+    if a.rank > MAX_RANK:
+        raise ValueError(f"{label}: rank {a.rank} > {MAX_RANK}, the largest rank a bank holds")
+    _check_shape(a.lora_a, (a.rank, in_features), label, "lora_a")
+    _check_shape(a.lora_b, (out_features, a.rank), label, "lora_b")
+    if a.magnitude is not None:
+        if not has_base:
+            raise ValueError(f"{label} is DoRA: packing it needs the base weight (a bitsandbytes 4-bit layer "
+                             "already repacked for its CPU kernel has none: build the MultiLoraModel before "
+                             "running the model on CPU in eval mode)")
+        _check_shape(a.magnitude, (out_features,), label, "magnitude")
+
+
+def _check_shape(t: torch.Tensor, shape: tuple, label: str, what: str) -> None:
     if tuple(t.shape) != shape:
-        raise ValueError(f"adapter {k}: {what} has shape {tuple(t.shape)}, the layer needs {shape}")
+        raise ValueError(f"{label}: {what} has shape {tuple(t.shape)}, the layer needs {shape}")
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,10 @@ class AdapterBank:
         """A new bank with every ``{name: adapter}`` added (packed once for all of them)."""
         names, mods = list(self.names), list(self.modules)
         for name, adapter in adapters.items():
-            modules = adapter.modules()
+            try:
+                modules = adapter.modules()
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from None
             unknown = sorted(set(modules) - set(self.layer_specs))
             if unknown:
                 raise ValueError(f"adapter {name!r} targets layers this model does not adapt: {unknown[:5]}")
@@ -181,7 +195,7 @@ class AdapterBank:
     def _repacked(self, names: tuple, mods: tuple) -> "AdapterBank":
         layers = {
             path: LoraBank.pack([m.get(path) for m in mods], spec.in_features, spec.out_features, spec.dtype,
-                                spec.device, spec.base_weight)
+                                spec.device, spec.base_weight, [f"adapter {n!r} at layer {path}" for n in names])
             for path, spec in self.layer_specs.items()
         }
         return AdapterBank(self.layer_specs, names, mods, layers, self.version + 1)

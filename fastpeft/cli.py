@@ -27,28 +27,40 @@ def cuda_extension_built() -> bool:
         return False
 
 
-def info_lines() -> list[str]:
-    """What ``fastpeft info`` prints, a line each."""
+def backend_line(device) -> tuple[str, bool]:
+    """The ``FASTPEFT_BACKEND`` line of ``fastpeft info`` and whether the setting works on ``device``: a
+    misspelt backend, or the Triton kernels forced on a CPU without the interpreter, is reported here
+    rather than raised, since ``info`` is what people run to find out why fastpeft fails."""
+    from fastpeft.ops.dispatch import backend_for, requested_backend
+
+    try:
+        return f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}", True
+    except (ValueError, RuntimeError) as exc:
+        return f"FASTPEFT_BACKEND problem: {exc}", False
+
+
+def info_lines() -> tuple[list[str], bool]:
+    """What ``fastpeft info`` prints, a line each, and whether the backend setting works here."""
     import torch
 
     import fastpeft
     from fastpeft.kernels.nf4_dispatch import describe as nf4_dispatch_lines
     from fastpeft.kernels.plan import device_arch
-    from fastpeft.ops.dispatch import backend_for, requested_backend
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    backend, backend_ok = backend_line(device)
     return [
         f"fastpeft {fastpeft.__version__}",
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         *(f"{name} {_version(name)}" for name in ("triton", "transformers", "bitsandbytes", "peft")),
         f"device: {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA device)'}",
-        f"FASTPEFT_BACKEND={requested_backend()} -> ops on {device.type} use: {backend_for(device)}",
+        backend,
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         f"CUDA extension (fastpeft._C): {'built' if cuda_extension_built() else 'not built'}",
         *nf4_dispatch_lines(device_arch(device)),
-    ]
+    ], backend_ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command == "info":
-        print("\n".join(info_lines()))
+        lines, backend_ok = info_lines()
+        print("\n".join(lines))
+        return 0 if backend_ok else 1
     elif args.command == "bench":
         return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
     return 0

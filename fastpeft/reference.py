@@ -193,7 +193,7 @@ def multi_lora_delta(
         raise ValueError(f"adapter ids must be in [-1, {n - 1}], got range [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
     out_features = lora_bs[0].shape[0] if n else 0
     x2d = x.reshape(-1, x.shape[-1])
-    ids = adapter_ids.reshape(x2d.shape[0], -1)
+    ids = adapter_ids.reshape(x2d.shape[0], adapter_ids.shape[-1])  # not -1: M may be 0
     weights = adapter_weights.reshape(ids.shape).to(x.dtype)
     if out is not None and (x.dim() != 2 or tuple(out.shape) != (x.shape[0], out_features)):
         raise ValueError(f"out needs a 2-D x (M, in) and is (M, {out_features}); got x {tuple(x.shape)}, out "

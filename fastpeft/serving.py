@@ -7,13 +7,21 @@ the model's adapters live in one immutable :class:`~fastpeft.bank.AdapterBank`. 
 whole batch. Adding or removing an adapter swaps in a new bank; a :class:`MultiLoraBatch` already built
 keeps the bank it was built against.
 
-Inference only (everything runs under ``torch.no_grad``). Not supported: beam search or
-``num_return_sequences > 1`` (rows are multiplied inside ``generate``), ``modules_to_save``.
+``generate`` with ``num_beams`` or ``num_return_sequences`` above 1 works as in Hugging Face: each row's
+adapters follow it as ``generate`` repeats the row (``max(num_beams, num_return_sequences)`` copies, each
+row's next to each other, as ``_expand_inputs_for_generation`` does).
+
+Every bad request (an unknown adapter name, ``adapter_names`` of the wrong length, an adapter file that
+cannot be read or does not fit the model) raises before the model runs and leaves the served adapters as
+they were.
+
+Inference only (everything runs under ``torch.no_grad``). Not supported: ``modules_to_save``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -58,7 +66,7 @@ class MultiLoraModel(nn.Module):
                  target_modules: Optional[Sequence[str]] = None):
         super().__init__()
         self.model = model
-        loaded = {name: self._load(source) for name, source in (adapters or {}).items()}
+        loaded = {name: self._load(name, source) for name, source in (adapters or {}).items()}
         targets = set()
         for adapter in loaded.values():
             targets |= set(adapter.modules())
@@ -84,8 +92,14 @@ class MultiLoraModel(nn.Module):
             raise ValueError(f"adapters target modules that are not nn.Linear layers of the model: {sorted(missing)[:5]}")
         self.bank = AdapterBank(specs).with_adapters(loaded)
 
-    def _load(self, source: AdapterSource) -> Adapter:
-        return source if isinstance(source, Adapter) else load_adapter(source)
+    @staticmethod
+    def _load(name: str, source: AdapterSource) -> Adapter:
+        if isinstance(source, Adapter):
+            return source
+        try:
+            return load_adapter(source)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"adapter {name!r}: {exc}") from None
 
     @property
     def adapter_names(self) -> tuple:
@@ -93,7 +107,7 @@ class MultiLoraModel(nn.Module):
 
     def add_adapter(self, name: str, source: AdapterSource) -> None:
         """Add (or replace) an adapter. Batches built before keep using the bank they were built on."""
-        self.bank = self.bank.with_adapter(name, self._load(source))
+        self.bank = self.bank.with_adapter(name, self._load(name, source))
 
     def remove_adapter(self, name: str) -> None:
         """Remove an adapter. Batches built before keep using the bank they were built on."""
@@ -126,11 +140,25 @@ class MultiLoraModel(nn.Module):
                 slot_ids[b, j], slot_weights[b, j] = k, weight
         return MultiLoraBatch(bank, slot_ids, slot_weights)
 
-    @contextlib.contextmanager
-    def _using(self, adapter_names, batch: Optional[MultiLoraBatch]):
+    def _checked_batch(self, adapter_names, batch: Optional[MultiLoraBatch], args: tuple, kwargs: dict,
+                       expand: int = 1) -> MultiLoraBatch:
+        """The call's batch, checked against the rows of its input before the model runs, its rows repeated
+        ``expand`` times each (``generate``'s beams / return sequences)."""
         if (adapter_names is None) == (batch is None):
             raise ValueError("pass exactly one of adapter_names (one entry per row) or batch")
-        batch = self.batch(adapter_names) if batch is None else batch
+        if adapter_names is not None:
+            if isinstance(adapter_names, (str, Mapping)):
+                raise TypeError(f"adapter_names takes one entry per row (a list), got {adapter_names!r}")
+            batch = self.batch(adapter_names)
+        rows = _input_rows(args, kwargs)
+        if rows is not None and rows != batch.num_rows:
+            what = "adapter_names has" if adapter_names is not None else "the batch has"
+            raise ValueError(f"{what} {batch.num_rows} entries for an input of {rows} rows: give one per row "
+                             "(None for the base model)")
+        return batch if expand == 1 else batch.repeated(expand)
+
+    @contextlib.contextmanager
+    def _using(self, batch: MultiLoraBatch):
         for layer in self.multi_lora_layers.values():
             layer.active_batch = batch
         try:
@@ -143,11 +171,24 @@ class MultiLoraModel(nn.Module):
     def forward(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                 batch: Optional[MultiLoraBatch] = None, **kwargs):
         """The wrapped model's forward, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
-        with self._using(adapter_names, batch):
+        with self._using(self._checked_batch(adapter_names, batch, args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                  batch: Optional[MultiLoraBatch] = None, **kwargs):
-        """The wrapped model's ``generate``, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
-        with self._using(adapter_names, batch):
+        """The wrapped model's ``generate``, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``);
+        with beams or several return sequences, every copy of row ``b`` keeps row ``b``'s adapters."""
+        generation_config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+        generation_config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        with self._using(self._checked_batch(adapter_names, batch, args, kwargs, expand)):
             return self.model.generate(*args, **kwargs)
+
+
+def _input_rows(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch size of a forward / generate call (its first positional tensor, ``input_ids``, ``inputs``
+    or ``inputs_embeds``), or None if there is none to read it from."""
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None

@@ -16,6 +16,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis in CI: derandomised (the same examples every run, a failure reproduces), no per-example deadline
+# (interpreter and CPU timings vary), and each test's budget set by its own max_examples.
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples instead.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -53,7 +53,7 @@ def test_pack_dora_and_ia3_vectors():
 
 
 def test_pack_rejects_bad_adapters():
-    with pytest.raises(ValueError, match="adapter 0 has rank 257 > 256"):
+    with pytest.raises(ValueError, match="adapter 0: rank 257 > 256"):
         LoraBank.pack([lora_module(257)], IN, OUT, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"adapter 1: lora_a has shape \(2, 33\), the layer needs \(2, 34\)"):
         LoraBank.pack([None, lora_module(2)], IN + 1, OUT, torch.float32, "cpu")

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,10 @@ def test_end_to_end_cases_on_a_checkpoint_path(tiny_llama_dir, tmp_path):
     measured = [r for r in run["results"] if "median_ms" in r]
     assert {(r["case"], r["impl"]) for r in measured} >= {("train_step", "peft"), ("decode", "hf"), ("decode", "peft")}
     assert all(r["params"]["model"] == str(tiny_llama_dir) for r in run["results"])
+
+
+def test_no_deprecated_torch_dtype_keyword_in_the_package():
+    """transformers 5 deprecates ``from_pretrained(torch_dtype=...)`` (``dtype=`` since 4.56, our minimum)."""
+    package = Path(bench_main.__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py") if "torch_dtype=" in p.read_text()]
+    assert not offenders, offenders

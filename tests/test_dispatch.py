@@ -56,3 +56,21 @@ def test_info_reports_versions_backend_and_extension(capsys):
     for needle in ("fastpeft 0.1.0", "torch ", "triton ", "bitsandbytes ", "device: ", "use: ", "CUDA extension",
                    "NF4 dispatch", "GEMV M <= 4", "dequantise + cuBLAS"):
         assert needle in out
+
+
+@pytest.mark.parametrize("backend, interpret, problem", [
+    ("triton", "0", "needs TRITON_INTERPRET=1"),
+    ("trtion", "1", "FASTPEFT_BACKEND='trtion' is not one of"),
+])
+def test_info_reports_a_bad_backend_setting_without_a_traceback(monkeypatch, capsys, backend, interpret, problem):
+    """`fastpeft info` is what people run to debug: a backend that cannot work is a line, not a crash."""
+    from fastpeft.cli import main
+
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("with a CUDA device the Triton kernels need no interpreter")
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "FASTPEFT_BACKEND problem: " in out and problem in out
+    assert "CUDA extension" in out  # the lines after the problem are printed too

@@ -41,8 +41,9 @@ def test_every_results_row_cites_a_committed_file_holding_its_number():
             assert len(matches) == 1, f"no single {case} {impl} {shape} row in {path}"
             r = matches[0]
             assert _numbers(timing)[:3] == [float(f"{r[k]:.3f}") for k in ("median_ms", "p20_ms", "p80_ms")], cells
-        else:  # check_cpu.py's JSON: | case | what | ratio | bound | source |
-            case, what, ratio = cells[:3]
-            checks = [c for g in data["groups"] if g["case"] == case for c in g["checks"] if c["what"] == what]
-            assert len(checks) == 1, f"no single check {what!r} of {case} in {path}"
+        else:  # check_cpu.py's JSON: | case | shape | what | ratio | bound | source |
+            case, shape, what, ratio = cells[:4]
+            checks = [c for g in data["groups"] if (g["case"], g["shape"]) == (case, shape)
+                      for c in g["checks"] if c["what"] == what]
+            assert len(checks) == 1, f"no single check {what!r} of {case} {shape} in {path}"
             assert _numbers(ratio)[0] == float(f"{checks[0]['ratio']:.2f}"), cells

@@ -130,7 +130,7 @@ def test_bad_requests_raise(adapter_dirs):
     served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"]})
     with pytest.raises(ValueError, match="exactly one of adapter_names"):
         served(input_ids=input_ids(1))
-    with pytest.raises(ValueError, match="does not start with the batch's 2 rows"):
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for an input of 3 rows"):
         served(input_ids=input_ids(3), adapter_names=["a", None])
     with pytest.raises(TypeError, match="entries must be None, a name"):
         served.batch([3])
@@ -146,3 +146,125 @@ def test_dora_on_a_4bit_layer_bitsandbytes_repacked_for_cpu_is_refused(adapter_d
     MultiLoraModel(repacked_model(), {"a": adapter_dirs["a"]})  # LoRA needs no base weight
     with pytest.raises(ValueError, match="is DoRA: packing it needs the base weight"):
         MultiLoraModel(repacked_model(), {"dora": adapter_dirs["dora"]})
+
+
+def test_beams_and_return_sequences_keep_each_rows_adapter(adapter_dirs):
+    """generate repeats each row for beams / return sequences; the copies keep the row's adapter (vs PEFT
+    generating row by row with the same settings)."""
+    rows = ["b", None, "a"]
+    ids = input_ids(len(rows), length=5, seed=6)
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in "ab"})
+    out = served.generate(input_ids=ids, adapter_names=rows, **settings)
+    assert out.shape[0] == 2 * len(rows)
+    for b, name in enumerate(rows):
+        model = make_tiny_llama() if name is None else peft_single(make_tiny_llama(), adapter_dirs[name])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids[b:b + 1], **settings)
+        assert out[2 * b:2 * b + 2].tolist() == ref.tolist(), f"row {b} ({name})"
+
+
+def _count_forwards(served):
+    calls = []
+    served.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def test_bad_requests_are_refused_before_the_model_runs(adapter_dirs):
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"]})
+    calls = _count_forwards(served)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for an input of 3 rows"):
+        served.generate(input_ids=input_ids(3), adapter_names=["a", None], max_new_tokens=2)
+    with pytest.raises(ValueError, match="the batch has 1 entries for an input of 2 rows"):
+        served(input_ids=input_ids(2), batch=served.batch(["a"]))
+    with pytest.raises(TypeError, match="one entry per row"):
+        served.generate(input_ids=input_ids(1), adapter_names="a", max_new_tokens=2)
+    with pytest.raises(KeyError, match=r"unknown adapter 'nope'; loaded: \['a'\]"):
+        served.generate(input_ids=input_ids(2), adapter_names=["a", "nope"], max_new_tokens=2)
+    assert not calls
+
+
+def _adapter_with(path, **changes):
+    """The adapter at ``path`` with its q_proj factors replaced (``lora_A`` / ``lora_B`` keyword tensors)."""
+    from fastpeft.adapters import load_adapter
+
+    adapter = load_adapter(path)
+    for suffix, tensor in changes.items():
+        key = f"base_model.model.model.layers.0.self_attn.q_proj.{suffix}.weight"
+        adapter.tensors[key] = tensor
+    return adapter
+
+
+def test_unreadable_or_unfitting_adapters_name_adapter_and_layer_and_serving_goes_on(adapter_dirs, tmp_path):
+    import shutil
+
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"], "b": adapter_dirs["b"]})
+    rows, ids = ["a", "b", None], input_ids(3, seed=7)
+    before = served(input_ids=ids, adapter_names=rows).logits
+    calls = _count_forwards(served)
+
+    truncated, corrupted = tmp_path / "truncated", tmp_path / "corrupted"
+    for bad in (truncated, corrupted):
+        shutil.copytree(adapter_dirs["a"], bad)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    weights = corrupted / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:8] + b"#" * 16 + data[24:])  # garbage in the JSON header
+    for name, path in (("truncated", truncated), ("corrupted", corrupted)):
+        with pytest.raises(ValueError, match=f"adapter '{name}': .*not a readable safetensors file"):
+            served.add_adapter(name, path)
+    with pytest.raises(FileNotFoundError, match="adapter 'missing': no adapter_config.json"):
+        served.add_adapter("missing", tmp_path / "nowhere")
+
+    layer = "model.layers.0.self_attn.q_proj"
+    wide = _adapter_with(adapter_dirs["a"], lora_A=torch.randn(4, 65))
+    with pytest.raises(ValueError, match=rf"adapter 'wide' at layer {layer}: lora_a has shape \(4, 65\), the layer "
+                                         r"needs \(4, 64\)"):
+        served.add_adapter("wide", wide)
+    big = _adapter_with(adapter_dirs["a"], lora_A=torch.randn(257, 64), lora_B=torch.randn(64, 257))
+    with pytest.raises(ValueError, match=f"adapter 'a' at layer {layer}: rank 257 > 256"):
+        served.add_adapter("a", big)  # a failed replacement keeps the adapter it would have replaced
+
+    assert served.adapter_names == ("a", "b") and not calls
+    torch.testing.assert_close(served(input_ids=ids, adapter_names=rows).logits, before, rtol=0, atol=0)
+
+
+def test_adapters_changed_from_another_thread_never_change_a_generate_in_flight(adapter_dirs):
+    """Mid-generate (after the second decode step), another thread removes "x" and adds a different adapter
+    under the same name; the running generate keeps the old "x" (PEFT with it, row by row), the next one
+    uses the new."""
+    import threading
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    served = MultiLoraModel(make_tiny_llama(), {"x": adapter_dirs["a"], "b": adapter_dirs["b"]})
+
+    def swap():
+        served.remove_adapter("x")
+        served.add_adapter("x", adapter_dirs["c"])
+
+    class SwapAtStep(LogitsProcessor):
+        steps = 0
+
+        def __call__(self, input_ids, scores):
+            self.steps += 1
+            if self.steps == 2:
+                thread = threading.Thread(target=swap)
+                thread.start()
+                thread.join()
+            return scores
+
+    rows, ids = ["x", "b", None], input_ids(3, length=5, seed=8)
+    settings = dict(max_new_tokens=6, do_sample=False)
+    out = served.generate(input_ids=ids, adapter_names=rows, logits_processor=LogitsProcessorList([SwapAtStep()]),
+                          **settings)
+    after = served.generate(input_ids=ids[:1], adapter_names=["x"], **settings)
+    assert served.adapter_names == ("b", "x")
+    references = {"x": adapter_dirs["a"], "b": adapter_dirs["b"], "new x": adapter_dirs["c"]}
+    for b, (name, got) in enumerate(zip(rows + ["new x"], [*out, after[0]])):
+        model = make_tiny_llama() if name is None else peft_single(make_tiny_llama(), references[name])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids[b % 3:b % 3 + 1], **settings)
+        assert got.tolist() == ref[0].tolist(), f"row {b} ({name})"
+    assert after[0].tolist() != out[0].tolist()  # the swap did change what "x" means: the test can fail

@@ -425,7 +425,7 @@ def _model(cfg: BenchConfig) -> nn.Module:
     """The model of the end-to-end cases: ``cfg.model_path`` or the built-in random-weight Llama."""
     transformers = _require("transformers")
     if cfg.model_path:
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=cfg.dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=cfg.dtype)
     else:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,

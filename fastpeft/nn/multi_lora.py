@@ -47,6 +47,12 @@ class MultiLoraBatch:
     def num_rows(self) -> int:
         return self.slot_ids.shape[0]
 
+    def repeated(self, times: int) -> "MultiLoraBatch":
+        """The same choice with each row repeated ``times`` times, copies next to each other (how
+        ``generate`` expands a batch for beams or several return sequences)."""
+        return MultiLoraBatch(self.bank, self.slot_ids.repeat_interleave(times, dim=0),
+                              self.slot_weights.repeat_interleave(times, dim=0))
+
     def meta(self, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
         """Metadata for an activation of shape ``(B, T, ...)`` or ``(B, ...)`` (``lead_shape`` = all but the
         feature dim); ``T == 1`` is a decode step."""

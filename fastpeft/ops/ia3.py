@@ -84,7 +84,13 @@ def _ia3_matmul_op(
                                              store_out)
     # a custom op returns tensors only: empty stand-ins for the parts not asked for
     return (out if out is not None else a.new_empty(0),
-            reduced if reduced is not None else a.new_empty(0, dtype=torch.float32))
+            reduced if reduced is not None else a.new_empty(0, dtype=_reduction_dtype(a.dtype)))
+
+
+def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation, or fp64 for fp64 inputs (the reference backend's exact mode: an fp32 sum would
+    lose what the caller asked fp64 for)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, bias, out_scale, reduce_rows,
@@ -97,7 +103,8 @@ def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, b
     if bias is not None:
         z = z + bias
     out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
-    reduced = None if reduce_rows is None else (reduce_rows.float() * z.float()).sum(0)
+    acc = _reduction_dtype(a.dtype)
+    reduced = None if reduce_rows is None else (reduce_rows.to(acc) * z.to(acc)).sum(0)
     return out, reduced
 
 
@@ -106,7 +113,7 @@ def _(a, dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_f
       weight_dtype, transpose_weight, in_scale, bias, out_scale, reduce_rows, store_out):
     n = in_features if transpose_weight else out_features
     out = a.new_empty((a.shape[0], n)) if store_out else a.new_empty(0)
-    reduced = a.new_empty(n if reduce_rows is not None else 0, dtype=torch.float32)
+    reduced = a.new_empty(n if reduce_rows is not None else 0, dtype=_reduction_dtype(a.dtype))
     return out, reduced
 
 
@@ -122,8 +129,8 @@ def ia3_matmul(
     store_out: bool = True,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(out_scale ⊙ z, Σ_m reduce_rows ⊙ z)`` with ``z = (a ⊙ in_scale) · op(W) + bias``; see
-    ``fastpeft.kernels.ia3.ia3_matmul`` for shapes. ``out`` is None unless ``store_out``, the fp32
-    reduction None unless ``reduce_rows``. No autograd (``ia3_linear`` differentiates through it)."""
+    ``fastpeft.kernels.ia3.ia3_matmul`` for shapes. ``out`` is None unless ``store_out``, the reduction
+    (fp32; fp64 for fp64 ``a``) None unless ``reduce_rows``. No autograd (``ia3_linear`` differentiates through it)."""
     if not isinstance(weight, (torch.Tensor, NF4Weight)):
         raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
     if backend_for(a.device) == "reference" and not torch.compiler.is_compiling():

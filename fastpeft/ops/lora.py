@@ -129,7 +129,11 @@ def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_e
     w = weight.to(a.dtype)
     w = w if transpose_weight else w.t()
     out = a @ w if bias is None else torch.addmm(bias, a, w)
-    if lora_h is not None:
+    if lora_h is not None and scaling == 0.0:
+        # BLAS skips the product when alpha is 0, dropping the NaN that PEFT's ``lora_B(lora_A(x)) * 0`` gives
+        # for an inf in x (0 · inf)
+        out.add_(lora_h @ lora_expand, alpha=0.0)
+    elif lora_h is not None:
         out.addmm_(lora_h, lora_expand, alpha=scaling)
     return out
 

@@ -128,7 +128,10 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         h = (x[rows] if contiguous else x.index_select(0, rows)) @ a.t()
         if weights is not None:
             h = h * weights.to(h.dtype)
-        if contiguous:
+        if contiguous and scaling_list[k] == 0.0:
+            # addmm skips the product when alpha is 0, dropping PEFT's NaN from 0 · inf (as in ops/lora.py)
+            y[rows].add_(h @ b.t(), alpha=0.0)
+        elif contiguous:
             y[rows].addmm_(h, b.t(), alpha=scaling_list[k])
         else:
             y.index_add_(0, rows, h @ b.t(), alpha=scaling_list[k])
