@@ -316,10 +316,15 @@ def test_mixed_model_lora_over_another_adapter(inner, decisions):
     assert _counts(decisions, {}) == {"_fused_lora": 1}
 
 
-def test_mixed_model_another_adapter_over_lora(decisions):
-    # LoHa added after LoRA wraps the LoRA layer: the LoRA layer (over nn.Linear) runs fused under it
-    theirs, ours, summary = _mixed_pair("lora", _lora(target_modules=["lin0"]), "loha",
-                                        peft.LoHaConfig(r=2, target_modules=["lin0"], init_weights=False))
+@pytest.mark.parametrize("outer", ["loha", "adalora"])
+def test_mixed_model_another_adapter_over_lora(outer, decisions):
+    # LoHa / AdaLoRA added after LoRA wrap the LoRA layer, which (over nn.Linear) runs fused under them;
+    # AdaLoRA adds its term to the LoRA layer's output in place (`result += ...`)
+    if outer == "loha":
+        outer_config = peft.LoHaConfig(r=2, target_modules=["lin0"], init_weights=False)
+    else:
+        outer_config = peft.AdaLoraConfig(r=2, target_modules=["lin0"], total_step=10, init_lora_weights=False)
+    theirs, ours, summary = _mixed_pair("lora", _lora(target_modules=["lin0"]), outer, outer_config)
     assert summary.replaced == {"base_model.model.lin0.base_layer": "lora"}
     _assert_same(_step(ours, X), _step(theirs, X))
     assert _counts(decisions, {}) == {"_fused_lora": 1}
