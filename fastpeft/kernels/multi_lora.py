@@ -69,8 +69,8 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr):
     """``acc + a @ b`` in fp32: ``tl.dot`` for prefill tiles, broadcast-multiply-sum for 1-row decode tiles."""
     if USE_DOT:
         acc += tl.dot(a, b, input_precision="ieee")
-    else:  # BLOCK_M == 1: a 2-D product reduced in b's own layout (no 3-D tile, no layout conversion)
-        acc += tl.sum(tl.reshape(a, [a.shape[1]]).to(tl.float32)[:, None] * b.to(tl.float32), axis=0)[None, :]
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return acc
 
 
@@ -92,13 +92,10 @@ def _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride
 
 
 @triton.jit
-def _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br, max_rank):
-    """``(BLOCK_R, BLOCK_N)`` block of ``B_kᵀ``, 0 at ranks past the adapter's. The load itself is masked by
-    the bank's rank ``max_rank`` (a launch constant: the compiler can vectorise along the contiguous rank
-    axis) and the values by the adapter's: the last partial block reads a few padded zeros, no more."""
-    b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
-                mask=(offs_r < max_rank)[:, None] & n_mask[None, :], other=0.0)
-    return tl.where(r_mask[:, None], b, 0.0)
+def _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br):
+    """``(BLOCK_R, BLOCK_N)`` block of ``B_kᵀ``."""
+    return tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
+                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -135,7 +132,7 @@ def _multi_lora_shrink_kernel(
 def _multi_lora_expand_kernel(
     h_ptr, lora_b_ptr, ranks_ptr, scalings_ptr, weights_ptr, order_ptr, tiles_ptr, y_ptr,
     stride_hm, stride_hr, stride_bn, stride_bo, stride_br, stride_wm, stride_ym, stride_yo,
-    out_features, max_rank,
+    out_features,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     adapter, rank, rows, m_mask = _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M)
@@ -149,11 +146,9 @@ def _multi_lora_expand_kernel(
     for r_start in range(0, rank, BLOCK_R):
         offs_r = r_start + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        # h's padded columns are never written: masked by the adapter's rank; B's by the bank's (above)
         h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br, max_rank),
-                   USE_DOT)
+        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
     _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
                 stride_wm, stride_ym, stride_yo)
 
@@ -163,7 +158,7 @@ def _multi_lora_fused_kernel(
     x_ptr, lora_a_ptr, lora_b_ptr, ranks_ptr, scalings_ptr, weights_ptr, order_ptr, tiles_ptr, y_ptr,
     stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_bn, stride_bo, stride_br, stride_wm,
     stride_ym, stride_yo,
-    in_features, out_features, max_rank,
+    in_features, out_features,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
@@ -182,8 +177,7 @@ def _multi_lora_fused_kernel(
                           in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
         # h is rounded to x's dtype, as the two-launch path (and the reference) store it
         h = h.to(x_ptr.dtype.element_ty)
-        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br,
-                                                  max_rank), USE_DOT)
+        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
     _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
                 stride_wm, stride_ym, stride_yo)
 
@@ -295,7 +289,7 @@ def multi_lora_add_(
                 launch(plans[0], x, lora_a, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
                        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
                        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), weights.stride(0), y.stride(0),
-                       y.stride(1), in_features, out_features, max_rank)
+                       y.stride(1), in_features, out_features)
             else:
                 shrink, expand = plans
                 launch(shrink, x, lora_a, ranks, order, slot_tile_rows, h,
@@ -303,7 +297,7 @@ def multi_lora_add_(
                        h.stride(0), h.stride(1), in_features)
                 launch(expand, h, lora_b, ranks, scalings, weights, order, slot_tile_rows, y,
                        h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-                       weights.stride(0), y.stride(0), y.stride(1), out_features, max_rank)
+                       weights.stride(0), y.stride(0), y.stride(1), out_features)
         except KernelLaunchError as exc:
             # a later slot's launch can compile anew (its tile slice has another alignment) after an earlier
             # slot already added into y: no other path may then redo the whole update

@@ -193,7 +193,6 @@ def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nes
         constexprs={"BLOCKSIZE": blocksize, "NESTED": nested,
                     **nf4_layout(in_features, blocksize, block_c), "BLOCK_R": block_r, "BLOCK_C": block_c},
         num_warps=config["num_warps"], num_stages=config["num_stages"], options={"enable_fp_fusion": False},
-        runtime={"weight_tile": block_r * block_c},
     )
 
 

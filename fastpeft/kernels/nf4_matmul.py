@@ -132,10 +132,8 @@ def _nf4_lora_matmul_kernel(
             # tile's own layout (no 3-D broadcast tile, no layout conversion)
             w = w.to(tl.float32)
             for row in tl.static_range(BLOCK_M):
-                # rows past M repeat row M - 1 (their sums are never stored): the load keeps only the K
-                # mask, whose constancy lets the compiler vectorise it
-                m_row = tl.minimum(tl.program_id(0).to(tl.int64) * BLOCK_M + row, M - 1)
-                a_row = tl.load(a_ptr + m_row * stride_am + offs_k * stride_ak, mask=k_mask, other=0.0,
+                m_row = tl.program_id(0).to(tl.int64) * BLOCK_M + row
+                a_row = tl.load(a_ptr + m_row * stride_am + offs_k * stride_ak, mask=k_mask & (m_row + 0 * offs_k < M), other=0.0,
                                 eviction_policy=EVICT_A).to(tl.float32)
                 if TRANSPOSE:
                     part = tl.sum(w * a_row[:, None], axis=0)
@@ -147,20 +145,14 @@ def _nf4_lora_matmul_kernel(
         for r_start in range(0, tl.where(first_split, rank, 0), BLOCK_R):
             offs_r = r_start + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
+            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             if USE_DOT:
-                h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                            mask=m_mask[:, None] & r_mask[None, :], other=0.0)
                 lora += tl.dot(h, e.to(h.dtype), input_precision="ieee")
-            else:  # row by row, as the GEMV main loop
-                e = e.to(tl.float32)
-                for row in tl.static_range(BLOCK_M):
-                    m_row = tl.minimum(tl.program_id(0).to(tl.int64) * BLOCK_M + row, M - 1)
-                    h_row = tl.load(h_ptr + m_row * stride_hm + offs_r * stride_hr, mask=r_mask,
-                                    other=0.0).to(tl.float32)
-                    part = tl.sum(h_row[:, None] * e, axis=0)
-                    lora += tl.where((tl.arange(0, BLOCK_M) == row)[:, None], part[None, :], 0.0)
+            else:
+                lora += tl.sum(h.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
         acc += scaling * lora
     if HAS_COL_SCALE:
         acc = acc * tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
