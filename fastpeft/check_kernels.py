@@ -59,7 +59,11 @@ THRESHOLDS_PATH = Path(__file__).with_name("check_kernels_thresholds.json")
 TOKENS = (1, 4, 16, 64, 512, 4096)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (out, in)
 RANKS = (16, 64)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16+fp32": torch.bfloat16}
+# The adapter tensors' dtype per grid dtype: "bf16+fp32" is what PEFT users run (a bf16 model with fp32 adapters,
+# PEFT's autocast_adapter_dtype): bf16 activations and weights, fp32 LoRA factors, rank-r intermediates and
+# IA3 / DoRA scales. The multi-LoRA kernels take one dtype for activations and bank, so that family has no such row.
+ADAPTER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16+fp32": torch.float32}
 NF4_BLOCKSIZE = 64
 MULTI_LORA_ADAPTERS = 64
 MULTI_LORA_RANKS = tuple(8 + (56 * k) // (MULTI_LORA_ADAPTERS - 1) for k in range(MULTI_LORA_ADAPTERS))  # 8..64
@@ -134,7 +138,8 @@ def _record(arch: str, fn, *args, **kwargs) -> list:
     return launches
 
 
-def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f: int, rank: int, dtype) -> list:
+def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f: int, rank: int, dtype,
+                    adapter_dtype) -> list:
     """``[(step, plan, args)]``: the Triton launches of one layer's forward and backward, as the autograd
     functions in ``fastpeft.ops`` issue them (no dropout, every input requiring a gradient)."""
     from .kernels.dora import dora_weight_norm
@@ -143,15 +148,15 @@ def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f:
 
     weight = _nf4_weight(out_f, in_f, dtype) if base == "nf4" else _meta(out_f, in_f, dtype=dtype)
     x, dy = _meta(m, in_f, dtype=dtype), _meta(m, out_f, dtype=dtype)
-    lora_a, lora_b = _meta(rank, in_f, dtype=dtype), _meta(out_f, rank, dtype=dtype)
-    h, g = _meta(m, rank, dtype=dtype), _meta(m, rank, dtype=dtype)
+    lora_a, lora_b = _meta(rank, in_f, dtype=adapter_dtype), _meta(out_f, rank, dtype=adapter_dtype)
+    h, g = _meta(m, rank, dtype=adapter_dtype), _meta(m, rank, dtype=adapter_dtype)
     steps = []
     if family == "qlora":  # ops/lora.py: forward with the LoRA term in the epilogue; dx with g A in it
         steps.append(("fwd", nf4_lora_matmul, (x, weight), dict(lora_h=h, lora_expand=lora_b.t(), scaling=2.0)))
         steps.append(("dx", nf4_lora_matmul, (dy, weight),
                       dict(transpose_weight=True, lora_h=g, lora_expand=lora_a, scaling=2.0)))
     elif family == "dora":  # ops/dora.py: norm; c ⊙ (x Wᵀ + s h Bᵀ); dx = dz W + s g A; dm's reduction
-        col_scale = _meta(out_f, dtype=dtype)
+        col_scale = _meta(out_f, dtype=adapter_dtype)
         steps.append(("norm", dora_weight_norm, (weight, lora_a, lora_b, 2.0), dict(dtype=dtype)))
         if base == "nf4":
             steps.append(("fwd", nf4_lora_matmul, (x, weight),
@@ -160,7 +165,7 @@ def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f:
                           dict(transpose_weight=True, lora_h=g, lora_expand=lora_a, scaling=2.0)))
         steps.append(("dm", ia3_matmul, (x, weight), dict(reduce_rows=dy, store_out=False)))
     elif family == "ia3":  # ops/ia3.py, feed-forward (input scale) and output (output scale) layers
-        l_in, l_out = _meta(in_f, dtype=dtype), _meta(out_f, dtype=dtype)
+        l_in, l_out = _meta(in_f, dtype=adapter_dtype), _meta(out_f, dtype=adapter_dtype)
         steps.append(("ff-fwd", ia3_matmul, (x, weight), dict(in_scale=l_in)))
         steps.append(("ff-bwd", ia3_matmul, (dy, weight), dict(transpose_weight=True, out_scale=l_in, reduce_rows=x)))
         steps.append(("out-fwd", ia3_matmul, (x, weight), dict(out_scale=l_out)))
@@ -201,13 +206,13 @@ def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES
     cases = []
     for arch in arches:
         for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
+            dtype, adapter_dtype = DTYPES[dtype_name], ADAPTER_DTYPES[dtype_name]
             for out_f, in_f in shapes:
-                if "nf4_dequant" in families:
+                if "nf4_dequant" in families and adapter_dtype == dtype:  # no adapter tensors
                     for plan, args in _record(arch, nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
                         cases.append(Case(arch, "nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4",
                                           plan, args))
-                if "multi_lora" in families:
+                if "multi_lora" in families and adapter_dtype == dtype:
                     for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
                         for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype):
                             cases.append(Case(arch, "multi_lora", f"{regime}-{step}", dtype_name, seqs * per_seq,
@@ -220,7 +225,7 @@ def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES
                         for m in tokens:
                             for rank in (ranks if family != "ia3" else (0,)):
                                 for step, plan, args in _layer_launches(arch, family, base, m, out_f, in_f,
-                                                                        max(rank, 1), dtype):
+                                                                        max(rank, 1), dtype, adapter_dtype):
                                     m_used, rank_used = (0 if step == "norm" else m), (0 if family == "ia3" else rank)
                                     if (step, m_used, rank_used, plan.variant) in seen:
                                         continue
