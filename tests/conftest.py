@@ -187,12 +187,18 @@ def save_peft_adapter(path, peft_config, seed: int = 0):
     (PEFT initialises lora_B to zero and IA3 / DoRA vectors to the identity, which would hide bugs)."""
     from peft import get_peft_model
 
-    model = get_peft_model(make_tiny_llama(), peft_config)
+    randomise_adapters(get_peft_model(make_tiny_llama(), peft_config), seed, 0.2).save_pretrained(path)
+    return path
+
+
+def randomise_adapters(model, seed: int, std: float):
+    """Every trainable tensor of a PEFT model random and non-zero, around 1 for DoRA magnitudes and IA3 vectors
+    and 0 otherwise, with standard deviation ``std`` (PEFT starts lora_B at 0 and IA3 / DoRA at the identity,
+    which would hide a wrong adapter path); returns ``model``."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad:
                 centre = 1.0 if ("magnitude" in name or "ia3_l" in name) else 0.0
-                param.copy_(centre + 0.2 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(path)
-    return path
+                param.copy_(centre + std * torch.randn(param.shape, generator=generator))
+    return model

@@ -19,6 +19,8 @@ import torch
 
 import fastpeft
 
+from conftest import randomise_adapters
+
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow  # minutes on CPU: -m "not slow" leaves them out even where the packages are installed
@@ -70,15 +72,7 @@ ADAPTERS = {
 
 
 def _randomised(model, seed: int):
-    """Every trainable adapter tensor random and non-zero (PEFT starts lora_B at 0 and IA3 / DoRA at the
-    identity, which would hide a wrong adapter path)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                centre = 1.0 if ("magnitude" in name or "ia3_l" in name) else 0.0
-                param.copy_(centre + 0.05 * torch.randn(param.shape, generator=g))
-    return model
+    return randomise_adapters(model, seed, 0.05)
 
 
 def _peft_pair(smollm_dir, kind: str, four_bit: bool):
