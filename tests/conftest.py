@@ -8,7 +8,9 @@ truncate instead of rounding to nearest even (triton 3.9); ``fastpeft.kernels.in
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -202,3 +204,11 @@ def randomise_adapters(model, seed: int, std: float):
                 centre = 1.0 if ("magnitude" in name or "ia3_l" in name) else 0.0
                 param.copy_(centre + std * torch.randn(param.shape, generator=generator))
     return model
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

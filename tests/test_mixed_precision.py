@@ -14,7 +14,7 @@ import torch
 
 import fastpeft
 
-from conftest import DEVICE, Holder, assert_rel_close, make_tiny_llama, rel_error
+from conftest import DEVICE, load_example, Holder, assert_rel_close, make_tiny_llama, rel_error
 
 peft = pytest.importorskip("peft")
 
@@ -156,14 +156,7 @@ def _train(kind, quantize_4bit, path, accelerate):
     generator = torch.Generator().manual_seed(0)
     tokens = (torch.randint(1, 128, (4, 1), generator=generator) + torch.arange(16)) % 128
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(STEPS):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return load_example("train_tiny_llama").train_loop(model, [tokens] * STEPS, optimizer)
 
 
 @pytest.mark.parametrize("kind, quantize_4bit", [

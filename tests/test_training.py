@@ -2,22 +2,17 @@
 loop and with Hugging Face's Trainer; the loss falls and every step equals PEFT's unaccelerated run from the
 same seed (fastpeft.accelerate on a PEFT model, and fastpeft's own layers loaded from PEFT's initial adapter)."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastpeft
 
-from conftest import load_tiny_llama_4bit, make_tiny_llama
+from conftest import load_example, load_tiny_llama_4bit, make_tiny_llama
 
 peft = pytest.importorskip("peft")
 
-_spec = importlib.util.spec_from_file_location(
-    "train_tiny_llama", Path(__file__).resolve().parents[1] / "examples" / "train_tiny_llama.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("train_tiny_llama")
 
 STEPS = 4
 
