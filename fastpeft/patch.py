@@ -209,6 +209,20 @@ def _call_reason(layer, args, kwargs) -> Optional[str]:
     return None
 
 
+def _compute_dtype_reason(base, x) -> Optional[str]:
+    """bitsandbytes' ``Linear4bit`` casts its input to its ``compute_dtype`` (set from the first input when
+    unset, as here), multiplies there and casts back; the fused ops compute in the input's dtype, so a call
+    whose input dtype differs from the layer's compute dtype runs PEFT's forward (bitsandbytes' own product)."""
+    if not _is_bnb_linear4bit(base):
+        return None
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
+        return f"bitsandbytes computes this 4-bit layer in {base.compute_dtype}, the input is {x.dtype}"
+    return None
+
+
 def _mixed_batch_call(kind: str, args, kwargs) -> bool:
     """A LoRA layer called with ``adapter_names=`` alone (PEFT's mixed-adapter batches)."""
     return kind == "lora" and not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None
@@ -220,7 +234,8 @@ def _fused_path(layer, x, args, kwargs):
     runs."""
     kind = layer._fastpeft_kind
     mixed = _mixed_batch_call(kind, args, kwargs)
-    reason = _call_reason(layer, () if mixed else args, {} if mixed else kwargs) or _layer_reason(layer)
+    reason = (_call_reason(layer, () if mixed else args, {} if mixed else kwargs) or _layer_reason(layer)
+              or _compute_dtype_reason(layer.base_layer, x))
     if reason is not None:
         return reason
     if mixed:
