@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastpeft import reference
+from fastpeft.kernels import ia3 as ia3_kernels
 from fastpeft.kernels.ia3 import ia3_matmul as ia3_kernel
 from fastpeft.nf4 import NF4Weight
 from fastpeft.ops.ia3 import ia3_linear, weight_op_args
@@ -15,10 +16,13 @@ from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.mark.parametrize("config", ["default", (9, 0)])
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("transpose_weight", [False, True])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_kernel_all_terms_match_reference(dtype, transpose_weight, nf4):
+def test_kernel_all_terms_match_reference(dtype, transpose_weight, nf4, config, monkeypatch):
+    # the interpreter plans with the default table; (9, 0) runs sm_90's (SWAP_AB: the transposed tile)
+    monkeypatch.setitem(ia3_kernels.MATMUL_CONFIGS, "default", ia3_kernels.MATMUL_CONFIGS[config])
     out_features, in_features, m = 47, 65, 19
     dense = torch.randn(out_features, in_features, device=DEVICE)
     weight = NF4Weight.quantize(dense, 64, double_quant=True) if nf4 else non_contiguous(dense.to(dtype))

@@ -44,6 +44,18 @@ def test_nf4_matmul_plan_picks_gemv_for_decode_and_splits_k(arch):
     assert nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
 
 
+@pytest.mark.parametrize("m", [16, 64, 512, 4096])
+def test_ia3_plans_swap_to_weight_rows_on_sm90_only(m):
+    # sm_90's wgmma needs 64-row warpgroup tiles: the 64 weight columns of a tile are the MMA's rows
+    # there (check-kernels: HGMMA), on sm_80 / sm_89 the token rows stay (mma.sync)
+    for is_nf4 in (False, True):
+        hopper = ia3.plan_ia3_matmul(m, 4096, is_nf4=is_nf4, in_features=4096, arch=(9, 0))
+        assert hopper.path == "torch" or (hopper.constexprs["SWAP_AB"] and hopper.constexprs["BLOCK_N"] == 64
+                                          and hopper.num_warps == 4)
+        ampere = ia3.plan_ia3_matmul(m, 4096, is_nf4=is_nf4, in_features=4096, arch=(8, 0))
+        assert ampere.path == "torch" or not ampere.constexprs["SWAP_AB"]
+
+
 def test_multi_lora_plan_follows_fused_table(monkeypatch):
     shrink, expand = multi_lora.plan_multi_lora(64, 64, 4096, 1)
     assert (shrink.variant, expand.variant) == ("shrink-decode", "expand-decode")

@@ -45,7 +45,14 @@ from .plan import LaunchPlan, config_for, device_arch, launch
 # Tile, warps, stages per GPU architecture. BLOCK_K = 64 = the NF4 block (one scale per row and step, as
 # the NF4 split-K GEMM); BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table
 # for the shape, no GPU measurement here; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
-MATMUL_CONFIGS = {"default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}}
+# sm_90: SWAP_AB computes the (BLOCK_N x BLOCK_M) transposed tile, weight rows as the MMA's M (as the NF4
+# split-K GEMM does), so a 64-column tile runs on wgmma (64-row warpgroup tiles) at any M; 1 stage keeps
+# the registers and shared memory at or below the un-swapped mma.sync tile (check-kernels, sm_90a: 64 regs,
+# 13 KB at M = 512). On sm_80 the swap saves nothing (registers up or down by launch), so it stays off.
+MATMUL_CONFIGS = {
+    "default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    (9, 0): {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "SWAP_AB": True},
+}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -58,7 +65,7 @@ def _ia3_matmul_kernel(
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
     ALIGNED: tl.constexpr, TRANSPOSE: tl.constexpr,
     HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
-    HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr,
+    HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,6 +76,7 @@ def _ia3_matmul_kernel(
     if IS_NF4:
         code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K
@@ -87,7 +95,12 @@ def _ia3_matmul_kernel(
         else:
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
+        if SWAP_AB:  # (out-features x tokens) tiles: the weight is wgmma's 64-row operand, see MATMUL_CONFIGS
+            acc_t += tl.dot(tl.trans(w.to(a_ptr.dtype.element_ty)), tl.trans(a), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_REDUCE:
@@ -127,7 +140,7 @@ def plan_ia3_matmul(
     if is_nf4 and nf4_path(m, n, fp32, arch, sm_count) == "cublas":
         return LaunchPlan(op="ia3_matmul", variant="cublas", path="torch")
     config = config_for(MATMUL_CONFIGS, arch)
-    block_m = 16 if m <= 16 else config["BLOCK_M"]
+    block_m = min(config["BLOCK_M"], max(16, triton.next_power_of_2(m)))
     layout = (nf4_layout(in_features, blocksize, config["BLOCK_N"] if transpose_weight else config["BLOCK_K"])
               if is_nf4 else {"EVEN_IN": False, "ALIGNED": False})
     return LaunchPlan(
@@ -136,7 +149,7 @@ def plan_ia3_matmul(
         constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, **layout,
                     "TRANSPOSE": transpose_weight, "HAS_IN_SCALE": has_in_scale,
                     "HAS_BIAS": has_bias, "HAS_OUT_SCALE": has_out_scale, "HAS_REDUCE": has_reduce,
-                    "STORE_OUT": store_out, "BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
+                    "STORE_OUT": store_out, "SWAP_AB": config.get("SWAP_AB", False), "BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
                     "BLOCK_K": config["BLOCK_K"]},
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

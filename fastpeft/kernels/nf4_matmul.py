@@ -27,7 +27,12 @@ number of SM waves the output fills, per GPU architecture, each table entry citi
   weights are loaded ``evict_first`` (streamed once), activations ``evict_last`` (reused by every program).
 - ``splitk`` (``4 < M <=`` the arch's threshold): ``tl.dot`` tiles of ``BLOCK_M`` (16/32/64) x 64 with
   ``BLOCK_K = 64`` (one NF4 block per step: one scale per row), ``K`` split so the grid fills the GPU,
-  fp32 atomics into the workspace as above (GemLite's tuned small-M table).
+  fp32 atomics into the workspace as above (GemLite's tuned small-M table). The tile is computed
+  transposed ("swap AB", the ``swap_ab`` path of vLLM's sm90 CUTLASS FP8 GEMMs for small M): ``accᵀ (BLOCK_N, BLOCK_M) +=
+  op(W)ᵀ-tile · aᵀ``, so the 64 weight rows are the MMA's M and the few tokens its N. Hopper's wgmma
+  needs 64-row warpgroup tiles: un-swapped, a 16-token tile can only run ``mma.sync`` (HMMA) on sm_90;
+  swapped it runs wgmma (HGMMA) from ``M = 16``; on sm_80 the registers stay within one of the
+  un-swapped tile's or drop (dx: 96 to 80), measured with ``fastpeft check-kernels``. The LoRA epilogue product is swapped the same way.
 - ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-device buffer
   (``fastpeft.kernels.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
   in place with ``addmm_`` (``B A`` never formed), then the column scale and bias in place (bitsandbytes
@@ -108,6 +113,7 @@ def _nf4_lora_matmul_kernel(
     # by the column scale, which distributes over the sum
     first_split = split == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < k_end
@@ -123,10 +129,12 @@ def _nf4_lora_matmul_kernel(
         if USE_DOT:
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT_A)
+            # swap AB: (out-features x tokens) = op(W)ᵀ aᵀ, so the weight tile is the MMA's row operand
+            # (64 rows: one Hopper warpgroup's wgmma tile) and the few tokens its N (see SPLITK_CONFIGS)
             if TRANSPOSE:
-                acc += tl.dot(a, w, input_precision="ieee")
+                acc_t += tl.dot(tl.trans(w), tl.trans(a), input_precision="ieee")
             else:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+                acc_t += tl.dot(w, tl.trans(a), input_precision="ieee")
         else:
             # GEMV: one activation row at a time against the whole weight tile, reduced along K in the
             # tile's own layout (no 3-D broadcast tile, no layout conversion)
@@ -142,6 +150,7 @@ def _nf4_lora_matmul_kernel(
                 acc += tl.where((tl.arange(0, BLOCK_M) == row)[:, None], part[None, :], 0.0)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for r_start in range(0, tl.where(first_split, rank, 0), BLOCK_R):
             offs_r = r_start + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
@@ -149,11 +158,16 @@ def _nf4_lora_matmul_kernel(
                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if USE_DOT:
-                lora += tl.dot(h, e.to(h.dtype), input_precision="ieee")
+            if USE_DOT:  # swapped as the main loop
+                lora_t += tl.dot(tl.trans(e.to(h.dtype)), tl.trans(h), input_precision="ieee")
             else:
                 lora += tl.sum(h.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
-        acc += scaling * lora
+        if USE_DOT:
+            acc_t += scaling * lora_t
+        else:
+            acc += scaling * lora
+    if USE_DOT:
+        acc = tl.trans(acc_t)
     if HAS_COL_SCALE:
         acc = acc * tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
