@@ -2,7 +2,9 @@
 
 A :class:`LoraBank` holds one linear layer's adapters as ``lora_a`` ``(N, R, in)``, ``lora_b``
 ``(N, out, R)`` (``R`` = the largest rank, zero-padded; the kernels read only each adapter's own
-``ranks[k]`` columns), ``ranks`` ``(N,)`` int32 and ``scalings`` ``(N,)`` fp32. An adapter that does not
+``ranks[k]`` columns), ``ranks`` ``(N,)`` int32 and ``scalings`` ``(N,)`` fp32. :class:`AdapterBank` packs
+a layer's tensors in the adapters' own dtype (:func:`_adapters_dtype`), not the model's: PEFT's fp32
+adapters on a bf16 model stay fp32, and the multi-LoRA op computes their terms in fp32. An adapter that does not
 touch the layer has rank 0. DoRA and IA3 adapters add per-adapter vectors applied around the base
 matmul (``y = g_k ⊙ (x' Wᵀ + s_k·(x Aᵀ)Bᵀ) + c_k ⊙ b`` with ``x' = x ⊙ l_k`` for feed-forward IA3):
 ``out_scale`` ``(N, out)`` (DoRA's ``m/‖W + sBA‖``, IA3's output ``l``; ones otherwise),
@@ -107,6 +109,20 @@ class LoraBank:
         )
 
 
+def _adapters_dtype(adapters: Sequence[Optional[ModuleAdapter]], default: torch.dtype) -> torch.dtype:
+    """The dtype a bank of ``adapters`` is packed in: the adapters' own (PEFT keeps fp32 adapters on a bf16 /
+    fp16 model and computes their terms in fp32; so does the bank), promoted over all of them when they
+    differ; ``default`` (the base layer's dtype) when no adapter has a floating tensor."""
+    dtypes = [t.dtype for a in adapters if a is not None
+              for t in (a.lora_a, a.lora_b, a.magnitude, a.ia3_scale) if t is not None and t.is_floating_point()]
+    if not dtypes:
+        return default
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
 def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label: str, has_base: bool) -> None:
     """Raise a ``ValueError`` naming ``label`` if ``a`` does not fit an ``(out, in)`` layer of this bank."""
     if a.ia3_scale is not None:
@@ -193,9 +209,10 @@ class AdapterBank:
         return self._repacked(self.names[:k] + self.names[k + 1:], self.modules[:k] + self.modules[k + 1:])
 
     def _repacked(self, names: tuple, mods: tuple) -> "AdapterBank":
-        layers = {
-            path: LoraBank.pack([m.get(path) for m in mods], spec.in_features, spec.out_features, spec.dtype,
-                                spec.device, spec.base_weight, [f"adapter {n!r} at layer {path}" for n in names])
-            for path, spec in self.layer_specs.items()
-        }
+        layers = {}
+        for path, spec in self.layer_specs.items():
+            adapters = [m.get(path) for m in mods]
+            layers[path] = LoraBank.pack(adapters, spec.in_features, spec.out_features,
+                                         _adapters_dtype(adapters, spec.dtype), spec.device, spec.base_weight,
+                                         [f"adapter {n!r} at layer {path}" for n in names])
         return AdapterBank(self.layer_specs, names, mods, layers, self.version + 1)

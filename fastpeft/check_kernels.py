@@ -67,7 +67,7 @@ RANKS = (16, 64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16+fp32": torch.bfloat16}
 # The adapter tensors' dtype per grid dtype: "bf16+fp32" is what PEFT users run (a bf16 model with fp32 adapters,
 # PEFT's autocast_adapter_dtype): bf16 activations and weights, fp32 LoRA factors, rank-r intermediates and
-# IA3 / DoRA scales. The multi-LoRA kernels take one dtype for activations and bank, so that family has no such row.
+# IA3 / DoRA scales, and for multi-LoRA an fp32 bank (its rank-r intermediate h in fp32) beside bf16 tokens.
 ADAPTER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16+fp32": torch.float32}
 NF4_BLOCKSIZE = 64
 MULTI_LORA_ADAPTERS = 64
@@ -182,8 +182,9 @@ def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f:
     return launches
 
 
-def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype) -> list:
-    """The launches of ``fastpeft.ops.multi_lora_add_`` for 64 adapters of ranks 8..64, one per sequence."""
+def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype, adapter_dtype) -> list:
+    """The launches of ``fastpeft.ops.multi_lora_add_`` for 64 adapters of ranks 8..64, one per sequence:
+    tokens in ``dtype``, the bank in ``adapter_dtype``."""
     from .kernels.multi_lora import multi_lora_add_
 
     seqs, per_seq = MULTI_LORA_CASES[regime]
@@ -194,7 +195,7 @@ def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype) -
     n, max_rank = MULTI_LORA_ADAPTERS, max(MULTI_LORA_RANKS)
     launches = _record(
         arch, multi_lora_add_, _meta(m, out_f, dtype=dtype), _meta(m, in_f, dtype=dtype),
-        _meta(n, max_rank, in_f, dtype=dtype), _meta(n, out_f, max_rank, dtype=dtype),
+        _meta(n, max_rank, in_f, dtype=adapter_dtype), _meta(n, out_f, max_rank, dtype=adapter_dtype),
         _meta(n, dtype=torch.int32), _meta(n), _meta(m, 1), _meta(1, m, dtype=torch.int32),
         _meta(len(tiles), 3, dtype=torch.int32), [len(tiles)], block_m, n - 1,
     )
@@ -217,9 +218,9 @@ def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES
                     for plan, args in _record(arch, nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
                         cases.append(Case(arch, "nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4",
                                           plan, args))
-                if "multi_lora" in families and adapter_dtype == dtype:
+                if "multi_lora" in families:
                     for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
-                        for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype):
+                        for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype, adapter_dtype):
                             cases.append(Case(arch, "multi_lora", f"{regime}-{step}", dtype_name, seqs * per_seq,
                                               (out_f, in_f), 0, "dense", plan, args))
                 for family, bases in (("qlora", ("nf4",)), ("dora", ("nf4", "dense")), ("ia3", ("nf4", "dense"))):

@@ -150,7 +150,8 @@ def multi_lora_linear(
     """Multi-LoRA over one base: token ``t`` uses adapter ``k = adapter_ids[t]`` (``-1``: base only).
 
     ``x`` is ``(..., in)`` and ``adapter_ids`` int ``x.shape[:-1]`` (one id per token). Adapter ``k`` has
-    ``lora_as[k]`` ``(r_k, in)``, ``lora_bs[k]`` ``(out, r_k)`` and ``scalings[k]``; ranks may differ.
+    ``lora_as[k]`` ``(r_k, in)``, ``lora_bs[k]`` ``(out, r_k)`` and ``scalings[k]``; ranks may differ. As
+    PEFT, each term is computed in its adapter's dtype (fp32 adapters on a bf16 model), then cast to ``x``'s.
     """
     if not (len(lora_as) == len(lora_bs) == len(scalings)):
         raise ValueError(f"got {len(lora_as)} lora_as, {len(lora_bs)} lora_bs, {len(scalings)} scalings")
@@ -163,8 +164,8 @@ def multi_lora_linear(
     for k in range(n):
         rows = adapter_ids == k
         if rows.any():
-            delta = scalings[k] * F.linear(F.linear(x, lora_as[k]), lora_bs[k])
-            y = torch.where(rows.unsqueeze(-1), y + delta, y)
+            delta = scalings[k] * F.linear(F.linear(x.to(lora_as[k].dtype), lora_as[k]), lora_bs[k])
+            y = torch.where(rows.unsqueeze(-1), y + delta.to(y.dtype), y)
     return y
 
 
@@ -178,7 +179,8 @@ def multi_lora_delta(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The LoRA part of a multi-LoRA layer with weighted combinations: ``(..., out)`` in ``x.dtype``,
-    ``Σ_j w[t, j] · s_k · (x[t] A_kᵀ) B_kᵀ`` with ``k = adapter_ids[t, j]`` (``-1``: empty slot).
+    ``Σ_j w[t, j] · s_k · (x[t] A_kᵀ) B_kᵀ`` with ``k = adapter_ids[t, j]`` (``-1``: empty slot), each
+    adapter's term computed in its own dtype (``x`` cast to it, as PEFT does) and cast to ``x.dtype``.
 
     ``adapter_ids`` is int ``x.shape[:-1] + (S,)`` (S slots per token) and ``adapter_weights`` float
     of the same shape (None: all 1). With ``S = 1`` and no weights, ``multi_lora_linear`` is
@@ -205,6 +207,7 @@ def multi_lora_delta(
         # per token, the summed weight of every slot naming adapter k; only those tokens are computed
         weight_k = torch.where(ids == k, weights, 0).sum(-1)
         rows = weight_k.nonzero().squeeze(1)
-        lora = scalings[k] * F.linear(F.linear(x2d.index_select(0, rows), lora_as[k]), lora_bs[k])
-        delta.index_add_(0, rows, weight_k[rows].unsqueeze(-1) * lora)
+        x_k = x2d.index_select(0, rows).to(lora_as[k].dtype)
+        lora = scalings[k] * F.linear(F.linear(x_k, lora_as[k]), lora_bs[k])
+        delta.index_add_(0, rows, (weight_k[rows].unsqueeze(-1).to(lora.dtype) * lora).to(delta.dtype))
     return delta if out is not None else delta.view(*x.shape[:-1], out_features)

@@ -83,3 +83,19 @@ def test_unknown_layers_and_names_raise():
         empty_bank().with_adapter("x", lora_adapter(2, layers=("l9",)))
     with pytest.raises(KeyError, match="unknown adapter 'nope'; loaded: \\['a'\\]"):
         empty_bank().with_adapter("a", lora_adapter(2)).without_adapter("nope")
+
+
+def test_layers_pack_in_the_adapters_dtype_not_the_models():
+    """Issue 15: PEFT keeps fp32 adapters on a bf16 model and computes their terms in fp32; the bank keeps
+    them in fp32 too (a bf16 bank rounded them). Adapters of several dtypes promote; a layer no adapter
+    touches uses the model's dtype."""
+    spec = LayerSpec(IN, OUT, torch.bfloat16, torch.device("cpu"), torch.randn(OUT, IN))
+    model = AdapterBank({"l0": spec, "l1": spec})
+    bank = model.with_adapter("a", lora_adapter(4, layers=("l0",)))
+    assert bank.layers["l0"].lora_a.dtype == bank.layers["l0"].lora_b.dtype == torch.float32
+    assert torch.equal(bank.layers["l0"].lora_a[0], bank.modules[0]["l0"].lora_a)  # not rounded
+    assert bank.layers["l1"].lora_a.dtype == torch.bfloat16
+    low = lora_adapter(2, layers=("l0",))
+    low.tensors = {key: t.to(torch.bfloat16) for key, t in low.tensors.items()}
+    assert model.with_adapter("b", low).layers["l0"].lora_a.dtype == torch.bfloat16
+    assert bank.with_adapter("b", low).layers["l0"].lora_b.dtype == torch.float32

@@ -170,12 +170,13 @@ def test_occupancy_from_registers_shared_memory_and_warps():
 
 def test_mixed_precision_rows_plan_fp32_adapters_beside_bf16_activations():
     """``bf16+fp32`` (a bf16 model with PEFT's fp32 adapters): the launches get bf16 activations and fp32
-    rank-r intermediates, as ``fastpeft.ops`` passes them; multi-LoRA (one dtype) has no such row."""
+    rank-r intermediates, as ``fastpeft.ops`` passes them (multi-LoRA: an fp32 bank and fp32 ``h``)."""
     import torch
 
     cases = check_kernels.production_grid(("sm_80",), dtypes=("bf16+fp32",), tokens=(1, 16), shapes=((4096, 4096),),
                                           ranks=(16,))
-    assert {c.family for c in cases} == {"qlora", "dora", "ia3"}
-    fwd = next(c for c in cases if c.family == "qlora" and c.step == "fwd" and c.tokens == 16)
-    dtypes = {t.dtype for t in fwd.args if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    assert {torch.bfloat16, torch.float32} <= dtypes
+    assert {c.family for c in cases} == {"qlora", "dora", "ia3", "multi_lora"}
+    for family, step in (("qlora", "fwd"), ("multi_lora", "prefill-shrink"), ("multi_lora", "decode-expand")):
+        case = next(c for c in cases if c.family == family and c.step == step and c.tokens in (16, 64, 8192))
+        dtypes = {t.dtype for t in case.args if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        assert {torch.bfloat16, torch.float32} <= dtypes, case.key

@@ -108,6 +108,11 @@ def test_out_of_range_ids_raise_before_launch(triton_backend):
     with pytest.raises(TypeError, match="dtype torch.float16 != x dtype"):
         launch(y.half(), x, bank.lora_a, bank.lora_b, bank.ranks, bank.scalings, meta.slot_weights,
                meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m, meta.max_adapter_id)
+    with pytest.raises(TypeError, match=r"the bank \(lora_a torch.float16, lora_b torch.float16\) must be in x's "
+                                        "dtype torch.bfloat16 or both float32"):
+        launch(y.bfloat16(), x.bfloat16(), bank.lora_a.half(), bank.lora_b.half(), bank.ranks, bank.scalings,
+               meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m,
+               meta.max_adapter_id)
 
 
 def test_opcheck(reference_backend):
@@ -133,3 +138,32 @@ def test_rank_padding_is_never_read(triton_backend, fused, dtype):
         y = torch.zeros(m, out_features, dtype=dtype, device=DEVICE)
         multi_lora_add_(y, x, bank, MultiLoraMeta.build(ids, decode=decode))
         assert_rel_close(y, reference_delta(x, adapters, ids[:, None], None), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decode", [False, True])
+def test_fp32_bank_with_low_precision_activations(triton_backend, fused, dtype, decode):
+    """PEFT's fp32 adapters on a bf16 / fp16 model (issue 15): x and y in the model's dtype, the bank in fp32;
+    h stays fp32 and y is rounded once. A change of B below half a step of ``dtype`` (B exactly representable
+    in it, scaled by 1 + eps/8) moves the output as in the float64 reference; a bank rounded to x's dtype
+    would give the same output before and after."""
+    m, in_features, out_features = 13, 33, 47
+    _, adapters = random_bank([3, 17, 1, 8], in_features, out_features, torch.float32)
+    ids = torch.randint(-1, 4, (m,), device=DEVICE)
+    ids[:4] = torch.arange(4)
+    x = non_contiguous(torch.randn(m, in_features, dtype=dtype, device=DEVICE))
+    meta = MultiLoraMeta.build(ids, decode=decode)
+    outputs, references = [], []
+    for step in (0.0, torch.finfo(dtype).eps / 8):  # below half a step of B: rounding B undoes it
+        for a in adapters:
+            a.lora_b = a.lora_b.to(dtype).float() * (1 + step)
+        bank = LoraBank.pack(adapters, in_features, out_features, torch.float32, DEVICE)
+        y = non_contiguous(torch.zeros(m, out_features, dtype=dtype, device=DEVICE))
+        multi_lora_add_(y, x, bank, meta)
+        reference = reference_delta(x, adapters, ids[:, None], None)
+        assert_rel_close(y, reference, dtype)
+        outputs.append(y)
+        references.append(reference.to(dtype))
+    changed = float((outputs[1] != outputs[0]).double().mean())
+    expected = float((references[1] != references[0]).double().mean())
+    assert expected > 0.01 and 0.5 * expected <= changed <= 2 * expected, (changed, expected)

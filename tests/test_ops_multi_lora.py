@@ -4,6 +4,7 @@ batches, slices for contiguous rows) against fastpeft.reference in float64."""
 import pytest
 import torch
 
+from fastpeft.bank import LoraBank
 from fastpeft.ops.multi_lora import MultiLoraMeta, multi_lora_add_
 
 from conftest import DEVICE, assert_rel_close, non_contiguous, poisoned
@@ -74,3 +75,37 @@ def test_eager_path_skips_the_custom_op_and_the_op_agrees(reference_backend):
                                        meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles),
                                        meta.block_m, meta.max_adapter_id)
     torch.testing.assert_close(eager, via_op)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["one_adapter", "distinct", "rows", "runs", "scattered"])
+def test_fp32_bank_on_low_precision_rows_is_peft_per_row(reference_backend, dtype, pattern):
+    """PEFT's fp32 adapters on a bf16 / fp16 model (issue 15): each row gets what PEFT's mixed-batch forward
+    gives it, ``y + (s · (x.float() Aᵀ) Bᵀ).to(y.dtype)``, and a change of B below half a step of ``dtype``
+    (B exactly representable in it, scaled by 1 + eps/8) moves the output as it moves PEFT's."""
+    m, in_features, out_features = (15 if pattern == "rows" else 13), 33, 17
+    _, adapters = random_bank([3, 17, 1, 8], in_features, out_features, torch.float32)
+    ids = _ids(pattern, m, len(adapters))
+    x = non_contiguous(torch.randn(m, in_features, dtype=dtype, device=DEVICE))
+    base = 0.05 * torch.randn(m, out_features, dtype=dtype, device=DEVICE)  # small: the term's change shows
+    outputs, expected = [], []
+    for step in (0.0, torch.finfo(dtype).eps / 8):  # below half a step of B: rounding B undoes it
+        for a in adapters:
+            a.lora_b = a.lora_b.to(dtype).float() * (1 + step)
+        bank = LoraBank.pack(adapters, in_features, out_features, torch.float32, DEVICE)
+        y = non_contiguous(base.clone())
+        multi_lora_add_(y, x, bank, MultiLoraMeta.build(ids, decode=pattern == "distinct"))
+        peft = base.clone()
+        for t, k in enumerate(ids.tolist()):
+            if k >= 0:
+                a = adapters[k]
+                peft[t] += ((x[t:t + 1].float() @ a.lora_a.t() @ a.lora_b.t()) * a.scaling).to(dtype)[0]
+        # the same casts in the same order: equal here; other BLAS builds may sum a row's product in
+        # another order, so a few elements may be one rounding apart
+        assert float((y != peft).double().mean()) <= 0.02
+        torch.testing.assert_close(y, peft, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        outputs.append(y)
+        expected.append(peft)
+    changed = float((outputs[1] != outputs[0]).double().mean())
+    changed_peft = float((expected[1] != expected[0]).double().mean())
+    assert changed_peft > 0.01 and 0.5 * changed_peft <= changed <= 2 * changed_peft, (changed, changed_peft)

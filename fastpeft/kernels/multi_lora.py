@@ -1,9 +1,15 @@
 """Multi-LoRA shrink / expand in Triton: many adapters, different ranks, one launch each.
 
 Math (per slot ``j`` of token ``t``, adapter ``k = slot_ids[t, j]``, ``-1`` = nothing):
-``h[t] = x[t] A_kᵀ`` (shrink, ``h`` in ``x.dtype`` like the reference) then
+``h[t] = x[t] A_kᵀ`` (shrink, ``h`` in the bank's dtype like the reference) then
 ``y[t] += w[t, j] · s_k · h[t] B_kᵀ`` (expand, fp32 accumulation, one rounding into ``y``).
 A row with a weighted combination of adapters carries several slots; plain batches have one.
+
+Precision: the bank (``lora_a``, ``lora_b``) is in ``x``'s dtype or in fp32 with bf16/fp16 activations
+(PEFT's fp32 adapters on a bf16 model, ``autocast_adapter_dtype``): ``x`` is loaded in its own dtype and
+converted in registers, ``h`` is kept in fp32 (no rounding of the rank-r intermediate), the products
+accumulate in fp32 and ``y`` is rounded once. An fp32 bank's ``tl.dot`` runs in IEEE fp32 (no tensor
+cores; the rank-r work is small next to the base matmul).
 
 Design (vLLM's ``lora/ops/triton_ops`` pattern, own code): ``fastpeft.ops.multi_lora.MultiLoraMeta``
 is computed once per batch: per slot, ``token_order`` lists the tokens grouped by adapter (an index
@@ -66,9 +72,10 @@ def _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _mma(acc, a, b, USE_DOT: tl.constexpr):
-    """``acc + a @ b`` in fp32: ``tl.dot`` for prefill tiles, broadcast-multiply-sum for 1-row decode tiles."""
+    """``acc + a @ b`` in fp32: ``tl.dot`` for prefill tiles, broadcast-multiply-sum for 1-row decode tiles.
+    ``a`` is converted to ``b``'s dtype (bf16/fp16 activations times an fp32 bank)."""
     if USE_DOT:
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc += tl.dot(a.to(b.dtype), b, input_precision="ieee")
     else:
         acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return acc
@@ -175,8 +182,8 @@ def _multi_lora_fused_kernel(
         r_mask = offs_r < rank
         h = _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak,
                           in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
-        # h is rounded to x's dtype, as the two-launch path (and the reference) store it
-        h = h.to(x_ptr.dtype.element_ty)
+        # h is rounded to the bank's dtype, as the two-launch path (and the reference) store it
+        h = h.to(lora_a_ptr.dtype.element_ty)
         acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
     _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
                 stride_wm, stride_ym, stride_yo)
@@ -227,8 +234,8 @@ def multi_lora_add_(
 ) -> torch.Tensor:
     """``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` in place; returns ``y``.
 
-    ``x`` ``(M, in)``, ``y`` ``(M, out)`` (any strides), ``lora_a`` ``(N, R, in)``, ``lora_b`` ``(N, out, R)``
-    (one dtype for all four), ``ranks`` int32 ``(N,)``, ``scalings`` fp32 ``(N,)``, ``slot_weights`` fp32
+    ``x`` ``(M, in)``, ``y`` ``(M, out)`` (any strides, one dtype), ``lora_a`` ``(N, R, in)``, ``lora_b``
+    ``(N, out, R)`` (the bank: ``x``'s dtype, or fp32 with bf16/fp16 ``x``), ``ranks`` int32 ``(N,)``, ``scalings`` fp32 ``(N,)``, ``slot_weights`` fp32
     ``(M, S)``; ``token_order`` int32 ``(S, M)``, ``tiles`` int32 ``(T, 3)``, ``slot_tiles`` ``S`` tile counts
     (slot ``j``'s tiles follow slot ``j-1``'s), ``block_m`` and ``max_adapter_id`` from
     ``fastpeft.ops.multi_lora.MultiLoraMeta``. ``fused``: one fused launch per slot instead of shrink then
@@ -237,8 +244,11 @@ def multi_lora_add_(
     for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} dtype {t.dtype} is not one of {_DTYPES}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} != x dtype {x.dtype}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y dtype {y.dtype} != x dtype {x.dtype}")
+    if lora_b.dtype != lora_a.dtype or lora_a.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"the bank (lora_a {lora_a.dtype}, lora_b {lora_b.dtype}) must be in x's dtype {x.dtype} "
+                        "or both float32")
     if x.dim() != 2 or y.dim() != 2 or lora_a.dim() != 3 or lora_b.dim() != 3:
         raise ValueError(f"need x (M, in), y (M, out), lora_a (N, R, in), lora_b (N, out, R); got x "
                          f"{tuple(x.shape)}, y {tuple(y.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
@@ -272,7 +282,7 @@ def multi_lora_add_(
         return y
     if fused is None:
         fused = FUSED["decode" if block_m == 1 else "prefill"]
-    h = None if fused else torch.empty(m, max_rank, dtype=x.dtype, device=x.device)
+    h = None if fused else torch.empty(m, max_rank, dtype=lora_a.dtype, device=x.device)
     arch = device_arch(x.device)
     first = 0
     wrote_y = False

@@ -78,11 +78,12 @@ def _per_token(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _add_lora(y: torch.Tensor, x_tokens: torch.Tensor, bank: LoraBank, meta: MultiLoraMeta) -> torch.Tensor:
-    """``y`` plus the LoRA terms, in place when the dtypes allow (else in the bank's dtype, then cast)."""
+    """``y`` plus the LoRA terms: in place when the op takes the dtypes (a bank in ``x``'s dtype, or an fp32
+    bank on bf16 / fp16 activations), else in the bank's dtype, then cast."""
     if bank.max_rank == 0:
         return y
     lora_dtype = bank.lora_a.dtype
-    if y.dtype == x_tokens.dtype == lora_dtype:
+    if y.dtype == x_tokens.dtype and lora_dtype in (x_tokens.dtype, torch.float32):
         return multi_lora_add_(y, x_tokens, bank, meta)
     delta = torch.zeros(y.shape, dtype=lora_dtype, device=y.device)
     return y + multi_lora_add_(delta, x_tokens.to(lora_dtype), bank, meta).to(y.dtype)

@@ -13,6 +13,10 @@ with a single slot each (decode steps, and prefill of rows with distinct adapter
 ``bmm`` over per-row gathered adapter factors (gathered once per batch and layer, reused by every step)
 instead of a loop over adapters. In eager mode the reference path is called directly,
 without the custom op's dispatch (tens of microseconds per call, more than a small layer's LoRA math).
+
+The bank is in the activations' dtype or, for PEFT's fp32 adapters on a bf16 / fp16 model, in fp32: the
+adapter terms are then computed in fp32 (the reference path casts where PEFT's ``_mixed_batch_forward``
+does; the kernels keep fp32 in registers and round once into ``y``).
 """
 
 from __future__ import annotations
@@ -93,30 +97,44 @@ def _gather_rows(ids: torch.Tensor, slot_weights: torch.Tensor, n_adapters: int)
 def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list,
                     scalings: torch.Tensor, plan: ReferencePlan) -> None:
     """``y += Σ w · s_k · (x A_kᵀ) B_kᵀ`` per token as ``plan`` groups them; reads only each adapter's own
-    ``ranks[k]`` columns of the zero-padded bank (padding is never read, so never turns inf into NaN)."""
+    ``ranks[k]`` columns of the zero-padded bank (padding is never read, so never turns inf into NaN).
+
+    A bank in another dtype than ``y`` (fp32 adapters on a bf16 / fp16 model) is used as PEFT's
+    ``_mixed_batch_forward`` uses it: ``x`` cast to the bank's dtype, ``(x Aᵀ) Bᵀ · s`` in that dtype, the
+    term cast to ``y``'s dtype, then added."""
+    cast = lora_a.dtype != y.dtype
     used_ranks = {ranks[k] for k, _, _ in plan.groups}
     if plan.gather is not None and len(used_ranks) == 1:
         rank = used_ranks.pop()
         if rank == 0:
             return
         tokens_per_row, rows, ids, weights, key = plan.gather
-        key = (id(lora_a), key)
+        key = (id(lora_a), cast, key)
         cached = plan.gathered.get(key)
         if cached is None or cached[0] is not lora_a:
             # (n, in, r) and (n, r, out), contiguous: bmm of one-row matrices runs an order of magnitude faster
             # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
+            # (kept apart, applied after the product as PEFT does, when the term is cast before the add)
             a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
             coef = scalings.index_select(0, ids)
             coef = (coef if weights is None else coef * weights).to(lora_b.dtype).view(-1, 1, 1)
-            b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous().mul_(coef)
-            cached = plan.gathered[key] = (lora_a, a_t, b_t)
-        _, a_t, b_t = cached
+            b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous()
+            cached = plan.gathered[key] = (lora_a, a_t, b_t, coef) if cast else (lora_a, a_t, b_t.mul_(coef), None)
+        _, a_t, b_t, coef = cached
         x_rows = x.view(-1, tokens_per_row, x.shape[-1])  # splitting the token dim: a view at any strides
         y_rows = y.view(-1, tokens_per_row, y.shape[-1])
-        if rows is None:
+        if rows is not None:
+            x_rows = x_rows.index_select(0, rows)
+        if cast:
+            term = (torch.bmm(torch.bmm(x_rows.to(lora_a.dtype), a_t), b_t) * coef).to(y.dtype)
+            if rows is None:
+                y_rows.add_(term)
+            else:
+                y_rows.index_add_(0, rows, term)
+        elif rows is None:
             y_rows.baddbmm_(torch.bmm(x_rows, a_t), b_t)
         else:
-            y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows.index_select(0, rows), a_t), b_t))
+            y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows, a_t), b_t))
         return
     scaling_list = scalings.tolist()
     for k, rows, weights in plan.groups:
@@ -125,10 +143,16 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
             continue
         a, b = lora_a[k, :rank], lora_b[k, :, :rank]
         contiguous = isinstance(rows, slice)
-        h = (x[rows] if contiguous else x.index_select(0, rows)) @ a.t()
+        h = (x[rows] if contiguous else x.index_select(0, rows)).to(a.dtype) @ a.t()
         if weights is not None:
             h = h * weights.to(h.dtype)
-        if contiguous and scaling_list[k] == 0.0:
+        if cast:
+            term = ((h @ b.t()) * scaling_list[k]).to(y.dtype)
+            if contiguous:
+                y[rows].add_(term)
+            else:
+                y.index_add_(0, rows, term)
+        elif contiguous and scaling_list[k] == 0.0:
             # addmm skips the product when alpha is 0, dropping PEFT's NaN from 0 · inf (as in ops/lora.py)
             y[rows].add_(h @ b.t(), alpha=0.0)
         elif contiguous:
@@ -247,8 +271,9 @@ def _(y, x, lora_a, lora_b, ranks, scalings, slot_ids, slot_weights, token_order
 
 
 def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, bank, meta: MultiLoraMeta) -> torch.Tensor:
-    """``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` in place for ``x`` ``(M, in)``, ``y`` ``(M, out)``, with the
-    adapters of ``bank`` (a :class:`fastpeft.bank.LoraBank`) chosen per token by ``meta``; returns ``y``."""
+    """``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` in place for ``x`` ``(M, in)``, ``y`` ``(M, out)`` (one dtype),
+    with the adapters of ``bank`` (a :class:`fastpeft.bank.LoraBank` in ``x``'s dtype, or fp32 with bf16 /
+    fp16 ``x``) chosen per token by ``meta``; returns ``y``."""
     if meta.num_tokens != x.shape[0]:
         raise ValueError(f"metadata is for {meta.num_tokens} tokens, x has {x.shape[0]}")
     if meta.max_adapter_id >= bank.num_adapters:
