@@ -190,8 +190,9 @@ def test_bf16_training_follows_peft(kind, quantize_4bit, tiny_llama_dir):
     Tolerance: fastpeft accumulates each layer's base and adapter parts in fp32 and rounds once where
     PEFT rounds the base output to bf16 first, so logits differ by about one bf16 rounding (2^-9
     relative) per layer and the runs drift apart slowly: measured at most 0.2% of the loss over the 20
-    steps (dense LoRA 7e-4, 4-bit LoRA 1.4e-3, 4-bit DoRA 1.8e-3; IA3 dense and 4-bit bit-identical). The bound,
-    1%, leaves room for other BLAS builds while a wrong gradient or update (a loss off by a step's change, ~5%) fails."""
+    steps (dense LoRA 7e-4, 4-bit LoRA 1.4e-3, 4-bit DoRA 1.8e-3; IA3 dense and 4-bit bit-identical).
+    The bound, 1%, leaves room for other BLAS builds while a wrong gradient or update (a loss off by a
+    step's change, ~5%) fails."""
     ref = _train(kind, quantize_4bit, tiny_llama_dir, accelerate=False)
     ours = _train(kind, quantize_4bit, tiny_llama_dir, accelerate=True)
     assert ref[-1] < ref[0] - 0.01, f"PEFT's loss did not fall: {ref}"
