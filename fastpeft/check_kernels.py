@@ -14,14 +14,19 @@ sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the trito
 - theoretical occupancy from registers, shared memory and warps per block against each architecture's
   per-SM limits (``ARCHES``), and which of the three limits it;
 - the **main loop**: the SASS is scanned for backward branches (a ``BRA`` whose target address is before
-  its own); each one closes a loop spanning ``[target, branch]``. The main loop is the loop with the
-  most tensor-core instructions, then the most global loads (nested loops are counted with their outer
-  loop). A kernel without a backward branch (the elementwise NF4 dequantisation) is counted whole. The
-  software pipeliner does not unroll, so one pass through the loop is one ``BLOCK_K`` step;
+  its own); each one closes a loop spanning ``[target, branch]``. The main loop is, among the loops
+  with global loads or tensor-core instructions, one with the most tensor-core instructions, and of
+  those the first in program order (nested loops are counted with their outer loop): the K loop comes
+  before the epilogue's rank loop (the LoRA term), which may hold as many or more loads but runs once
+  per program, in split 0 only. A kernel without a backward branch (the elementwise NF4
+  dequantisation) is counted whole, as is one whose loops hold neither. The software pipeliner does
+  not unroll, so one pass through the loop is one ``BLOCK_K`` step;
 - in that loop: tensor-core instructions (``HMMA`` = ``mma.sync``, ``HGMMA`` = Hopper ``wgmma``) and
   global loads (``LDG``, and ``LDGSTS`` = ``cp.async`` to shared memory) by width in bits (8/16/32/64/128),
   per thread; and per weight element: ``loads x threads / weight elements per iteration`` (the weight tile
-  of one step: ``weight_tile``). "Narrow" loads are those under 64 bits.
+  of one step: ``weight_tile``). "Narrow" loads are those under 64 bits. ``global_per_element``: every
+  global memory instruction of the loop (loads of weights, scales and activations, ``cp.async``, stores,
+  atomics) per weight element, the same way (issue 12's target: at most 1 per 16 weight elements).
 
 Identical compilations (many shapes specialise the same way) are compiled once per architecture; Triton's
 on-disk cache makes a second run fast. ``--jobs`` compiles in parallel processes. See ``--help``.
@@ -374,6 +379,11 @@ def _load_width(opcode: str):
     return 32
 
 
+def _is_global_memory(opcode: str) -> bool:
+    """A global memory instruction: load, ``cp.async``, store, reduction or atomic."""
+    return opcode.split(".")[0] in ("LDG", "LDGSTS", "STG", "RED", "REDG", "ATOMG", "ATOM")
+
+
 def _mma_kind(opcode: str):
     head = opcode.split(".")[0]
     return head if head in ("HMMA", "HGMMA") else None
@@ -381,7 +391,7 @@ def _mma_kind(opcode: str):
 
 def main_loop(instructions: list) -> tuple:
     """``(first, last, found)`` address range of the main loop (see the module docstring); the whole
-    kernel with ``found=False`` when it has no backward branch."""
+    kernel with ``found=False`` when it has no loop with global loads or tensor-core instructions."""
     loops = []
     for addr, opcode, operands in instructions:
         if opcode.split(".")[0] == "BRA":
@@ -392,12 +402,15 @@ def main_loop(instructions: list) -> tuple:
     if not loops:
         return instructions[0][0], instructions[-1][0], False
 
-    def weight(loop):
+    def counts(loop):
         body = [op for a, op, _ in instructions if loop[0] <= a <= loop[1]]
-        return (sum(_mma_kind(op) is not None for op in body), sum(_load_width(op) is not None for op in body),
-                loop[1] - loop[0])
+        return sum(_mma_kind(op) is not None for op in body), sum(_load_width(op) is not None for op in body)
 
-    first, last = max(loops, key=weight)
+    candidates = [loop for loop in loops if any(counts(loop))]
+    if not candidates:
+        return instructions[0][0], instructions[-1][0], False
+    # most MMA, then the earliest start, then the widest span (an outer loop before its nested ones)
+    first, last = min(candidates, key=lambda loop: (-counts(loop)[0], loop[0], -loop[1]))
     return first, last, True
 
 
@@ -435,6 +448,7 @@ def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_e
     loads = {}
     for width in filter(None, map(_load_width, body)):
         loads[width] = loads.get(width, 0) + 1
+    global_ops = sum(_is_global_memory(op) for op in body)
     threads = num_warps * 32
     total_shared = shared + resources.get("SHARED", 0)
     occ, limiter, blocks = occupancy(arch, resources.get("REG", 0), total_shared, num_warps)
@@ -449,6 +463,7 @@ def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_e
         "loads_per_thread": {str(w): n for w, n in sorted(loads.items())},
         "loads_per_element": {str(w): round(n * threads / weight_elements, 4) for w, n in sorted(loads.items())},
         "narrow_loads_per_element": round(sum(n for w, n in loads.items() if w < 64) * threads / weight_elements, 4),
+        "global_per_element": round(global_ops * threads / weight_elements, 4),
     }
 
 
@@ -498,17 +513,17 @@ def _progress_bar(done: int, total: int, job: Job, stream=sys.stderr):
 
 
 COLUMNS = ("arch", "launch", "regs", "spill B", "smem KB", "occupancy", "MMA in loop", "loads/thread in loop",
-           "narrow loads/elem")
+           "narrow loads/elem", "gmem instr/elem")
 
 
 def _cells(row: dict) -> list:
     if not row["compiled"]:
-        return [row["arch"], row["key"], "ERROR", row["error"], "", "", "", "", ""]
+        return [row["arch"], row["key"], "ERROR", row["error"], "", "", "", "", "", ""]
     loads = " ".join(f"{n}x{w}b" for w, n in row["loads_per_thread"].items()) or "-"
     return [row["arch"], row["key"], str(row["registers"]), str(row["stack_bytes"]),
             f"{row['shared_bytes'] / 1024:.1f}", f"{row['occupancy']:.0%} ({row['occupancy_limiter']})",
             f"{row['mma_kind']} x{row['mma_count']}" if row["mma_count"] else "none", loads,
-            f"{row['narrow_loads_per_element']:.3g}"]
+            f"{row['narrow_loads_per_element']:.3g}", f"{row['global_per_element']:.3g}"]
 
 
 def format_table(rows: list) -> str:
@@ -527,7 +542,7 @@ def format_markdown(rows: list) -> str:
 
 # Threshold fields and in which direction a number gets worse.
 THRESHOLD_FIELDS = {"stack_bytes": "max", "registers": "max", "shared_bytes": "max", "occupancy": "min",
-                    "narrow_loads_per_element": "max", "mma_kind": "mma"}
+                    "narrow_loads_per_element": "max", "global_per_element": "max", "mma_kind": "mma"}
 
 
 def thresholds_of(rows: list) -> dict:

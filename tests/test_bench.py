@@ -122,6 +122,14 @@ def test_case_filter_and_every_case_has_all_implementations_named():
         "decode", "decode_4bit", "multi_lora_decode", "ia3.fwd", "ia3.fwd_bwd"}
 
 
+def test_half_precision_suites_bench_the_fp32_adapter_plans():
+    """On a bf16 / fp16 model PEFT keeps adapters in fp32: each LoRA-family micro case has that variant too
+    (IA3's vector is fp32 in every case already)."""
+    assert not any(j.case.endswith(".fp32_adapters") for j in all_jobs(_config()))
+    cases = {j.case for j in all_jobs(_config(dtype=torch.bfloat16))}
+    assert {f"{op}.fp32_adapters" for op in ("lora.fwd", "qlora.fwd_bwd", "dora.fwd", "multi_lora.fwd")} <= cases
+
+
 def test_percentiles_match_numpy():
     samples = [float(v) for v in np.random.default_rng(0).random(13)]
     for q in (0.0, 0.2, 0.5, 0.8, 1.0):

@@ -61,11 +61,11 @@ def test_thresholds_are_exactly_the_gate():
 
 def test_compare_flags_worse_numbers_and_reports_better_ones():
     row = {"arch": "sm_80", "key": "k", "compiled": True, "stack_bytes": 0, "registers": 100, "shared_bytes": 1024,
-           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "mma_kind": "HMMA"}
+           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "global_per_element": 0.25, "mma_kind": "HMMA"}
     limit = {f: row[f] for f in check_kernels.THRESHOLD_FIELDS}
     assert check_kernels.compare([row], {"sm_80 k": limit}) == ([], [])
     for field, value in (("stack_bytes", 8), ("registers", 101), ("shared_bytes", 2048), ("occupancy", 0.25),
-                         ("narrow_loads_per_element", 1.5), ("mma_kind", "none")):
+                         ("narrow_loads_per_element", 1.5), ("global_per_element", 0.5), ("mma_kind", "none")):
         worse, _ = check_kernels.compare([{**row, field: value}], {"sm_80 k": limit})
         assert len(worse) == 1 and field in worse[0]
     worse, better = check_kernels.compare([{**row, "mma_kind": "HGMMA", "registers": 90}], {"sm_80 k": limit})
@@ -127,6 +127,37 @@ def test_sass_main_loop_and_load_widths():
     widths = [check_kernels._load_width(op) for _, op, _ in instructions]
     assert widths == [None, 8, 128, None, 128, None, 64, None, None, None]
     assert check_kernels.main_loop(instructions[:2]) == (0x0, 0x10, False)
+
+
+# A K loop (one load) and, after it, an epilogue rank loop with more loads (the LoRA term of the GEMV):
+# with no MMA in either, the main loop is the first; with MMA only in the second, the second.
+SASS_TWO_LOOPS = """
+        /*0000*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0010*/                   LDG.E.EF.128 R8, desc[UR4][R4.64] ;
+        /*0020*/              @!P3 BRA 0x10 ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R4.64] ;
+        /*0040*/                   LDG.E.128 R12, desc[UR4][R6.64] ;
+        /*0050*/                   STG.E.128 desc[UR4][R6.64], R12 ;
+        /*0060*/              @!P3 BRA 0x30 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_first_of_the_loops_with_the_most_mma():
+    instructions = check_kernels.parse_sass(SASS_TWO_LOOPS)
+    assert check_kernels.main_loop(instructions) == (0x10, 0x20, True)
+    with_mma = [(a, "HMMA.16816.F32.BF16" if a == 0x40 else op, o) for a, op, o in instructions]
+    assert check_kernels.main_loop(with_mma) == (0x30, 0x60, True)
+    assert [check_kernels._is_global_memory(op) for _, op, _ in instructions] == [True] * 2 + [False] + [True] * 3 + [False] * 2
+
+
+def test_global_memory_instructions_per_weight_element(compiled):
+    # the bf16 dot toy's loop: one A and one B tile load per step, counted per element of its B (weight) tile
+    rows = _rows(compiled, "toy", "bf16-dot")
+    assert len(rows) == 2
+    for row in rows:
+        ops = sum(row["loads_per_thread"].values())
+        assert ops >= 2 and row["global_per_element"] == pytest.approx(ops * 128 / (32 * 128), abs=1e-4)
 
 
 def test_occupancy_from_registers_shared_memory_and_warps():

@@ -345,12 +345,15 @@ def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfi
     return setup
 
 
-def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int):
+def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int, fp32_adapters: bool = False):
+    """Setup of one layer serving ``n_adapters`` LoRA adapters, one per token. ``fp32_adapters``: the factors in
+    fp32 over a ``cfg.dtype`` base (PEFT's default on a bf16 / fp16 model; the bank keeps them fp32)."""
     def setup(cfg: BenchConfig) -> Prepared:
         w = _weights(cfg, out_f, in_f)
         g = _generator(cfg, 3)
-        lora_as = [(_randn(cfg, g, cfg.rank, in_f) / math.sqrt(in_f)).to(cfg.dtype) for _ in range(n_adapters)]
-        lora_bs = [(0.02 * _randn(cfg, g, out_f, cfg.rank)).to(cfg.dtype) for _ in range(n_adapters)]
+        dtype = torch.float32 if fp32_adapters else cfg.dtype
+        lora_as = [(_randn(cfg, g, cfg.rank, in_f) / math.sqrt(in_f)).to(dtype) for _ in range(n_adapters)]
+        lora_bs = [(0.02 * _randn(cfg, g, out_f, cfg.rank)).to(dtype) for _ in range(n_adapters)]
         ids = torch.randint(0, n_adapters, (m,), generator=torch.Generator().manual_seed(3))
         names = [f"a{k}" for k in ids.tolist()]
         note = ""
@@ -421,6 +424,9 @@ def micro_jobs(cfg: BenchConfig) -> list:
             for impl in ("fastpeft", "reference", "peft"):
                 jobs.append(Job("multi_lora.fwd", impl, {**shape, "adapters": cfg.micro_adapters},
                                 _micro_multi_lora(impl, m, out_f, in_f, cfg.micro_adapters)))
+                if cfg.dtype != torch.float32:
+                    jobs.append(Job("multi_lora.fwd.fp32_adapters", impl, {**shape, "adapters": cfg.micro_adapters},
+                                    _micro_multi_lora(impl, m, out_f, in_f, cfg.micro_adapters, fp32_adapters=True)))
         for impl in ("fastpeft", "reference", "bnb"):
             jobs.append(Job("nf4_dequant", impl, {"out": out_f, "in": in_f}, _micro_nf4_dequant(impl, out_f, in_f)))
     return jobs

@@ -52,13 +52,19 @@ import triton.language as tl
 
 from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
-# K / rank / out slices, warps and stages per GPU architecture (BLOCK_M is the metadata's block_m: 16
-# prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults), except the expand's
-# one stage: its loop runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline,
-# whose shared buffers cost more than it hides (python -m fastpeft.check_kernels --family multi_lora: 3
-# stages put prefill expand at 3-4 KB shared memory vs 1-2 KB, same registers; issue 12 item 5).
-CONFIGS = {"default": {"BLOCK_K": 32, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
-                        "expand_num_warps": 4, "expand_num_stages": 1}}
+# K / rank / out slices, warps and stages per GPU architecture and regime (BLOCK_M is the metadata's
+# block_m: 16 prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults), except
+# (python -m fastpeft.check_kernels --family multi_lora, issue 12 item 5): the expand's one stage, its loop
+# runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline whose shared buffers
+# cost more than it hides (3 stages: prefill expand at 3-4 KB shared memory vs 1-2 KB); decode's BLOCK_K 64,
+# one 128-bit load of x and of A per thread and step (at 32, 64-bit loads, and ptxas unrolls the sm_90a loop
+# 4x); prefill keeps BLOCK_K 32 (at 64: HMMA x4 per step but 48 registers and 62% occupancy on sm_80).
+CONFIGS = {"default": {
+    "prefill": {"BLOCK_K": 32, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
+                "expand_num_warps": 4, "expand_num_stages": 1},
+    "decode": {"BLOCK_K": 64, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
+               "expand_num_warps": 4, "expand_num_stages": 1},
+}}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fused shrink→expand or two launches, per regime. Untuned: no GPU in this task (bench it, then flip).
 FUSED = {"decode": False, "prefill": False}
@@ -244,8 +250,8 @@ def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: i
     the regime."""
     if fused is None:
         fused = FUSED["decode" if block_m == 1 else "prefill"]
-    config = config_for(CONFIGS, arch)
     regime = "decode" if block_m == 1 else "prefill"
+    config = config_for(CONFIGS, arch)[regime]
     use_dot = block_m >= 16
     common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     out_grid = (num_tiles, triton.cdiv(out_features, config["BLOCK_N"]))

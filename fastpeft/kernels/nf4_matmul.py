@@ -70,12 +70,16 @@ from .plan import LaunchPlan, config_for, device_arch, launch
 # GEMV: BLOCK_N outputs x CHUNKS slices of BLOCK_K per program (GemLite's M=1 kernel: "BLOCK_N columns x two
 # chunks of BLOCK_K", tl.sum, fp32 atomics). Our packed rows run along in-features, so the forward tile is
 # (BLOCK_N W rows) x (BLOCK_K in-features): 32 x 256 at 4 warps is 64 codes per thread per chunk in 8-byte
-# loads; dx tiles (BLOCK_K W rows) x (BLOCK_N in-features), 32 x 128 (16-byte loads). Both sized to stay at
-# <= 128 registers up to M = 4 (25% occupancy; measured with the sm_80 AOT compile, no GPU).
+# loads; dx tiles (BLOCK_K W rows) x (BLOCK_N in-features), 32 x 128 (16-byte loads) up to M = 2, 16 x 128 in
+# 4 chunks (the same K slice) from M = 3: each of the 4 rows of dy is one more load and accumulator per W
+# row, and 32 rows took 133 registers on sm_90a (19% occupancy), 16 take 96 (31%). DX_TILES: (from BLOCK_M,
+# DX_BLOCK_N, DX_BLOCK_K, DX_CHUNKS), the last that applies wins. All sized to stay at <= 128 registers up to
+# M = 4 (25% occupancy; measured with check-kernels' sm_80 / sm_90a compiles, no GPU).
 # SPLITK: GemLite's tuned H100 small-M table: BLOCK_K 64 (= the NF4 block: one scale per row and step),
 # BLOCK_M 16/32/64 (M rounded up), BLOCK_N 64, SPLIT_K 8-16 (here: as many as fill TARGET_PROGRAMS, capped
 # at MAX_SPLIT_K), 4 warps, 2 stages (1 on sm_89: its 100 KB of shared memory).
-GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 256, "DX_BLOCK_N": 128, "DX_BLOCK_K": 32, "CHUNKS": 2,
+GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 256, "CHUNKS": 2,
+                            "DX_TILES": ((1, 128, 32, 2), (4, 128, 16, 4)),
                             "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1}}
 SPLITK_CONFIGS = {
     "default": {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16,
@@ -106,7 +110,14 @@ def _nf4_lora_matmul_kernel(
     split = tl.program_id(2)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    k_begin = split * k_per_split
+    if USE_DOT:
+        # k_per_split is a multiple of BLOCK_K; written so, the compiler knows the forward's packed-byte
+        # offset k_start / 2 is 16-byte aligned (128-bit loads; the runtime length alone is only known
+        # divisible by 16: 64-bit loads). The GEMV keeps the runtime form: with 16-byte loads its 64
+        # codes per thread took 3-27 more registers (check-kernels), past 128 (25% occupancy) on sm_90a.
+        k_begin = split * (k_per_split // BLOCK_K) * BLOCK_K
+    else:
+        k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
     # the epilogue terms (LoRA, bias) are added by split 0 only; every split scales its own partial sum
@@ -214,10 +225,12 @@ def plan_nf4_lora_matmul(
     if variant == "gemv":
         config = config_for(GEMV_CONFIGS, arch)
         block_m = triton.next_power_of_2(m)
-        block_n, block_k = ((config["DX_BLOCK_N"], config["DX_BLOCK_K"]) if transpose_weight
-                            else (config["BLOCK_N"], config["BLOCK_K"]))
+        if transpose_weight:
+            block_n, block_k, chunks = [tile[1:] for tile in config["DX_TILES"] if tile[0] <= block_m][-1]
+        else:
+            block_n, block_k, chunks = config["BLOCK_N"], config["BLOCK_K"], config["CHUNKS"]
         block_r = min(config["MAX_BLOCK_R"], triton.next_power_of_2(max(rank, 1)))
-        k_per_split = config["CHUNKS"] * block_k
+        k_per_split = chunks * block_k
         evict_w, evict_a = "evict_first", "evict_last"  # weights streamed once, activations reused
     else:
         config = config_for(SPLITK_CONFIGS, arch)
