@@ -44,9 +44,10 @@ def test_nf4_matmul_plan_picks_gemv_for_decode_and_splits_k(arch):
     assert nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
     # dx: 32 W rows per step up to M = 2, 16 from M = 3 in twice the chunks (the same K slice): each dy row
     # costs registers per W row (check-kernels: 133 -> 96 registers at M = 4 on sm_90a)
-    for m, block_k in ((1, 32), (2, 32), (3, 16), (4, 16)):
+    for m, block_k, block_r in ((1, 32, 16), (2, 32, 16), (3, 16, 8), (4, 16, 8)):
         dx = nf4_matmul.plan_nf4_lora_matmul(m, 4096, 4096, 16, transpose_weight=True, arch=arch)
         assert dx.variant == "gemv" and dx.constexprs["BLOCK_K"] == block_k and dx.runtime["k_per_split"] == 64
+        assert dx.constexprs["BLOCK_R"] == block_r
 
 
 @pytest.mark.parametrize("m", [16, 64, 512, 4096])

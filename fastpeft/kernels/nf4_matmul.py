@@ -72,14 +72,16 @@ from .plan import LaunchPlan, config_for, device_arch, launch
 # (BLOCK_N W rows) x (BLOCK_K in-features): 32 x 256 at 4 warps is 64 codes per thread per chunk in 8-byte
 # loads; dx tiles (BLOCK_K W rows) x (BLOCK_N in-features), 32 x 128 (16-byte loads) up to M = 2, 16 x 128 in
 # 4 chunks (the same K slice) from M = 3: each of the 4 rows of dy is one more load and accumulator per W
-# row, and 32 rows took 133 registers on sm_90a (19% occupancy), 16 take 96 (31%). DX_TILES: (from BLOCK_M,
-# DX_BLOCK_N, DX_BLOCK_K, DX_CHUNKS), the last that applies wins. All sized to stay at <= 128 registers up to
-# M = 4 (25% occupancy; measured with check-kernels' sm_80 / sm_90a compiles, no GPU).
+# row, and 32 rows took 133 registers on sm_90a (19% occupancy), 16 take 96 (31%); the LoRA epilogue's
+# (M, BLOCK_R, 128) broadcast product then takes rank slices of 8 (fp32 adapters: 148 -> 96 registers).
+# DX_TILES: (from BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_CHUNKS, DX_MAX_BLOCK_R), the last that applies wins.
+# All sized to stay at <= 128 registers up to M = 4 in bf16, fp16 and bf16 + fp32 adapters (25% occupancy;
+# measured with check-kernels' sm_80 / sm_90a compiles, no GPU).
 # SPLITK: GemLite's tuned H100 small-M table: BLOCK_K 64 (= the NF4 block: one scale per row and step),
 # BLOCK_M 16/32/64 (M rounded up), BLOCK_N 64, SPLIT_K 8-16 (here: as many as fill TARGET_PROGRAMS, capped
 # at MAX_SPLIT_K), 4 warps, 2 stages (1 on sm_89: its 100 KB of shared memory).
 GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 256, "CHUNKS": 2,
-                            "DX_TILES": ((1, 128, 32, 2), (4, 128, 16, 4)),
+                            "DX_TILES": ((1, 128, 32, 2, 16), (4, 128, 16, 4, 8)),
                             "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1}}
 SPLITK_CONFIGS = {
     "default": {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16,
@@ -226,10 +228,11 @@ def plan_nf4_lora_matmul(
         config = config_for(GEMV_CONFIGS, arch)
         block_m = triton.next_power_of_2(m)
         if transpose_weight:
-            block_n, block_k, chunks = [tile[1:] for tile in config["DX_TILES"] if tile[0] <= block_m][-1]
+            block_n, block_k, chunks, max_block_r = [t[1:] for t in config["DX_TILES"] if t[0] <= block_m][-1]
         else:
             block_n, block_k, chunks = config["BLOCK_N"], config["BLOCK_K"], config["CHUNKS"]
-        block_r = min(config["MAX_BLOCK_R"], triton.next_power_of_2(max(rank, 1)))
+            max_block_r = config["MAX_BLOCK_R"]
+        block_r = min(max_block_r, triton.next_power_of_2(max(rank, 1)))
         k_per_split = chunks * block_k
         evict_w, evict_a = "evict_first", "evict_last"  # weights streamed once, activations reused
     else:
