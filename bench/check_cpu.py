@@ -1,9 +1,13 @@
 """CPU regression check: fastpeft is never slower than what it replaces, measured side by side.
 
-``python -m bench.check_cpu [--rounds 7] [--cases decode,ia3] [--json out.json]`` (from the repository root) builds every implementation of
-each case of ``fastpeft bench --suite cpu`` (the same jobs, weights and inputs as the harness), then runs them
-interleaved: round after round, each implementation once, so a noisy neighbour on a shared CPU slows all of
-them alike. Each bound is on the median over rounds of the per-round time ratio, never on a wall time:
+``python -m bench.check_cpu [--rounds 7] [--min-round-ms 20] [--clock wall] [--cases decode,ia3] [--json out.json]``
+(from the repository root) builds every implementation of each case of ``fastpeft bench --suite cpu`` (the same
+jobs, weights and inputs as the harness), then runs them interleaved: round after round, each implementation in
+turn, so a noisy neighbour on a shared CPU slows all of them alike. In a round each implementation makes the same
+number of calls, enough that the fastest spends at least ``--min-round-ms`` (a sub-millisecond micro case timed one
+call at a time would measure the timer and the scheduler). ``--clock process`` times this process's CPU time
+instead of wall time (steadier on a loaded host). Each bound is on the median over rounds of the per-round time
+ratio, never on a wall time:
 
 - every case with a ``peft`` row: fastpeft / PEFT <= 1 + NOISE (the accelerated model, MultiLoraModel for the
   multi-adapter cases, fastpeft's modules for the micro cases);
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -35,6 +40,8 @@ NOISE = 0.05
 SERVING_ONE_ADAPTER_BOUND = 1.2  # MultiLoraModel decode, one adapter, vs PEFT's decode of the same model
 SERVING_SPEEDUP_16 = 3.0  # PEFT adapter_names generate / MultiLoraModel, 16 adapters over 16 rows
 SERVING_GROWTH_BOUND = 1.3  # MultiLoraModel decode, 64 adapters in the bank / 1
+# Per round, the fastest implementation of a group runs at least this long (the others make as many calls).
+MIN_ROUND_MS = 20.0
 
 
 def _groups(cfg) -> dict:
@@ -54,8 +61,23 @@ def _label(job) -> str:
     return f"{job.impl}@{job.params['adapters']}" if job.case == "multi_lora_decode" else job.impl
 
 
-def measure_group(jobs: list, cfg, rounds: int) -> dict:
-    """``{label: [ms per round]}``: every implementation built, warmed up, then timed once per round, interleaved."""
+# --clock: wall time, or this process's CPU time (all its threads), which a neighbour's load does not stretch
+# (with OMP_NUM_THREADS=1 the two agree on a quiet host)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _ms_per_call(p, calls: int, first: int, clock=time.perf_counter) -> float:
+    """Mean time in ms (``clock``) of ``calls`` consecutive calls ``p.run(first)``, ``p.run(first + 1)``, …"""
+    start = clock()
+    for i in range(first, first + calls):
+        p.run(i)
+    return (clock() - start) * 1e3 / calls
+
+
+def measure_group(jobs: list, cfg, rounds: int, min_round_ms: float = MIN_ROUND_MS, clock=time.perf_counter) -> tuple:
+    """``({label: [ms per call, one per round]}, calls per round)``: every implementation built and warmed up,
+    then timed (``clock``) round after round, interleaved, each making the same number of calls per round (enough
+    that the fastest runs at least ``min_round_ms``)."""
     from fastpeft.bench.cases import Unavailable
 
     prepared = {}
@@ -64,16 +86,17 @@ def measure_group(jobs: list, cfg, rounds: int) -> dict:
             prepared[_label(job)] = job.setup(cfg)
         except Unavailable as exc:
             print(f"  {job.case} {_label(job)}: skipped ({exc})", file=sys.stderr)
+    fastest = math.inf
     for p in prepared.values():
-        for i in range(cfg.warmup + 1):
+        for i in range(cfg.warmup):
             p.run(i)
+        fastest = min(fastest, _ms_per_call(p, 1, cfg.warmup, clock))
+    calls = max(1, math.ceil(min_round_ms / fastest)) if prepared else 1
     samples: dict = {label: [] for label in prepared}
     for r in range(rounds):
         for label, p in prepared.items():
-            start = time.perf_counter()
-            p.run(r)
-            samples[label].append((time.perf_counter() - start) * 1e3)
-    return samples
+            samples[label].append(_ms_per_call(p, calls, r * calls, clock))
+    return samples, calls
 
 
 def _ratio(samples: dict, num: str, den: str) -> Optional[float]:
@@ -122,28 +145,36 @@ def main(argv: Optional[list] = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--min-round-ms", type=float, default=MIN_ROUND_MS,
+                        help="per round, calls enough that the fastest implementation of a case runs this long")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default) or this process's CPU time, steadier on a loaded host")
     parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
     parser.add_argument("--json", type=Path, help="write the samples, ratios and bounds here")
     args = parser.parse_args(argv)
     bench_argv = ["--suite", "cpu", "--device", "cpu"] + (["--cases", args.cases] if args.cases else [])
     cfg = make_config(build_parser().parse_args(bench_argv))
     report, failed = [], 0
-    print(f"CPU regression check: {args.rounds} interleaved rounds, torch threads {torch.get_num_threads()}; "
+    print(f"CPU regression check: {args.rounds} interleaved rounds, {args.clock} clock, torch threads "
+          f"{torch.get_num_threads()}; "
           "ratios are medians over rounds of per-round time ratios")
     for (case, shape), jobs in _groups(cfg).items():
-        samples = measure_group(jobs, cfg, args.rounds)
+        samples, calls = measure_group(jobs, cfg, args.rounds, args.min_round_ms, CLOCKS[args.clock])
         medians = {label: statistics.median(s) for label, s in samples.items()}
         checks = bounds(case, samples)
-        print(f"{case} {shape}: " + ", ".join(f"{label} {ms:.2f} ms" for label, ms in medians.items()))
+        print(f"{case} {shape} ({calls} call{'s' if calls > 1 else ''} per round): "
+              + ", ".join(f"{label} {ms:.3f} ms" for label, ms in medians.items()))
         for what, ratio, bound, ok in checks:
             failed += not ok
             relation = ">=" if "lower bound" in what else "<="
             print(f"    {'ok  ' if ok else 'FAIL'} {what}: {ratio:.3f} (bound {relation} {bound:g})")
-        report.append({"case": case, "shape": shape, "median_ms": medians, "samples_ms": samples,
+        report.append({"case": case, "shape": shape, "calls_per_round": calls, "median_ms": medians,
+                       "samples_ms": samples,  # ms per call, one sample per round
                        "checks": [{"what": w, "ratio": r, "bound": b, "ok": ok} for w, r, b, ok in checks]})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+        args.json.write_text(json.dumps({"rounds": args.rounds, "min_round_ms": args.min_round_ms,
+                                         "clock": args.clock, "torch_threads": torch.get_num_threads(),
                                          "noise_allowance": NOISE, "groups": report}, indent=1) + "\n")
     print(f"{failed} bound(s) failed" if failed else "every bound holds")
     return 1 if failed else 0

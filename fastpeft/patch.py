@@ -28,6 +28,7 @@ reported in the returned :class:`PatchSummary` and a log line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
@@ -101,7 +103,9 @@ def _peft_layer_kinds() -> dict:
 # ``_base_reason`` / ``_layer_reason`` (the base layer and the layer's configuration: ``accelerate`` reports them
 # and leaves such layers on PEFT's class), ``_adapter_reason`` (one adapter's configuration: ``accelerate`` notes
 # them, the layer is switched and runs PEFT's forward while such an adapter is active) and ``_call_reason`` (this
-# call's arguments and the layer's state). Every check is a few attribute reads: no tensor is touched.
+# call's arguments and the layer's state). Every check is a few attribute reads: no tensor is touched. They run at
+# every call of every adapted layer, so each reads what it needs once (a module attribute, a ModuleDict entry cost
+# about as much as a small decode-step matmul on CPU) and imports nothing.
 # A new fused path is a ``(layer, x, arg) -> y`` function plus the case in ``_fused_path`` that returns it.
 
 
@@ -109,6 +113,8 @@ def _base_reason(base) -> Optional[str]:
     """Why fastpeft's ops cannot compute ``base(x)`` exactly as this base layer does, or None. Only the base
     layer itself counts (what PEFT's forward calls): a PEFT layer under a PEFT layer (stacked adapters of a mixed
     model) is not looked through."""
+    if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
+        return None if base.weight.is_floating_point() else f"base weight dtype {base.weight.dtype} is not floating point"
     if _is_bnb_linear4bit(base):
         state = base.weight.quant_state
         if state is None:
@@ -149,28 +155,36 @@ def _adapter_reason(layer, kind: str, name: str) -> Optional[str]:
     return None
 
 
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """The registered submodule ``module.<name>`` (also a ModuleDict's entry ``name``), read from ``_modules``
+    directly: ``nn.Module.__getattr__`` and ``ModuleDict.__getitem__`` are Python calls, and the gate and the
+    fused paths read a dozen such entries per call of a layer."""
+    return module._modules[name]
+
+
 def _adapters_reason(layer, kind: str, names) -> Optional[str]:
     """Why a call with adapters ``names`` in use cannot be fused (their configuration, their submodules), or
     None. PEFT's forward calls ``lora_A`` / ``lora_B`` / ``lora_dropout`` / the DoRA magnitude as modules: hooks
     on them would not fire on the fused path."""
     for name in names:
         reason = _adapter_reason(layer, kind, name)
-        if reason is not None or kind == "ia3":
-            if reason is not None:
-                return reason
+        if reason is not None:
+            return reason
+        if kind == "ia3":
             continue
-        modules = [layer.lora_dropout[name]]
-        if kind == "lora":
-            modules += [layer.lora_A[name], layer.lora_B[name]]
-            if type(modules[1]) is not nn.Linear or type(modules[2]) is not nn.Linear:
-                return f"adapter {name!r}: lora_A / lora_B are not plain torch.nn.Linear"
-            if name in layer.lora_variant:
-                modules.append(layer.lora_magnitude_vector[name])
-        if any(_has_hooks(module) for module in modules):
+        if _has_hooks(_child(_child(layer, "lora_dropout"), name)):
             return f"hooks on a submodule of adapter {name!r}"
+        if kind == "lora":
+            lora_a, lora_b = _child(_child(layer, "lora_A"), name), _child(_child(layer, "lora_B"), name)
+            if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+                return f"adapter {name!r}: lora_A / lora_B are not plain torch.nn.Linear"
+            if (_has_hooks(lora_a) or _has_hooks(lora_b)
+                    or (name in layer.lora_variant and _has_hooks(layer.lora_magnitude_vector[name]))):
+                return f"hooks on a submodule of adapter {name!r}"
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _dora_variant() -> type:
     from peft.tuners.lora.variants import DoraLinearVariant
 
@@ -185,14 +199,13 @@ def _has_hooks(module: nn.Module) -> bool:
 def _global_hooks() -> bool:
     """Module hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` …):
     they would fire for the submodules PEFT's forward calls and the fused op does not."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
-def _call_reason(layer, args, kwargs) -> Optional[str]:
-    """Why this call cannot be fused whatever the adapters (arguments, layer state, hooks, trainable base)."""
+def _call_reason(layer, base, args, kwargs) -> Optional[str]:
+    """Why this call cannot be fused whatever the adapters (arguments, layer state, hooks, trainable base);
+    ``base`` is ``layer.base_layer``."""
     if args or kwargs:
         return "extra forward arguments (adapter_names= mixed batches and others)"
     if layer.disable_adapters:
@@ -201,7 +214,6 @@ def _call_reason(layer, args, kwargs) -> Optional[str]:
         return "adapters merged into the base weight"
     if _global_hooks():
         return "global module hooks are registered"
-    base = layer.base_layer
     if _has_hooks(base):
         return "hooks on the base layer"
     if base.weight.requires_grad and torch.is_grad_enabled():
@@ -213,7 +225,7 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
     """bitsandbytes' ``Linear4bit`` casts its input to its ``compute_dtype`` (set from the first input when
     unset, as here), multiplies there and casts back; the fused ops compute in the input's dtype, so a call
     whose input dtype differs from the layer's compute dtype runs PEFT's forward (bitsandbytes' own product)."""
-    if not _is_bnb_linear4bit(base):
+    if type(base) is nn.Linear or not _is_bnb_linear4bit(base):
         return None
     if not base.compute_type_is_set:
         base.set_compute_type(x)
@@ -225,7 +237,8 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
 
 def _mixed_batch_call(kind: str, args, kwargs) -> bool:
     """A LoRA layer called with ``adapter_names=`` alone (PEFT's mixed-adapter batches)."""
-    return kind == "lora" and not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None
+    return (kind == "lora" and not args and len(kwargs) == 1 and "adapter_names" in kwargs
+            and kwargs["adapter_names"] is not None)
 
 
 def _fused_path(layer, x, args, kwargs):
@@ -233,9 +246,10 @@ def _fused_path(layer, x, args, kwargs):
     computes exactly what PEFT's forward would (output and gradients), else a string saying why PEFT's forward
     runs."""
     kind = layer._fastpeft_kind
-    mixed = _mixed_batch_call(kind, args, kwargs)
-    reason = (_call_reason(layer, () if mixed else args, {} if mixed else kwargs) or _layer_reason(layer)
-              or _compute_dtype_reason(layer.base_layer, x))
+    mixed = bool(kwargs) and _mixed_batch_call(kind, args, kwargs)
+    base = _child(layer, "base_layer")
+    reason = (_call_reason(layer, base, () if mixed else args, {} if mixed else kwargs) or _base_reason(base)
+              or _compute_dtype_reason(base, x))
     if reason is not None:
         return reason
     if mixed:
@@ -243,7 +257,7 @@ def _fused_path(layer, x, args, kwargs):
         names = mixed_batch_adapters(layer, adapter_names)
         reason = _adapters_reason(layer, kind, names) or mixed_batch_reason(layer, x, adapter_names)
         return reason or (_fused_mixed_batch, adapter_names)
-    adapters = layer.ia3_l if kind == "ia3" else layer.lora_A
+    adapters = layer.ia3_l if kind == "ia3" else _child(layer, "lora_A")
     active = [name for name in layer.active_adapters if name in adapters]
     if not active:
         return "no active adapter"
@@ -264,12 +278,13 @@ def _fused_path(layer, x, args, kwargs):
 
 def _fused_lora(layer, x, name: str):
     """PEFT's LoRA forward for one active adapter ``name`` as one fastpeft op."""
-    x_dropped, dropout_p = dropout_inputs(layer.lora_dropout[name], x)
-    bias, scaling = layer.base_layer.bias, layer.scaling[name]
+    x_dropped, dropout_p = dropout_inputs(_child(_child(layer, "lora_dropout"), name), x)
+    bias, scaling = _child(layer, "base_layer").bias, layer.scaling[name]
+    lora_b = _child(_child(layer, "lora_B"), name)
     if layer.lora_bias.get(name, False):  # PEFT's (h Bᵀ + b_B) · s: s · b_B joins the base bias
-        bias = _plus(bias, layer.lora_B[name].bias * scaling)
-    return lora_linear(x, base_weight(layer), bias, layer.lora_A[name].weight, layer.lora_B[name].weight, scaling,
-                       x_dropped, dropout_p)
+        bias = _plus(bias, lora_b.bias * scaling)
+    return lora_linear(x, base_weight(layer), bias, _child(_child(layer, "lora_A"), name).weight, lora_b.weight,
+                       scaling, x_dropped, dropout_p)
 
 
 def _fused_several_lora(layer, x, names: tuple):

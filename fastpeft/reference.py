@@ -52,9 +52,9 @@ def base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
             # fp32 out, then one cast: NF4Weight.dequantize's order of arithmetic
             dense = torch.ops.bitsandbytes.dequantize_4bit.default(
                 weight.packed, absmax, weight.blocksize, "nf4", list(weight.shape), torch.float32)
-            return dense.to(dtype)
+            return dense if dtype == torch.float32 else dense.to(dtype)
         return weight.dequantize(dtype)
-    return weight.to(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
 
 
 def _bnb_cpu_dequantizes(weight: NF4Weight, dtype: torch.dtype) -> bool:

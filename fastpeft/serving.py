@@ -91,6 +91,7 @@ class MultiLoraModel(nn.Module):
         if missing:
             raise ValueError(f"adapters target modules that are not nn.Linear layers of the model: {sorted(missing)[:5]}")
         self.bank = AdapterBank(specs).with_adapters(loaded)
+        self._last_batch: Optional[tuple] = None  # (bank, rows key, MultiLoraBatch) of the last batch() call
 
     @staticmethod
     def _load(name: str, source: AdapterSource) -> Adapter:
@@ -115,8 +116,17 @@ class MultiLoraModel(nn.Module):
 
     def batch(self, adapter_names: Sequence[RowAdapters]) -> MultiLoraBatch:
         """The per-row adapter choice for the current bank: ``adapter_names[b]`` is ``None``, a name, or
-        ``{name: weight}`` (LoRA adapters only: DoRA and IA3 rescale the base output, which does not sum)."""
+        ``{name: weight}`` (LoRA adapters only: DoRA and IA3 rescale the base output, which does not sum).
+
+        The same ``adapter_names`` against the same bank as the previous call give the previous batch back: its
+        per-step metadata and the CPU path's gathered adapter factors are built once, not at every ``generate``
+        (they cost more than several decode steps of a small model). It holds them until another choice of
+        adapters or another bank comes."""
         bank = self.bank
+        key = _rows_key(adapter_names)
+        last = self._last_batch
+        if key is not None and last is not None and last[0] is bank and last[1] == key:
+            return last[2]
         rows = []
         for entry in adapter_names:
             if entry is None:
@@ -138,7 +148,10 @@ class MultiLoraModel(nn.Module):
         for b, row in enumerate(rows):
             for j, (k, weight) in enumerate(row):
                 slot_ids[b, j], slot_weights[b, j] = k, weight
-        return MultiLoraBatch(bank, slot_ids, slot_weights)
+        batch = MultiLoraBatch(bank, slot_ids, slot_weights)
+        if key is not None:
+            self._last_batch = (bank, key, batch)
+        return batch
 
     def _checked_batch(self, adapter_names, batch: Optional[MultiLoraBatch], args: tuple, kwargs: dict,
                        expand: int = 1) -> MultiLoraBatch:
@@ -183,6 +196,20 @@ class MultiLoraModel(nn.Module):
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         with self._using(self._checked_batch(adapter_names, batch, args, kwargs, expand)):
             return self.model.generate(*args, **kwargs)
+
+
+def _rows_key(adapter_names) -> Optional[tuple]:
+    """A hashable copy of ``adapter_names`` for :meth:`MultiLoraModel.batch`'s reuse, or None when an entry is
+    not a name, None or ``{name: number}`` (then no reuse; ``batch`` checks the entries)."""
+    key = []
+    for entry in adapter_names:
+        if entry is None or isinstance(entry, str):
+            key.append(entry)
+        elif isinstance(entry, Mapping) and all(isinstance(w, (int, float)) for w in entry.values()):
+            key.append(tuple(entry.items()))  # in order: the order of a row's slots
+        else:
+            return None
+    return tuple(key)
 
 
 def _input_rows(args: tuple, kwargs: dict) -> Optional[int]:

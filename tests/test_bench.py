@@ -230,3 +230,31 @@ def test_no_deprecated_torch_dtype_keyword_in_the_package():
     package = Path(bench_main.__file__).resolve().parents[1]
     offenders = [str(p.relative_to(package)) for p in package.rglob("*.py") if "torch_dtype=" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_check_cpu_times_the_same_batch_of_calls_per_round_for_every_implementation():
+    """bench/check_cpu.py: each round, every implementation makes as many calls as the fastest needs to run at
+    least ``min_round_ms`` (one call of a sub-millisecond case would time the timer), and a sample is the mean
+    time per call."""
+    import time
+    from types import SimpleNamespace
+
+    from bench import check_cpu
+
+    calls = {"fast": [], "slow": []}
+
+    def job(impl, seconds):
+        def setup(cfg):
+            def run(i):
+                calls[impl].append(i)
+                time.sleep(seconds)
+            return Prepared(run)
+        return Job("ia3.fwd", impl, {}, setup)
+
+    samples, per_round = check_cpu.measure_group([job("fast", 0.001), job("slow", 0.002)], SimpleNamespace(warmup=1),
+                                                 rounds=3, min_round_ms=8.0)
+    assert 2 <= per_round <= 8
+    for impl in calls:  # warm-up, the calibration call, then the rounds, inputs rotating through every index
+        assert calls[impl] == [0, 1, *range(3 * per_round)]
+        assert len(samples[impl]) == 3
+    assert min(samples["slow"]) >= 2.0 and min(samples["fast"]) >= 1.0  # ms per call, not per round

@@ -128,6 +128,27 @@ def test_adding_and_removing_adapters_never_changes_a_built_batch(adapter_dirs):
         served.batch(["a"])
 
 
+def test_a_repeated_request_reuses_its_batch_until_the_adapters_or_the_bank_change(adapter_dirs):
+    """The per-step metadata and the CPU path's gathered factors are built once for a repeated choice of adapters
+    (per generate call they cost more than decode steps), never reused across banks or choices."""
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"], "b": adapter_dirs["b"]})
+    rows = ["b", {"a": 0.5, "b": 1}, None]
+    batch = served.batch(rows)
+    assert served.batch(list(rows)) is batch and batch.repeated(2) is batch.repeated(2)
+    assert served.batch(["b", {"a": 0.5, "b": 2}, None]) is not batch
+    assert served.batch(["b", {"b": 1, "a": 0.5}, None]) is not batch  # another slot order
+    batch = served.batch(rows)
+    ids = input_ids(3, seed=5)
+    before = served(input_ids=ids, batch=batch).logits
+    served.add_adapter("c", adapter_dirs["c"])
+    again = served.batch(rows)
+    assert again is not batch and again.bank is served.bank
+    torch.testing.assert_close(served(input_ids=ids, adapter_names=rows).logits, before, rtol=1e-6, atol=1e-6)
+    greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    first = served.generate(input_ids=ids, adapter_names=rows, **greedy)
+    torch.testing.assert_close(served.generate(input_ids=ids, adapter_names=rows, **greedy), first, rtol=0, atol=0)
+
+
 def test_bad_requests_raise(adapter_dirs):
     served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"]})
     with pytest.raises(ValueError, match="exactly one of adapter_names"):

@@ -180,6 +180,8 @@ class LoraLinear(nn.Module):
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
         base = self.base_layer
+        if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
+            return base.weight
         if _is_bnb_linear4bit(base):
             if repacked_for_bnb_cpu(base):
                 raise ValueError(

@@ -42,6 +42,7 @@ class MultiLoraBatch:
         self.slot_weights = torch.ones(slot_ids.shape) if slot_weights is None else slot_weights
         self._metas: dict = {}
         self._reference_cache: dict = {}  # the CPU path's per-layer gathered factors, shared by prefill and decode
+        self._repeated: dict = {}  # times -> the batch repeated() gave (reused with its metadata)
 
     @property
     def num_rows(self) -> int:
@@ -50,13 +51,15 @@ class MultiLoraBatch:
     def repeated(self, times: int) -> "MultiLoraBatch":
         """The same choice with each row repeated ``times`` times, copies next to each other (how
         ``generate`` expands a batch for beams or several return sequences)."""
-        return MultiLoraBatch(self.bank, self.slot_ids.repeat_interleave(times, dim=0),
-                              self.slot_weights.repeat_interleave(times, dim=0))
+        if times not in self._repeated:
+            self._repeated[times] = MultiLoraBatch(self.bank, self.slot_ids.repeat_interleave(times, dim=0),
+                                                   self.slot_weights.repeat_interleave(times, dim=0))
+        return self._repeated[times]
 
     def meta(self, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
         """Metadata for an activation of shape ``(B, T, ...)`` or ``(B, ...)`` (``lead_shape`` = all but the
         feature dim); ``T == 1`` is a decode step."""
-        key = (tuple(lead_shape), str(device))
+        key = (tuple(lead_shape), device)  # read by every layer at every step: no str(device)
         if key not in self._metas:
             if not lead_shape or lead_shape[0] != self.num_rows:
                 raise ValueError(f"activation leading shape {tuple(lead_shape)} does not start with the batch's "
@@ -113,6 +116,9 @@ class MultiLoraLinear(nn.Module):
             return self.base_layer(x)
         meta = batch.meta(x.shape[:-1], x.device)
         x_tokens = x.reshape(-1, self.in_features)
+        if bank.in_scale is None and bank.out_scale is None:  # LoRA adapters only: the base layer on x as it is
+            y = self.base_layer(x).reshape(-1, self.out_features)
+            return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
         ids = meta.slot_ids[:, 0]  # DoRA / IA3 never share a row with another adapter
         x_base = x_tokens if bank.in_scale is None else x_tokens * _per_token(bank.in_scale, ids).to(x.dtype)
         y = self.base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)

@@ -34,7 +34,10 @@ BACKENDS = ("auto", "triton", "reference")
 
 def requested_backend() -> str:
     """The backend asked for by ``FASTPEFT_BACKEND`` (``auto`` when unset)."""
-    name = os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    raw = os.environ.get("FASTPEFT_BACKEND")
+    if raw is None:  # the common case, read at every op call
+        return "auto"
+    name = raw.strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FASTPEFT_BACKEND={name!r} is not one of {BACKENDS}")
     return name
@@ -48,9 +51,9 @@ def triton_interpreter() -> bool:
 def backend_for(device: torch.device) -> str:
     """``"triton"`` or ``"reference"``: which implementation runs an op whose tensors are on ``device``."""
     name = requested_backend()
-    device = torch.device(device)
     if name == "reference":
         return "reference"
+    device = device if isinstance(device, torch.device) else torch.device(device)
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if device.type != "cuda" and not triton_interpreter():

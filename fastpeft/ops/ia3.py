@@ -11,8 +11,13 @@ Public API:
   optional fused row reduction (``fastpeft::ia3_matmul``, a ``torch.library`` custom op: Triton kernel
   ``fastpeft.kernels.ia3`` or the reference).
 
-Every pass is one kernel launch except the output-scaling backward, which recomputes ``x Wᵀ + b`` for
-``dl = Σ_t dy ⊙ (x Wᵀ + b)`` in a second launch (reduced on the fly, never stored):
+Every pass is one kernel launch except the output-scaling backward on the Triton backend, which recomputes
+``z = x Wᵀ + b`` for ``dl = Σ_t dy ⊙ z`` in a second launch (reduced on the fly, never stored: the GPU trades a
+second pass over ``W`` for an ``(M, out)`` activation). Off it (the CPU path), where recomputing would be a
+second full matmul per backward and slower than PEFT, ``z`` is kept, as autograd keeps it for PEFT's
+``result * l``: over a dense base autograd differentiates the forward's plain PyTorch ops directly (no
+autograd Function, whose per-call Python cost exceeds a small layer's math); over an NF4 base the Function
+keeps ``z`` (and never the dequantised weight).
 
     feed-forward  forward  y  = (x ⊙ l) Wᵀ + b        backward  dx = (dy W) ⊙ l,  dl = Σ_t x ⊙ (dy W)  (one pass)
     output        forward  y  = (x Wᵀ + b) ⊙ l        backward  dx = (dy ⊙ l) W,  dl = Σ_t dy ⊙ (x Wᵀ + b)
@@ -27,11 +32,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
-from .inputs import Weight, autocast_dtype, check_linear_inputs
+from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, rows_like
 from .lora import lora_linear
 
 
@@ -91,6 +97,11 @@ def _ia3_matmul_op(
             reduced if reduced is not None else a.new_empty(0, dtype=_reduction_dtype(a.dtype)))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (it costs as much as a small layer's math at M = 1)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation, or fp64 for fp64 inputs (the reference backend's exact mode: an fp32 sum would
     lose what the caller asked fp64 for)."""
@@ -102,11 +113,11 @@ def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, b
     """The op off the Triton backend, ``(out or None, reduced or None)``: the dequantised or dense weight
     (``reference.base_weight``) in a matmul."""
     w = reference.base_weight(weight, a.dtype)
-    scaled = a if in_scale is None else (a * in_scale).to(a.dtype)
-    z = scaled @ (w if transpose_weight else w.t())
+    scaled = a if in_scale is None else _cast(a * in_scale, a.dtype)
+    z = scaled @ w if transpose_weight else F.linear(scaled, w)
     if bias is not None:
         z = z + bias
-    out = (z if out_scale is None else (z * out_scale).to(a.dtype)) if store_out else None
+    out = (z if out_scale is None else _cast(z * out_scale, a.dtype)) if store_out else None
     acc = _reduction_dtype(a.dtype)
     reduced = None if reduce_rows is None else (reduce_rows.to(acc) * z.to(acc)).sum(0)
     return out, reduced
@@ -160,15 +171,21 @@ class IA3LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, ia3_scale, is_feedforward):
-        y = _ia3_forward(x2d, weight, bias, ia3_scale, is_feedforward)
+        base_out = None  # z = x Wᵀ + b of the output scaling, kept for dl off the Triton backend
+        if not is_feedforward and ctx.needs_input_grad[3] and backend_for(x2d.device) == "reference":
+            base_out = ia3_matmul(x2d, weight, bias=bias)[0]
+            y = _cast(base_out * ia3_scale, x2d.dtype)  # _ia3_matmul_reference's out_scale arithmetic
+        else:
+            y = _ia3_forward(x2d, weight, bias, ia3_scale, is_feedforward)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.is_feedforward = is_feedforward
-        ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x2d, bias, ia3_scale)
+        ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x2d if base_out is None else None,
+                              bias, ia3_scale, base_out)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        dense_weight, x2d, bias, ia3_scale = ctx.saved_tensors
+        dense_weight, x2d, bias, ia3_scale, base_out = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         needs_dx, _, needs_bias, needs_scale, _ = ctx.needs_input_grad
         dx = dbias = dscale = None
@@ -181,13 +198,26 @@ class IA3LinearFunction(torch.autograd.Function):
         else:
             if needs_dx:
                 dx, _ = ia3_matmul(dy, weight, transpose_weight=True, in_scale=ia3_scale)
-            if needs_scale:
+            if needs_scale and base_out is not None:
+                acc = _reduction_dtype(dy.dtype)
+                dscale = (dy.to(acc) * base_out.to(acc)).sum(0)
+            elif needs_scale:
                 _, dscale = ia3_matmul(x2d, weight, bias=bias, reduce_rows=dy, store_out=False)
             if needs_bias:
                 dbias = (dy * ia3_scale).sum(0)
         if dscale is not None:
             dscale = dscale.to(ia3_scale.dtype)
         return dx, None, dbias, dscale, None
+
+
+def _plain_autograd(x: torch.Tensor, weight: Weight) -> bool:
+    """Whether autograd differentiates the forward's own ops instead of :class:`IA3LinearFunction`: a dense base
+    off the Triton backend, where the forward is plain PyTorch (``_ia3_matmul_reference``). Autograd then keeps
+    what PEFT's layer keeps (``z = x Wᵀ + b`` for ``dl``, the weight itself, no copy) and computes the same
+    gradients, without the Function's Python cost per call and per backward (more than the layer's math at
+    M = 1 on CPU). An NF4 base keeps the Function: autograd would store the dequantised weight."""
+    return (not isinstance(weight, NF4Weight) and backend_for(x.device) == "reference"
+            and not torch.compiler.is_compiling())
 
 
 def ia3_linear(
@@ -218,11 +248,15 @@ def ia3_linear(
             f"{tuple(getattr(ia3_scale, 'shape', ()))}"
         )
     if bias is not None:
-        bias = bias.to(x.dtype)
-    x2d, ia3_scale = x.reshape(-1, in_features), ia3_scale.contiguous()
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, ia3_scale)):
-        # nothing to differentiate: the forward alone, without the autograd Function's per-call cost
+        bias = _cast(bias, x.dtype)
+    x2d = as_rows(x, in_features)
+    if not ia3_scale.is_contiguous():
+        ia3_scale = ia3_scale.contiguous()
+    if (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, ia3_scale))
+            or _plain_autograd(x, weight)):
+        # nothing to differentiate, or a dense base off the Triton backend: the forward alone, without the autograd
+        # Function's per-call cost
         y = _ia3_forward(x2d, weight, bias, ia3_scale, bool(is_feedforward))
     else:
         y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, bool(is_feedforward))
-    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed
+    return rows_like(y, x, out_features)

@@ -44,6 +44,18 @@ def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features:
                          f"and ({out_features}, r)")
 
 
+def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` ``(..., in)`` as ``(M, in)`` (a view where strides allow); a 2-D ``x`` as it is (a reshape per
+    call costs about as much as a small layer's math at M = 1)."""
+    return x if x.dim() == 2 else x.reshape(-1, in_features)
+
+
+def rows_like(y: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The ``(M, out)`` result ``y`` of :func:`as_rows` ``(x)`` as ``(..., out)``. A view made outside the ops'
+    autograd Functions, so in-place changes of the output are allowed."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+
+
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` would run a linear layer on ``x``'s device in, or None when autocast is
     off there. The ops read it at entry and cast as autocast would cast PEFT's ``nn.Linear`` calls, then

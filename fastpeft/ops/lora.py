@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
-from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
+from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, rows_like
 
 
 @torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
@@ -89,13 +89,14 @@ def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bia
                                scaling: float, col_scale) -> torch.Tensor:
     """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
     w = reference.base_weight(weight, a.dtype)
-    out = a @ (w if transpose_weight else w.t())
+    out = a @ w if transpose_weight else F.linear(a, w)
     # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
     if lora_h is not None:
         out = out + scaling * (lora_h @ lora_expand)
     if col_scale is not None:
         out = out * col_scale
-    return (out if bias is None else out + bias).to(a.dtype)
+    out = out if bias is None else out + bias
+    return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
 @_nf4_lora_matmul_op.register_fake
@@ -141,9 +142,13 @@ def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_e
     if isinstance(weight, NF4Weight):
         return nf4_lora_matmul(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
                                lora_expand=lora_expand, scaling=scaling)
-    w = weight.to(a.dtype)
-    w = w if transpose_weight else w.t()
-    out = a @ w if bias is None else torch.addmm(bias, a, w)
+    # every op here costs a dispatch, comparable to a decode step's small matmul on CPU: casts only when the
+    # dtypes differ, ``F.linear`` instead of a transposed view and a matmul (the same addmm / mm underneath)
+    w = weight if weight.dtype == a.dtype else weight.to(a.dtype)
+    if transpose_weight:
+        out = a @ w if bias is None else torch.addmm(bias, a, w)
+    else:
+        out = F.linear(a, w, bias)
     if lora_h is None:
         return out
     if lora_h.dtype != a.dtype:
@@ -176,7 +181,8 @@ def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropo
         x_lora = x2d.to(adapter_dtype) * _dropout_mask(x2d.shape, dropout_p, x2d.device, adapter_dtype)
     else:
         x_lora = x2d if x_dropped is None else x_dropped
-    h = None if lora_a is None else x_lora.to(adapter_dtype) @ lora_a.t()
+    h = None if lora_a is None else F.linear(x_lora if x_lora.dtype == adapter_dtype else x_lora.to(adapter_dtype),
+                                             lora_a)
     y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
     return y, x_lora, h
 
@@ -282,18 +288,19 @@ def lora_linear(
         raise ValueError("lora_a and lora_b must be given together")
     if lora_a is not None:
         check_lora_factors(lora_a, lora_b, out_features, in_features)
-        lora_b = lora_b.to(lora_a.dtype)
+        if lora_b.dtype != lora_a.dtype:
+            lora_b = lora_b.to(lora_a.dtype)
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and x_dropped is not None:
         raise ValueError("give x_dropped or dropout_p, not both")
-    if bias is not None:
+    if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    x2d = x.reshape(-1, in_features)
+    x2d = as_rows(x, in_features)
     if x_dropped is not None:
-        x_dropped = x_dropped.reshape(-1, in_features)
+        x_dropped = as_rows(x_dropped, in_features)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, x_dropped, bias, lora_a,
                                                                                           lora_b)):
         # nothing to differentiate (inference, decode): the forward alone, without the autograd Function's
@@ -301,4 +308,4 @@ def lora_linear(
         y = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))[0]
     else:
         y = LoraLinearFunction.apply(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
-    return y.view(*x.shape[:-1], out_features)  # a view made outside the Function: in-place changes allowed
+    return rows_like(y, x, out_features)

@@ -1,5 +1,6 @@
 """NF4 dequantisation as a ``torch.library`` custom op (``fastpeft::nf4_dequantize``), dispatched to
-the Triton kernel or to the reference in ``NF4Weight.dequantize``."""
+the Triton kernel or to the reference path, ``fastpeft.reference.base_weight`` (bitsandbytes' own C++ CPU
+dequantiser where it is bit-exact, else ``NF4Weight.dequantize``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
 
@@ -29,8 +31,9 @@ def _nf4_dequantize_op(
     if backend_for(packed.device) == "triton":
         from ..kernels.nf4 import nf4_dequantize
 
-        return run_kernel("nf4_dequantize", lambda: nf4_dequantize(weight, dtype), lambda: weight.dequantize(dtype))
-    return weight.dequantize(dtype)
+        return run_kernel("nf4_dequantize", lambda: nf4_dequantize(weight, dtype),
+                          lambda: reference.base_weight(weight, dtype))
+    return reference.base_weight(weight, dtype)
 
 
 @_nf4_dequantize_op.register_fake
@@ -41,7 +44,7 @@ def _(packed, absmax, nested_code, nested_absmax, nested_offset, out_features, i
 
 def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The dense ``(out, in)`` weight in ``dtype`` (default: the weight's dtype); Triton on CUDA,
-    the reference on CPU (see ``fastpeft.ops.dispatch``). Bit-exact with bitsandbytes either way."""
+    the reference path on CPU (see ``fastpeft.ops.dispatch``). Bit-exact with bitsandbytes either way."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"expected an NF4Weight, got {type(weight).__name__}")
     dtype = weight.dtype if dtype is None else dtype
