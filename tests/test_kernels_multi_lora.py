@@ -126,13 +126,14 @@ def test_opcheck(reference_backend):
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_rank_padding_is_never_read(triton_backend, fused, dtype):
-    """Ranks 1 and 256 in one bank; the padding is poisoned with NaN, so reading it would show."""
+    """Ranks 1 and 256 in one bank; the padding is poisoned with NaN, so reading it would show. Rank 16 is
+    whole rank blocks only (read without a rank mask), 20 whole blocks and a partial one, 1 a partial one."""
     m, in_features, out_features = 7, 33, 17
-    bank, adapters = random_bank([1, 256, 20], in_features, out_features, dtype)
+    bank, adapters = random_bank([1, 256, 20, 16], in_features, out_features, dtype)
     for k, a in enumerate(adapters):
         bank.lora_a[k, a.rank:] = float("nan")
         bank.lora_b[k, :, a.rank:] = float("nan")
-    ids = torch.tensor([1, 0, 2, -1, 1, 2, 0], device=DEVICE)
+    ids = torch.tensor([1, 0, 2, -1, 3, 2, 0], device=DEVICE)
     x = torch.randn(m, in_features, dtype=dtype, device=DEVICE)
     for decode in (False, True):
         y = torch.zeros(m, out_features, dtype=dtype, device=DEVICE)

@@ -16,12 +16,16 @@ is computed once per batch: per slot, ``token_order`` lists the tokens grouped b
 permutation — the batch itself is never reordered) and ``tiles`` cuts each adapter's group into
 ``(adapter, start, length)`` tiles of ``block_m`` tokens. Every program takes one tile: the tokens of a
 tile share one adapter, so ``A_k`` / ``B_k`` blocks are loaded once per tile (prefill). Decode (one token
-per sequence) uses ``block_m = 1``: one program per token, a GEMV by broadcast-multiply-sum instead of
-``tl.dot`` (which needs 16 rows). Tokens with no adapter are in no tile: no work at all.
+per sequence) uses ``block_m = 1``: one program per token, a GEMV as a 2-D multiply-sum in the weight
+block's own layout instead of ``tl.dot`` (which needs 16 rows). Tokens with no adapter are in no tile:
+no work at all.
 
 Rank heterogeneity: the bank pads every adapter to the largest rank ``R``, but the shrink grid's rank
 blocks at or beyond ``ranks[k]`` exit at once and the expand loop runs only to ``ranks[k]``, so padding
-is never loaded nor multiplied (beyond the last partial ``BLOCK_R`` block, which is masked).
+is never loaded nor multiplied. The expand (and fused) rank loop takes the adapter's whole ``BLOCK_R``
+blocks first, with no rank mask: ``h`` and ``B_k`` are contiguous along the rank, so each thread loads
+them in 32- to 128-bit vectors (a per-element mask along that axis forces one 16-bit load per element);
+the partial last block (``ranks[k] % BLOCK_R`` ranks) follows once, masked by the adapter's rank.
 
 Slots of one token write the same ``y`` row, so the launcher runs shrink+expand slot after slot (one
 pair of launches per slot; ``S = 1`` for plain batches): no atomics, deterministic.
@@ -48,9 +52,19 @@ import triton.language as tl
 
 from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
-# K / rank / out slices, warps and stages per GPU architecture (BLOCK_M is the metadata's block_m: 16
-# prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults).
-CONFIGS = {"default": {"BLOCK_K": 32, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}}
+# K / rank / out slices, warps and stages per GPU architecture and regime (BLOCK_M is the metadata's
+# block_m: 16 prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults), except
+# (python -m fastpeft.check_kernels --family multi_lora, issue 12 item 5): the expand's one stage, its loop
+# runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline whose shared buffers
+# cost more than it hides (3 stages: prefill expand at 3-4 KB shared memory vs 1-2 KB); decode's BLOCK_K 64,
+# one 128-bit load of x and of A per thread and step (at 32, 64-bit loads, and ptxas unrolls the sm_90a loop
+# 4x); prefill keeps BLOCK_K 32 (at 64: HMMA x4 per step but 48 registers and 62% occupancy on sm_80).
+CONFIGS = {"default": {
+    "prefill": {"BLOCK_K": 32, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
+                "expand_num_warps": 4, "expand_num_stages": 1},
+    "decode": {"BLOCK_K": 64, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
+               "expand_num_warps": 4, "expand_num_stages": 1},
+}}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fused shrink→expand or two launches, per regime. Untuned: no GPU in this task (bench it, then flip).
 FUSED = {"decode": False, "prefill": False}
@@ -76,8 +90,8 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr):
     ``a`` is converted to ``b``'s dtype (bf16/fp16 activations times an fp32 bank)."""
     if USE_DOT:
         acc += tl.dot(a.to(b.dtype), b, input_precision="ieee")
-    else:
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:  # BLOCK_M == 1: a 2-D product reduced in b's own layout (no 3-D tile, no layout conversion)
+        acc += tl.sum(tl.reshape(a, [a.shape[1]]).to(tl.float32)[:, None] * b.to(tl.float32), axis=0)[None, :]
     return acc
 
 
@@ -99,10 +113,47 @@ def _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride
 
 
 @triton.jit
-def _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br):
-    """``(BLOCK_R, BLOCK_N)`` block of ``B_kᵀ``."""
-    return tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
-                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+def _rank_mask(offs_r, rank, MASK_R: tl.constexpr):
+    """``offs_r < rank`` for the block that crosses the adapter's rank (``MASK_R``); all true otherwise, as a
+    constant, so that loads along the contiguous rank axis of a whole block are vectorised."""
+    if MASK_R:
+        return offs_r < rank
+    return tl.full(offs_r.shape, 1, tl.int1)
+
+
+@triton.jit
+def _expand_step(acc, h, b_base, offs_r, rank, offs_n, n_mask, stride_bo, stride_br, USE_DOT: tl.constexpr,
+                 MASK_R: tl.constexpr):
+    """``acc + h B_k[offs_n, offs_r]ᵀ`` for one ``BLOCK_R`` block of ranks (``MASK_R``: the last, partial one)."""
+    r_mask = _rank_mask(offs_r, rank, MASK_R)
+    b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    return _mma(acc, h, b, USE_DOT)
+
+
+@triton.jit
+def _expand_h_step(acc, h_ptr, rows, m_mask, b_base, r_start, rank, offs_n, n_mask, stride_hm, stride_hr,
+                   stride_bo, stride_br, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, MASK_R: tl.constexpr):
+    """:func:`_expand_step` on the block of ``h`` stored by the shrink at ``r_start``."""
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    r_mask = _rank_mask(offs_r, rank, MASK_R)
+    h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    return _expand_step(acc, h, b_base, offs_r, rank, offs_n, n_mask, stride_bo, stride_br, USE_DOT, MASK_R)
+
+
+@triton.jit
+def _fused_step(acc, x_ptr, a_base, b_base, rows, m_mask, r_start, rank, offs_n, n_mask, stride_xm, stride_xk,
+                stride_ar, stride_ak, stride_bo, stride_br, in_features, BLOCK_M: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, MASK_R: tl.constexpr):
+    """:func:`_expand_step` on the block of ``h`` at ``r_start`` computed in registers (the fused kernel)."""
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    # A's rank mask runs across its rows (the contiguous axis is K): kept on every block
+    h = _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, offs_r < rank, stride_xm, stride_xk, stride_ar, stride_ak,
+                      in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
+    # h is rounded to the bank's dtype, as the two-launch path (and the reference) store it
+    h = h.to(a_base.dtype.element_ty)
+    return _expand_step(acc, h, b_base, offs_r, rank, offs_n, n_mask, stride_bo, stride_br, USE_DOT, MASK_R)
 
 
 @triton.jit
@@ -149,13 +200,15 @@ def _multi_lora_expand_kernel(
     n_mask = offs_n < out_features
     b_base = lora_b_ptr + adapter * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # runtime bound: only this adapter's own rank is read, never the bank's padding
-    for r_start in range(0, rank, BLOCK_R):
-        offs_r = r_start + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
+    # runtime bounds: only this adapter's own rank is read, never the bank's padding; whole blocks unmasked
+    # along the rank (wide loads), then the partial last block masked
+    whole = rank - rank % BLOCK_R
+    for r_start in range(0, whole, BLOCK_R):
+        acc = _expand_h_step(acc, h_ptr, rows, m_mask, b_base, r_start, rank, offs_n, n_mask, stride_hm, stride_hr,
+                             stride_bo, stride_br, BLOCK_R, USE_DOT, False)
+    if whole < rank:
+        acc = _expand_h_step(acc, h_ptr, rows, m_mask, b_base, whole, rank, offs_n, n_mask, stride_hm, stride_hr,
+                             stride_bo, stride_br, BLOCK_R, USE_DOT, True)
     _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
                 stride_wm, stride_ym, stride_yo)
 
@@ -177,14 +230,15 @@ def _multi_lora_fused_kernel(
     a_base = lora_a_ptr + adapter * stride_an
     b_base = lora_b_ptr + adapter * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r_start in range(0, rank, BLOCK_R):
-        offs_r = r_start + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        h = _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak,
-                          in_features, BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT)
-        # h is rounded to the bank's dtype, as the two-launch path (and the reference) store it
-        h = h.to(lora_a_ptr.dtype.element_ty)
-        acc = _mma(acc, h, _load_b_block(b_base, offs_r, r_mask, offs_n, n_mask, stride_bo, stride_br), USE_DOT)
+    whole = rank - rank % BLOCK_R  # whole rank blocks, then the partial last one (as the expand kernel)
+    for r_start in range(0, whole, BLOCK_R):
+        acc = _fused_step(acc, x_ptr, a_base, b_base, rows, m_mask, r_start, rank, offs_n, n_mask, stride_xm,
+                          stride_xk, stride_ar, stride_ak, stride_bo, stride_br, in_features, BLOCK_M, BLOCK_R,
+                          BLOCK_K, USE_DOT, False)
+    if whole < rank:
+        acc = _fused_step(acc, x_ptr, a_base, b_base, rows, m_mask, whole, rank, offs_n, n_mask, stride_xm,
+                          stride_xk, stride_ar, stride_ak, stride_bo, stride_br, in_features, BLOCK_M, BLOCK_R,
+                          BLOCK_K, USE_DOT, True)
     _add_scaled(y_ptr, acc, scalings_ptr, weights_ptr, adapter, rows, m_mask, offs_n, n_mask,
                 stride_wm, stride_ym, stride_yo)
 
@@ -196,8 +250,8 @@ def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: i
     the regime."""
     if fused is None:
         fused = FUSED["decode" if block_m == 1 else "prefill"]
-    config = config_for(CONFIGS, arch)
     regime = "decode" if block_m == 1 else "prefill"
+    config = config_for(CONFIGS, arch)[regime]
     use_dot = block_m >= 16
     common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     out_grid = (num_tiles, triton.cdiv(out_features, config["BLOCK_N"]))
@@ -213,7 +267,8 @@ def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: i
                                "USE_DOT": use_dot}, **common),
         LaunchPlan(op="multi_lora_add_", variant=f"expand-{regime}", kernel=_multi_lora_expand_kernel, grid=out_grid,
                    constexprs={"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_R": config["BLOCK_R"],
-                               "USE_DOT": use_dot}, **common),
+                               "USE_DOT": use_dot}, num_warps=config["expand_num_warps"],
+                   num_stages=config["expand_num_stages"]),
     )
 
 
