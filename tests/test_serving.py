@@ -349,3 +349,51 @@ def test_low_precision_model_with_fp32_adapters_matches_peft(adapter_dirs, dtype
         # within twice the gap between PEFT's own two paths (the extra rounding grows through the layers)
         gap = float((ref1[b:b + 1] - single).abs().max())
         assert float((out1[b:b + 1] - single).abs().max()) <= 2 * gap + 4 * torch.finfo(dtype).eps, f"row {b} ({name})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dora_and_ia3_vectors_of_a_low_precision_model_apply_in_fp32_as_peft(adapter_dirs, dtype):
+    """Issue 15: DoRA's magnitude and IA3's vectors stay fp32 on a bf16 / fp16 model and scale in fp32 with one
+    final rounding, as PEFT's layers do: each row matches PEFT's single-adapter forward, and a change of the
+    vectors below half a step of ``dtype`` (exactly representable, then scaled by 1 + eps/8: a scale rounded to
+    ``dtype`` undoes it) moves the logits as it moves PEFT's."""
+    from peft import set_peft_model_state_dict
+
+    from fastpeft.adapters import load_adapter
+
+    names, rows = ["dora", "ia3"], ["dora", "ia3", None]
+    ids = input_ids(len(rows), seed=11)
+    peft_models = {name: peft_single(make_tiny_llama(dtype), adapter_dirs[name]) for name in names}
+    served, logits = None, {}
+    for step in (0.0, torch.finfo(dtype).eps / 8):
+        adapters = {name: load_adapter(adapter_dirs[name]) for name in names}  # fp32, as PEFT saved them
+        for name, adapter in adapters.items():
+            for key, tensor in adapter.tensors.items():
+                if "lora_magnitude_vector" in key or "ia3_l" in key:
+                    adapter.tensors[key] = _rounded_b(tensor, dtype, step)
+            set_peft_model_state_dict(peft_models[name], adapter.tensors)
+            assert all(p.dtype == torch.float32 for p in peft_models[name].parameters() if p.requires_grad)
+        if served is None:
+            served = MultiLoraModel(make_tiny_llama(dtype), adapters)
+        else:
+            for name, adapter in adapters.items():
+                served.add_adapter(name, adapter)
+        with torch.no_grad():
+            out = served(input_ids=ids, adapter_names=rows).logits
+            ref = torch.cat([peft_models[name](input_ids=ids[b:b + 1]).logits if name else
+                             _base_logits(peft_models["dora"], ids[b:b + 1]) for b, name in enumerate(rows)])
+        assert out.dtype == ref.dtype == dtype
+        # bit-identical here (the same fp32 sums, one rounding); a bf16 step of the logits (|logit| < 1) allowed
+        # for another BLAS summing rows in another order
+        torch.testing.assert_close(out, ref, rtol=4e-3, atol=4e-3)
+        logits[step] = out, ref
+    (out0, ref0), (out1, ref1) = logits.values()
+    for b, name in enumerate(rows[:2]):
+        changed = float((out1[b] != out0[b]).double().mean())
+        changed_peft = float((ref1[b] != ref0[b]).double().mean())
+        assert changed_peft > 0.1 and 0.5 * changed_peft <= changed <= 2 * changed_peft, (name, changed, changed_peft)
+
+
+def _base_logits(peft_model, ids):
+    with peft_model.disable_adapter():
+        return peft_model(input_ids=ids).logits

@@ -120,16 +120,19 @@ class MultiLoraLinear(nn.Module):
             y = self.base_layer(x).reshape(-1, self.out_features)
             return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
         ids = meta.slot_ids[:, 0]  # DoRA / IA3 never share a row with another adapter
-        x_base = x_tokens if bank.in_scale is None else x_tokens * _per_token(bank.in_scale, ids).to(x.dtype)
+        # DoRA's and IA3's vectors apply in their own dtype (fp32 adapters on a bf16 model, as PEFT), one final
+        # rounding: PEFT's IA3 scales x (or the output) in fp32 and casts; its DoRA sums in fp32 and casts
+        x_base = x_tokens if bank.in_scale is None else (x_tokens * _per_token(bank.in_scale, ids)).to(x.dtype)
         y = self.base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)
         if bank.out_scale is None:
             return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
-        scale = _per_token(bank.out_scale, ids).to(y.dtype)
-        y = scale * _add_lora(y, x_tokens, bank, meta)
+        scale = _per_token(bank.out_scale, ids)
+        out_dtype = y.dtype
+        y = scale * _add_lora(y.to(torch.promote_types(out_dtype, scale.dtype)), x_tokens, bank, meta)
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
-            y = y + (_per_token(bank.bias_scale, ids).to(y.dtype) - scale) * bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = y + (_per_token(bank.bias_scale, ids) - scale) * bias
+        return y.to(out_dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, in_features={self.in_features}, out_features={self.out_features}"
