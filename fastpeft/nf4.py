@@ -22,6 +22,7 @@ This module is the format and its plain-PyTorch reference; the Triton dequantise
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -356,3 +357,20 @@ class NF4Weight:
             f"device={self.device})"
         )
 
+
+_dequant_buffers: dict = {}
+
+
+def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(out, in)`` view of the one reusable dequantisation buffer of ``weight.device`` and ``dtype`` (and,
+    on CPU, of the calling thread), grown (never shrunk) to the largest layer seen: a "dequantise then matmul"
+    path holds one layer's dense weight at a time, as Unsloth's does, and allocates nothing per call. The view
+    is overwritten by the next call (same stream order), so it must be consumed before the next layer
+    dequantises and never saved for backward."""
+    key = (weight.device, dtype, threading.get_ident() if weight.device.type == "cpu" else None)
+    numel = weight.shape.numel()
+    buffer = _dequant_buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _dequant_buffers.pop(key, None)  # free the smaller one before allocating
+        buffer = _dequant_buffers[key] = torch.empty(numel, dtype=dtype, device=weight.device)
+    return buffer[:numel].view(weight.shape)

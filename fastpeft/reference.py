@@ -33,14 +33,16 @@ __all__ = [
 Weight = Union[torch.Tensor, NF4Weight]
 
 
-def base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense ``(out, in)`` base weight in ``dtype`` (dequantised when NF4).
 
     An NF4 weight on CPU is dequantised by bitsandbytes' own CPU kernel (C++, tens of times faster than
     the tensor code of :meth:`NF4Weight.dequantize`) where that kernel computes exactly the same values:
     fp32 / fp16 / bf16 output and every absmax block inside one row (``in_features % blocksize == 0``;
     bitsandbytes' CPU kernel indexes blocks per row and is wrong otherwise, e.g. blocksize > in_features).
-    Everything else, float64 (the tests' oracle) included, is :meth:`NF4Weight.dequantize`."""
+    Everything else, float64 (the tests' oracle) included, is :meth:`NF4Weight.dequantize`. ``out``: a
+    contiguous ``(out, in)`` fp32 buffer the CPU kernel may write into instead of allocating (a 4-MB
+    allocation per call costs as much as a quarter of an M = 1 layer call); the result is returned either way."""
     if isinstance(weight, NF4Weight):
         if _bnb_cpu_dequantizes(weight, dtype):
             import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
@@ -49,12 +51,37 @@ def base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
             if weight.is_nested:  # code2[q] * absmax2 in C++, then + offset: absmax_fp32's arithmetic
                 absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
                     absmax, weight.nested_absmax, weight.nested_code, 256, torch.float32) + weight.nested_offset
+            if out is not None and dtype == torch.float32 and _bnb_cpu_dequantize_into(weight, absmax, out):
+                return out
             # fp32 out, then one cast: NF4Weight.dequantize's order of arithmetic
             dense = torch.ops.bitsandbytes.dequantize_4bit.default(
                 weight.packed, absmax, weight.blocksize, "nf4", list(weight.shape), torch.float32)
             return dense if dtype == torch.float32 else dense.to(dtype)
         return weight.dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _bnb_cpu_dequantize_into(weight: NF4Weight, absmax: torch.Tensor, out: torch.Tensor) -> bool:
+    """Run the C++ function behind bitsandbytes' CPU ``dequantize_4bit`` (fp32, NF4) into ``out``: the op
+    itself has no CPU ``out=`` variant. False, nothing written, where that function is missing (another
+    bitsandbytes build) or would not be the one the op runs (blocksize >= 2048 takes a fallback there)."""
+    import ctypes
+
+    try:
+        from bitsandbytes.cextension import lib
+        from bitsandbytes.functional import get_ptr
+        kernel = lib.cdequantize_blockwise_cpu_nf4_fp32
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+    rows, cols = weight.shape
+    if (weight.blocksize >= 2048 or cols % 2 or out.dtype != torch.float32 or not out.is_contiguous()
+            or out.shape != weight.shape):
+        return False
+    packed = weight.packed.view(torch.uint8).contiguous()
+    absmax = absmax.float().contiguous()
+    kernel(get_ptr(packed), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(weight.blocksize),
+           ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+    return True
 
 
 def _bnb_cpu_dequantizes(weight: NF4Weight, dtype: torch.dtype) -> bool:

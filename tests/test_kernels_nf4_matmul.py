@@ -153,9 +153,9 @@ def test_dispatch_thresholds_follow_waves_and_overrides(monkeypatch):
 def test_dequant_buffer_is_reused_across_layers(monkeypatch):
     """The cuBLAS path dequantises every layer into one buffer per device and dtype, grown to the largest
     layer: the dense weights of two layers never coexist."""
-    from fastpeft.kernels import nf4 as nf4_kernels
+    from fastpeft import nf4 as nf4_module
 
-    monkeypatch.setattr(nf4_kernels, "_dequant_buffers", {})
+    monkeypatch.setattr(nf4_module, "_dequant_buffers", {})
     monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", "0")
     monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "0")
     small = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), 64)
@@ -167,6 +167,6 @@ def test_dequant_buffer_is_reused_across_layers(monkeypatch):
         a = torch.randn(5, weight.in_features, device=DEVICE)
         out = kernels.nf4_lora_matmul(a, weight)
         assert_rel_close(out, _reference(a, weight, False, None, None, None, 0.0, None), torch.float32)
-    (buffer,) = nf4_kernels._dequant_buffers.values()
+    (buffer,) = nf4_module._dequant_buffers.values()
     assert buffer.numel() == large.shape.numel()  # grown once to the largest layer, never a second one
     assert sum(1 for shape in allocations if shape and shape[0] in (16 * 64, 24 * 128)) == 2

@@ -34,12 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import NF4_CODE, NF4Weight
+from ..nf4 import NF4_CODE, NF4Weight, dequant_buffer  # noqa: F401  (the launchers' buffer)
 from .plan import LaunchPlan, config_for, device_arch, launch
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _code_cache: dict = {}
-_dequant_buffers: dict = {}
 # Dequantiser tile per GPU architecture. Source: a memory-bound copy; 16 x 128 elements at 4 warps is 16
 # elements (one 8-byte packed load, two 16-byte bf16 stores) per thread, 1 stage (no K loop to pipeline).
 DEQUANT_CONFIGS = {"default": {"BLOCK_R": 16, "BLOCK_C": 128, "num_warps": 4, "num_stages": 1}}
@@ -164,20 +163,6 @@ def nf4_kernel_args(weight: NF4Weight) -> tuple:
         return (weight.packed, weight.absmax, nf4_code(weight.device), weight.nested_code,
                 weight.nested_absmax, weight.nested_offset)
     return (weight.packed, weight.absmax, nf4_code(weight.device), weight.absmax, weight.absmax, weight.absmax)
-
-
-def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """A ``(out, in)`` view of the one reusable dequantisation buffer of ``weight.device`` and ``dtype``,
-    grown (never shrunk) to the largest layer seen: the "dequantise then cuBLAS" path holds one layer's
-    dense weight at a time, as Unsloth's does. The view is overwritten by the next call (same stream
-    order), so it must be consumed before the next layer dequantises."""
-    key = (weight.device, dtype)
-    numel = weight.shape.numel()
-    buffer = _dequant_buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        _dequant_buffers.pop(key, None)  # free the smaller one before allocating
-        buffer = _dequant_buffers[key] = torch.empty(numel, dtype=dtype, device=weight.device)
-    return buffer[:numel].view(weight.shape)
 
 
 def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nested: bool,
