@@ -41,7 +41,7 @@ def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] 
     fp32 / fp16 / bf16 output and every absmax block inside one row (``in_features % blocksize == 0``;
     bitsandbytes' CPU kernel indexes blocks per row and is wrong otherwise, e.g. blocksize > in_features).
     Everything else, float64 (the tests' oracle) included, is :meth:`NF4Weight.dequantize`. ``out``: a
-    contiguous ``(out, in)`` fp32 buffer the CPU kernel may write into instead of allocating (a 4-MB
+    contiguous ``(out, in)`` buffer of ``dtype`` the CPU kernel may write into instead of allocating (a 4-MB
     allocation per call costs as much as a quarter of an M = 1 layer call); the result is returned either way."""
     if isinstance(weight, NF4Weight):
         if _bnb_cpu_dequantizes(weight, dtype):
@@ -51,7 +51,7 @@ def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] 
             if weight.is_nested:  # code2[q] * absmax2 in C++, then + offset: absmax_fp32's arithmetic
                 absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
                     absmax, weight.nested_absmax, weight.nested_code, 256, torch.float32) + weight.nested_offset
-            if out is not None and dtype == torch.float32 and _bnb_cpu_dequantize_into(weight, absmax, out):
+            if out is not None and out.dtype == dtype and _bnb_cpu_dequantize_into(weight, absmax, out):
                 return out
             # fp32 out, then one cast: NF4Weight.dequantize's order of arithmetic
             dense = torch.ops.bitsandbytes.dequantize_4bit.default(
@@ -62,20 +62,21 @@ def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] 
 
 
 def _bnb_cpu_dequantize_into(weight: NF4Weight, absmax: torch.Tensor, out: torch.Tensor) -> bool:
-    """Run the C++ function behind bitsandbytes' CPU ``dequantize_4bit`` (fp32, NF4) into ``out``: the op
-    itself has no CPU ``out=`` variant. False, nothing written, where that function is missing (another
-    bitsandbytes build) or would not be the one the op runs (blocksize >= 2048 takes a fallback there)."""
+    """Run the C++ function behind bitsandbytes' CPU ``dequantize_4bit`` (NF4, fp32 / bf16 / fp16: fp32
+    products rounded once, the values of fp32-then-cast) into ``out``: the op itself has no CPU ``out=``
+    variant. False, nothing written, where that function is missing (another bitsandbytes build) or would not
+    be the one the op runs (blocksize >= 2048 takes a fallback there)."""
     import ctypes
 
+    suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(out.dtype)
     try:
         from bitsandbytes.cextension import lib
         from bitsandbytes.functional import get_ptr
-        kernel = lib.cdequantize_blockwise_cpu_nf4_fp32
+        kernel = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{suffix}")
     except (ImportError, AttributeError, RuntimeError):
         return False
     rows, cols = weight.shape
-    if (weight.blocksize >= 2048 or cols % 2 or out.dtype != torch.float32 or not out.is_contiguous()
-            or out.shape != weight.shape):
+    if weight.blocksize >= 2048 or cols % 2 or not out.is_contiguous() or out.shape != weight.shape:
         return False
     packed = weight.packed.view(torch.uint8).contiguous()
     absmax = absmax.float().contiguous()

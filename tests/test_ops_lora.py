@@ -276,24 +276,25 @@ def test_weight_stored_transposed(monkeypatch, backend):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path's buffer")
-def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, monkeypatch):
-    """On CPU in fp32 the NF4 op dequantises with bitsandbytes' kernel into the thread's reusable buffer (no
-    dense weight allocated per call), with exactly the values of the allocating path; gradients, which need
-    the weight after the op, never see that buffer."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, monkeypatch, dtype):
+    """On CPU the NF4 op dequantises with bitsandbytes' kernel into the thread's reusable buffer of its dtype
+    (no dense weight allocated per call), with exactly the values of the allocating path (fp32, then one
+    cast); gradients, which need the weight after the op, never see that buffer."""
     pytest.importorskip("bitsandbytes")
     from fastpeft import nf4 as nf4_module
 
     monkeypatch.setattr(nf4_module, "_dequant_buffers", {})
-    weights = [NF4Weight.quantize(torch.randn(24, 128), 64, double_quant=True),
+    weights = [NF4Weight.quantize(torch.randn(24, 128) * 50, 64, double_quant=True),
                NF4Weight.quantize(torch.randn(40, 128), 64)]
     for weight in weights + weights:
-        a = torch.randn(3, 128)
-        expected = a @ reference.base_weight(weight, torch.float32).T
-        assert torch.equal(nf4_lora_matmul(a, weight), expected)
+        a = torch.randn(3, 128, dtype=dtype)
+        dense = reference.base_weight(weight, dtype)
+        assert torch.equal(nf4_lora_matmul(a, weight), a @ dense.T)
         (buffer,) = nf4_module._dequant_buffers.values()
-        assert torch.equal(buffer[:weight.shape.numel()].view(weight.shape), reference.base_weight(weight, torch.float32))
+        assert buffer.dtype == dtype and torch.equal(buffer[:weight.shape.numel()].view(weight.shape), dense)
     assert buffer.numel() == 40 * 128  # one buffer, grown once to the largest layer
-    x = torch.randn(2, 128, requires_grad=True)
+    x = torch.randn(2, 128, dtype=dtype, requires_grad=True)
     lora_a, lora_b = torch.randn(4, 128, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     lora_linear(x, weights[0], None, lora_a, lora_b, 0.5).sum().backward()
     grads = [t.grad.clone() for t in (x, lora_a, lora_b)]

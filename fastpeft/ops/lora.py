@@ -85,12 +85,15 @@ def _nf4_lora_matmul_op(
     return torch_path()
 
 
+_CPU_BUFFERED = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,
                                scaling: float, col_scale) -> torch.Tensor:
     """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
-    # the dense weight is consumed here (this op has no autograd): on CPU in fp32 it goes to the reusable
-    # buffer, no allocation per call
-    buffer = dequant_buffer(weight, a.dtype) if weight.device.type == "cpu" and a.dtype == torch.float32 else None
+    # the dense weight is consumed here (this op has no autograd): on CPU it goes to the reusable buffer, no
+    # allocation per call
+    buffer = dequant_buffer(weight, a.dtype) if weight.device.type == "cpu" and a.dtype in _CPU_BUFFERED else None
     w = reference.base_weight(weight, a.dtype, out=buffer)
     out = a @ w if transpose_weight else F.linear(a, w)
     # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
