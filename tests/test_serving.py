@@ -293,6 +293,16 @@ def test_adapters_changed_from_another_thread_never_change_a_generate_in_flight(
     assert after[0].tolist() != out[0].tolist()  # the swap did change what "x" means: the test can fail
 
 
+def _serving(served, dtype, adapters):
+    """A MultiLoraModel of the tiny Llama in ``dtype`` serving ``adapters``: ``served`` with them (re)added, or
+    a new one when ``served`` is None."""
+    if served is None:
+        return MultiLoraModel(make_tiny_llama(dtype), adapters)
+    for name, adapter in adapters.items():
+        served.add_adapter(name, adapter)
+    return served
+
+
 def _rounded_b(tensor, dtype, step):
     """``lora_B`` made exactly representable in ``dtype``, then scaled by ``1 + step``."""
     return tensor.to(dtype).float() * (1 + step)
@@ -319,11 +329,7 @@ def test_low_precision_model_with_fp32_adapters_matches_peft(adapter_dirs, dtype
             for key, tensor in adapter.tensors.items():
                 if key.endswith("lora_B.weight"):
                     adapter.tensors[key] = _rounded_b(tensor, dtype, step)
-        if served is None:
-            served = MultiLoraModel(make_tiny_llama(dtype), adapters)
-        else:
-            for name, adapter in adapters.items():
-                served.add_adapter(name, adapter)
+        served = _serving(served, dtype, adapters)
         with torch.no_grad():
             for path, layer in layers.items():
                 for name in layer.lora_B:
@@ -373,11 +379,7 @@ def test_dora_and_ia3_vectors_of_a_low_precision_model_apply_in_fp32_as_peft(ada
                     adapter.tensors[key] = _rounded_b(tensor, dtype, step)
             set_peft_model_state_dict(peft_models[name], adapter.tensors)
             assert all(p.dtype == torch.float32 for p in peft_models[name].parameters() if p.requires_grad)
-        if served is None:
-            served = MultiLoraModel(make_tiny_llama(dtype), adapters)
-        else:
-            for name, adapter in adapters.items():
-                served.add_adapter(name, adapter)
+        served = _serving(served, dtype, adapters)
         with torch.no_grad():
             out = served(input_ids=ids, adapter_names=rows).logits
             ref = torch.cat([peft_models[name](input_ids=ids[b:b + 1]).logits if name else
