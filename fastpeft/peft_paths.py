@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from .bank import LoraBank
-from .nf4 import NF4Weight
-from .nn.lora import LoraLinear
+from .nn.lora import LoraLinear, cached_nf4_view
 from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
@@ -241,4 +240,4 @@ def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
             bias.data = bias.data.to(x.dtype)
         if layer.compute_dtype is not None:
             bias = bias.to(layer.compute_dtype)
-    return lora_linear(x, NF4Weight.from_bnb(layer.weight), bias, None, None, 0.0).to(input_dtype)
+    return lora_linear(x, cached_nf4_view(layer, layer.weight), bias, None, None, 0.0).to(input_dtype)

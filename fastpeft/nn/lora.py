@@ -64,6 +64,19 @@ def dropout_inputs(dropout: nn.Module, x: torch.Tensor) -> tuple:
     return dropout(x), 0.0
 
 
+def cached_nf4_view(owner: nn.Module, param) -> NF4Weight:
+    """An :class:`NF4Weight` view of bitsandbytes' packed 4-bit ``param``, cached on ``owner`` (building and
+    validating one costs more than a decode step's small matmul); reused only while ``param`` is the very same
+    packed tensor with the same quant state."""
+    if torch.compiler.is_compiling():  # traced once: no cache (dynamo cannot compare data pointers)
+        return NF4Weight.from_bnb(param)
+    key = (param, param.quant_state, param.data_ptr())
+    cached = owner.__dict__.get("_fastpeft_nf4_view")
+    if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
+        cached = owner.__dict__["_fastpeft_nf4_view"] = (key, NF4Weight.from_bnb(param))
+    return cached[1]
+
+
 class LoraLinear(nn.Module):
     """LoRA on a frozen linear layer: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
@@ -190,16 +203,7 @@ class LoraLinear(nn.Module):
                     "longer holds the NF4 layout. Wrap the layer before running it in eval mode, or set "
                     "support_avx512bf16_for_cpu = False on it first"
                 )
-            # the view is cached (building and validating one costs more than a decode step's small matmul);
-            # reused only while the layer holds the very same packed tensor and quant state
-            param = base.weight
-            if torch.compiler.is_compiling():  # traced once: no cache (dynamo cannot compare data pointers)
-                return NF4Weight.from_bnb(param)
-            key = (param, param.quant_state, param.data_ptr())
-            cached = self.__dict__.get("_fastpeft_nf4_view")
-            if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2] != key[2]:
-                cached = self.__dict__["_fastpeft_nf4_view"] = (key, NF4Weight.from_bnb(param))
-            return cached[1]
+            return cached_nf4_view(self, base.weight)
         return base.weight
 
     @property
