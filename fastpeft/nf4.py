@@ -358,7 +358,18 @@ class NF4Weight:
         )
 
 
-_dequant_buffers: dict = {}
+_dequant_buffers: dict = {}  # GPU: per (device, dtype); kernels of one stream run in order
+_cpu_buffers = threading.local()  # CPU: per thread (threads run layers concurrently), freed with the thread
+
+
+def dequant_buffers(device: torch.device) -> dict:
+    """The reusable dequantisation buffers that :func:`dequant_buffer` hands out on ``device`` (on CPU, the
+    calling thread's), by dtype."""
+    if device.type != "cpu":
+        return _dequant_buffers.setdefault(device, {})
+    if not hasattr(_cpu_buffers, "by_dtype"):
+        _cpu_buffers.by_dtype = {}
+    return _cpu_buffers.by_dtype
 
 
 def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -367,10 +378,10 @@ def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     path holds one layer's dense weight at a time, as Unsloth's does, and allocates nothing per call. The view
     is overwritten by the next call (same stream order), so it must be consumed before the next layer
     dequantises and never saved for backward."""
-    key = (weight.device, dtype, threading.get_ident() if weight.device.type == "cpu" else None)
+    buffers = dequant_buffers(weight.device)
     numel = weight.shape.numel()
-    buffer = _dequant_buffers.get(key)
+    buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
-        _dequant_buffers.pop(key, None)  # free the smaller one before allocating
-        buffer = _dequant_buffers[key] = torch.empty(numel, dtype=dtype, device=weight.device)
+        buffers.pop(dtype, None)  # free the smaller one before allocating
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype, device=weight.device)
     return buffer[:numel].view(weight.shape)

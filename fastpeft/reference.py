@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Weight
+from .nf4 import NF4Weight, dequant_buffer
 
 __all__ = [
     "base_weight",
@@ -33,16 +33,17 @@ __all__ = [
 Weight = Union[torch.Tensor, NF4Weight]
 
 
-def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def base_weight(weight: Weight, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
     """The dense ``(out, in)`` base weight in ``dtype`` (dequantised when NF4).
 
     An NF4 weight on CPU is dequantised by bitsandbytes' own CPU kernel (C++, tens of times faster than
     the tensor code of :meth:`NF4Weight.dequantize`) where that kernel computes exactly the same values:
     fp32 / fp16 / bf16 output and every absmax block inside one row (``in_features % blocksize == 0``;
     bitsandbytes' CPU kernel indexes blocks per row and is wrong otherwise, e.g. blocksize > in_features).
-    Everything else, float64 (the tests' oracle) included, is :meth:`NF4Weight.dequantize`. ``out``: a
-    contiguous ``(out, in)`` buffer of ``dtype`` the CPU kernel may write into instead of allocating (a 4-MB
-    allocation per call costs as much as a quarter of an M = 1 layer call); the result is returned either way."""
+    Everything else, float64 (the tests' oracle) included, is :meth:`NF4Weight.dequantize`. ``scratch``: the
+    caller consumes the result before the next NF4 weight is dequantised and never keeps it, so the CPU kernel
+    may write into the thread's reusable buffer (:func:`~fastpeft.nf4.dequant_buffer`) instead of allocating:
+    a 4-MB allocation per call costs as much as a quarter of an M = 1 layer call."""
     if isinstance(weight, NF4Weight):
         if _bnb_cpu_dequantizes(weight, dtype):
             import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
@@ -51,8 +52,9 @@ def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] 
             if weight.is_nested:  # code2[q] * absmax2 in C++, then + offset: absmax_fp32's arithmetic
                 absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
                     absmax, weight.nested_absmax, weight.nested_code, 256, torch.float32) + weight.nested_offset
-            if out is not None and out.dtype == dtype and _bnb_cpu_dequantize_into(weight, absmax, out):
-                return out
+            dense = _bnb_cpu_dequantize_into_buffer(weight, absmax, dtype) if scratch else None
+            if dense is not None:
+                return dense
             # fp32 out, then one cast: NF4Weight.dequantize's order of arithmetic
             dense = torch.ops.bitsandbytes.dequantize_4bit.default(
                 weight.packed, absmax, weight.blocksize, "nf4", list(weight.shape), torch.float32)
@@ -61,28 +63,30 @@ def base_weight(weight: Weight, dtype: torch.dtype, out: Optional[torch.Tensor] 
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def _bnb_cpu_dequantize_into(weight: NF4Weight, absmax: torch.Tensor, out: torch.Tensor) -> bool:
+def _bnb_cpu_dequantize_into_buffer(weight: NF4Weight, absmax: torch.Tensor, dtype: torch.dtype):
     """Run the C++ function behind bitsandbytes' CPU ``dequantize_4bit`` (NF4, fp32 / bf16 / fp16: fp32
-    products rounded once, the values of fp32-then-cast) into ``out``: the op itself has no CPU ``out=``
-    variant. False, nothing written, where that function is missing (another bitsandbytes build) or would not
-    be the one the op runs (blocksize >= 2048 takes a fallback there)."""
+    products rounded once, the values of fp32-then-cast) into the thread's reusable buffer of ``dtype`` and
+    return it (the op itself has no CPU ``out=`` variant); None, nothing written, where that function is
+    missing (another bitsandbytes build) or would not be the one the op runs (blocksize >= 2048 and odd
+    widths take fallbacks there)."""
     import ctypes
 
-    suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(out.dtype)
+    suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     try:
         from bitsandbytes.cextension import lib
         from bitsandbytes.functional import get_ptr
         kernel = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{suffix}")
     except (ImportError, AttributeError, RuntimeError):
-        return False
+        return None
     rows, cols = weight.shape
-    if weight.blocksize >= 2048 or cols % 2 or not out.is_contiguous() or out.shape != weight.shape:
-        return False
+    if weight.blocksize >= 2048 or cols % 2:
+        return None
+    out = dequant_buffer(weight, dtype)
     packed = weight.packed.view(torch.uint8).contiguous()
     absmax = absmax.float().contiguous()
     kernel(get_ptr(packed), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(weight.blocksize),
            ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-    return True
+    return out
 
 
 def _bnb_cpu_dequantizes(weight: NF4Weight, dtype: torch.dtype) -> bool:

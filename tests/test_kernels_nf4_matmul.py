@@ -1,5 +1,7 @@
 """The fused NF4 GEMM + LoRA epilogue kernel against the float64 reference (Triton's interpreter on CPU)."""
 
+import threading
+
 import pytest
 import torch
 
@@ -156,6 +158,7 @@ def test_dequant_buffer_is_reused_across_layers(monkeypatch):
     from fastpeft import nf4 as nf4_module
 
     monkeypatch.setattr(nf4_module, "_dequant_buffers", {})
+    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
     monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", "0")
     monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "0")
     small = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), 64)
@@ -167,6 +170,6 @@ def test_dequant_buffer_is_reused_across_layers(monkeypatch):
         a = torch.randn(5, weight.in_features, device=DEVICE)
         out = kernels.nf4_lora_matmul(a, weight)
         assert_rel_close(out, _reference(a, weight, False, None, None, None, 0.0, None), torch.float32)
-    (buffer,) = nf4_module._dequant_buffers.values()
+    (buffer,) = nf4_module.dequant_buffers(DEVICE).values()
     assert buffer.numel() == large.shape.numel()  # grown once to the largest layer, never a second one
     assert sum(1 for shape in allocations if shape and shape[0] in (16 * 64, 24 * 128)) == 2

@@ -1,6 +1,8 @@
 """fastpeft.ops.lora: forward and gradients (x, A, B, bias) against the float64 reference, with dense and
 NF4 bases, on the Triton kernels (interpreter on CPU) and the reference backend; gradcheck; opcheck."""
 
+import threading
+
 import pytest
 import torch
 
@@ -284,16 +286,23 @@ def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, 
     pytest.importorskip("bitsandbytes")
     from fastpeft import nf4 as nf4_module
 
-    monkeypatch.setattr(nf4_module, "_dequant_buffers", {})
+    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
     weights = [NF4Weight.quantize(torch.randn(24, 128) * 50, 64, double_quant=True),
                NF4Weight.quantize(torch.randn(40, 128), 64)]
     for weight in weights + weights:
         a = torch.randn(3, 128, dtype=dtype)
         dense = reference.base_weight(weight, dtype)
         assert torch.equal(nf4_lora_matmul(a, weight), a @ dense.T)
-        (buffer,) = nf4_module._dequant_buffers.values()
+        (buffer,) = nf4_module.dequant_buffers(DEVICE).values()
         assert buffer.dtype == dtype and torch.equal(buffer[:weight.shape.numel()].view(weight.shape), dense)
     assert buffer.numel() == 40 * 128  # one buffer, grown once to the largest layer
+    other_thread = []  # another thread dequantises into its own buffer (freed with it), never into this one
+    worker = threading.Thread(target=lambda: other_thread.append((nf4_lora_matmul(a, weights[0]),
+                                                                 nf4_module.dequant_buffers(DEVICE)[dtype])))
+    worker.start()
+    worker.join()
+    assert other_thread[0][1].data_ptr() != buffer.data_ptr()
+    assert nf4_module.dequant_buffers(DEVICE)[dtype] is buffer
     x = torch.randn(2, 128, dtype=dtype, requires_grad=True)
     lora_a, lora_b = torch.randn(4, 128, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     lora_linear(x, weights[0], None, lora_a, lora_b, 0.5).sum().backward()

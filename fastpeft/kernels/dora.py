@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..nf4 import NF4Weight
-from .nf4 import dequant_buffer, nf4_dequantize
+from ..nf4 import NF4Weight, dequant_buffer
+from .nf4 import nf4_dequantize
 from .nf4_matmul import mm_fp32, nf4_lora_matmul
 from .plan import LaunchPlan
 

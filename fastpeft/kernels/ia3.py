@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import NF4Weight
-from .nf4 import dequant_buffer, nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from ..nf4 import NF4Weight, dequant_buffer
+from .nf4 import nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 

@@ -24,8 +24,9 @@ Kernels that need bit-exact values must be launched with ``enable_fp_fusion=Fals
 multiply and add are not contracted into one FMA (the matmul kernels accept the last-bit difference).
 
 ``nf4_dequantize`` (the launcher) writes the full ``(out, in)`` weight, into a given buffer or a new
-tensor: merges, tests, and the "dequantise then cuBLAS" path for large ``M`` (``dequant_buffer``: one
-reusable buffer per device and dtype, so that path holds at most one layer's dense weight).
+tensor: merges, tests, and the "dequantise then cuBLAS" path for large ``M``
+(``fastpeft.nf4.dequant_buffer``: one reusable buffer per device and dtype, so that path holds at most one
+layer's dense weight).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import NF4_CODE, NF4Weight, dequant_buffer  # noqa: F401  (the launchers' buffer)
+from ..nf4 import NF4_CODE, NF4Weight
 from .plan import LaunchPlan, config_for, device_arch, launch
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -183,7 +184,7 @@ def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nes
 
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantise ``weight`` with Triton into ``out`` (a contiguous ``(out, in)`` tensor of ``dtype``, e.g.
-    :func:`dequant_buffer`) or a new one; returns it."""
+    :func:`fastpeft.nf4.dequant_buffer`) or a new one; returns it."""
     dtype = weight.dtype if dtype is None else dtype
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"expected an NF4Weight, got {type(weight).__name__}")

@@ -34,7 +34,7 @@ number of SM waves the output fills, per GPU architecture, each table entry citi
   swapped it runs wgmma (HGMMA) from ``M = 16``; on sm_80 the registers stay within one of the
   un-swapped tile's or drop (dx: 96 to 80), measured with ``fastpeft check-kernels``. The LoRA epilogue product is swapped the same way.
 - ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-device buffer
-  (``fastpeft.kernels.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
+  (``fastpeft.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
   in place with ``addmm_`` (``B A`` never formed), then the column scale and bias in place (bitsandbytes
   0.50 and Unsloth: cuBLAS's wgmma path beats any mma.sync kernel there).
 
@@ -61,8 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import NF4Weight
-from .nf4 import dequant_buffer, nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from ..nf4 import NF4Weight, dequant_buffer
+from .nf4 import nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 

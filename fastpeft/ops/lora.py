@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..nf4 import NF4Weight, dequant_buffer
+from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
 from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, rows_like
 
@@ -85,16 +85,11 @@ def _nf4_lora_matmul_op(
     return torch_path()
 
 
-_CPU_BUFFERED = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,
                                scaling: float, col_scale) -> torch.Tensor:
     """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
-    # the dense weight is consumed here (this op has no autograd): on CPU it goes to the reusable buffer, no
-    # allocation per call
-    buffer = dequant_buffer(weight, a.dtype) if weight.device.type == "cpu" and a.dtype in _CPU_BUFFERED else None
-    w = reference.base_weight(weight, a.dtype, out=buffer)
+    # the dense weight is consumed here (this op has no autograd): a scratch buffer, no allocation per call
+    w = reference.base_weight(weight, a.dtype, scratch=True)
     out = a @ w if transpose_weight else F.linear(a, w)
     # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
     if lora_h is not None:
