@@ -88,6 +88,14 @@ def cases(draw, backend: str, nf4: bool) -> Case:
     )
 
 
+def _with_nf4(case: Case, nf4: bool) -> Case:
+    """``case`` with an NF4 base (blocksize 64) or a dense one, as the test's ``nf4`` parameter asks: the shared
+    ``@example`` cases are written once for both."""
+    if nf4 == bool(case.nf4_blocksize):
+        return case
+    return Case(**{**case.__dict__, "nf4_blocksize": 64 if nf4 else 0})
+
+
 def _with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t`` in the given memory layout; "expanded" repeats its first row (stride 0 over the rows)."""
     if layout == "transposed":
@@ -202,8 +210,7 @@ def test_lora_linear_fuzz(backend, nf4, request):
     @example(case=ZERO_SCALING_INF)
     @example(case=Case(torch.float32, 7, 5, (0, 3), rank=9, nf4_blocksize=32 if nf4 else 0))  # M = 0
     def check(case: Case):
-        if nf4 != bool(case.nf4_blocksize):
-            case = Case(**{**case.__dict__, "nf4_blocksize": 64 if nf4 else 0})
+        case = _with_nf4(case, nf4)
         t = build(case)
         check_op_and_grads(
             lambda x, lora_a, lora_b, bias: lora_linear(x, t["weight"], bias, lora_a, lora_b, case.scaling),
@@ -229,8 +236,7 @@ def test_dora_linear_fuzz(backend, nf4, request):
     @given(case=cases(backend, nf4))
     @example(case=ZERO_SCALING_INF)
     def check(case: Case):
-        if nf4 != bool(case.nf4_blocksize):
-            case = Case(**{**case.__dict__, "nf4_blocksize": 64 if nf4 else 0})
+        case = _with_nf4(case, nf4)
         t = build(case)
         magnitude = (1.0 + 0.2 * torch.randn(case.out_features, generator=t["generator"])).to(case.dtype)
         check_op_and_grads(
@@ -259,8 +265,7 @@ def test_ia3_linear_fuzz(backend, nf4, request):
     def check(case: Case, is_feedforward: bool):
         if case.dtype not in BACKENDS[backend][3]:
             return  # an explicit example for another backend's dtypes (float64: reference only)
-        if nf4 != bool(case.nf4_blocksize):
-            case = Case(**{**case.__dict__, "nf4_blocksize": 64 if nf4 else 0})
+        case = _with_nf4(case, nf4)
         t = build(case)
         size = case.in_features if is_feedforward else case.out_features
         ia3_scale = (1.0 + 0.3 * torch.randn(size, generator=t["generator"])).to(case.dtype)
