@@ -13,12 +13,14 @@ Semantics follow Hugging Face PEFT (peft/tuners/lora/layer.py, dora.py; peft/tun
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Weight, dequant_buffer
+from .nf4 import NESTED_BLOCKSIZE, NF4Weight, dequant_buffer
 
 __all__ = [
     "base_weight",
@@ -46,12 +48,7 @@ def base_weight(weight: Weight, dtype: torch.dtype, scratch: bool = False) -> to
     a 4-MB allocation per call costs as much as a quarter of an M = 1 layer call."""
     if isinstance(weight, NF4Weight):
         if _bnb_cpu_dequantizes(weight, dtype):
-            import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-
-            absmax = weight.absmax
-            if weight.is_nested:  # code2[q] * absmax2 in C++, then + offset: absmax_fp32's arithmetic
-                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                    absmax, weight.nested_absmax, weight.nested_code, 256, torch.float32) + weight.nested_offset
+            absmax = _bnb_cpu_absmax(weight)
             dense = _bnb_cpu_dequantize_into_buffer(weight, absmax, dtype) if scratch else None
             if dense is not None:
                 return dense
@@ -63,40 +60,78 @@ def base_weight(weight: Weight, dtype: torch.dtype, scratch: bool = False) -> to
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _bnb_cpu_function(name: str):
+    """The C function ``name`` of bitsandbytes' native library (a ctypes function), or None where bitsandbytes
+    or that function is missing. Called directly, it skips the ``torch.ops`` dispatch of bitsandbytes' CPU ops
+    (tens of microseconds a call: a tenth of a decode step's small layer). bitsandbytes' own handle
+    (``cextension.lib``) answers a missing name with a stub that raises when called; ``_lib`` is the plain
+    ctypes library, which answers None here."""
+    try:
+        from bitsandbytes.cextension import lib
+    except (ImportError, RuntimeError):
+        return None
+    return getattr(getattr(lib, "_lib", None), name, None)
+
+
+def _bnb_cpu_absmax(weight: NF4Weight) -> torch.Tensor:
+    """The fp32 per-block absmax of a CPU NF4 weight (contiguous), by bitsandbytes' C++ where double-quantised:
+    ``code2[q] * absmax2`` there, then ``+ offset`` (the arithmetic of :meth:`NF4Weight.absmax_fp32`)."""
+    if not weight.is_nested:
+        return weight.absmax.float().contiguous()
+    # locals keep any converted copy alive through the C call (a pointer does not)
+    codes, code2, absmax2 = (weight.absmax.contiguous(), weight.nested_code.contiguous(),
+                             weight.nested_absmax.float().contiguous())
+    kernel = _bnb_cpu_function("cdequantize_blockwise_cpu_fp32")
+    if kernel is None:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax2, code2, NESTED_BLOCKSIZE,
+                                                                     torch.float32)
+    else:
+        absmax = torch.empty(codes.shape, dtype=torch.float32)
+        kernel(_ptr(code2), _ptr(codes), _ptr(absmax2), _ptr(absmax), ctypes.c_longlong(NESTED_BLOCKSIZE),
+               ctypes.c_longlong(codes.numel()))
+    return absmax.add_(weight.nested_offset)
+
+
+def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
 def _bnb_cpu_dequantize_into_buffer(weight: NF4Weight, absmax: torch.Tensor, dtype: torch.dtype):
     """Run the C++ function behind bitsandbytes' CPU ``dequantize_4bit`` (NF4, fp32 / bf16 / fp16: fp32
     products rounded once, the values of fp32-then-cast) into the thread's reusable buffer of ``dtype`` and
     return it (the op itself has no CPU ``out=`` variant); None, nothing written, where that function is
     missing (another bitsandbytes build) or would not be the one the op runs (blocksize >= 2048 and odd
     widths take fallbacks there)."""
-    import ctypes
-
-    suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    try:
-        from bitsandbytes.cextension import lib
-        from bitsandbytes.functional import get_ptr
-        kernel = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{suffix}")
-    except (ImportError, AttributeError, RuntimeError):
-        return None
     rows, cols = weight.shape
     if weight.blocksize >= 2048 or cols % 2:
         return None
+    kernel = _bnb_cpu_function(_NF4_CPU_DEQUANTIZERS[dtype])
+    if kernel is None:
+        return None
     out = dequant_buffer(weight, dtype)
-    packed = weight.packed.view(torch.uint8).contiguous()
-    absmax = absmax.float().contiguous()
-    kernel(get_ptr(packed), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(weight.blocksize),
+    kernel(_ptr(weight.packed), _ptr(absmax), _ptr(out), ctypes.c_longlong(weight.blocksize),
            ctypes.c_longlong(rows), ctypes.c_longlong(cols))
     return out
 
 
+_NF4_CPU_DEQUANTIZERS = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32",
+                         torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16",
+                         torch.float16: "cdequantize_blockwise_cpu_nf4_fp16"}
+
+
 def _bnb_cpu_dequantizes(weight: NF4Weight, dtype: torch.dtype) -> bool:
     """Whether bitsandbytes' CPU 4-bit dequantiser gives exactly ``weight.dequantize(dtype)`` here."""
-    if weight.device.type != "cpu" or dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    if weight.in_features % weight.blocksize:
-        return False
+    return (weight.device.type == "cpu" and dtype in _NF4_CPU_DEQUANTIZERS
+            and weight.in_features % weight.blocksize == 0 and _bnb_importable())
+
+
+@functools.lru_cache(maxsize=None)
+def _bnb_importable() -> bool:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     except ImportError:
         return False
     return True

@@ -246,10 +246,16 @@ def test_reference_gradcheck_float64():
     torch.autograd.gradcheck(lambda x, l: reference.ia3_linear(x, w, bias, l, True), (x, l_in))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["ctypes", "torch-ops"])
 @pytest.mark.parametrize("nested", [False, True])
-def test_nf4_base_weight_on_cpu_is_bitwise_the_reference_dequantisation(nested):
-    """base_weight hands CPU NF4 to bitsandbytes' C++ dequantiser only where it is exact: blocks inside rows."""
+def test_nf4_base_weight_on_cpu_is_bitwise_the_reference_dequantisation(nested, native, monkeypatch):
+    """base_weight hands CPU NF4 to bitsandbytes' C++ dequantiser only where it is exact: blocks inside rows;
+    called through ctypes, or through bitsandbytes' ops where its library lacks a function (the same values)."""
     bnb = pytest.importorskip("bitsandbytes")
+    assert reference._bnb_cpu_function("cdequantize_blockwise_cpu_fp32") is not None
+    assert reference._bnb_cpu_function("no_such_function") is None  # not bitsandbytes' raising stub
+    if not native:
+        monkeypatch.setattr(reference, "_bnb_cpu_function", lambda name: None)
     for (out_f, in_f), blocksize in [((33, 256), 64), ((7, 128), 128), ((5, 96), 64), ((3, 64), 256)]:
         packed = bnb.nn.Params4bit(torch.randn(out_f, in_f), requires_grad=False, quant_type="nf4",
                                    blocksize=blocksize, compress_statistics=nested).to("cpu")
@@ -258,3 +264,4 @@ def test_nf4_base_weight_on_cpu_is_bitwise_the_reference_dequantisation(nested):
         assert fast == (in_f % blocksize == 0)
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             assert torch.equal(reference.base_weight(weight, dtype), weight.dequantize(dtype))
+            assert torch.equal(reference.base_weight(weight, dtype, scratch=True), weight.dequantize(dtype))

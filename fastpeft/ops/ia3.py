@@ -112,7 +112,7 @@ def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, b
                           store_out: bool) -> tuple:
     """The op off the Triton backend, ``(out or None, reduced or None)``: the dequantised or dense weight
     (``reference.base_weight``) in a matmul."""
-    w = reference.base_weight(weight, a.dtype)
+    w = reference.base_weight(weight, a.dtype, scratch=True)  # consumed here: the thread's reusable buffer
     scaled = a if in_scale is None else _cast(a * in_scale, a.dtype)
     z = scaled @ w if transpose_weight else F.linear(scaled, w)
     if bias is not None:
