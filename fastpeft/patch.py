@@ -15,8 +15,8 @@ are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own for
 merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, hooks on the base layer or the adapter's submodules (or global module hooks), a trainable base
 weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
-bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, unless
-``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
+bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, and so does the
+4-bit base of an adapted layer whenever PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
 run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
 reported in the returned :class:`PatchSummary` and a log line.
 
@@ -377,8 +377,9 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
     """Run every supported adapted layer of a PEFT model on fastpeft's ops, in place (see the module
     docstring). With ``frozen_4bit`` (the default), every bitsandbytes NF4 ``Linear4bit`` that no PEFT layer
     wraps (the frozen bases under prompt / prefix / P-tuning, BitFit, or LoRA on some modules only) runs on
-    fastpeft's NF4 op too (kind ``nf4`` in the summary); ``frozen_4bit=False`` leaves them on bitsandbytes'
-    forward (and puts back any an earlier call switched). Returns the :class:`PatchSummary` (also logged);
+    fastpeft's NF4 op too (kind ``nf4`` in the summary), as does the 4-bit base of an adapted layer when PEFT's
+    forward calls it (a call the fused op does not take); ``frozen_4bit=False`` leaves them all on
+    bitsandbytes' forward (and puts back any an earlier call switched). Returns the :class:`PatchSummary` (also logged);
     idempotent. Raises ``ValueError``, saying what the model holds, if there is nothing to accelerate."""
     summary = PatchSummary()
     inside_peft_layers: set = set()
@@ -414,23 +415,29 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
 
 
 def _accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: bool, summary: PatchSummary) -> None:
-    """Switch (or, not ``enabled``, switch back) the bitsandbytes ``Linear4bit`` layers no PEFT layer wraps."""
+    """Switch (or, not ``enabled``, switch back) every bitsandbytes ``Linear4bit`` of the model. Those no PEFT layer
+    wraps are reported (kind ``nf4``, or skipped with the reason); the base layer of a PEFT layer is not a layer
+    of its own to the user: switched silently, it serves PEFT's forward whenever that runs (a call the fused op
+    does not take: another compute dtype, disabled adapters, hooks), as bitsandbytes' forward would."""
     if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported bitsandbytes already
         return
     for name, module in model.named_modules():
-        if not _is_bnb_linear4bit(module) or id(module) in inside_peft_layers:
+        if not _is_bnb_linear4bit(module):
             continue
         original = module._fastpeft_peft_class if _is_accelerated(module) else type(module)
         if not enabled:
             module.__class__ = original
             continue
+        reported = id(module) not in inside_peft_layers
         reason = _base_reason(module)
         if reason is not None:
             module.__class__ = original
-            summary.skipped[name] = reason
+            if reported:
+                summary.skipped[name] = reason
             continue
         module.__class__ = _fast_class(original, "nf4")
-        summary.replaced[name] = "nf4"
+        if reported:
+            summary.replaced[name] = "nf4"
 
 
 def _nothing_to_accelerate(model: nn.Module, frozen_4bit: bool) -> str:

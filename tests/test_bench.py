@@ -130,6 +130,16 @@ def test_half_precision_suites_bench_the_fp32_adapter_plans():
     assert {f"{op}.fp32_adapters" for op in ("lora.fwd", "qlora.fwd_bwd", "dora.fwd", "multi_lora.fwd")} <= cases
 
 
+def test_fp32_suite_benches_4bit_models_computing_in_bf16():
+    """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model (issue 16): the 4-bit train step and decode, PEFT and
+    accelerated, beside the fp32-compute ones; a half-precision suite computes in its own dtype only."""
+    def bf16_compute(cfg):
+        return {(j.case, j.impl) for j in all_jobs(cfg) if j.params.get("compute") == "bfloat16"}
+    assert bf16_compute(_config()) == {(case, impl) for case in ("train_step_4bit", "decode_4bit")
+                                       for impl in ("peft", "fastpeft")}
+    assert not bf16_compute(_config(dtype=torch.bfloat16))
+
+
 def test_percentiles_match_numpy():
     samples = [float(v) for v in np.random.default_rng(0).random(13)]
     for q in (0.0, 0.2, 0.5, 0.8, 1.0):

@@ -380,16 +380,30 @@ def test_a_4bit_base_repacked_by_bitsandbytes_runs_peft_forward(tiny_llama_dir):
             peft_class.forward = peft_forward
 
 
-def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_dir):
+def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_dir, monkeypatch):
     """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model: bitsandbytes (and so PEFT) multiplies in bf16; the
     fused ops would compute in fp32 (issue 16: 3.7e-8 from the exact result where PEFT is 2.1e-3 away), so
-    the accelerated layers run PEFT's forward and the outputs and gradients are PEFT's, bit for bit."""
+    the accelerated layers run PEFT's forward and the outputs and gradients are PEFT's, bit for bit. The 4-bit
+    base PEFT's forward calls runs on fastpeft's NF4 op (bitsandbytes' compute dtype rule; faster on CPU, issue
+    16 item 3), as every frozen 4-bit layer does; ``frozen_4bit=False`` and ``restore`` put bitsandbytes back."""
     model = _peft_model(_lora(target_modules=["q_proj", "down_proj"]),
                         load_tiny_llama_4bit(tiny_llama_dir, torch.bfloat16)).train()
     ref_out, ref_grads = _loss_and_grads(model)
-    fastpeft.accelerate(model)
+    summary = fastpeft.accelerate(model)
+    assert sorted(set(summary.replaced.values())) == ["lora+nf4", "nf4"] and len(summary.replaced) == 14
+    bases = []
+    frozen_4bit_linear = fastpeft.peft_paths.frozen_4bit_linear
+    monkeypatch.setattr(fastpeft.patch, "frozen_4bit_linear",
+                        lambda layer, x: bases.append(layer) or frozen_4bit_linear(layer, x))
     with _counting_fast_ops() as calls:
         out, grads = _loss_and_grads(model)
     assert not calls
+    all_4bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and not hasattr(m, "base_layer")]
+    assert len(all_4bit) == 14 and {id(m) for m in bases} == {id(m) for m in all_4bit}
     assert torch.equal(out, ref_out) and grads.keys() == ref_grads.keys()
     assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
+    for put_back in (lambda: fastpeft.accelerate(model, frozen_4bit=False), lambda: fastpeft.restore(model)):
+        put_back()
+        bases.clear()
+        assert torch.equal(_loss_and_grads(model)[0], ref_out) and not bases
+        fastpeft.accelerate(model)

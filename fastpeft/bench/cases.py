@@ -449,13 +449,14 @@ def _model(cfg: BenchConfig) -> nn.Module:
     return model.to(cfg.device).eval()
 
 
-def _model_4bit(cfg: BenchConfig) -> nn.Module:
+def _model_4bit(cfg: BenchConfig, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The model of the end-to-end cases loaded as bitsandbytes NF4 (double quantisation, compute dtype
-    ``cfg.dtype``), the way users load QLoRA models: through ``BitsAndBytesConfig``."""
+    ``compute_dtype``, default ``cfg.dtype``), the way users load QLoRA models: through ``BitsAndBytesConfig``."""
     transformers = _require("transformers")
     _require("bitsandbytes")
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cfg.dtype)
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=compute_dtype or cfg.dtype)
     load = dict(quantization_config=quantization, dtype=cfg.dtype, device_map={"": cfg.device.type})
     if cfg.model_path:
         return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_path, **load).eval()
@@ -478,10 +479,11 @@ def _randomise_adapters(model: nn.Module) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def _train_step(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
+def _train_step(impl: str, four_bit: bool = False, compute_dtype: Optional[torch.dtype] = None
+                ) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         peft = _require("peft")
-        base = _model_4bit(cfg) if four_bit else _model(cfg)
+        base = _model_4bit(cfg, compute_dtype) if four_bit else _model(cfg)
         model = peft.get_peft_model(base, _lora_config(peft, cfg, _LLAMA_TARGETS))
         _randomise_adapters(model)
         note = _accelerate(model, cfg) if impl == "fastpeft" else ""
@@ -505,9 +507,10 @@ def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
     return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
 
 
-def _decode(impl: str, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
+def _decode(impl: str, four_bit: bool = False, compute_dtype: Optional[torch.dtype] = None
+            ) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
-        model = _model_4bit(cfg) if four_bit else _model(cfg)
+        model = _model_4bit(cfg, compute_dtype) if four_bit else _model(cfg)
         vocab = model.config.vocab_size
         note = ""
         generate = model.generate
@@ -637,6 +640,15 @@ def e2e_jobs(cfg: BenchConfig) -> list:
                  _train_step(impl, four_bit=True)) for impl in ("peft", "fastpeft")]
     jobs += [Job("decode_4bit", impl, {**nf4, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
                                        "r": cfg.rank}, _decode(impl, four_bit=True)) for impl in ("hf", "peft", "fastpeft")]
+    if cfg.dtype == torch.float32:
+        # an fp32 model with bnb_4bit_compute_dtype=bfloat16: bitsandbytes multiplies in bf16, so the adapted
+        # layers run PEFT's forward (their 4-bit bases and the frozen ones on fastpeft's NF4 op)
+        bf16 = {**nf4, "compute": "bfloat16"}
+        jobs += [Job("train_step_4bit", impl, {**bf16, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
+                     _train_step(impl, True, torch.bfloat16)) for impl in ("peft", "fastpeft")]
+        jobs += [Job("decode_4bit", impl, {**bf16, "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
+                                           "r": cfg.rank}, _decode(impl, True, torch.bfloat16))
+                 for impl in ("peft", "fastpeft")]
     for n in cfg.serving_adapters:
         jobs += [Job("multi_lora_decode", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs,
                                                  "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
