@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -372,9 +372,10 @@ def dequant_buffers(device: torch.device) -> dict:
     return _cpu_buffers.by_dtype
 
 
-def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+def dequant_buffer(weight: Union[NF4Weight, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """A ``(out, in)`` view of the one reusable dequantisation buffer of ``weight.device`` and ``dtype`` (and,
-    on CPU, of the calling thread), grown (never shrunk) to the largest layer seen: a "dequantise then matmul"
+    on CPU, of the calling thread), grown (never shrunk) to the largest layer seen (``weight`` an NF4 or a dense
+    weight: only its shape and device count): a "dequantise then matmul"
     path holds one layer's dense weight at a time, as Unsloth's does, and allocates nothing per call. The view
     is overwritten by the next call (same stream order), so it must be consumed before the next layer
     dequantises and never saved for backward."""

@@ -154,13 +154,26 @@ def lora_linear(
 
 
 def dora_weight_norm(
-    weight: Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: Optional[torch.dtype] = None
+    weight: Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: Optional[torch.dtype] = None,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """DoRA's per-output-row norm ``‖W + s·B A‖₂`` as ``(out,)``, detached (no gradient flows through it,
-    as in PEFT and the DoRA paper §4.3). Computed in ``dtype`` (default: ``lora_a.dtype``)."""
+    as in PEFT and the DoRA paper §4.3). Computed in ``dtype`` (default: ``lora_a.dtype``).
+
+    ``scratch`` (the CPU path): in fp32, ``W + s·B A`` is one ``addmm`` into the thread's reusable buffer
+    (:func:`~fastpeft.nf4.dequant_buffer`, where an NF4 base is dequantised anyway) instead of three fresh
+    ``(out, in)`` tensors: half the time of a small layer's norm. The same direct form, the product's sum
+    rounded to fp32 before the scaled add (it may be fused into one rounding: a last-bit difference). Half
+    precision keeps PEFT's three roundings."""
     dtype = lora_a.dtype if dtype is None else dtype
     with torch.no_grad():
-        merged = base_weight(weight, dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))
+        if scratch and dtype == torch.float32:
+            # NF4: dequantised into the buffer (or a temporary); dense: copied there (the weight is the caller's)
+            merged = (base_weight(weight, dtype, scratch=True) if isinstance(weight, NF4Weight)
+                      else dequant_buffer(weight, dtype).copy_(weight))
+            merged.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scaling)
+        else:
+            merged = base_weight(weight, dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))
         return torch.linalg.vector_norm(merged, ord=2, dim=1)
 
 

@@ -5,6 +5,8 @@ which would make a comparison vacuous). Dropout is replaced by a fixed mask so b
 elements: that checks *where* PEFT applies dropout (DoRA recomputes the base on the dropped input).
 """
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -265,3 +267,27 @@ def test_nf4_base_weight_on_cpu_is_bitwise_the_reference_dequantisation(nested, 
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             assert torch.equal(reference.base_weight(weight, dtype), weight.dequantize(dtype))
             assert torch.equal(reference.base_weight(weight, dtype, scratch=True), weight.dequantize(dtype))
+
+
+@pytest.mark.parametrize("base", ["dense", "dense-bf16", "nf4"])
+def test_dora_weight_norm_in_the_reusable_buffer(base, monkeypatch):
+    """The CPU path's norm (``scratch=True``): ``W + s·B A`` formed by one ``addmm`` in the thread's reusable
+    buffer, the caller's weight untouched, within fp32 rounding of float64; half precision keeps PEFT's
+    arithmetic (the same values as without ``scratch``)."""
+    from fastpeft import nf4 as nf4_module
+
+    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
+    dense = torch.randn(37, 64)
+    weight = {"dense": dense, "dense-bf16": dense.bfloat16(), "nf4": NF4Weight.quantize(dense, 64, True)}[base]
+    before = weight.clone() if isinstance(weight, torch.Tensor) else weight.packed.clone()
+    lora_a, lora_b = torch.randn(5, 64) / 8, torch.randn(37, 5)
+    w64 = weight.dequantize(torch.float64) if base == "nf4" else weight.double()
+    exact = reference.dora_weight_norm(w64, lora_a.double(), lora_b.double(), 0.37)
+    norm = reference.dora_weight_norm(weight, lora_a, lora_b, 0.37, dtype=torch.float32, scratch=True)
+    assert norm.dtype == torch.float32
+    assert_rel_close(norm, exact, torch.float32)
+    assert torch.equal(weight if isinstance(weight, torch.Tensor) else weight.packed, before)
+    (buffer,) = nf4_module.dequant_buffers(torch.device("cpu")).values()  # the sum was formed there
+    assert torch.equal(torch.linalg.vector_norm(buffer.view(37, 64), dim=1), norm)
+    half = reference.dora_weight_norm(weight, lora_a, lora_b, 0.37, dtype=torch.bfloat16, scratch=True)
+    assert torch.equal(half, reference.dora_weight_norm(weight, lora_a, lora_b, 0.37, dtype=torch.bfloat16))

@@ -77,7 +77,7 @@ def _dora_weight_norm_op(
     weight = weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset,
                                  out_features, in_features, blocksize, weight_dtype)
     def torch_path():
-        return reference.dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=dtype)
+        return reference.dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=dtype, scratch=True)
 
     if backend_for(lora_a.device) == "triton":
         from ..kernels.dora import dora_weight_norm as kernel
