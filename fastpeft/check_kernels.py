@@ -186,10 +186,12 @@ def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype, a
     """The launches of ``fastpeft.ops.multi_lora_add_`` for 64 adapters of ranks 8..64, one per sequence:
     tokens in ``dtype``, the bank in ``adapter_dtype``."""
     from .kernels.multi_lora import multi_lora_add_
+    from .ops.multi_lora import prefill_block_m
 
     seqs, per_seq = MULTI_LORA_CASES[regime]
     m = seqs * per_seq
-    block_m = 1 if regime == "decode" else 16  # fastpeft.ops.multi_lora.MultiLoraMeta
+    cc = ARCHES[arch]["cc"]
+    block_m = 1 if regime == "decode" else prefill_block_m((cc // 10, cc % 10))  # as MultiLoraMeta.build there
     tiles = [(k, k * per_seq + start, min(block_m, per_seq - start))
              for k in range(seqs) for start in range(0, per_seq, block_m)]
     n, max_rank = MULTI_LORA_ADAPTERS, max(MULTI_LORA_RANKS)

@@ -92,6 +92,27 @@ def test_metadata_groups_tokens_without_reordering():
     assert decode.tiles[:, 2].tolist() == [1] * 5 and decode.block_m == 1
 
 
+def test_prefill_tiles_of_64_tokens_on_sm90(triton_backend, fused):
+    """sm_90 tiles prefill tokens 64 at a time (wgmma's M): segments longer and shorter than a tile, several
+    tiles of one adapter, under the interpreter, against the float64 reference; other GPUs and the CPU tile 16."""
+    from fastpeft.ops.multi_lora import prefill_block_m
+
+    assert prefill_block_m((9, 0)) == 64 and prefill_block_m((8, 0)) == prefill_block_m(None) == 16
+    assert MultiLoraMeta.build(torch.tensor([0, 1])).block_m == 16  # a CPU tensor: no GPU architecture
+    m, in_features, out_features = 150, 33, 17
+    bank, adapters = random_bank([5, 16, 3], in_features, out_features, torch.float32)
+    ids = torch.cat([torch.zeros(130, dtype=torch.long), torch.full((12,), 2), torch.full((8,), -1)])
+    ids = ids[torch.randperm(m)].to(DEVICE)
+    meta = MultiLoraMeta.build(ids, block_m=64)
+    assert meta.block_m == 64 and sorted(meta.tiles[:, 2].tolist()) == [2, 12, 64, 64]
+    x = torch.randn(m, in_features, device=DEVICE)
+    y = torch.zeros(m, out_features, device=DEVICE)
+    multi_lora_add_(y, x, bank, meta)
+    assert_rel_close(y, reference_delta(x, adapters, ids[:, None], torch.ones(m, 1, device=DEVICE)), torch.float32)
+    with pytest.raises(ValueError, match="block_m must be 1 \\(decode\\) or 16/32/64"):
+        MultiLoraMeta.build(ids, block_m=48)
+
+
 def test_out_of_range_ids_raise_before_launch(triton_backend):
     bank, _ = random_bank([4, 9], 33, 17, torch.float32)
     x, y = torch.randn(3, 33), torch.zeros(3, 17)

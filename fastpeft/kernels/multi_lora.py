@@ -14,7 +14,8 @@ cores; the rank-r work is small next to the base matmul).
 Design (vLLM's ``lora/ops/triton_ops`` pattern, own code): ``fastpeft.ops.multi_lora.MultiLoraMeta``
 is computed once per batch: per slot, ``token_order`` lists the tokens grouped by adapter (an index
 permutation — the batch itself is never reordered) and ``tiles`` cuts each adapter's group into
-``(adapter, start, length)`` tiles of ``block_m`` tokens. Every program takes one tile: the tokens of a
+``(adapter, start, length)`` tiles of ``block_m`` tokens (prefill: 16, 64 on sm_90 where wgmma takes 64
+rows; ``fastpeft.ops.multi_lora.PREFILL_BLOCK_M``). Every program takes one tile: the tokens of a
 tile share one adapter, so ``A_k`` / ``B_k`` blocks are loaded once per tile (prefill). Decode (one token
 per sequence) uses ``block_m = 1``: one program per token, a GEMV as a 2-D multiply-sum in the weight
 block's own layout instead of ``tl.dot`` (which needs 16 rows). Tokens with no adapter are in no tile:
@@ -53,7 +54,7 @@ import triton.language as tl
 from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
 # K / rank / out slices, warps and stages per GPU architecture and regime (BLOCK_M is the metadata's
-# block_m: 16 prefill, 1 decode). Source: untuned, no GPU (warps and stages are Triton's defaults), except
+# block_m: 1 decode; prefill 16, 64 on sm_90). Source: untuned, no GPU (warps and stages are Triton's defaults), except
 # (python -m fastpeft.check_kernels --family multi_lora, issue 12 item 5): the expand's one stage, its loop
 # runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline whose shared buffers
 # cost more than it hides (3 stages: prefill expand at 3-4 KB shared memory vs 1-2 KB); decode's BLOCK_K 64,
