@@ -176,12 +176,12 @@ class DoraLinearFunction(torch.autograd.Function):
             dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s)
         if needs_bias:
             dbias = dy.sum(0)
-        if needs_a:
-            da = s * (g.t() @ x_lora.to(lora_a.dtype))
+        if needs_a:  # s on the (M, r) factor, as in fastpeft.ops.lora: fewer elements than the (r, in) product
+            da = (g * s).t() @ x_lora.to(lora_a.dtype)
         if needs_b or needs_m:
             dy_h = dy_adapter.t() @ h  # (out, r)
         if needs_b:
-            db = s * col_scale.unsqueeze(1) * dy_h
+            db = dy_h * (s * col_scale).unsqueeze(1)  # one pass over (out, r)
         if needs_m:
             # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
             # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway

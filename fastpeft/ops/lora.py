@@ -246,10 +246,12 @@ class LoraLinearFunction(torch.autograd.Function):
             dx_dropped = (scaling * (g @ lora_a)).to(dy.dtype)
         if needs_bias:
             dbias = dy.sum(0)
+        # s applied to the (M, r) factor, not to the (r, in) / (out, r) product: fewer elements whenever M < in,
+        # out (a decode-sized step scales 16 values, not 45 thousand)
         if needs_a:
-            da = scaling * (g.t() @ x_lora)
+            da = (g * scaling).t() @ x_lora
         if needs_b:
-            db = scaling * (dy_lora.t() @ h)
+            db = dy_lora.t() @ (h * scaling)
         return dx, dx_dropped, None, dbias, da, db, None, None
 
 
