@@ -217,6 +217,29 @@ def test_4bit_bases_match_peft(config, expected, decisions):
     assert _counts(decisions, expected) == expected
 
 
+def test_4bit_bases_serve_peft_forward(decisions, monkeypatch):
+    """Where an adapted 4-bit layer runs PEFT's forward (adapters disabled here), PEFT calls its bitsandbytes base,
+    which runs fastpeft's NF4 op as bitsandbytes' forward would (issue 16): outputs and input gradients PEFT's."""
+    pytest.importorskip("bitsandbytes")
+    theirs, ours = _pair(_lora(), MLP4bit)
+    bases = []
+    frozen = fastpeft.peft_paths.frozen_4bit_linear
+    monkeypatch.setattr(fastpeft.patch, "frozen_4bit_linear", lambda layer, x: bases.append(layer) or frozen(layer, x))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(11))
+    results = []
+    for model in (ours, theirs):
+        x_in = x.clone().requires_grad_()
+        with model.disable_adapter():
+            out = model.train()(x_in)  # train mode: bitsandbytes never repacks its weights for its CPU kernel
+        out.square().mean().backward()
+        results.append((out.detach(), x_in.grad))
+    assert _counts(decisions, {"peft:disabled": 0}) == {"peft:disabled": 2}
+    layers = (ours.base_model.model.lin0, ours.base_model.model.lin1)
+    assert [id(b) for b in bases] == [id(layer.base_layer) for layer in layers]
+    for got, expected in zip(*results):
+        assert_rel_close(got, expected)
+
+
 # ---------------------------------------------------------------------------------------------- PEFT operations
 @pytest.fixture
 def two_adapters():
