@@ -31,7 +31,7 @@ def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional
         raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
+    if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
     return out_features, in_features
 
@@ -60,6 +60,8 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` would run a linear layer on ``x``'s device in, or None when autocast is
     off there. The ops read it at entry and cast as autocast would cast PEFT's ``nn.Linear`` calls, then
     run with autocast off (a custom autograd Function is not cast by autocast itself)."""
+    if not torch._C._is_any_autocast_enabled():  # the common case in one C call (the checks below cost ~1 µs)
+        return None
     device_type = x.device.type
     if (not x.is_floating_point() or not torch.amp.is_autocast_available(device_type)
             or not torch.is_autocast_enabled(device_type)):
