@@ -29,6 +29,16 @@ def _is_bnb_linear4bit(module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a registered parameter (or None) ``name``, read from ``module._parameters``:
+    ``nn.Module.__getattr__`` is a Python call per read (about a microsecond, a few with the caches a layer's matmul
+    just swept), and a layer's forward makes several. Any other attribute of that name (a plain one, a buffer, a
+    tensor ``torch.nn.utils.parametrize`` computes: it moves the parameter out of ``_parameters``) through
+    ``getattr``."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def repacked_for_bnb_cpu(module) -> bool:
     """Whether bitsandbytes has repacked this ``Linear4bit`` for its own CPU kernel (in place, on an eval-mode
     no-grad CPU forward on an AVX512-BF16 CPU; absmax rounded to bf16): no longer the NF4 layout."""
@@ -192,9 +202,9 @@ class LoraLinear(nn.Module):
     def base_weight(self) -> Union[torch.Tensor, NF4Weight]:
         """The frozen base weight, no copy: the dense ``(out, in)`` parameter (merged in place while
         ``merged``) or an :class:`NF4Weight` view of the packed one (never modified)."""
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
-            return base.weight
+            return parameter(base, "weight")
         if _is_bnb_linear4bit(base):
             if repacked_for_bnb_cpu(base):
                 raise ValueError(
@@ -209,7 +219,7 @@ class LoraLinear(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         """The base layer's bias (or None)."""
-        return self.base_layer.bias
+        return parameter(self._modules["base_layer"], "bias")
 
     @property
     def is_nf4(self) -> bool:
