@@ -146,3 +146,189 @@ def test_fp16_base_matches_peft(is_feedforward):
     for g, g_ref in zip(got, ref):
         assert g.dtype == g_ref.dtype
         assert_rel_close(g, g_ref, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- the reused plan
+# IA3Linear keeps the last call's checked plan (fastpeft.ops.ia3.ia3_plan) and reuses it while the call's key holds.
+# Every change below comes after a first call; the next call must give what the op gives from scratch (the same
+# values, dtype and gradients, or the same clear error).
+
+
+def _from_scratch(layer, x):
+    """ia3_linear on the layer's current state, no plan kept."""
+    from fastpeft.ops.ia3 import ia3_linear
+
+    if layer.disabled or layer.merged:
+        return nn.functional.linear(x, layer.base_weight(), layer.bias)
+    return ia3_linear(x, layer.base_weight(), layer.bias, layer.ia3_l.view(-1), layer.is_feedforward)
+
+
+def _frozen(t):
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _set(module, name, value):
+    setattr(module, name, value)
+
+
+def _halved(t):
+    """``t``'s first half along its longer dimension: the same storage, another shape."""
+    return t[: t.shape[0] // 2] if t.shape[0] > 1 else t[:, : t.shape[1] // 2]
+
+
+STATE_CHANGES = {
+    "weight replaced": lambda layer: _set(layer.base_layer, "weight", _frozen(torch.randn(16, 24))),
+    "weight data in another dtype": lambda layer: _set(layer.base_layer.weight, "data",
+                                                       layer.base_layer.weight.data.double()),
+    "weight updated in place": lambda layer: layer.base_layer.weight.data.mul_(-2),
+    "bias added": lambda layer: _set(layer.base_layer, "bias", _frozen(torch.randn(16))),
+    "ia3_l replaced": lambda layer: _set(layer, "ia3_l", nn.Parameter(torch.randn_like(layer.ia3_l))),
+    "ia3_l data replaced": lambda layer: _set(layer.ia3_l, "data", torch.randn_like(layer.ia3_l)),
+    "ia3_l data viewing other storage": lambda layer: _set(
+        layer.ia3_l, "data", torch.randn(2 * layer.ia3_l.numel())[::2].view_as(layer.ia3_l)),
+    "ia3_l updated in place": lambda layer: layer.ia3_l.data.mul_(3),
+    "base layer replaced": lambda layer: _set(layer, "base_layer", nn.Linear(24, 16).requires_grad_(False)),
+    "merged": lambda layer: layer.merge(),
+}
+# changes after which the op raises, and so must the layer
+BAD_STATE_CHANGES = {
+    "weight data of another shape": (lambda layer: _set(layer.base_layer.weight, "data", torch.randn(16, 12)),
+                                     "x has 24 features; the weight \\(16, 12\\) needs 12"),
+    "weight on another device": (lambda layer: _set(layer.base_layer, "weight", _frozen(torch.randn(16, 24,
+                                                                                                   device="meta"))),
+                                 "x is on cpu, the weight on meta"),
+    "bias of another shape": (lambda layer: _set(layer.base_layer, "bias", _frozen(torch.randn(8))),
+                              "bias must be \\(16,\\)"),
+    "ia3_l data narrowed in place": (lambda layer: _set(layer.ia3_l, "data", _halved(layer.ia3_l.data)),
+                                     "ia3_scale must be"),
+    "is_feedforward flipped": (lambda layer: _set(layer, "is_feedforward", not layer.is_feedforward),
+                               "ia3_scale must be"),
+}
+
+
+@pytest.mark.parametrize("change", [*STATE_CHANGES, *BAD_STATE_CHANGES])
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_the_reused_plan_follows_the_layer_state(change, is_feedforward):
+    layer = IA3Linear(nn.Linear(24, 16, bias=False), is_feedforward, init_ia3_weights=False)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        layer(x)
+        if change in BAD_STATE_CHANGES:
+            apply_change, message = BAD_STATE_CHANGES[change]
+            apply_change(layer)
+            with pytest.raises(ValueError, match=message):
+                _from_scratch(layer, x)
+            with pytest.raises(ValueError, match=message):
+                layer(x)
+            return
+        STATE_CHANGES[change](layer)
+        y = layer(x)
+        expected = _from_scratch(layer, x)
+        assert y.dtype == expected.dtype and torch.equal(y, expected)
+
+
+def test_the_plan_is_made_once_per_kind_of_call(monkeypatch):
+    import fastpeft.nn.ia3 as module
+
+    plans = []
+    real = module.ia3_plan
+    monkeypatch.setattr(module, "ia3_plan", lambda *args: plans.append(tuple(args[0].shape)) or real(*args))
+    layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(1, 24))  # a decode loop: one plan
+            layer.ia3_l.data.mul_(1.5)  # new values, same plan
+        layer(torch.randn(2, 1, 24))  # another shape: planned again
+    assert plans == [(1, 24), (2, 1, 24)]
+
+
+def _grads(layer, forward, x, dy):
+    return torch.autograd.grad(forward(layer, x), [x, layer.ia3_l], dy)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_the_reused_plan_follows_the_call(monkeypatch, is_feedforward):
+    """Input dtype, shape and device, bad inputs, grad mode, trainable tensors, autocast, disable_adapter and the
+    backend variable, each after a first call: what the op gives from scratch (values, dtype, gradients, errors)."""
+    layer = IA3Linear(nn.Linear(24, 16), is_feedforward, init_ia3_weights=False)
+    with torch.no_grad():
+        for x in (torch.randn(3, 24), torch.randn(3, 24, dtype=torch.float64), torch.randn(2, 5, 24),
+                  torch.randn(0, 24), non_contiguous(torch.randn(4, 24))):
+            y = layer(x)
+            assert y.dtype == x.dtype and torch.equal(y, _from_scratch(layer, x))
+        for bad, error, message in ((torch.ones(4, 24, dtype=torch.int64), TypeError, "x dtype must be floating"),
+                                    (torch.randn(4, 24, device="meta"), ValueError, "x is on meta, the weight on cpu"),
+                                    (torch.randn(4, 23), ValueError, "x has 23 features")):
+            layer(torch.randn(*bad.shape[:-1], 24))  # a plan for inputs of that shape, then the bad one
+            with pytest.raises(error, match=message):
+                layer(bad)
+        with layer.disable_adapter():
+            x = torch.randn(3, 24)
+            assert torch.equal(layer(x), layer.base_layer(x))
+
+    # grad mode after no-grad calls: l gets its gradient (a no-grad plan's flattened l would carry none)
+    x, dy = torch.randn(3, 24, requires_grad=True), torch.randn(3, 16)
+    got, expected = _grads(layer, IA3Linear.__call__, x, dy), _grads(layer, _from_scratch, x, dy)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    layer(x).mul_(2).sum().backward()  # the output can be changed in place, with and without grad
+    with torch.no_grad():
+        layer(x).add_(1)
+
+    layer(x)
+    layer.base_layer.weight.requires_grad_(True)  # an unfrozen base after a call: the op's clear error
+    with pytest.raises(ValueError, match="must be frozen"):
+        layer(x)
+    layer.requires_grad_(False)  # everything frozen: a grad-mode plan, then a no-grad call
+    x = torch.randn(6, 24)
+    assert not layer(x).requires_grad
+    with torch.no_grad():
+        assert torch.equal(layer(x), _from_scratch(layer, x))
+    layer.ia3_l.requires_grad_(True)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast after a call: PEFT's dtype rule
+        y, expected = layer(x), _from_scratch(layer, x)
+    assert y.dtype == expected.dtype == torch.bfloat16 and torch.equal(y, expected)
+
+    # the backend variable switched after a call: the Triton kernels run (interpreter on CPU)
+    from fastpeft.kernels import ia3 as kernels
+
+    launches = []
+    real = kernels.ia3_matmul
+    monkeypatch.setattr(kernels, "ia3_matmul", lambda *a, **k: launches.append(1) or real(*a, **k))
+    with torch.no_grad():
+        layer(x)
+        assert not launches
+        monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+        y = layer(x)
+        assert launches
+        assert_rel_close(y, _from_scratch(layer, x), torch.float32)
+
+
+def test_a_plan_for_a_dense_base_is_not_reused_for_a_4bit_one():
+    """Under autograd a 4-bit base runs the autograd Function, never the plain path, which would keep the
+    thread's dequantisation buffer for backward (another 4-bit layer's forward overwrites it)."""
+    layer = IA3Linear(nn.Linear(64, 40, bias=False), init_ia3_weights=False)
+    x, dy = torch.randn(3, 64, requires_grad=True), torch.randn(3, 40)
+    layer(x)
+    layer.base_layer = bnb_linear4bit(64, 40, False)
+    y = layer(x)
+    other = IA3Linear(bnb_linear4bit(64, 40, False), init_ia3_weights=False)
+    other(x)  # dequantises another weight into the buffer between this forward and its backward
+    got = torch.autograd.grad(y, [x, layer.ia3_l], dy)
+    expected = _grads(layer, _from_scratch, x, dy)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_the_reused_plan_follows_what_requires_grad(triton_backend):
+    """Which tensors require grad decides whether the call is recorded at all (on the Triton backend an unrecorded
+    call is the kernel without autograd): each change after a first call gets its gradients."""
+    layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False).requires_grad_(False)
+    x = torch.randn(3, 24)
+    for tensor in (x, layer.base_layer.bias, layer.ia3_l):
+        assert not layer(x).requires_grad  # planned: nothing to differentiate
+        tensor.requires_grad_(True)
+        y = layer(x)
+        (grad,) = torch.autograd.grad(y.sum(), [tensor])
+        (expected,) = torch.autograd.grad(_from_scratch(layer, x).sum(), [tensor])
+        assert_rel_close(grad, expected, torch.float32)
+        tensor.requires_grad_(False)

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ..nf4 import NF4Weight
-from ..ops.ia3 import ia3_linear
+from ..ops.dispatch import backend_setting
+from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan
+from ..ops.inputs import autocast_dtype
 from ..ops.lora import lora_linear
-from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base
+from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
 
 __all__ = ["IA3Linear"]
 
@@ -107,10 +109,32 @@ class IA3Linear(nn.Module):
             self.base_layer.bias.div_(scale.view(-1).to(self.base_layer.bias.dtype))
         self.merged = False
 
+    # The last call's (key, plan, l flattened in no-grad mode): the op's checks and path choice
+    # (fastpeft.ops.ia3.ia3_plan) cost about as much as the layer's math at M = 1 on CPU, and a decode loop repeats
+    # them on inputs that differ only in values.
+    _planned: Optional[tuple] = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
-        return ia3_linear(x, self.base_weight(), self.bias, self.ia3_l.view(-1), self.is_feedforward)
+        weight, bias, ia3_l = self.base_weight(), self.bias, parameter(self, "ia3_l")
+        if not isinstance(x, torch.Tensor) or autocast_dtype(x) is not None or torch.compiler.is_compiling():
+            # bad input or autocast (the op's own checks and casts), or traced by dynamo: no reuse
+            return ia3_linear(x, weight, bias, ia3_l.view(-1), self.is_feedforward)
+        # everything ia3_plan's answer depends on (its docstring), and l's storage for the flattened l kept in no-grad
+        # mode (held with the plan, so no other tensor takes its address meanwhile)
+        grad = torch.is_grad_enabled()
+        key = (x.shape, x.dtype, x.device, grad, grad and x.requires_grad, backend_setting(), self.is_feedforward,
+               type(weight), weight.shape, weight.device, grad and getattr(weight, "requires_grad", False),
+               None if bias is None else bias.shape, grad and bias is not None and bias.requires_grad,
+               ia3_l.shape, ia3_l.data_ptr(), grad and ia3_l.requires_grad)
+        planned = self._planned
+        if planned is None or planned[0] != key:
+            scale = ia3_l.view(-1)
+            planned = self._planned = (key, ia3_plan(x, weight, bias, scale, self.is_feedforward),
+                                       None if grad else scale)
+        # with grad, l is flattened at each call (a view made once would join every call's graph)
+        return ia3_apply(planned[1], x, weight, bias, ia3_l.view(-1) if grad else planned[2], self.is_feedforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -40,13 +40,19 @@ _ENVIRON, _BACKEND_KEY = ((os.environ._data, os.environ.encodekey("FASTPEFT_BACK
 
 def requested_backend() -> str:
     """The backend asked for by ``FASTPEFT_BACKEND`` (``auto`` when unset)."""
-    raw = _ENVIRON.get(_BACKEND_KEY)
+    raw = backend_setting()
     if raw is None:  # the common case, read at every op call
         return "auto"
     name = (os.fsdecode(raw) if isinstance(raw, bytes) else raw).strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FASTPEFT_BACKEND={name!r} is not one of {BACKENDS}")
     return name
+
+
+def backend_setting():
+    """``FASTPEFT_BACKEND`` as set, unparsed (None when unset): what a cache of per-call decisions keys on, read in
+    one dict lookup."""
+    return _ENVIRON.get(_BACKEND_KEY)
 
 
 def triton_interpreter() -> bool:

@@ -29,7 +29,7 @@ back; the two agree when the dtypes match.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,18 +109,28 @@ def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _ia3_matmul_reference(a, weight: Weight, transpose_weight: bool, in_scale, bias, out_scale, reduce_rows,
-                          store_out: bool) -> tuple:
+                          store_out: bool, in_place: bool = False) -> tuple:
     """The op off the Triton backend, ``(out or None, reduced or None)``: the dequantised or dense weight
-    (``reference.base_weight``) in a matmul."""
+    (``reference.base_weight``) in a matmul. ``in_place``: no autograd records these ops (inference), so the bias
+    and an output scale of ``z``'s dtype are applied to ``z`` in place (the same values, no temporaries; the scale
+    only without ``reduce_rows``, which reads ``z`` unscaled)."""
     w = reference.base_weight(weight, a.dtype, scratch=True)  # consumed here: the thread's reusable buffer
     scaled = a if in_scale is None else _cast(a * in_scale, a.dtype)
     z = scaled @ w if transpose_weight else F.linear(scaled, w)
     if bias is not None:
-        z = z + bias
-    out = (z if out_scale is None else _cast(z * out_scale, a.dtype)) if store_out else None
+        z = z.add_(bias) if in_place else z + bias
+    if not store_out:
+        out = None
+    elif out_scale is None:
+        out = z
+    elif in_place and reduce_rows is None and out_scale.dtype == z.dtype:
+        out = z.mul_(out_scale)
+    else:
+        out = _cast(z * out_scale, a.dtype)
+    if reduce_rows is None:
+        return out, None
     acc = _reduction_dtype(a.dtype)
-    reduced = None if reduce_rows is None else (reduce_rows.to(acc) * z.to(acc)).sum(0)
-    return out, reduced
+    return out, (reduce_rows.to(acc) * z.to(acc)).sum(0)
 
 
 @_ia3_matmul_op.register_fake
@@ -210,14 +220,61 @@ class IA3LinearFunction(torch.autograd.Function):
         return dx, None, dbias, dscale, None
 
 
-def _plain_autograd(x: torch.Tensor, weight: Weight) -> bool:
-    """Whether autograd differentiates the forward's own ops instead of :class:`IA3LinearFunction`: a dense base
-    off the Triton backend, where the forward is plain PyTorch (``_ia3_matmul_reference``). Autograd then keeps
-    what PEFT's layer keeps (``z = x Wᵀ + b`` for ``dl``, the weight itself, no copy) and computes the same
-    gradients, without the Function's Python cost per call and per backward (more than the layer's math at
-    M = 1 on CPU). An NF4 base keeps the Function: autograd would store the dequantised weight."""
-    return (not isinstance(weight, NF4Weight) and backend_for(x.device) == "reference"
-            and not torch.compiler.is_compiling())
+class IA3Plan(NamedTuple):
+    """What :func:`ia3_linear` runs for one call, decided by :func:`ia3_plan` after every check of its inputs."""
+
+    out_features: int
+    in_features: int
+    plain: bool  # eager plain-PyTorch forward (autograd differentiates it); else the custom op or IA3LinearFunction
+    differentiable: bool  # autograd records the call (then IA3LinearFunction where not ``plain``)
+
+
+def ia3_plan(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
+             is_feedforward: bool) -> IA3Plan:
+    """Check :func:`ia3_linear`'s inputs (raising ``ValueError`` / ``TypeError`` on a bad one) and decide what runs
+    (autocast is the caller's: ``ia3_linear`` handles it before planning).
+
+    The plan depends on ``x``'s shape, dtype, device and ``requires_grad``, the grad mode, ``FASTPEFT_BACKEND``,
+    ``torch.compile`` tracing, the weight object (its kind, shape, device and ``requires_grad``), the bias (present,
+    shape, ``requires_grad``), ``ia3_scale``'s shape and ``requires_grad`` and ``is_feedforward`` — on no tensor's
+    values: a caller may run :func:`ia3_apply` with it again while all of these are unchanged (``IA3Linear`` does)."""
+    out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
+    expected = in_features if is_feedforward else out_features
+    if not isinstance(ia3_scale, torch.Tensor) or ia3_scale.shape != (expected,):
+        raise ValueError(
+            f"ia3_scale must be ({expected},) for is_feedforward={is_feedforward}, got "
+            f"{tuple(getattr(ia3_scale, 'shape', ()))}"
+        )
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or ia3_scale.requires_grad
+                                                  or (bias is not None and bias.requires_grad))
+    # eager, off the Triton backend, with nothing to differentiate or a dense base: the plain PyTorch forward,
+    # without the custom op's dispatch or the autograd Function's per-call Python (each more than the layer's math
+    # at M = 1 on CPU). Over a dense base autograd differentiates it, keeping what PEFT's layer keeps
+    # (z = x Wᵀ + b for dl, the weight itself, no copy); over an NF4 base the Function runs, as autograd would store
+    # the dequantised weight.
+    plain = (backend_for(x.device) == "reference" and not torch.compiler.is_compiling()
+             and not (differentiable and isinstance(weight, NF4Weight)))
+    return IA3Plan(out_features, in_features, plain, differentiable)
+
+
+def ia3_apply(plan: IA3Plan, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
+              is_feedforward: bool) -> torch.Tensor:
+    """:func:`ia3_linear` of inputs ``plan`` was made for (:func:`ia3_plan`), without checking them again."""
+    out_features, in_features, plain, differentiable = plan
+    if bias is not None:
+        bias = _cast(bias, x.dtype)
+    x2d = as_rows(x, in_features)
+    if not ia3_scale.is_contiguous():
+        ia3_scale = ia3_scale.contiguous()
+    if plain:
+        scales = (ia3_scale, None) if is_feedforward else (None, ia3_scale)
+        y = _ia3_matmul_reference(x2d, weight, False, scales[0], bias, scales[1], None, True,
+                                  in_place=not differentiable)[0]
+    elif not differentiable:
+        y = _ia3_forward(x2d, weight, bias, ia3_scale, is_feedforward)
+    else:
+        y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, is_feedforward)
+    return rows_like(y, x, out_features)
 
 
 def ia3_linear(
@@ -240,23 +297,5 @@ def ia3_linear(
                                    None, None, 0.0)
             return ia3_linear(x.to(cast_to), weight.to(cast_to), None if bias is None else bias.to(cast_to),
                               ia3_scale, False)
-    out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
-    expected = in_features if is_feedforward else out_features
-    if not isinstance(ia3_scale, torch.Tensor) or tuple(ia3_scale.shape) != (expected,):
-        raise ValueError(
-            f"ia3_scale must be ({expected},) for is_feedforward={is_feedforward}, got "
-            f"{tuple(getattr(ia3_scale, 'shape', ()))}"
-        )
-    if bias is not None:
-        bias = _cast(bias, x.dtype)
-    x2d = as_rows(x, in_features)
-    if not ia3_scale.is_contiguous():
-        ia3_scale = ia3_scale.contiguous()
-    if (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, ia3_scale))
-            or _plain_autograd(x, weight)):
-        # nothing to differentiate, or a dense base off the Triton backend: the forward alone, without the autograd
-        # Function's per-call cost
-        y = _ia3_forward(x2d, weight, bias, ia3_scale, bool(is_feedforward))
-    else:
-        y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, bool(is_feedforward))
-    return rows_like(y, x, out_features)
+    is_feedforward = bool(is_feedforward)
+    return ia3_apply(ia3_plan(x, weight, bias, ia3_scale, is_feedforward), x, weight, bias, ia3_scale, is_feedforward)
