@@ -20,6 +20,7 @@ an adapter while a batch is in flight never changes what that batch computes (co
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -52,6 +53,28 @@ class LoraBank:
     @property
     def max_rank(self) -> int:
         return self.lora_a.shape[1]
+
+    # Host-side views read by the CPU path of the multi-LoRA op at every layer call (a bank never changes, so they
+    # are made once): converting ``ranks`` / ``scalings`` and slicing one adapter's factors out of the padded
+    # tensors there cost more than a decode step's LoRA term.
+    @functools.cached_property
+    def rank_list(self) -> list:
+        """``ranks`` as Python ints."""
+        return self.ranks.tolist()
+
+    @functools.cached_property
+    def _factors(self) -> dict:
+        return {}
+
+    def adapter_factors(self, k: int) -> tuple:
+        """``(A_kᵀ, B_kᵀ, s_k)``: adapter ``k``'s factors at its own rank ``r_k`` as ``(in, r_k)`` and ``(r_k, out)``
+        views of ``lora_a`` / ``lora_b`` (padding never read) and its scaling as a float; made at the first call."""
+        factors = self._factors.get(k)
+        if factors is None:
+            rank = self.rank_list[k]
+            factors = self._factors[k] = (self.lora_a[k, :rank].t(), self.lora_b[k, :, :rank].t(),
+                                          float(self.scalings[k]))
+        return factors
 
     @classmethod
     def pack(

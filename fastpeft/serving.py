@@ -20,7 +20,6 @@ Inference only (everything runs under ``torch.no_grad``). Not supported: ``modul
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -170,22 +169,25 @@ class MultiLoraModel(nn.Module):
                              "(None for the base model)")
         return batch if expand == 1 else batch.repeated(expand)
 
-    @contextlib.contextmanager
-    def _using(self, batch: MultiLoraBatch):
-        for layer in self.multi_lora_layers.values():
-            layer.active_batch = batch
+    def _run(self, batch: MultiLoraBatch, call, /, *args, **kwargs):
+        """``call(*args, **kwargs)`` without grad, every adapted layer using ``batch`` for the duration."""
+        layers = self.multi_lora_layers.values()
+        # active_batch is a plain attribute: set in the instance dict, without nn.Module.__setattr__'s lookups (a
+        # Python call per layer and forward, as much as a small layer's LoRA term in a decode step)
+        for layer in layers:
+            layer.__dict__["active_batch"] = batch
         try:
             with torch.no_grad():
-                yield
+                return call(*args, **kwargs)
         finally:
-            for layer in self.multi_lora_layers.values():
-                layer.active_batch = None
+            for layer in layers:
+                layer.__dict__["active_batch"] = None
 
     def forward(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                 batch: Optional[MultiLoraBatch] = None, **kwargs):
         """The wrapped model's forward, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
-        with self._using(self._checked_batch(adapter_names, batch, args, kwargs)):
-            return self.model(*args, **kwargs)
+        return self._run(self._checked_batch(adapter_names, batch, args, kwargs), self._modules["model"], *args,
+                         **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                  batch: Optional[MultiLoraBatch] = None, **kwargs):
@@ -194,8 +196,8 @@ class MultiLoraModel(nn.Module):
         generation_config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
         generation_config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        with self._using(self._checked_batch(adapter_names, batch, args, kwargs, expand)):
-            return self.model.generate(*args, **kwargs)
+        return self._run(self._checked_batch(adapter_names, batch, args, kwargs, expand), self.model.generate, *args,
+                         **kwargs)
 
 
 def _rows_key(adapter_names) -> Optional[tuple]:

@@ -1,6 +1,8 @@
 """The multi-LoRA op's reference path (the CPU path: ReferencePlan grouping, gathered bmm for decode-like
 batches, slices for contiguous rows) against fastpeft.reference in float64."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,23 @@ def test_reference_path_matches_the_oracle(reference_backend, dtype, pattern, ra
         assert gather[0] == 3 and gather[1].tolist() == [0, 1, 3, 4]
     assert multi_lora_add_(y, x, bank, meta) is y
     assert_rel_close(y, base.double() + reference_delta(x, adapters, ids[:, None], None), dtype)
+
+
+@pytest.mark.parametrize("pattern", ["one_adapter", "runs", "scattered"])
+def test_each_bank_computes_with_its_own_adapters(reference_backend, pattern):
+    """The CPU path keeps each bank's per-adapter views and numbers (its own rank and scaling, made at first use)
+    on that bank: another bank through the same batch metadata, as after add_adapter replaces an adapter with one
+    of another rank and scaling, computes with its own, and the first bank still with its."""
+    m, in_features, out_features = 13, 33, 17
+    meta = MultiLoraMeta.build(_ids(pattern, m, 3))
+    x = torch.randn(m, in_features, dtype=torch.float64)
+    first, adapters = random_bank([4, 6, 2], in_features, out_features, torch.float64)
+    _, others = random_bank([9, 1, 5], in_features, out_features, torch.float64)
+    others = [dataclasses.replace(a, scaling=-2 * a.scaling) for a in others]
+    banks = [(first, adapters), (LoraBank.pack(others, in_features, out_features, torch.float64, DEVICE), others)]
+    for bank, adapters in banks + banks:
+        y = multi_lora_add_(torch.zeros(m, out_features, dtype=torch.float64), x, bank, meta)
+        assert_rel_close(y, reference_delta(x, adapters, meta.slot_ids.long(), None), torch.float64)
 
 
 @pytest.mark.parametrize("slots", [1, 3])

@@ -59,8 +59,9 @@ class MultiLoraBatch:
     def meta(self, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
         """Metadata for an activation of shape ``(B, T, ...)`` or ``(B, ...)`` (``lead_shape`` = all but the
         feature dim); ``T == 1`` is a decode step."""
-        key = (tuple(lead_shape), device)  # read by every layer at every step: no str(device)
-        if key not in self._metas:
+        key = (lead_shape, device)  # read by every layer at every step: no str(device), one dict lookup
+        meta = self._metas.get(key)
+        if meta is None:
             if not lead_shape or lead_shape[0] != self.num_rows:
                 raise ValueError(f"activation leading shape {tuple(lead_shape)} does not start with the batch's "
                                  f"{self.num_rows} rows")
@@ -69,9 +70,9 @@ class MultiLoraBatch:
                 tokens_per_row *= d
             ids = self.slot_ids.to(device).repeat_interleave(tokens_per_row, dim=0)
             weights = self.slot_weights.to(device).repeat_interleave(tokens_per_row, dim=0)
-            self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1,
-                                                   reference_cache=self._reference_cache)
-        return self._metas[key]
+            meta = self._metas[key] = MultiLoraMeta.build(ids, weights, decode=tokens_per_row == 1,
+                                                          reference_cache=self._reference_cache)
+        return meta
 
 
 def _per_token(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -113,23 +114,28 @@ class MultiLoraLinear(nn.Module):
         batch = self.active_batch if batch is None else batch
         bank: Optional[LoraBank] = None if batch is None else batch.bank.layers.get(self.path)
         if bank is None:
-            return self.base_layer(x)
+            return self._modules["base_layer"](x)
         meta = batch.meta(x.shape[:-1], x.device)
         x_tokens = x.reshape(-1, self.in_features)
+        base_layer = self._modules["base_layer"]
         if bank.in_scale is None and bank.out_scale is None:  # LoRA adapters only: the base layer on x as it is
-            y = self.base_layer(x).reshape(-1, self.out_features)
-            return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
+            base_out = base_layer(x)
+            y = base_out.reshape(-1, self.out_features)
+            y_sum = _add_lora(y, x_tokens, bank, meta)
+            if y_sum is y and y.data_ptr() == base_out.data_ptr():
+                return base_out  # the terms went into the base output in place (y is a view of it)
+            return y_sum.reshape(*x.shape[:-1], self.out_features)
         ids = meta.slot_ids[:, 0]  # DoRA / IA3 never share a row with another adapter
         # DoRA's and IA3's vectors apply in their own dtype (fp32 adapters on a bf16 model, as PEFT), one final
         # rounding: PEFT's IA3 scales x (or the output) in fp32 and casts; its DoRA sums in fp32 and casts
         x_base = x_tokens if bank.in_scale is None else (x_tokens * _per_token(bank.in_scale, ids)).to(x.dtype)
-        y = self.base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)
+        y = base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)
         if bank.out_scale is None:
             return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
         scale = _per_token(bank.out_scale, ids)
         out_dtype = y.dtype
         y = scale * _add_lora(y.to(torch.promote_types(out_dtype, scale.dtype)), x_tokens, bank, meta)
-        bias = getattr(self.base_layer, "bias", None)
+        bias = getattr(base_layer, "bias", None)
         if bias is not None:
             y = y + (_per_token(bank.bias_scale, ids) - scale) * bias
         return y.to(out_dtype).reshape(*x.shape[:-1], self.out_features)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ..bank import LoraBank
 from ..kernels.plan import config_for, device_arch
 from .dispatch import backend_for, run_kernel
 
@@ -47,7 +48,7 @@ class ReferencePlan:
     """How the reference path groups a batch (host-side, built once per batch layout).
 
     ``groups``: per adapter ``k`` the batch names, ``(k, rows, weights)``: ``rows`` the tokens using it
-    (a ``slice`` when contiguous, else int64 indices, ascending), ``weights`` fp32 ``(n, 1)`` summed over
+    (None for every token, a ``slice`` when contiguous, else int64 indices, ascending), ``weights`` fp32 ``(n, 1)`` summed over
     the token's slots naming ``k``, or None when all are 1. ``gather``: for the batched path (one slot,
     the tokens in rows of ``T`` consecutive tokens that share an adapter, few rows per adapter)
     ``(T, rows, ids, weights)``: ``rows`` int64 of the rows with an adapter (None: every row), ``ids``
@@ -73,7 +74,11 @@ class ReferencePlan:
             weights = weight_k[rows]
             weights = None if bool((weights == 1).all()) else weights[:, None]
             start, n = int(rows[0]), rows.numel()
-            groups.append((k, slice(start, start + n) if int(rows[-1]) - start + 1 == n else rows, weights))
+            if n == ids.shape[0]:
+                rows = None  # every token (decode with one adapter): no slicing at each layer call
+            elif int(rows[-1]) - start + 1 == n:
+                rows = slice(start, start + n)
+            groups.append((k, rows, weights))
         return cls(tuple(groups), _gather_rows(ids, slot_weights, len(groups)), {} if gathered is None else gathered)
 
 
@@ -98,14 +103,14 @@ def _gather_rows(ids: torch.Tensor, slot_weights: torch.Tensor, n_adapters: int)
             None if bool((weights == 1).all()) else weights, key)
 
 
-def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list,
-                    scalings: torch.Tensor, plan: ReferencePlan) -> None:
+def _reference_add_(y: torch.Tensor, x: torch.Tensor, bank: LoraBank, plan: ReferencePlan) -> None:
     """``y += Σ w · s_k · (x A_kᵀ) B_kᵀ`` per token as ``plan`` groups them; reads only each adapter's own
     ``ranks[k]`` columns of the zero-padded bank (padding is never read, so never turns inf into NaN).
 
     A bank in another dtype than ``y`` (fp32 adapters on a bf16 / fp16 model) is used as PEFT's
     ``_mixed_batch_forward`` uses it: ``x`` cast to the bank's dtype, ``(x Aᵀ) Bᵀ · s`` in that dtype, the
     term cast to ``y``'s dtype, then added."""
+    lora_a, lora_b, ranks = bank.lora_a, bank.lora_b, bank.rank_list
     cast = lora_a.dtype != y.dtype
     used_ranks = {ranks[k] for k, _, _ in plan.groups}
     if plan.gather is not None and len(used_ranks) == 1:
@@ -120,7 +125,7 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
             # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
             # (kept apart, applied after the product as PEFT does, when the term is cast before the add)
             a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
-            coef = scalings.index_select(0, ids)
+            coef = bank.scalings.index_select(0, ids)
             coef = (coef if weights is None else coef * weights).to(lora_b.dtype).view(-1, 1, 1)
             b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous()
             cached = plan.gathered[key] = (lora_a, a_t, b_t, coef) if cast else (lora_a, a_t, b_t.mul_(coef), None)
@@ -140,29 +145,29 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         else:
             y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows, a_t), b_t))
         return
-    scaling_list = scalings.tolist()
     for k, rows, weights in plan.groups:
-        rank = ranks[k]
-        if rank == 0:  # the adapter does not touch this layer
+        if ranks[k] == 0:  # the adapter does not touch this layer
             continue
-        a, b = lora_a[k, :rank], lora_b[k, :, :rank]
-        contiguous = isinstance(rows, slice)
-        h = (x[rows] if contiguous else x.index_select(0, rows)).to(a.dtype) @ a.t()
+        a_t, b_t, scaling = bank.adapter_factors(k)
+        scattered = rows is not None and not isinstance(rows, slice)
+        x_k = x if rows is None else x.index_select(0, rows) if scattered else x[rows]
+        h = (x_k.to(a_t.dtype) if cast else x_k) @ a_t
         if weights is not None:
             h = h * weights.to(h.dtype)
+        y_k = y if rows is None or scattered else y[rows]
         if cast:
-            term = ((h @ b.t()) * scaling_list[k]).to(y.dtype)
-            if contiguous:
-                y[rows].add_(term)
-            else:
+            term = ((h @ b_t) * scaling).to(y.dtype)
+            if scattered:
                 y.index_add_(0, rows, term)
-        elif contiguous and scaling_list[k] == 0.0:
+            else:
+                y_k.add_(term)
+        elif scattered:
+            y.index_add_(0, rows, h @ b_t, alpha=scaling)
+        elif scaling == 0.0:
             # addmm skips the product when alpha is 0, dropping PEFT's NaN from 0 · inf (as in ops/lora.py)
-            y[rows].add_(h @ b.t(), alpha=0.0)
-        elif contiguous:
-            y[rows].addmm_(h, b.t(), alpha=scaling_list[k])
+            y_k.add_(h @ b_t, alpha=0.0)
         else:
-            y.index_add_(0, rows, h @ b.t(), alpha=scaling_list[k])
+            y_k.addmm_(h, b_t, alpha=scaling)
 
 
 def prefill_block_m(arch: Optional[tuple]) -> int:
@@ -266,7 +271,7 @@ def _multi_lora_add_op(
     max_adapter_id: int,
 ) -> None:
     def torch_path():
-        _reference_add_(y, x, lora_a, lora_b, ranks.tolist(), scalings, ReferencePlan.build(slot_ids, slot_weights))
+        _reference_add_(y, x, LoraBank(lora_a, lora_b, ranks, scalings), ReferencePlan.build(slot_ids, slot_weights))
 
     if backend_for(x.device) == "triton":
         from ..kernels.multi_lora import multi_lora_add_
@@ -295,7 +300,7 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, bank, meta: MultiLoraMeta)
                          f"adapters (ids -1..{bank.num_adapters - 1})")
     if backend_for(x.device) == "reference" and not torch.compiler.is_compiling():
         plan = meta.reference_plan or ReferencePlan.build(meta.slot_ids, meta.slot_weights)
-        _reference_add_(y, x, bank.lora_a, bank.lora_b, bank.ranks.tolist(), bank.scalings, plan)
+        _reference_add_(y, x, bank, plan)
         return y
     _multi_lora_add_op(y, x, bank.lora_a, bank.lora_b, bank.ranks, bank.scalings, meta.slot_ids, meta.slot_weights,
                        meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m, meta.max_adapter_id)
