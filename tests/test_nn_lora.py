@@ -199,3 +199,44 @@ def test_refuses_a_linear4bit_repacked_by_bitsandbytes():
     base.weight.quant_state.packing_format_for_cpu = True  # what bitsandbytes' CPU eval forward leaves behind
     with pytest.raises(ValueError, match="repacked this Linear4bit"):
         layer(torch.randn(2, 128, device=DEVICE))
+
+
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_forward_computes_with_parametrised_and_swapped_tensors(kind):
+    """The forwards read their tensors from nn.Module's registries directly; a parametrised one (parametrize moves
+    it out of _parameters) and torch.func.functional_call's stand-ins are still what they compute with."""
+    from torch.nn.utils import parametrize
+
+    from fastpeft import reference
+    from fastpeft.nn import DoraLinear, IA3Linear
+
+    base = nn.Linear(24, 16)
+    layer = {"lora": LoraLinear, "dora": DoraLinear}[kind](base, r=4, init_lora_weights=False) if kind != "ia3" \
+        else IA3Linear(base, init_ia3_weights=False)
+    name = "ia3_l" if kind == "ia3" else "lora_A"
+    x = torch.randn(3, 24)
+
+    def expected(**tensors):
+        t = {n: getattr(layer, n) for n in ("ia3_l", "lora_A", "lora_B", "lora_magnitude_vector") if hasattr(layer, n)}
+        t.update(tensors)
+        weight = tensors.get("base_layer.weight", base.weight)
+        if kind == "ia3":
+            return reference.ia3_linear(x, weight, base.bias, t["ia3_l"].view(-1), False)
+        if kind == "dora":
+            return reference.dora_linear(x, weight, base.bias, t["lora_A"], t["lora_B"], layer.scaling,
+                                         t["lora_magnitude_vector"])
+        return reference.lora_linear(x, weight, base.bias, t["lora_A"], t["lora_B"], layer.scaling)
+
+    with torch.no_grad():
+        stand_ins = {name: torch.randn_like(getattr(layer, name)), "base_layer.weight": torch.randn(16, 24)}
+        got = torch.func.functional_call(layer, stand_ins, (x,))
+        assert_rel_close(got, expected(**stand_ins), torch.float32)
+        original = getattr(layer, name).detach().clone()
+        layer(x)
+        parametrize.register_parametrization(layer, name, _Doubled())
+        assert_rel_close(layer(x), expected(**{name: 2 * original}), torch.float32)

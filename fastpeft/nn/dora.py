@@ -19,7 +19,7 @@ from torch import nn
 
 from ..nf4 import NF4Weight
 from ..ops.dora import dora_linear, dora_weight_norm
-from .lora import LoraLinear
+from .lora import LoraLinear, parameter
 
 __all__ = ["DoraLinear"]
 
@@ -134,10 +134,11 @@ class DoraLinear(LoraLinear):
         x_dropped = None
         # PEFT's rule: dropout applies (and the base product is recomputed on drop(x)) only in training
         # with a real dropout module
-        if self.training and not isinstance(self.lora_dropout, nn.Identity):
-            x_dropped = self.lora_dropout(x)
-        return dora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_magnitude_vector, x_dropped)
+        dropout = self._modules["lora_dropout"]
+        if self.training and not isinstance(dropout, nn.Identity):
+            x_dropped = dropout(x)
+        return dora_linear(x, self.base_weight(), self.bias, parameter(self, "lora_A"), parameter(self, "lora_B"),
+                           self.scaling, parameter(self, "lora_magnitude_vector"), x_dropped)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

@@ -270,11 +270,14 @@ class LoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.merged_weight if self.merged_weight is not None else self.base_weight()
+        # the registries read directly, as in base_weight (nn.Module.__getattr__ is a Python call per read)
+        merged_weight = self._buffers["merged_weight"]
+        weight = merged_weight if merged_weight is not None else self.base_weight()
         if self.disabled or self.merged:
             return lora_linear(x, weight, self.bias, None, None, 0.0)
-        x_dropped, dropout_p = dropout_inputs(self.lora_dropout, x)
-        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_dropped, dropout_p)
+        x_dropped, dropout_p = dropout_inputs(self._modules["lora_dropout"], x)
+        return lora_linear(x, weight, self.bias, parameter(self, "lora_A"), parameter(self, "lora_B"), self.scaling,
+                           x_dropped, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

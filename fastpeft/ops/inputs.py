@@ -39,7 +39,7 @@ def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional
 def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int, in_features: int) -> None:
     """``lora_a`` ``(r, in)`` and ``lora_b`` ``(out, r)``."""
     rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
-    if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or tuple(lora_b.shape) != (out_features, rank):
+    if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or lora_b.shape != (out_features, rank):
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
                          f"and ({out_features}, r)")
 

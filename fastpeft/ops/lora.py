@@ -304,8 +304,9 @@ def lora_linear(
     x2d = as_rows(x, in_features)
     if x_dropped is not None:
         x_dropped = as_rows(x_dropped, in_features)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, x_dropped, bias, lora_a,
-                                                                                          lora_b)):
+    if not torch.is_grad_enabled() or not (x.requires_grad or (x_dropped is not None and x_dropped.requires_grad)
+                                           or (bias is not None and bias.requires_grad)
+                                           or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad))):
         # nothing to differentiate (inference, decode): the forward alone, without the autograd Function's
         # per-call cost (tens of microseconds, more than a decode step's LoRA math on a small layer)
         y = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))[0]
