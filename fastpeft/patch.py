@@ -42,7 +42,7 @@ from torch.nn.modules import module as _torch_module
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
-from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs
+from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
@@ -114,7 +114,8 @@ def _base_reason(base) -> Optional[str]:
     layer itself counts (what PEFT's forward calls): a PEFT layer under a PEFT layer (stacked adapters of a mixed
     model) is not looked through."""
     if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
-        return None if base.weight.is_floating_point() else f"base weight dtype {base.weight.dtype} is not floating point"
+        weight = parameter(base, "weight")
+        return None if weight.is_floating_point() else f"base weight dtype {weight.dtype} is not floating point"
     if _is_bnb_linear4bit(base):
         state = base.weight.quant_state
         if state is None:
@@ -216,7 +217,7 @@ def _call_reason(layer, base, args, kwargs) -> Optional[str]:
         return "global module hooks are registered"
     if _has_hooks(base):
         return "hooks on the base layer"
-    if base.weight.requires_grad and torch.is_grad_enabled():
+    if parameter(base, "weight").requires_grad and torch.is_grad_enabled():
         return "the base weight is trainable (requires_grad=True): fastpeft's ops give it no gradient"
     return None
 
@@ -257,7 +258,7 @@ def _fused_path(layer, x, args, kwargs):
         names = mixed_batch_adapters(layer, adapter_names)
         reason = _adapters_reason(layer, kind, names) or mixed_batch_reason(layer, x, adapter_names)
         return reason or (_fused_mixed_batch, adapter_names)
-    adapters = layer.ia3_l if kind == "ia3" else _child(layer, "lora_A")
+    adapters = _child(layer, "ia3_l" if kind == "ia3" else "lora_A")
     active = [name for name in layer.active_adapters if name in adapters]
     if not active:
         return "no active adapter"
@@ -276,34 +277,42 @@ def _fused_path(layer, x, args, kwargs):
     return (_fused_dora if name in layer.lora_variant else _fused_lora), name
 
 
+def _base_bias(layer) -> Optional[torch.Tensor]:
+    return parameter(_child(layer, "base_layer"), "bias")
+
+
+def _adapter_weight(layer, table: str, name: str) -> torch.Tensor:
+    """``layer.<table>[name].weight`` (``lora_A``, ``lora_B``, ``lora_magnitude_vector``), read from the registries."""
+    return parameter(_child(_child(layer, table), name), "weight")
+
+
 def _fused_lora(layer, x, name: str):
     """PEFT's LoRA forward for one active adapter ``name`` as one fastpeft op."""
     x_dropped, dropout_p = dropout_inputs(_child(_child(layer, "lora_dropout"), name), x)
-    bias, scaling = _child(layer, "base_layer").bias, layer.scaling[name]
-    lora_b = _child(_child(layer, "lora_B"), name)
+    bias, scaling = _base_bias(layer), layer.scaling[name]
     if layer.lora_bias.get(name, False):  # PEFT's (h Bᵀ + b_B) · s: s · b_B joins the base bias
-        bias = _plus(bias, lora_b.bias * scaling)
-    return lora_linear(x, base_weight(layer), bias, _child(_child(layer, "lora_A"), name).weight, lora_b.weight,
-                       scaling, x_dropped, dropout_p)
+        bias = _plus(bias, _child(_child(layer, "lora_B"), name).bias * scaling)
+    return lora_linear(x, base_weight(layer), bias, _adapter_weight(layer, "lora_A", name),
+                       _adapter_weight(layer, "lora_B", name), scaling, x_dropped, dropout_p)
 
 
 def _fused_several_lora(layer, x, names: tuple):
     """PEFT's sum over several active LoRA adapters as one fastpeft op (concatenated factors)."""
     lora_a, lora_b, lora_bias = combined_lora_factors(layer, names)
-    return lora_linear(x, base_weight(layer), _plus(layer.base_layer.bias, lora_bias), lora_a, lora_b, 1.0)
+    return lora_linear(x, base_weight(layer), _plus(_base_bias(layer), lora_bias), lora_a, lora_b, 1.0)
 
 
 def _fused_mixed_batch(layer, x, adapter_names):
     """PEFT's mixed-adapter batch (``adapter_names=``): the base op, then the multi-LoRA op."""
-    base_output = lora_linear(x, base_weight(layer), layer.base_layer.bias, None, None, 0.0)
+    base_output = lora_linear(x, base_weight(layer), _base_bias(layer), None, None, 0.0)
     return mixed_batch_lora(layer, x, base_output, adapter_names)
 
 
 def _fused_adalora(layer, x, name: str):
     """PEFT's AdaLoRA ``SVDLinear`` forward for one active adapter ``name`` as one fastpeft op."""
     lora_a, lora_b = adalora_factors(layer, name)
-    x_dropped, dropout_p = dropout_inputs(layer.lora_dropout[name], x)
-    return lora_linear(x, base_weight(layer), layer.base_layer.bias, lora_a, lora_b, 1.0, x_dropped, dropout_p)
+    x_dropped, dropout_p = dropout_inputs(_child(_child(layer, "lora_dropout"), name), x)
+    return lora_linear(x, base_weight(layer), _base_bias(layer), lora_a, lora_b, 1.0, x_dropped, dropout_p)
 
 
 def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -315,17 +324,17 @@ def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Option
 
 def _fused_dora(layer, x, name: str):
     """PEFT's DoRA forward for one active adapter ``name`` as one fastpeft op."""
-    dropout = layer.lora_dropout[name]
+    dropout = _child(_child(layer, "lora_dropout"), name)
     # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
     x_dropped = dropout(x) if layer.training and not isinstance(dropout, nn.Identity) else None
-    return dora_linear(x, base_weight(layer), layer.base_layer.bias, layer.lora_A[name].weight,
-                       layer.lora_B[name].weight, layer.scaling[name], layer.lora_magnitude_vector[name].weight,
-                       x_dropped)
+    return dora_linear(x, base_weight(layer), _base_bias(layer), _adapter_weight(layer, "lora_A", name),
+                       _adapter_weight(layer, "lora_B", name), layer.scaling[name],
+                       _adapter_weight(layer, "lora_magnitude_vector", name), x_dropped)
 
 
 def _fused_ia3(layer, x, name: str):
     """PEFT's IA3 forward for one active adapter ``name`` as one fastpeft op."""
-    return ia3_linear(x, base_weight(layer), layer.base_layer.bias, layer.ia3_l[name].view(-1),
+    return ia3_linear(x, base_weight(layer), _base_bias(layer), parameter(_child(layer, "ia3_l"), name).view(-1),
                       layer.is_feedforward)
 
 

@@ -91,11 +91,11 @@ def base_weight(layer):
     ``Conv1D``'s ``(in, out)`` weight as its transposed view (the ops read any strides), or an
     :class:`~fastpeft.nf4.NF4Weight` view of a bitsandbytes 4-bit one (with the same repacking check as
     fastpeft's own layer)."""
-    base = layer.base_layer  # never a PEFT layer itself on a fused path (stacked adapters run PEFT's forward)
-    if type(base) is nn.Linear:  # the common case without PEFT's get_base_layer walk (a failed getattr per call)
-        return base.weight
+    # LoraLinear's reads layer.base_layer from _modules, without PEFT's get_base_layer walk (never a PEFT layer itself
+    # on a fused path: stacked adapters run PEFT's forward)
     weight = LoraLinear.base_weight(layer)
-    return weight.t() if is_conv1d(base) else weight
+    base = layer._modules["base_layer"]
+    return weight if type(base) is nn.Linear or not is_conv1d(base) else weight.t()
 
 
 def adalora_factors(layer, name: str) -> tuple:
