@@ -113,11 +113,11 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, batch: Optional[MultiLoraBatch] = None) -> torch.Tensor:
         batch = self.active_batch if batch is None else batch
         bank: Optional[LoraBank] = None if batch is None else batch.bank.layers.get(self.path)
+        base_layer = self._modules["base_layer"]
         if bank is None:
-            return self._modules["base_layer"](x)
+            return base_layer(x)
         meta = batch.meta(x.shape[:-1], x.device)
         x_tokens = x.reshape(-1, self.in_features)
-        base_layer = self._modules["base_layer"]
         if bank.in_scale is None and bank.out_scale is None:  # LoRA adapters only: the base layer on x as it is
             base_out = base_layer(x)
             y = base_out.reshape(-1, self.out_features)
