@@ -167,41 +167,37 @@ def _frozen(t):
     return nn.Parameter(t, requires_grad=False)
 
 
-def _set(module, name, value):
-    setattr(module, name, value)
-
-
 def _halved(t):
     """``t``'s first half along its longer dimension: the same storage, another shape."""
     return t[: t.shape[0] // 2] if t.shape[0] > 1 else t[:, : t.shape[1] // 2]
 
 
 STATE_CHANGES = {
-    "weight replaced": lambda layer: _set(layer.base_layer, "weight", _frozen(torch.randn(16, 24))),
-    "weight data in another dtype": lambda layer: _set(layer.base_layer.weight, "data",
+    "weight replaced": lambda layer: setattr(layer.base_layer, "weight", _frozen(torch.randn(16, 24))),
+    "weight data in another dtype": lambda layer: setattr(layer.base_layer.weight, "data",
                                                        layer.base_layer.weight.data.double()),
     "weight updated in place": lambda layer: layer.base_layer.weight.data.mul_(-2),
-    "bias added": lambda layer: _set(layer.base_layer, "bias", _frozen(torch.randn(16))),
-    "ia3_l replaced": lambda layer: _set(layer, "ia3_l", nn.Parameter(torch.randn_like(layer.ia3_l))),
-    "ia3_l data replaced": lambda layer: _set(layer.ia3_l, "data", torch.randn_like(layer.ia3_l)),
-    "ia3_l data viewing other storage": lambda layer: _set(
+    "bias added": lambda layer: setattr(layer.base_layer, "bias", _frozen(torch.randn(16))),
+    "ia3_l replaced": lambda layer: setattr(layer, "ia3_l", nn.Parameter(torch.randn_like(layer.ia3_l))),
+    "ia3_l data replaced": lambda layer: setattr(layer.ia3_l, "data", torch.randn_like(layer.ia3_l)),
+    "ia3_l data viewing other storage": lambda layer: setattr(
         layer.ia3_l, "data", torch.randn(2 * layer.ia3_l.numel())[::2].view_as(layer.ia3_l)),
     "ia3_l updated in place": lambda layer: layer.ia3_l.data.mul_(3),
-    "base layer replaced": lambda layer: _set(layer, "base_layer", nn.Linear(24, 16).requires_grad_(False)),
+    "base layer replaced": lambda layer: setattr(layer, "base_layer", nn.Linear(24, 16).requires_grad_(False)),
     "merged": lambda layer: layer.merge(),
 }
 # changes after which the op raises, and so must the layer
 BAD_STATE_CHANGES = {
-    "weight data of another shape": (lambda layer: _set(layer.base_layer.weight, "data", torch.randn(16, 12)),
+    "weight data of another shape": (lambda layer: setattr(layer.base_layer.weight, "data", torch.randn(16, 12)),
                                      "x has 24 features; the weight \\(16, 12\\) needs 12"),
-    "weight on another device": (lambda layer: _set(layer.base_layer, "weight", _frozen(torch.randn(16, 24,
+    "weight on another device": (lambda layer: setattr(layer.base_layer, "weight", _frozen(torch.randn(16, 24,
                                                                                                    device="meta"))),
                                  "x is on cpu, the weight on meta"),
-    "bias of another shape": (lambda layer: _set(layer.base_layer, "bias", _frozen(torch.randn(8))),
+    "bias of another shape": (lambda layer: setattr(layer.base_layer, "bias", _frozen(torch.randn(8))),
                               "bias must be \\(16,\\)"),
-    "ia3_l data narrowed in place": (lambda layer: _set(layer.ia3_l, "data", _halved(layer.ia3_l.data)),
+    "ia3_l data narrowed in place": (lambda layer: setattr(layer.ia3_l, "data", _halved(layer.ia3_l.data)),
                                      "ia3_scale must be"),
-    "is_feedforward flipped": (lambda layer: _set(layer, "is_feedforward", not layer.is_feedforward),
+    "is_feedforward flipped": (lambda layer: setattr(layer, "is_feedforward", not layer.is_feedforward),
                                "ia3_scale must be"),
 }
 
