@@ -3,9 +3,10 @@
 ``python -m bench.check_cpu [--rounds 7] [--min-round-ms 20] [--clock wall] [--cases decode,ia3] [--json out.json]``
 (from the repository root) builds every implementation of each case of ``fastpeft bench --suite cpu`` (the same
 jobs, weights and inputs as the harness), then runs them interleaved: round after round, each implementation in
-turn, so a noisy neighbour on a shared CPU slows all of them alike. In a round each implementation makes the same
-number of calls, enough that the fastest spends at least ``--min-round-ms`` (a sub-millisecond micro case timed one
-call at a time would measure the timer and the scheduler). ``--clock process`` times this process's CPU time
+turn (the order rotating by one each round), so a noisy neighbour on a shared CPU slows all of them alike. In a
+round each implementation makes the same number of calls, enough that the fastest spends at least
+``--min-round-ms`` (a sub-millisecond micro case timed one call at a time would measure the timer and the
+scheduler). ``--clock process`` times this process's CPU time
 instead of wall time (steadier on a loaded host). Each bound is on the median over rounds of the per-round time
 ratio, never on a wall time:
 
@@ -76,8 +77,8 @@ def _ms_per_call(p, calls: int, first: int, clock=time.perf_counter) -> float:
 
 def measure_group(jobs: list, cfg, rounds: int, min_round_ms: float = MIN_ROUND_MS, clock=time.perf_counter) -> tuple:
     """``({label: [ms per call, one per round]}, calls per round)``: every implementation built and warmed up,
-    then timed (``clock``) round after round, interleaved, each making the same number of calls per round (enough
-    that the fastest runs at least ``min_round_ms``)."""
+    then timed (``clock``) round after round, interleaved in an order that rotates by one each round, each making the
+    same number of calls per round (enough that the fastest runs at least ``min_round_ms``)."""
     from fastpeft.bench.cases import Unavailable
 
     prepared = {}
@@ -93,9 +94,13 @@ def measure_group(jobs: list, cfg, rounds: int, min_round_ms: float = MIN_ROUND_
         fastest = min(fastest, _ms_per_call(p, 1, cfg.warmup, clock))
     calls = max(1, math.ceil(min_round_ms / fastest)) if prepared else 1
     samples: dict = {label: [] for label in prepared}
+    labels = list(prepared)
     for r in range(rounds):
-        for label, p in prepared.items():
-            samples[label].append(_ms_per_call(p, calls, r * calls, clock))
+        # each round starts with the next implementation: none always runs first, on caches the previous
+        # implementation's calls left cold, or always last
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            samples[label].append(_ms_per_call(prepared[label], calls, r * calls, clock))
     return samples, calls
 
 

@@ -252,11 +252,13 @@ def test_check_cpu_times_the_same_batch_of_calls_per_round_for_every_implementat
     from bench import check_cpu
 
     calls = {"fast": [], "slow": []}
+    order = []
 
     def job(impl, seconds):
         def setup(cfg):
             def run(i):
                 calls[impl].append(i)
+                order.append(impl)
                 time.sleep(seconds)
             return Prepared(run)
         return Job("ia3.fwd", impl, {}, setup)
@@ -268,3 +270,6 @@ def test_check_cpu_times_the_same_batch_of_calls_per_round_for_every_implementat
         assert calls[impl] == [0, 1, *range(3 * per_round)]
         assert len(samples[impl]) == 3
     assert min(samples["slow"]) >= 2.0 and min(samples["fast"]) >= 1.0  # ms per call, not per round
+    # after warm-up and calibration (2 calls each, in job order), the rounds' first implementation rotates
+    rounds = order[4:]
+    assert [rounds[r * 2 * per_round] for r in range(3)] == ["fast", "slow", "fast"]
