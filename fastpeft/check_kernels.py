@@ -18,15 +18,21 @@ sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the trito
   with global loads or tensor-core instructions, one with the most tensor-core instructions, and of
   those the first in program order (nested loops are counted with their outer loop): the K loop comes
   before the epilogue's rank loop (the LoRA term), which may hold as many or more loads but runs once
-  per program, in split 0 only. A kernel without a backward branch (the elementwise NF4
-  dequantisation) is counted whole, as is one whose loops hold neither. The software pipeliner does
-  not unroll, so one pass through the loop is one ``BLOCK_K`` step;
+  per program, in split 0 only. A kernel without a backward branch is counted whole, as is one whose
+  loops hold neither. The software pipeliner does not unroll; the NF4 kernels unroll ``GROUP`` steps of
+  ``BLOCK_K`` into one pass themselves (their scales load once per pass), so one pass is ``GROUP`` steps;
 - in that loop: tensor-core instructions (``HMMA`` = ``mma.sync``, ``HGMMA`` = Hopper ``wgmma``) and
   global loads (``LDG``, and ``LDGSTS`` = ``cp.async`` to shared memory) by width in bits (8/16/32/64/128),
   per thread; and per weight element: ``loads x threads / weight elements per iteration`` (the weight tile
-  of one step: ``weight_tile``). "Narrow" loads are those under 64 bits. ``global_per_element``: every
+  of one pass: ``weight_tile``). "Narrow" loads are those under 64 bits. ``global_per_element``: every
   global memory instruction of the loop (loads of weights, scales and activations, ``cp.async``, stores,
-  atomics) per weight element, the same way (issue 12's target: at most 1 per 16 weight elements).
+  atomics) per weight element, the same way (issue 12's target: at most 1 per 16 weight elements), split
+  into ``global_loads_per_element`` and ``global_stores_per_element``, and of the loads those that read the NF4
+  weight (packed bytes, absmax, nested absmax: their innermost source line, from ``nvdisasm
+  --print-line-info``, is in ``fastpeft/kernels/nf4.py``), ``weight_loads_per_element``, and the widths of
+  those in ``nf4_codes`` (the packed codes; issue 12: none under 64 bits), ``packed_load_bits``;
+  ``instructions_per_element``: every instruction of the loop, the same way (what decoding costs beside the
+  memory traffic).
 
 Identical compilations (many shapes specialise the same way) are compiled once per architecture; Triton's
 on-disk cache makes a second run fast. ``--jobs`` compiles in parallel processes. See ``--help``.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -82,12 +89,12 @@ def weight_tile(plan) -> int:
     c = plan.constexprs
     if "weight_tile" in plan.runtime:
         return plan.runtime["weight_tile"]
-    if plan.op in ("nf4_lora_matmul", "ia3_matmul"):
-        return c["BLOCK_K"] * c["BLOCK_N"]
+    if plan.op in ("nf4_lora_matmul", "ia3_matmul"):  # GROUP steps of BLOCK_K per iteration
+        return c.get("GROUP", 1) * c["BLOCK_K"] * c["BLOCK_N"]
     if plan.op == "dora_weight_norm":
         return c["BLOCK_O"] * c["BLOCK_K"]
-    if plan.op == "nf4_dequantize":  # no loop: one BLOCK_R x BLOCK_C tile per program
-        return c["BLOCK_R"] * c["BLOCK_C"]
+    if plan.op == "nf4_dequantize":  # GROUP tiles of BLOCK_R x BLOCK_C per iteration
+        return c.get("GROUP", 1) * c["BLOCK_R"] * c["BLOCK_C"]
     if plan.op == "multi_lora_add_":  # adapter weights: A slices in shrink (and fused), B slices in expand
         return c["BLOCK_R"] * (c["BLOCK_N"] if plan.variant.startswith("expand") else c["BLOCK_K"])
     raise ValueError(f"no weight tile known for {plan.op}")
@@ -433,6 +440,36 @@ def occupancy(arch: str, registers: int, shared: int, num_warps: int) -> tuple:
     return blocks * num_warps / limits["warps"], (limiter if blocks else "none"), blocks
 
 
+_LINE_FILE = re.compile(r'//## File "([^"]*)", line (\d+)')
+_LINE_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
+# The NF4 decode helpers (packed bytes, absmax, nested absmax): a main-loop load whose innermost source line is
+# in this file reads the weight; one in the lines of ``nf4_codes`` reads the packed codes.
+WEIGHT_SOURCE = "fastpeft/kernels/nf4.py"
+
+
+def source_lines(line_info: str) -> dict:
+    """``{address: (source file, line)}`` of every instruction in ``nvdisasm --print-line-info`` output (the
+    innermost location of an inlined call)."""
+    lines, current = {}, None
+    for text in line_info.splitlines():
+        found = _LINE_FILE.search(text)
+        if found:
+            current = (found.group(1), int(found.group(2)))
+            continue
+        found = _LINE_ADDRESS.search(text)
+        if found and current is not None:
+            lines[int(found.group(1), 16)] = current
+    return lines
+
+
+def _packed_code_lines() -> range:
+    """The source lines of :func:`fastpeft.kernels.nf4.nf4_codes`, whose loads are those of the packed codes."""
+    from .kernels.nf4 import nf4_codes
+
+    source, first = inspect.getsourcelines(nf4_codes.fn)
+    return range(first, first + len(source))
+
+
 def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_elements: int) -> dict:
     """Registers, spills, shared memory, occupancy, main-loop MMA and global loads of one compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -442,15 +479,24 @@ def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_e
                                text=True, check=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
                               check=True).stdout
+        line_info = subprocess.run([_tool("nvdisasm"), "--print-line-info", str(path)], capture_output=True,
+                                   text=True).stdout
     resources = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage)}
     instructions = parse_sass(sass)
     first, last, found = main_loop(instructions)
     body = [op for a, op, _ in instructions if first <= a <= last]
+    # without line info (TRITON_DISABLE_LINE_INFO) the weight's share is unknown
+    lines, packed_lines = source_lines(line_info), _packed_code_lines()
+    weight_widths = [(_load_width(op), lines[a][1] in packed_lines) for a, op, _ in instructions
+                     if first <= a <= last and _load_width(op) is not None
+                     and lines.get(a, ("", 0))[0].endswith(WEIGHT_SOURCE)]
+    packed_widths = sorted({width for width, packed in weight_widths if packed})
     mma = [k for k in map(_mma_kind, body) if k]
     loads = {}
     for width in filter(None, map(_load_width, body)):
         loads[width] = loads.get(width, 0) + 1
     global_ops = sum(_is_global_memory(op) for op in body)
+    global_loads = sum(_load_width(op) is not None for op in body)
     threads = num_warps * 32
     total_shared = shared + resources.get("SHARED", 0)
     occ, limiter, blocks = occupancy(arch, resources.get("REG", 0), total_shared, num_warps)
@@ -466,6 +512,11 @@ def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_e
         "loads_per_element": {str(w): round(n * threads / weight_elements, 4) for w, n in sorted(loads.items())},
         "narrow_loads_per_element": round(sum(n for w, n in loads.items() if w < 64) * threads / weight_elements, 4),
         "global_per_element": round(global_ops * threads / weight_elements, 4),
+        "global_loads_per_element": round(global_loads * threads / weight_elements, 4),
+        "global_stores_per_element": round((global_ops - global_loads) * threads / weight_elements, 4),
+        "weight_loads_per_element": (round(len(weight_widths) * threads / weight_elements, 4) if lines else None),
+        "packed_load_bits": packed_widths if lines else None,
+        "instructions_per_element": round(len(body) * threads / weight_elements, 3),
     }
 
 
@@ -515,17 +566,20 @@ def _progress_bar(done: int, total: int, job: Job, stream=sys.stderr):
 
 
 COLUMNS = ("arch", "launch", "regs", "spill B", "smem KB", "occupancy", "MMA in loop", "loads/thread in loop",
-           "narrow loads/elem", "gmem instr/elem")
+           "narrow loads/elem", "gmem instr/elem", "weight loads/elem", "packed load bits", "instr/elem")
 
 
 def _cells(row: dict) -> list:
     if not row["compiled"]:
-        return [row["arch"], row["key"], "ERROR", row["error"], "", "", "", "", "", ""]
+        return [row["arch"], row["key"], "ERROR", row["error"], "", "", "", "", "", "", "", "", ""]
     loads = " ".join(f"{n}x{w}b" for w, n in row["loads_per_thread"].items()) or "-"
     return [row["arch"], row["key"], str(row["registers"]), str(row["stack_bytes"]),
             f"{row['shared_bytes'] / 1024:.1f}", f"{row['occupancy']:.0%} ({row['occupancy_limiter']})",
             f"{row['mma_kind']} x{row['mma_count']}" if row["mma_count"] else "none", loads,
-            f"{row['narrow_loads_per_element']:.3g}", f"{row['global_per_element']:.3g}"]
+            f"{row['narrow_loads_per_element']:.3g}", f"{row['global_per_element']:.3g}",
+            "-" if row["weight_loads_per_element"] is None else f"{row['weight_loads_per_element']:.3g}",
+            " ".join(map(str, row["packed_load_bits"] or [])) or "-",
+            f"{row['instructions_per_element']:.3g}"]
 
 
 def format_table(rows: list) -> str:
@@ -544,7 +598,8 @@ def format_markdown(rows: list) -> str:
 
 # Threshold fields and in which direction a number gets worse.
 THRESHOLD_FIELDS = {"stack_bytes": "max", "registers": "max", "shared_bytes": "max", "occupancy": "min",
-                    "narrow_loads_per_element": "max", "global_per_element": "max", "mma_kind": "mma"}
+                    "narrow_loads_per_element": "max", "global_per_element": "max",
+                    "instructions_per_element": "max", "mma_kind": "mma"}
 
 
 def thresholds_of(rows: list) -> dict:

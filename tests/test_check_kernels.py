@@ -61,11 +61,13 @@ def test_thresholds_are_exactly_the_gate():
 
 def test_compare_flags_worse_numbers_and_reports_better_ones():
     row = {"arch": "sm_80", "key": "k", "compiled": True, "stack_bytes": 0, "registers": 100, "shared_bytes": 1024,
-           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "global_per_element": 0.25, "mma_kind": "HMMA"}
+           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "global_per_element": 0.25,
+           "instructions_per_element": 9.5, "mma_kind": "HMMA"}
     limit = {f: row[f] for f in check_kernels.THRESHOLD_FIELDS}
     assert check_kernels.compare([row], {"sm_80 k": limit}) == ([], [])
     for field, value in (("stack_bytes", 8), ("registers", 101), ("shared_bytes", 2048), ("occupancy", 0.25),
-                         ("narrow_loads_per_element", 1.5), ("global_per_element", 0.5), ("mma_kind", "none")):
+                         ("narrow_loads_per_element", 1.5), ("global_per_element", 0.5),
+                         ("instructions_per_element", 10.0), ("mma_kind", "none")):
         worse, _ = check_kernels.compare([{**row, field: value}], {"sm_80 k": limit})
         assert len(worse) == 1 and field in worse[0]
     worse, better = check_kernels.compare([{**row, "mma_kind": "HGMMA", "registers": 90}], {"sm_80 k": limit})
@@ -158,6 +160,55 @@ def test_global_memory_instructions_per_weight_element(compiled):
     for row in rows:
         ops = sum(row["loads_per_thread"].values())
         assert ops >= 2 and row["global_per_element"] == pytest.approx(ops * 128 / (32 * 128), abs=1e-4)
+        # all of them loads, none of them in the NF4 decode helpers; every loop instruction counted the same way
+        assert row["global_loads_per_element"] == row["global_per_element"] and row["global_stores_per_element"] == 0
+        assert row["weight_loads_per_element"] == 0 and row["packed_load_bits"] == []
+        assert row["instructions_per_element"] == pytest.approx(row["main_loop"]["instructions"] * 128 / (32 * 128),
+                                                                abs=1e-3)
+
+
+def test_weight_loads_are_the_nf4_helpers_loads(compiled):
+    """In the NF4 launches of the gate, the loads attributed to fastpeft/kernels/nf4.py are the weight's: all
+    of the dequantiser's, and beside the activations in the GEMM / GEMV loops; among them the packed codes'
+    (nf4_codes), every one 64 bits or wider (issue 12: no 8- or 16-bit loads of packed weights)."""
+    rows = {(r["arch"], r["key"]): r for r in compiled["rows"] if r["family"] != "toy"}
+    for (arch, key), row in rows.items():
+        if row["base"] != "nf4":
+            continue
+        assert 0 < row["weight_loads_per_element"] <= row["global_loads_per_element"], (arch, key)
+        assert row["packed_load_bits"] and min(row["packed_load_bits"]) >= 64, (arch, key, row["packed_load_bits"])
+        if key.startswith("nf4_dequant"):
+            assert row["weight_loads_per_element"] == row["global_loads_per_element"]
+            assert row["global_stores_per_element"] > 0
+        else:  # activations too
+            assert row["weight_loads_per_element"] < row["global_loads_per_element"], (arch, key)
+
+
+def test_source_lines_map_instructions_to_their_innermost_line():
+    line_info = """
+        //## File "/x/fastpeft/kernels/nf4_matmul.py", line 130
+        /*0240*/               @P0 BRA `(.L_x_0) ;
+        //## File "/x/fastpeft/kernels/nf4.py", line 56 inlined at "/x/fastpeft/kernels/nf4_matmul.py", line 131
+        /*0250*/                   LDG.E.64 R2, desc[UR14][R2.64] ;
+        /*0260*/                   LDG.E R29, desc[UR14][R6.64] ;
+.L_x_0:
+        //## File "/x/fastpeft/kernels/nf4_matmul.py", line 157
+        /*0270*/                   LDG.E.EL R106, desc[UR10][R4.64] ;
+"""
+    assert check_kernels.source_lines(line_info) == {
+        0x240: ("/x/fastpeft/kernels/nf4_matmul.py", 130), 0x250: ("/x/fastpeft/kernels/nf4.py", 56),
+        0x260: ("/x/fastpeft/kernels/nf4.py", 56), 0x270: ("/x/fastpeft/kernels/nf4_matmul.py", 157)}
+
+
+def test_packed_code_lines_are_nf4_codes_source():
+    import inspect
+    from fastpeft.kernels import nf4
+
+    lines = check_kernels._packed_code_lines()
+    source = inspect.getsource(nf4).splitlines()
+    body = "\n".join(source[line - 1] for line in lines)
+    assert "def nf4_codes(" in body and "tl.load(packed_ptr" in body  # the packed loads, and nothing else's
+    assert "absmax" not in body and "def nf4_scales" not in body
 
 
 def test_occupancy_from_registers_shared_memory_and_warps():

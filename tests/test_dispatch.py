@@ -54,7 +54,7 @@ def test_info_reports_versions_backend_and_extension(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for needle in ("fastpeft 0.1.0", "torch ", "triton ", "bitsandbytes ", "device: ", "use: ", "CUDA extension",
-                   "NF4 dispatch", "GEMV M <= 4", "dequantise + cuBLAS",
+                   "NF4 dispatch", "GEMV M <= 1", "dequantise + cuBLAS",
                    "plan, QLoRA forward M=1 4096x4096 r=16 (no GPU: the default table): nf4_lora_matmul/gemv"):
         assert needle in out
 

@@ -16,14 +16,20 @@ from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
+# (out, in, M): odd in-features decode element-wise; 192 has whole absmax blocks per row (grouped scales, one
+# nested absmax per block), 512 whole groups of blocks per row (one nested absmax per row and group)
+SHAPES = [(47, 65, 19), (40, 192, 5), (33, 512, 3)]
+
+
 @pytest.mark.parametrize("config", ["default", (9, 0)])
-@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("nf4, shape", [(False, SHAPES[0])] + [(True, shape) for shape in SHAPES])
 @pytest.mark.parametrize("transpose_weight", [False, True])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_kernel_all_terms_match_reference(dtype, transpose_weight, nf4, config, monkeypatch):
-    # the interpreter plans with the default table; (9, 0) runs sm_90's (SWAP_AB: the transposed tile)
-    monkeypatch.setitem(ia3_kernels.MATMUL_CONFIGS, "default", ia3_kernels.MATMUL_CONFIGS[config])
-    out_features, in_features, m = 47, 65, 19
+def test_kernel_all_terms_match_reference(dtype, transpose_weight, nf4, shape, config, monkeypatch):
+    # the interpreter plans with the default tables; (9, 0) runs sm_90's (SWAP_AB: the transposed tile)
+    for table in (ia3_kernels.DENSE_CONFIGS, ia3_kernels.NF4_CONFIGS):
+        monkeypatch.setitem(table, "default", table[config])
+    out_features, in_features, m = shape
     dense = torch.randn(out_features, in_features, device=DEVICE)
     weight = NF4Weight.quantize(dense, 64, double_quant=True) if nf4 else non_contiguous(dense.to(dtype))
     w64 = weight.dequantize(torch.float64) if nf4 else weight.double()

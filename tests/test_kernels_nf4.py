@@ -28,8 +28,10 @@ def test_triton_dequant_is_bit_exact(triton_backend, shape, blocksize, double_qu
     "shape, blocksize",
     # even in-features take the vector decode: whole blocks per tile row (aligned: one block per row, two or
     # four per 128-column tile, a block over several tiles) and blocks straddling rows (100 % 64 != 0);
-    # 300 x 64 has > 256 blocks (two second-level scales)
-    [((300, 64), 64), ((9, 192), 32), ((3, 512), 256), ((2, 4096), 4096), ((5, 100), 64)],
+    # 300 x 64 has > 256 blocks (two second-level scales); 1024 rows of whole groups of 16 blocks (one nested
+    # absmax per row and group), 4352 three programs along the columns, the last one partial
+    [((300, 64), 64), ((9, 192), 32), ((3, 512), 256), ((2, 4096), 4096), ((5, 100), 64), ((19, 1024), 64),
+     ((3, 4352), 64)],
 )
 def test_triton_dequant_vector_layouts_are_bit_exact(triton_backend, shape, blocksize, double_quant):
     from fastpeft.kernels.nf4 import DEQUANT_CONFIGS, nf4_layout

@@ -1,10 +1,12 @@
 """The fused NF4 GEMM + LoRA epilogue kernel against the float64 reference (Triton's interpreter on CPU)."""
 
+import dataclasses
 import threading
 
 import pytest
 import torch
 
+from fastpeft.kernels.plan import recording
 from fastpeft.nf4 import NF4Weight
 
 from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
@@ -23,8 +25,10 @@ def _reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, 
 
 
 # (M, in, out, r), none block multiples: odd in-features take the element-wise decode; 128 and 192 the
-# vector decode with whole blocks per row, 100 with blocks straddling rows.
-CASES = [(1, 65, 47, 1), (3, 128, 40, 4), (7, 33, 17, 8), (19, 192, 95, 16), (40, 100, 33, 64)]
+# vector decode with whole blocks per row (one nested absmax per block), 100 with blocks straddling rows;
+# 512 and 1024 rows of whole groups of blocks (one nested absmax per row and group; 1024: two groups).
+CASES = [(1, 65, 47, 1), (3, 128, 40, 4), (7, 33, 17, 8), (19, 192, 95, 16), (40, 100, 33, 64), (1, 512, 24, 8),
+         (5, 1024, 20, 2)]
 # thresholds (FASTPEFT_NF4_GEMV_MAX_M, FASTPEFT_NF4_TRITON_MAX_M) that force each variant at every M
 FORCE = {"gemv": ("64", "64"), "splitk": ("0", "64"), "cublas": ("0", "0")}
 
@@ -70,6 +74,32 @@ def test_nf4_lora_matmul_col_scale_and_no_lora(m):
     assert_rel_close(out, _reference(a, weight, False, None, lora_h, lora_expand, 2.0, col_scale), torch.float32)
 
 
+@pytest.mark.parametrize("transpose_weight", [False, True])
+def test_nf4_lora_matmul_reads_an_unaligned_packed_weight_by_bytes(transpose_weight):
+    """Packed bytes that do not start on 4 bytes (a view into a larger buffer) are planned without 32-bit word
+    loads, and the product is still the reference's."""
+    weight = NF4Weight.quantize(torch.randn(40, 256, device=DEVICE), 64, double_quant=True)
+    buffer = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    buffer[1:].copy_(weight.packed.view(-1))
+    shifted = dataclasses.replace(weight, packed=buffer[1:].view(weight.packed.shape))
+    assert shifted.packed.data_ptr() % 4 == 1
+    k, n = (40, 256) if transpose_weight else (256, 40)
+    for m in (1, 6):
+        words = kernels.plan_nf4_lora_matmul(m, n, k, nested=True, transpose_weight=transpose_weight, in_features=256,
+                                             fp32=True)
+        unaligned = kernels.plan_nf4_lora_matmul(m, n, k, nested=True, transpose_weight=transpose_weight, in_features=256,
+                                                 fp32=True, packed_words=False)
+        assert not unaligned.constexprs["WORDS"] and unaligned.constexprs["GROUPED"]
+        assert words.constexprs["WORDS"] == (words.variant == "splitk" and not transpose_weight)
+        a = torch.randn(m, k, device=DEVICE)
+        for packed, expected in ((weight, words), (shifted, unaligned)):  # the launcher plans by the pointer
+            with recording() as launches:
+                kernels.nf4_lora_matmul(a, packed, transpose_weight=transpose_weight)
+            assert launches[0][0] == expected
+        out = kernels.nf4_lora_matmul(a, shifted, transpose_weight=transpose_weight)
+        assert_rel_close(out, _reference(a, weight, transpose_weight, None, None, None, 1.0, None), torch.float32)
+
+
 def test_nf4_lora_matmul_rejects_bad_inputs():
     weight = NF4Weight.quantize(torch.randn(17, 64, device=DEVICE), 64)
     a = torch.randn(3, 64, device=DEVICE)
@@ -112,13 +142,18 @@ def test_nf4_gemv_split_k_adds_the_epilogue_once(dtype):
 
 @pytest.mark.parametrize("arch", [None, (8, 0), (8, 9), (9, 0)])
 def test_plans_dispatch_by_m(arch):
-    """Decode rows take the GEMV, mid M the split-K tl.dot GEMM, large M (prefill, training) cuBLAS."""
+    """A decode row takes the GEMV, a few rows up to mid M the split-K tl.dot GEMM, large M (prefill,
+    training) cuBLAS."""
     plan = kernels.plan_nf4_lora_matmul
-    for m in (1, 4):
-        assert plan(m, 4096, 4096, 16, arch=arch).variant == "gemv"
-    mid = plan(16, 11008, 4096, 16, arch=arch)  # 172 column tiles: more than one wave on every table
+    assert plan(1, 4096, 4096, 16, arch=arch).variant == "gemv"
+    for m in (2, 4):  # bitsandbytes' custom-kernel floor: below it never cuBLAS, whatever the waves
+        assert plan(m, 4096, 4096, 16, arch=arch).variant == "splitk"
+    mid = plan(16, 11008, 4096, 16, arch=arch)  # 172 column tiles of 64: more than one wave on every table
     assert mid.variant == "splitk" and mid.constexprs["USE_DOT"] and mid.constexprs["BLOCK_K"] == 64
-    assert mid.constexprs["SPLIT_K"] == 1 and mid.constexprs["BLOCK_M"] == 16  # 172 tiles fill the GPU
+    # 86 tiles of 128 rows: K split in 3 slices of whole groups to fill the target programs
+    assert mid.constexprs["BLOCK_N"] == 128 and mid.constexprs["BLOCK_M"] == 16
+    target = kernels.SPLITK_CONFIGS.get(arch, kernels.SPLITK_CONFIGS["default"])["TARGET_PROGRAMS"]
+    assert mid.constexprs["SPLIT_K"] == target // 86 == 3 and mid.runtime["k_per_split"] % (4 * 64) == 0
     for m in (512, 4096):
         for transpose in (False, True):
             large = plan(m, 4096, 4096, 16, transpose_weight=transpose, arch=arch)
@@ -138,9 +173,9 @@ def test_dispatch_thresholds_follow_waves_and_overrides(monkeypatch):
     assert nf4_dispatch.nf4_path(128, 3 * 108 * 64, False, (8, 0)) == "splitk"
     monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "1000")
     assert nf4_dispatch.nf4_path(999, 64, False, (9, 0)) == "splitk"
-    # 16 output tiles: K is split 16 ways (GemLite's SPLIT_K 8-16) to fill the GPU
+    # 8 output tiles: K is split 16 ways (GemLite's SPLIT_K 8-16), one group of 4 steps each, to fill the GPU
     split = kernels.plan_nf4_lora_matmul(16, 1024, 4096, arch=(9, 0))
-    assert split.constexprs["SPLIT_K"] == 16 and split.grid == (1, 16, 16)
+    assert split.constexprs["SPLIT_K"] == 16 and split.grid == (1, 8, 16) and split.runtime["k_per_split"] == 256
     nf4_dispatch.set_thresholds(gemv_max_m=8)
     try:
         assert nf4_dispatch.nf4_path(8, 64, False, None) == "gemv"

@@ -24,7 +24,7 @@ def test_plan_is_frozen_and_validated():
         LaunchPlan(op="x", variant="y", path="cuda-graph")
     with pytest.raises(ValueError, match="kernel and a grid"):
         LaunchPlan(op="x", variant="y")
-    assert "nf4_dequantize/tiles: _nf4_dequant_kernel grid=(256, 32)" in plan.describe()
+    assert "nf4_dequantize/tiles: _nf4_dequant_kernel grid=(256, 2)" in plan.describe()
     assert plan.options["enable_fp_fusion"] is False
 
 
@@ -37,17 +37,18 @@ def test_config_for_falls_back_to_default():
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_nf4_matmul_plan_picks_gemv_for_decode_and_splits_k(arch):
-    gemv = nf4_matmul.plan_nf4_lora_matmul(4, 4096, 4096, 16, arch=arch)
+    gemv = nf4_matmul.plan_nf4_lora_matmul(1, 4096, 4096, 16, arch=arch)
     assert gemv.variant == "gemv" and not gemv.constexprs["USE_DOT"]
-    # K = 4096 in GEMV slices of 2 x 256: 8 splits
-    assert gemv.constexprs["SPLIT_K"] == 8 and gemv.runtime["k_per_split"] == 512
-    assert nf4_matmul.plan_nf4_lora_matmul(3, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
-    # dx: 32 W rows per step up to M = 2, 16 from M = 3 in twice the chunks (the same K slice): each dy row
-    # costs registers per W row (check-kernels: 133 -> 96 registers at M = 4 on sm_90a)
-    for m, block_k, block_r in ((1, 32, 16), (2, 32, 16), (3, 16, 8), (4, 16, 8)):
-        dx = nf4_matmul.plan_nf4_lora_matmul(m, 4096, 4096, 16, transpose_weight=True, arch=arch)
-        assert dx.variant == "gemv" and dx.constexprs["BLOCK_K"] == block_k and dx.runtime["k_per_split"] == 64
-        assert dx.constexprs["BLOCK_R"] == block_r
+    # K = 4096 in GEMV slices of 4 steps of 256 (2 groups of 2): 4 splits; rows of 4096 hold whole groups
+    assert gemv.constexprs["SPLIT_K"] == 4 and gemv.runtime["k_per_split"] == 1024
+    assert gemv.constexprs["GROUP"] == 2 and gemv.constexprs["GROUPED"] and gemv.constexprs["ROW_NESTED"]
+    assert nf4_matmul.plan_nf4_lora_matmul(1, 5, 300, 0, arch=arch).constexprs["HAS_LORA"] is False
+    # dx: 8 steps of 32 W rows x 256 in-features
+    dx = nf4_matmul.plan_nf4_lora_matmul(1, 4096, 4096, 16, transpose_weight=True, arch=arch)
+    assert dx.variant == "gemv" and dx.constexprs["BLOCK_K"] == 32 and dx.constexprs["BLOCK_N"] == 256
+    assert dx.runtime["k_per_split"] == 256 and dx.constexprs["BLOCK_R"] == 16
+    # rows of 11008 in-features (172 blocks) hold no whole group of 8 blocks: one nested absmax per block
+    assert not nf4_matmul.plan_nf4_lora_matmul(1, 4096, 11008, 16, arch=arch).constexprs["ROW_NESTED"]
 
 
 @pytest.mark.parametrize("m", [16, 64, 512, 4096])
@@ -56,8 +57,8 @@ def test_ia3_plans_swap_to_weight_rows_on_sm90_only(m):
     # there (check-kernels: HGMMA), on sm_80 / sm_89 the token rows stay (mma.sync)
     for is_nf4 in (False, True):
         hopper = ia3.plan_ia3_matmul(m, 4096, is_nf4=is_nf4, in_features=4096, arch=(9, 0))
-        assert hopper.path == "torch" or (hopper.constexprs["SWAP_AB"] and hopper.constexprs["BLOCK_N"] == 64
-                                          and hopper.num_warps == 4)
+        assert hopper.path == "torch" or (hopper.constexprs["SWAP_AB"] and hopper.num_warps == 4
+                                          and hopper.constexprs["BLOCK_N"] == (128 if is_nf4 else 64))
         ampere = ia3.plan_ia3_matmul(m, 4096, is_nf4=is_nf4, in_features=4096, arch=(8, 0))
         assert ampere.path == "torch" or not ampere.constexprs["SWAP_AB"]
 

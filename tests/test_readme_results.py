@@ -47,3 +47,24 @@ def test_every_results_row_cites_a_committed_file_holding_its_number():
                       for c in g["checks"] if c["what"] == what]
             assert len(checks) == 1, f"no single check {what!r} of {case} {shape} in {path}"
             assert _numbers(ratio)[0] == float(f"{checks[0]['ratio']:.2f}"), cells
+
+
+def test_static_table_rows_are_the_committed_grid():
+    """The static GPU check's table: every row named by its launch key holds that launch's numbers in the
+    committed grid the section cites first (registers, spills, occupancy, per-element counts)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Static GPU check")
+    section = text[start:text.index("\n## ", start + 1)]
+    grid = ROOT / LINK.search(section).group(1) / "results.json"
+    rows = {(r["arch"], r["key"]): r for r in json.loads(grid.read_text()) if r["compiled"]}
+    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ") and "/" in line.split("|")[1] and not line.startswith("| before")]
+    assert len(table) >= 8
+    for key, arch, regs, spill, _, occupancy, mma, _, gmem, weight, packed, instr in table:
+        r = rows[(arch, key)]
+        assert (int(regs), int(spill), occupancy.split()[0]) == (r["registers"], r["stack_bytes"],
+                                                                 f"{r['occupancy']:.0%}"), key
+        assert mma == ("none" if not r["mma_count"] else f"{r['mma_kind']} x{r['mma_count']}"), key
+        assert [float(gmem), float(weight), float(instr)] == [
+            float(f"{r[f]:.3g}") for f in ("global_per_element", "weight_loads_per_element", "instructions_per_element")]
+        assert packed == " ".join(map(str, r["packed_load_bits"])), key

@@ -24,6 +24,10 @@ def test_crossovers_take_the_first_crossing():
     # cuBLAS never loses: every M stays on Triton; the GEMV never wins: gemv_max_m = 0
     times = {m: {"gemv": 9.0, "splitk": 1.0, "cublas": 5.0} for m in (1, 16)}
     assert tuning.crossovers(times) == (0, 16)
+    # a GEMV not timed (None, above GEMV_TUNE_MAX_M) loses
+    times = {m: {v: _synthetic(v, m, 128, 64) for v in tuning.VARIANTS} for m in (1, 2, 16)}
+    times[2]["gemv"] = None
+    assert tuning.crossovers(times) == (1, 16)
 
 
 def test_tune_writes_tiers_the_dispatch_prefers(tmp_path, monkeypatch):
@@ -37,8 +41,11 @@ def test_tune_writes_tiers_the_dispatch_prefers(tmp_path, monkeypatch):
 
     content = tuning.tune(timer, shapes=((128, 64), (1024, 64)), m_grid=(1, 2, 4, 16, 64, 128), device=DEVICE,
                           arch=(9, 0), gpu="test GPU", sms=4)
-    assert len(calls) == 2 * 6 * 3 and nf4_dispatch._overrides == {}
+    # the GEMV is timed up to GEMV_TUNE_MAX_M = 8 rows only (M = 1, 2, 4 of the grid)
+    assert len(calls) == 2 * (6 * 2 + 3) and nf4_dispatch._overrides == {}
+    assert {m for variant, m, _, _ in calls if variant == "gemv"} == {1, 2, 4}
     saved = json.loads((tmp_path / "sm_90.json").read_text())
+    assert [row["gemv"] is None for row in saved["measurements"][:6]] == [False] * 3 + [True] * 3
     assert saved == content and saved["gpu"] == "test GPU" and len(saved["measurements"]) == 12
     # N = 1024: 16 tiles / 4 SMs = 4 waves, cuBLAS from M > 16; N = 128 (and narrower): M <= 64 on Triton
     assert saved["tiers"] == [[4.0, 2, 16], [0.0, 2, 64]]

@@ -38,20 +38,35 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .nf4 import nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from .nf4 import nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_step_tile, nf4_tables
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Tile, warps, stages per GPU architecture. BLOCK_K = 64 = the NF4 block (one scale per row and step, as
-# the NF4 split-K GEMM); BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table
-# for the shape, no GPU measurement here; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
+# Tile, warps, stages per GPU architecture, for a dense and an NF4 weight. BLOCK_K = 64 = the NF4 block;
+# BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table for the shape, no GPU
+# measurement here; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
 # sm_90: SWAP_AB computes the (BLOCK_N x BLOCK_M) transposed tile, weight rows as the MMA's M (as the NF4
 # split-K GEMM does), so a 64-column tile runs on wgmma (64-row warpgroup tiles) at any M; 1 stage keeps
 # the registers and shared memory at or below the un-swapped mma.sync tile (check-kernels, sm_90a: 64 regs,
 # 13 KB at M = 512). On sm_80 the swap saves nothing (registers up or down by launch), so it stays off.
-MATMUL_CONFIGS = {
-    "default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-    (9, 0): {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "SWAP_AB": True},
+# NF4: the split-K GEMM's main loop (fastpeft.kernels.nf4_matmul.SPLITK_CONFIGS): 128 weight rows per tile so
+# the activation tile loads once per 128 rows, GROUP 4 steps per pass with their absmax loaded once, packed
+# rows as 32-bit words in the forward, 1 stage (check-kernels: <= 1 global memory instruction per 16 weight
+# elements, <= 128 registers); the transposed products (dx, feed-forward dl) take 2 steps per pass (at 4: 168
+# registers on sm_80, 19% occupancy; at 2: 128); 32-token tiles 64 rows, 2 steps (as the split-K GEMM's).
+DENSE_CONFIGS = {
+    "default": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 1, "num_warps": 4, "num_stages": 2},
+    (9, 0): {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 1, "num_warps": 4, "num_stages": 1,
+             "SWAP_AB": True},
+}
+_NF4_TILES = {16: {"BLOCK_N": 128, "GROUP_FWD": 4, "GROUP_DX": 2, "WORDS_FWD": True, "WORDS_DX": False},
+              32: {"BLOCK_N": 64, "GROUP_FWD": 2, "GROUP_DX": 2, "WORDS_FWD": False, "WORDS_DX": False}}
+NF4_CONFIGS = {
+    "default": {"TILES": _NF4_TILES, "BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1},
+    # sm_89: ptxas caps the 4-step forward at 96 registers and spills (16 B, row-reduction launches at M = 1)
+    (8, 9): {"TILES": {**_NF4_TILES, 16: {**_NF4_TILES[16], "GROUP_FWD": 2}}, "BLOCK_M": 32, "BLOCK_K": 64,
+             "num_warps": 4, "num_stages": 1},
+    (9, 0): {"TILES": _NF4_TILES, "BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "SWAP_AB": True},
 }
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -60,13 +75,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _ia3_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     in_scale_ptr, bias_ptr, out_scale_ptr, reduce_rows_ptr, out_ptr, reduced_ptr,
-    nested_offset_ptr, M, N, K, in_features, row_bytes,
+    nested_offset_ptr, M, N, K, in_features, row_bytes, row_blocks,
     stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
-    ALIGNED: tl.constexpr, TRANSPOSE: tl.constexpr,
-    HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr, GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr,
+    TRANSPOSE: tl.constexpr, HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
     HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr, SWAP_AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_start = tl.program_id(1) * BLOCK_N
@@ -75,30 +90,41 @@ def _ia3_matmul_kernel(
     n_mask = offs_n < N
     if IS_NF4:
         code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
+    GROUP_K: tl.constexpr = GROUP * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_IN_SCALE:
-            in_scale = tl.load(in_scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * in_scale[None, :]).to(a_ptr.dtype.element_ty)
-        if IS_NF4:  # tiles of W in its own orientation (packed rows contiguous), as fastpeft.kernels.nf4_matmul
-            if TRANSPOSE:
-                w = nf4_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, offs_k, k_mask, n_start,
-                             in_features, row_bytes, BLOCK_N, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED)
+    # GROUP steps of BLOCK_K per pass: an NF4 weight's absmax loads once per group
+    for k_group in range(0, K, GROUP_K):
+        scales = a_ptr  # stands in when no group scales are loaded
+        if IS_NF4 and GROUPED:
+            scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, K, offs_n, n_mask,
+                                      n_start, row_blocks, TRANSPOSE, False, GROUP, BLOCK_K, BLOCK_N, BLOCKSIZE,
+                                      NESTED, ROW_NESTED)
+        for step in tl.static_range(GROUP):
+            k_start = k_group + step * BLOCK_K
+            offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_IN_SCALE:  # a dense weight's (an NF4 weight's is applied before the launch)
+                in_scale = tl.load(in_scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) * in_scale[None, :]).to(a_ptr.dtype.element_ty)
+            if IS_NF4:  # tiles of W in its own orientation (packed rows contiguous), as fastpeft.kernels.nf4_matmul
+                if TRANSPOSE:
+                    w = nf4_step_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales, step,
+                                      offs_k, k_mask, n_start, in_features, row_bytes, BLOCK_N, BLOCKSIZE, NESTED,
+                                      EVEN_IN, ALIGNED, GROUPED, WORDS)
+                else:
+                    w = tl.trans(nf4_step_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales,
+                                               step, offs_n, n_mask, k_start, in_features, row_bytes, BLOCK_K,
+                                               BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, GROUPED, WORDS))
             else:
-                w = tl.trans(nf4_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, offs_n, n_mask,
-                                      k_start, in_features, row_bytes, BLOCK_K, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED))
-        else:
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if SWAP_AB:  # (out-features x tokens) tiles: the weight is wgmma's 64-row operand, see MATMUL_CONFIGS
-            acc_t += tl.dot(tl.trans(w.to(a_ptr.dtype.element_ty)), tl.trans(a), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if SWAP_AB:  # (out-features x tokens) tiles: the weight is wgmma's 64-row operand, see DENSE_CONFIGS
+                acc_t += tl.dot(tl.trans(w.to(a_ptr.dtype.element_ty)), tl.trans(a), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w.to(a_ptr.dtype.element_ty), input_precision="ieee")
     if SWAP_AB:
         acc = tl.trans(acc_t)
     if HAS_BIAS:
@@ -131,28 +157,44 @@ def plan_ia3_matmul(
     m: int, n: int, *, is_nf4: bool, blocksize: int = 64, nested: bool = False, has_in_scale: bool = False,
     has_bias: bool = False, has_out_scale: bool = False, has_reduce: bool = False, store_out: bool = True,
     transpose_weight: bool = False, in_features: int = 64, fp32: bool = False, arch: tuple | None = None,
-    sm_count: int | None = None,
+    sm_count: int | None = None, packed_words: bool = True,
 ) -> LaunchPlan:
     """The launch of an ``(m, K) · (K, n)`` IA3 product (dense or NF4 weight of ``in_features`` columns) with
     the given prologue / epilogue flags: one program per ``BLOCK_M x BLOCK_N`` output tile, or, for an NF4
     weight at the ``M`` where ``fastpeft.kernels.nf4_dispatch`` picks cuBLAS, ``path="torch"``
-    (``variant="cublas"``: dequantise into the reusable buffer, cuBLAS, the scales in place)."""
+    (``variant="cublas"``: dequantise into the reusable buffer, cuBLAS, the scales in place). An NF4 weight's
+    input scale is applied to the ``(m, K)`` activations before the kernel (``runtime["prescale"]``: a pass
+    over at most a few dozen rows beside the weight read), so its main loop loads only weights and
+    activations; a dense weight's in the kernel's prologue. ``packed_words``: the NF4 weight's packed bytes start 4-byte aligned (rows of whole words read as words)."""
     if is_nf4 and nf4_path(m, n, fp32, arch, sm_count) == "cublas":
         return LaunchPlan(op="ia3_matmul", variant="cublas", path="torch")
-    config = config_for(MATMUL_CONFIGS, arch)
+    config = config_for(NF4_CONFIGS if is_nf4 else DENSE_CONFIGS, arch)
     block_m = min(config["BLOCK_M"], max(16, triton.next_power_of_2(m)))
-    layout = (nf4_layout(in_features, blocksize, config["BLOCK_N"] if transpose_weight else config["BLOCK_K"])
-              if is_nf4 else {"EVEN_IN": False, "ALIGNED": False})
+    tile = config["TILES"][block_m] if is_nf4 else config
+    block_n, block_k = tile["BLOCK_N"], config["BLOCK_K"]
+    group = tile["GROUP_DX" if transpose_weight else "GROUP_FWD"] if is_nf4 else config["GROUP"]
+    if is_nf4:
+        group_blocks = max(1, (block_n if transpose_weight else group * block_k) // blocksize)
+        layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k, group_blocks)
+        layout["WORDS"] = layout["WORDS"] and packed_words and tile["WORDS_DX" if transpose_weight else "WORDS_FWD"]
+    else:
+        layout = {"EVEN_IN": False, "ALIGNED": False, "GROUPED": False, "ROW_NESTED": False, "WORDS": False}
     return LaunchPlan(
         op="ia3_matmul", variant="nf4" if is_nf4 else "dense", kernel=_ia3_matmul_kernel,
-        grid=(triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"])),
+        grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
         constexprs={"IS_NF4": is_nf4, "BLOCKSIZE": blocksize, "NESTED": nested, **layout,
-                    "TRANSPOSE": transpose_weight, "HAS_IN_SCALE": has_in_scale,
+                    "TRANSPOSE": transpose_weight, "HAS_IN_SCALE": has_in_scale and not is_nf4,
                     "HAS_BIAS": has_bias, "HAS_OUT_SCALE": has_out_scale, "HAS_REDUCE": has_reduce,
-                    "STORE_OUT": store_out, "SWAP_AB": config.get("SWAP_AB", False), "BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
-                    "BLOCK_K": config["BLOCK_K"]},
+                    "STORE_OUT": store_out, "SWAP_AB": config.get("SWAP_AB", False), "BLOCK_M": block_m,
+                    "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": group},
         num_warps=config["num_warps"], num_stages=config["num_stages"],
+        runtime={"prescale": has_in_scale and is_nf4},
     )
+
+
+def _scaled_input(a: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
+    """``a ⊙ in_scale`` in fp32, rounded once to ``a``'s dtype: the kernel's prologue arithmetic."""
+    return (a.float() * in_scale.float()).to(a.dtype)
 
 
 def _cublas_ia3_matmul(a, weight: NF4Weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced):
@@ -161,7 +203,7 @@ def _cublas_ia3_matmul(a, weight: NF4Weight, transpose_weight, in_scale, bias, o
     w = nf4_dequantize(weight, a.dtype, out=dequant_buffer(weight, a.dtype))
     w = w if transpose_weight else w.t()
     if in_scale is not None:
-        a = (a.float() * in_scale.float()).to(a.dtype)
+        a = _scaled_input(a, in_scale)
     z = a @ w if bias is None else torch.addmm(bias, a, w)
     if reduced is not None:
         reduced.add_((reduce_rows.float() * z.float()).sum(0))
@@ -242,14 +284,17 @@ def ia3_matmul(
         has_bias=bias is not None, has_out_scale=out_scale is not None, has_reduce=reduce_rows is not None,
         store_out=store_out, transpose_weight=transpose_weight, in_features=in_features,
         fp32=a.dtype == torch.float32, arch=device_arch(a.device),
+        packed_words=not is_nf4 or weight.packed.data_ptr() % 4 == 0,
     )
     if plan.path == "torch":
         return _cublas_ia3_matmul(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced)
+    if plan.runtime["prescale"]:
+        a = _scaled_input(a, in_scale)
     launch(plan, a, packed, absmax, code, nested_code, nested_absmax,
            in_scale if in_scale is not None else placeholder, bias if bias is not None else placeholder,
            out_scale if out_scale is not None else placeholder, rows, target,
            reduced if reduced is not None else placeholder,
-           nested_offset, m, n, k, in_features, in_features // 2,
+           nested_offset, m, n, k, in_features, in_features // 2, in_features // blocksize,
            a.stride(0), a.stride(1), stride_wn, stride_wk, rows.stride(0), rows.stride(1),
            target.stride(0), target.stride(1))
     return out, reduced

@@ -1,19 +1,24 @@
-"""NF4 decoding in Triton, bit-exact with bitsandbytes: the one decode helper every NF4 kernel uses.
+"""NF4 decoding in Triton, bit-exact with bitsandbytes: the decode helpers every NF4 kernel uses.
 
 ``nf4_tile`` returns the fp32 values of a ``(len(rows), BLOCK_C)`` tile ``W[rows, col0 : col0 + BLOCK_C]``
 of the logical ``(out, in)`` weight, in its natural orientation (columns = in-features, along which the
-packed bytes are contiguous); a kernel that needs ``Wᵀ`` transposes the decoded tile in registers.
+packed bytes are contiguous); a kernel that needs ``Wᵀ`` transposes the decoded tile in registers. The
+K loops of the matmul kernels and of the dequantiser take ``GROUP`` tiles per pass: ``nf4_group_scales``
+loads the absmax of all of them at once and ``nf4_step_tile`` decodes one with its share (``nf4_codes``
+times ``nf4_scale``), so a tile costs its packed bytes alone.
 Structure (bitsandbytes' CUDA GEMV and newest fused kernel, GemLite; see /work/shared/KERNELS.md):
 
 - packed bytes are read as one contiguous ``(rows, BLOCK_C / 2)`` uint8 tile per call (each byte once;
   the row stride ``in / 2`` is a kernel argument, so the JIT's divisibility-by-16 specialisation gives
-  16-byte vector loads when ``in % 32 == 0``);
+  16-byte vector loads when ``in % 32 == 0``), or as 32-bit words (``WORDS``: Triton holds a loaded byte
+  per register, a word keeps 8 codes in one; the kernel's configuration says which it measured better);
 - nibbles are split with shifts and put in element order with ``tl.interleave`` (high nibble = first
   element);
 - codes map to values through the 16-entry table held on chip (``tl.gather`` on a 16-element tensor
   loaded once per program; on sm_80+ that is one shared-memory read per element, no global gather);
 - the absmax is resolved once per (row, 64-element block): ``code2[q[blk]] * absmax2[blk >> 8] + offset``
-  with ``code2`` on chip too, in bitsandbytes' fp32 order, then ``code * absmax`` in fp32.
+  with ``code2`` on chip too, in bitsandbytes' fp32 order, then ``code * absmax`` in fp32; for a group
+  of blocks inside one nested block (``ROW_NESTED``) the nested absmax is loaded once per row.
 
 Layouts where a row does not start on a byte (odd ``in``) or a block straddles rows (``in`` not a
 multiple of ``min(blocksize, BLOCK_C)``) take the element-wise form of the same steps (``EVEN_IN`` /
@@ -40,9 +45,11 @@ from .plan import LaunchPlan, config_for, device_arch, launch
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _code_cache: dict = {}
-# Dequantiser tile per GPU architecture. Source: a memory-bound copy; 16 x 128 elements at 4 warps is 16
-# elements (one 8-byte packed load, two 16-byte bf16 stores) per thread, 1 stage (no K loop to pipeline).
-DEQUANT_CONFIGS = {"default": {"BLOCK_R": 16, "BLOCK_C": 128, "num_warps": 4, "num_stages": 1}}
+# Dequantiser tiles per GPU architecture. Source: a memory-bound copy; a program takes 16 rows x GROUPS groups
+# of GROUP tiles of 256 columns, the tables loaded once and a group's absmax once per row; a tile is 32 codes
+# per thread at 4 warps (one 16-byte packed load, four 16-byte bf16 stores), 1 stage (check-kernels).
+DEQUANT_CONFIGS = {"default": {"BLOCK_R": 16, "BLOCK_C": 256, "GROUP": 4, "GROUPS": 2, "WORDS": False,
+                               "num_warps": 4, "num_stages": 1}}
 
 
 @triton.jit
@@ -66,6 +73,7 @@ def _lookup(table, index):
     return tl.reshape(tl.gather(table, flat, 0), [index.shape[0], index.shape[1]])
 
 
+
 @triton.jit
 def _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, mask, NESTED: tl.constexpr):
     """fp32 absmax of int64 ``block`` indices (2-D), 0 where masked (so masked elements decode to 0)."""
@@ -80,6 +88,149 @@ def _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, mask, NESTED: t
 
 
 @triton.jit
+def nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes,
+              BLOCK_C: tl.constexpr, EVEN_IN: tl.constexpr, EVICT: tl.constexpr = "", WORDS: tl.constexpr = False):
+    """fp32 NF4 code values, not yet scaled, of the ``(len(rows), BLOCK_C)`` tile ``W[rows, col0 : col0 +
+    BLOCK_C]``. ``WORDS``: the packed rows as 32-bit words (8 codes each: rows of whole words, a 4-byte aligned
+    weight), unpacked with shifts, so a 16-byte load stays in 4 registers; ``EVEN_IN``: one contiguous byte
+    tile (each byte once, vector loads, but Triton holds one byte per register); else element-wise."""
+    if WORDS:
+        # little-endian: byte j of a word holds elements 2j (high nibble) and 2j + 1 (low nibble)
+        offs_w = col0 // 8 + tl.arange(0, BLOCK_C // 8)
+        row_words = row_bytes // 4
+        word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * row_words + offs_w[None, :],
+                       mask=row_mask[:, None] & (offs_w < row_words)[None, :], other=0, eviction_policy=EVICT)
+        element = tl.arange(0, 8)
+        shift = (element // 2) * 8 + (1 - element % 2) * 4
+        idx = (word[:, :, None] >> shift[None, None, :]) & 0xF
+        idx = tl.reshape(idx, (rows.shape[0], BLOCK_C))
+    elif EVEN_IN:
+        # byte j of a row holds elements 2j (high nibble) and 2j + 1 (low nibble)
+        offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + offs_b[None, :],
+                       mask=row_mask[:, None] & (offs_b < row_bytes)[None, :], other=0,
+                       eviction_policy=EVICT)
+        idx = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)
+    else:
+        cols = col0 + tl.arange(0, BLOCK_C)
+        flat = rows[:, None] * in_features + cols[None, :]
+        mask = row_mask[:, None] & (cols < in_features)[None, :]
+        byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0, eviction_policy=EVICT).to(tl.int32)
+        idx = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    return _lookup(code, idx)
+
+
+@triton.jit
+def nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, rows, row_mask, block0, row_blocks,
+               NB: tl.constexpr, NESTED: tl.constexpr, ROW_NESTED: tl.constexpr):
+    """fp32 absmax ``(len(rows), NB)`` of the blocks ``block0 .. block0 + NB`` of each row (0 where masked or
+    past the row), for weights whose rows hold whole blocks (``row_blocks = in_features // blocksize``).
+
+    One load per row of the ``NB`` contiguous absmax bytes (vectorised when ``row_blocks`` and ``block0`` are
+    multiples of ``NB``, which the JIT sees through their divisibility). ``ROW_NESTED``: the ``NB`` blocks of
+    a row share one nested absmax (``row_blocks`` and ``block0`` multiples of ``NB``, which divides the nested
+    blocksize 256, so no group of blocks crosses a nested block), loaded once per row."""
+    blocks = block0 + tl.arange(0, NB)
+    first = rows * row_blocks + block0
+    mask = row_mask[:, None] & (blocks < row_blocks)[None, :]
+    block = first[:, None] + tl.arange(0, NB)[None, :]
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        if ROW_NESTED:
+            scale = tl.load(nested_absmax_ptr + (first >> 8), mask=row_mask, other=0.0)[:, None]
+        else:
+            scale = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
+        absmax = _lookup(code2, q) * scale  # rounded to fp32, then + offset rounded again (bitsandbytes)
+        absmax = absmax + offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return tl.where(mask, absmax, 0.0)
+
+
+@triton.jit
+def nf4_scale(values, absmax):
+    """``values`` ``(R, C)`` times the absmax ``(R, NB)`` of its ``NB`` equal column spans (one per block)."""
+    R: tl.constexpr = values.shape[0]
+    C: tl.constexpr = values.shape[1]
+    NB: tl.constexpr = absmax.shape[1]
+    if NB == 1:
+        return values * absmax
+    return values * tl.reshape(tl.broadcast_to(absmax[:, :, None], (R, NB, C // NB)), (R, C))
+
+
+@triton.jit
+def _split_half(t, bit: tl.constexpr):
+    """The entries of ``t`` ``(X, G)`` whose column index has its lowest bit ``bit``: ``(X, G // 2)``."""
+    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+    if bit:
+        return odd
+    else:
+        return even
+
+
+@triton.jit
+def take_column(t, column: tl.constexpr):
+    """Column ``column`` (a compile-time index) of ``t`` ``(X, G)``, ``G`` a power of two up to 8, as ``(X,)``:
+    register moves (``tl.split``), no reduction across threads."""
+    G: tl.constexpr = t.shape[1]
+    if G >= 2:
+        t = _split_half(t, column % 2)
+    if G >= 4:
+        t = _split_half(t, (column // 2) % 2)
+    if G >= 8:
+        t = _split_half(t, (column // 4) % 2)
+    return tl.reshape(t, (t.shape[0],))
+
+
+@triton.jit
+def nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_end, offs_n, n_mask, n_start,
+                     row_blocks, TRANSPOSE: tl.constexpr, STRIDED: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                     ROW_NESTED: tl.constexpr):
+    """The absmax of the ``GROUP`` steps of a K-loop group starting at ``k_group``, loaded at once, as
+    ``(R * NB, GROUP)``: column ``s`` (:func:`take_column`), reshaped ``(R, NB)``, scales step ``s``'s tile.
+
+    Forward (``TRANSPOSE`` False): the tiles are ``W[offs_n, k : k + BLOCK_K]``, ``R = BLOCK_N`` rows of
+    ``NB = BLOCK_K // BLOCKSIZE`` blocks each, the group's ``GROUP * BLOCK_K`` columns in one load per row.
+    dx: the tiles are ``W[rows, n_start : n_start + BLOCK_N]`` over the group's ``GROUP * BLOCK_K`` W rows,
+    ``R = BLOCK_K``, ``NB = BLOCK_N // BLOCKSIZE``; step ``s`` holds the group's rows ``s * BLOCK_K + t``, or
+    ``t * GROUP + s`` with ``STRIDED``."""
+    GROUP_K: tl.constexpr = GROUP * BLOCK_K
+    if TRANSPOSE:
+        NB: tl.constexpr = BLOCK_N // BLOCKSIZE
+        g_rows = k_group + tl.arange(0, GROUP_K).to(tl.int64)
+        scales = nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, g_rows, g_rows < k_end,
+                            n_start // BLOCKSIZE, row_blocks, NB, NESTED, ROW_NESTED)
+        if STRIDED:
+            scales = tl.permute(tl.reshape(scales, (BLOCK_K, GROUP, NB)), (0, 2, 1))
+        else:
+            scales = tl.permute(tl.reshape(scales, (GROUP, BLOCK_K, NB)), (1, 2, 0))
+        return tl.reshape(scales, (BLOCK_K * NB, GROUP))
+    else:
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        scales = nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, offs_n, n_mask,
+                            k_group // BLOCKSIZE, row_blocks, GROUP * NB, NESTED, ROW_NESTED)
+        return tl.reshape(tl.permute(tl.reshape(scales, (BLOCK_N, GROUP, NB)), (0, 2, 1)), (BLOCK_N * NB, GROUP))
+
+
+@triton.jit
+def nf4_step_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, group_scales,
+                  step: tl.constexpr, rows, row_mask, col0, in_features, row_bytes,
+                  BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
+                  ALIGNED: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr, EVICT: tl.constexpr = ""):
+    """fp32 tile ``W[rows, col0 : col0 + BLOCK_C]`` of step ``step`` of a group: scaled by its column of
+    ``group_scales`` (:func:`nf4_group_scales`) when ``GROUPED``, else by scales it loads itself
+    (:func:`nf4_tile`: rows that do not hold whole blocks)."""
+    if GROUPED:
+        absmax = tl.reshape(take_column(group_scales, step), (rows.shape[0], BLOCK_C // BLOCKSIZE))
+        return nf4_scale(nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes, BLOCK_C,
+                                   EVEN_IN, EVICT, WORDS), absmax)
+    else:
+        return nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, rows, row_mask, col0,
+                        in_features, row_bytes, BLOCK_C, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, EVICT)
+
+
+@triton.jit
 def nf4_tile(
     packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
     rows, row_mask, col0, in_features, row_bytes,
@@ -89,22 +240,9 @@ def nf4_tile(
     """fp32 ``(len(rows), BLOCK_C)`` tile ``W[rows, col0 : col0 + BLOCK_C]``; 0 where ``row_mask`` is off
     or the column is ``>= in_features``. ``rows`` int64; ``col0`` a multiple of ``BLOCK_C``; ``row_bytes =
     in_features // 2``; ``code`` / ``code2`` / ``offset`` from :func:`nf4_tables`; ``EVEN_IN`` and
-    ``ALIGNED`` from :func:`nf4_layout`; ``EVICT`` the packed bytes' eviction policy."""
-    R: tl.constexpr = rows.shape[0]
-    cols = col0 + tl.arange(0, BLOCK_C)
-    mask = row_mask[:, None] & (cols < in_features)[None, :]
-    if EVEN_IN:
-        # one contiguous byte tile; byte j holds elements 2j (high nibble) and 2j + 1 (low nibble)
-        offs_b = col0 // 2 + tl.arange(0, BLOCK_C // 2)
-        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + offs_b[None, :],
-                       mask=row_mask[:, None] & (offs_b < row_bytes)[None, :], other=0,
-                       eviction_policy=EVICT)
-        idx = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)
-    else:
-        flat = rows[:, None] * in_features + cols[None, :]
-        byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0, eviction_policy=EVICT).to(tl.int32)
-        idx = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
-    values = _lookup(code, idx)
+    ``ALIGNED`` from :func:`nf4_layout`; ``EVICT`` the packed bytes' eviction policy. Loads its own scales;
+    the matmul kernels load a group of steps' scales at once (:func:`nf4_scales`) and use :func:`nf4_codes`."""
+    values = nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes, BLOCK_C, EVEN_IN, EVICT)
     if ALIGNED:
         # every (row, block) of the tile is whole: one absmax per block, broadcast over its elements
         NB: tl.constexpr = BLOCK_C // BLOCKSIZE if BLOCK_C > BLOCKSIZE else 1
@@ -113,12 +251,10 @@ def nf4_tile(
         offs_nb = tl.arange(0, NB)
         block = first[:, None] + offs_nb[None, :]
         block_mask = row_mask[:, None] & (col0 + offs_nb * SPAN < in_features)[None, :]
-        absmax = _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, block_mask, NESTED)
-        if NB == 1:
-            return values * absmax
-        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (R, NB, SPAN)), (R, BLOCK_C))
-        return values * absmax
+        return nf4_scale(values, _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, block_mask, NESTED))
     else:
+        cols = col0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < in_features)[None, :]
         block = (rows[:, None] * in_features + cols[None, :]) // BLOCKSIZE
         return values * _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, mask, NESTED)
 
@@ -126,26 +262,46 @@ def nf4_tile(
 @triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr, out_ptr,
-    out_features, in_features, row_bytes, stride_om,
+    out_features, in_features, row_bytes, row_blocks, cols_per_program, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col0 = tl.program_id(1) * BLOCK_C
     row_mask = rows < out_features
+    # BLOCK_R rows x cols_per_program columns per program (a multiple of GROUP * BLOCK_C), GROUP tiles per pass
+    GROUP_C: tl.constexpr = GROUP * BLOCK_C
+    c_begin = tl.program_id(1) * (cols_per_program // GROUP_C) * GROUP_C
+    c_end = tl.minimum(c_begin + cols_per_program, in_features)
     code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
-    w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
-                 rows, row_mask, col0, in_features, row_bytes,
-                 BLOCK_C, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, "evict_first")
-    cols = col0 + tl.arange(0, BLOCK_C)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (cols < in_features)[None, :])
+    for c_group in range(c_begin, c_end, GROUP_C):
+        scales = code  # stands in when not GROUPED (each tile then loads its own)
+        if GROUPED:
+            scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, c_group, c_end, rows, row_mask,
+                                      0, row_blocks, False, False, GROUP, BLOCK_C, BLOCK_R, BLOCKSIZE, NESTED,
+                                      ROW_NESTED)
+        for step in tl.static_range(GROUP):
+            col0 = c_group + step * BLOCK_C
+            w = nf4_step_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales, step, rows,
+                              row_mask, col0, in_features, row_bytes, BLOCK_C, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED,
+                              GROUPED, WORDS, "evict_first")
+            cols = col0 + tl.arange(0, BLOCK_C)
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & (cols < in_features)[None, :])
 
 
-def nf4_layout(in_features: int, blocksize: int, block_c: int) -> dict:
-    """The ``EVEN_IN`` / ``ALIGNED`` constexprs of :func:`nf4_tile` for tiles of ``block_c`` columns:
-    rows start on a byte (``in`` even), and no absmax block straddles two rows of a tile."""
-    return {"EVEN_IN": in_features % 2 == 0, "ALIGNED": in_features % min(blocksize, block_c) == 0}
+def nf4_layout(in_features: int, blocksize: int, block_c: int, group_blocks: int = 0) -> dict:
+    """The layout constexprs of a kernel decoding tiles of ``block_c`` columns: ``EVEN_IN`` (rows start on a
+    byte, ``in`` even) and ``ALIGNED`` (no absmax block straddles two rows of a tile) for :func:`nf4_tile`;
+    with ``group_blocks`` (the absmax blocks per row a kernel loads at once, a power of two) also
+    ``GROUPED`` (rows hold whole blocks and a step holds whole blocks: :func:`nf4_scales` applies) and
+    ``ROW_NESTED`` (every group of a row lies in one nested block: one nested absmax per row and group)."""
+    layout = {"EVEN_IN": in_features % 2 == 0, "ALIGNED": in_features % min(blocksize, block_c) == 0}
+    if group_blocks:
+        layout["GROUPED"] = in_features % blocksize == 0 and blocksize <= block_c
+        layout["ROW_NESTED"] = layout["GROUPED"] and (in_features // blocksize) % group_blocks == 0
+        layout["WORDS"] = layout["GROUPED"] and in_features % 8 == 0
+    return layout
 
 
 def nf4_code(device: torch.device) -> torch.Tensor:
@@ -167,18 +323,22 @@ def nf4_kernel_args(weight: NF4Weight) -> tuple:
 
 
 def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nested: bool,
-                        arch: tuple | None = None) -> LaunchPlan:
+                        arch: tuple | None = None, packed_words: bool = True) -> LaunchPlan:
     """The launch that dequantises an ``(out_features, in_features)`` NF4 weight (``blocksize``,
     double-quantised if ``nested``) in 2-D tiles. fp fusion is off: the nested absmax must round as
-    bitsandbytes' separate multiply and add do."""
+    bitsandbytes' separate multiply and add do. ``packed_words``: the packed bytes start 4-byte aligned."""
     config = config_for(DEQUANT_CONFIGS, arch)
-    block_r, block_c = config["BLOCK_R"], config["BLOCK_C"]
+    block_r, block_c, group = config["BLOCK_R"], config["BLOCK_C"], config["GROUP"]
+    cols_per_program = config["GROUPS"] * group * block_c
+    layout = nf4_layout(in_features, blocksize, block_c, max(1, group * block_c // blocksize))
+    layout["WORDS"] = layout["WORDS"] and packed_words and config["WORDS"]
     return LaunchPlan(
         op="nf4_dequantize", variant="tiles", kernel=_nf4_dequant_kernel,
-        grid=(triton.cdiv(out_features, block_r), triton.cdiv(in_features, block_c)),
-        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested,
-                    **nf4_layout(in_features, blocksize, block_c), "BLOCK_R": block_r, "BLOCK_C": block_c},
+        grid=(triton.cdiv(out_features, block_r), triton.cdiv(in_features, cols_per_program)),
+        constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, **layout, "BLOCK_R": block_r, "BLOCK_C": block_c,
+                    "GROUP": group},
         num_warps=config["num_warps"], num_stages=config["num_stages"], options={"enable_fp_fusion": False},
+        runtime={"cols_per_program": cols_per_program},
     )
 
 
@@ -199,6 +359,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None, out: torch.Tens
     if out.numel() == 0:
         return out
     plan = plan_nf4_dequantize(out_features, in_features, weight.blocksize, weight.is_nested,
-                               device_arch(weight.device))
-    launch(plan, *nf4_kernel_args(weight), out, out_features, in_features, in_features // 2, out.stride(0))
+                               device_arch(weight.device), packed_words=weight.packed.data_ptr() % 4 == 0)
+    launch(plan, *nf4_kernel_args(weight), out, out_features, in_features, in_features // 2,
+           in_features // weight.blocksize, plan.runtime["cols_per_program"], out.stride(0))
     return out

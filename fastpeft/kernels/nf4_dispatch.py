@@ -3,9 +3,11 @@
 The rule is bitsandbytes 0.50's (``bitsandbytes/backends/cuda/ops.py``, ``_gemm_4bit_use_custom_cuda``):
 its own kernel wins below a threshold on ``M`` that grows with the number of SM waves the output fills
 (``ceil(N / 64)`` column tiles over the SM count), and "dequantise + F.linear" (cuBLAS, wgmma on Hopper)
-wins above it. Decode rows (``M <= GEMV_MAX_M``) always take the GEMV (bitsandbytes'
-``_GEMM_4BIT_CUSTOM_FLOOR_M = 4``; GemLite's M=1 kernel). fp32 has no tensor-core path in either: Triton
-only below 8 rows (bitsandbytes: "fp32 has no MMA kernel ... custom only wins in the SIMT range (M<8)").
+wins above it; below ``CUSTOM_FLOOR_M`` rows its own kernel always runs (``_GEMM_4BIT_CUSTOM_FLOOR_M = 4``).
+Of those, one row (decode) takes the GEMV and more the split-K GEMM, as GemLite's ``get_matmul_type``
+(its GEMV serves M = 1; from two rows the ``tl.dot`` tile, padded to 16 tokens, does the same work for
+every row at once). fp32 has no tensor-core path in either: Triton only below 8 rows (bitsandbytes: "fp32
+has no MMA kernel ... custom only wins in the SIMT range (M<8)").
 
 A file written by ``fastpeft tune`` (``fastpeft.kernels.tuning``) for the running architecture is
 preferred over the shipped table. Overrides, read at each call (so a test or a user can move the
@@ -20,7 +22,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 1
+CUSTOM_FLOOR_M = 4
 FP32_TRITON_MAX_M = 7
 
 # Per architecture: the SM count the rule assumes when planning without a device, and the tiers
@@ -35,9 +38,9 @@ THRESHOLDS = {
     # H100 / H200 (132 SMs). bitsandbytes 0.50 sm90 ladder ("dequant+F.linear (WGMMA path) is significantly
     # faster than our mma.sync kernel"): >= 3 waves 64, >= 2 waves 48, >= 1 wave 32, >= 0.5 wave 16, else
     # dequantise from M = 5.
-    (9, 0): {"sms": 132, "tiers": ((3.0, 64), (2.0, 48), (1.0, 32), (0.5, 16), (0.0, GEMV_MAX_M))},
+    (9, 0): {"sms": 132, "tiers": ((3.0, 64), (2.0, 48), (1.0, 32), (0.5, 16), (0.0, CUSTOM_FLOOR_M))},
     # Anything else (and planning without a GPU): the most conservative of the above, sm90's.
-    "default": {"sms": 132, "tiers": ((3.0, 64), (2.0, 48), (1.0, 32), (0.5, 16), (0.0, GEMV_MAX_M))},
+    "default": {"sms": 132, "tiers": ((3.0, 64), (2.0, 48), (1.0, 32), (0.5, 16), (0.0, CUSTOM_FLOOR_M))},
 }
 
 _ENV = ("FASTPEFT_NF4_GEMV_MAX_M", "FASTPEFT_NF4_TRITON_MAX_M")

@@ -10,29 +10,37 @@ and ``E = Bᵀ`` in the forward; ``h = dy B`` and ``E = A`` for ``dx``. The bias
 scale ``c`` (``HAS_COL_SCALE``; for DoRA's ``m / ‖W + sBA‖``, IA3's output scale) are optional, as is
 the whole LoRA term (``HAS_LORA``). Everything is accumulated in fp32 and the output is written once.
 
-Design: ``W`` is read as packed NF4 (double-quantised absmax included) through the one decode helper
-``fastpeft.kernels.nf4.nf4_tile``, tile by tile, never materialised: tiles are always taken in ``W``'s own
+Design: ``W`` is read as packed NF4 (double-quantised absmax included) through the decode helpers of
+``fastpeft.kernels.nf4``, tile by tile, never materialised: tiles are always taken in ``W``'s own
 orientation (rows = out-features, columns = in-features, along which the packed bytes are contiguous), so
 both directions read bytes as wide vectors: the forward decodes a ``(BLOCK_N, BLOCK_K)`` tile and transposes
 it in registers, ``dx`` decodes ``(BLOCK_K, BLOCK_N)`` tiles along the packed rows. Values are dequantised
 in fp32 and cast once to the input dtype before the product, as ``dequantize_4bit`` then ``matmul`` would
 do, so the kernel reproduces "dequantise, then cuBLAS" up to accumulation order.
 
+The K loop takes ``GROUP`` steps of ``BLOCK_K`` per pass (unrolled): at the start of a pass the absmax bytes
+of all its steps load at once per weight row (``nf4_group_scales``; the nested absmax once per row too when
+a row holds whole groups of blocks, which never cross a nested block of 256), so a step's loads are its
+packed bytes (128-bit) and its activation tile. The GEMV's dx loads dy for the whole pass once, and its
+step ``s`` takes the pass's W rows ``t * GROUP + s``: a thread's few rows per step are adjacent across the
+steps, so its dy values are one vector load. Every NF4 main loop is then at most one global memory
+instruction per 16 weight elements (``fastpeft check-kernels``, issue 12).
+
 What runs is a plan (``plan_nf4_matmul``, from ``fastpeft.kernels.dispatch``: rules on ``M`` and the
 number of SM waves the output fills, per GPU architecture, each table entry citing its source):
 
-- ``gemv`` (decode, ``M <= 4``): GemLite's split-K GEMV shape: each program takes ``BLOCK_N`` outputs and a
-  short slice of ``K`` (two ``BLOCK_K`` chunks by default), multiplies in fp32 and reduces with ``tl.sum``
+- ``gemv`` (decode, ``M = 1``): GemLite's split-K GEMV shape: each program takes ``BLOCK_N`` outputs and a
+  short slice of ``K`` (``CHUNKS`` steps of ``BLOCK_K``), multiplies in fp32 and reduces with ``tl.sum``
   (``tl.dot`` needs 16 rows), and ``atomic_add``s its partial into a zeroed fp32 ``(M, N)`` workspace;
   weights are loaded ``evict_first`` (streamed once), activations ``evict_last`` (reused by every program).
-- ``splitk`` (``4 < M <=`` the arch's threshold): ``tl.dot`` tiles of ``BLOCK_M`` (16/32/64) x 64 with
-  ``BLOCK_K = 64`` (one NF4 block per step: one scale per row), ``K`` split so the grid fills the GPU,
+  It also runs a few rows when a threshold override asks (one activation row at a time, not tuned).
+- ``splitk`` (``1 < M <=`` the arch's threshold): ``tl.dot`` tiles of ``BLOCK_M`` (16/32/64) x 128 with
+  ``BLOCK_K = 64`` (one NF4 block per step), ``K`` split in whole passes so the grid fills the GPU,
   fp32 atomics into the workspace as above (GemLite's tuned small-M table). The tile is computed
   transposed ("swap AB", the ``swap_ab`` path of vLLM's sm90 CUTLASS FP8 GEMMs for small M): ``accᵀ (BLOCK_N, BLOCK_M) +=
-  op(W)ᵀ-tile · aᵀ``, so the 64 weight rows are the MMA's M and the few tokens its N. Hopper's wgmma
+  op(W)ᵀ-tile · aᵀ``, so the 128 weight rows are the MMA's M and the few tokens its N. Hopper's wgmma
   needs 64-row warpgroup tiles: un-swapped, a 16-token tile can only run ``mma.sync`` (HMMA) on sm_90;
-  swapped it runs wgmma (HGMMA) from ``M = 16``; on sm_80 the registers stay within one of the
-  un-swapped tile's or drop (dx: 96 to 80), measured with ``fastpeft check-kernels``. The LoRA epilogue product is swapped the same way.
+  swapped it runs wgmma (HGMMA) from two rows. The LoRA epilogue product is swapped the same way.
 - ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-device buffer
   (``fastpeft.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
   in place with ``addmm_`` (``B A`` never formed), then the column scale and bias in place (bitsandbytes
@@ -62,32 +70,44 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .nf4 import nf4_dequantize, nf4_kernel_args, nf4_layout, nf4_tables, nf4_tile
+from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_step_tile, nf4_tables,
+                  take_column)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Tiles, warps and stages per variant and GPU architecture (``fastpeft.kernels.plan.config_for``).
-# GEMV: BLOCK_N outputs x CHUNKS slices of BLOCK_K per program (GemLite's M=1 kernel: "BLOCK_N columns x two
-# chunks of BLOCK_K", tl.sum, fp32 atomics). Our packed rows run along in-features, so the forward tile is
-# (BLOCK_N W rows) x (BLOCK_K in-features): 32 x 256 at 4 warps is 64 codes per thread per chunk in 8-byte
-# loads; dx tiles (BLOCK_K W rows) x (BLOCK_N in-features), 32 x 128 (16-byte loads) up to M = 2, 16 x 128 in
-# 4 chunks (the same K slice) from M = 3: each of the 4 rows of dy is one more load and accumulator per W
-# row, and 32 rows took 133 registers on sm_90a (19% occupancy), 16 take 96 (31%); the LoRA epilogue's
-# (M, BLOCK_R, 128) broadcast product then takes rank slices of 8 (fp32 adapters: 148 -> 96 registers).
-# DX_TILES: (from BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, DX_CHUNKS, DX_MAX_BLOCK_R), the last that applies wins.
-# All sized to stay at <= 128 registers up to M = 4 in bf16, fp16 and bf16 + fp32 adapters (25% occupancy;
-# measured with check-kernels' sm_80 / sm_90a compiles, no GPU).
-# SPLITK: GemLite's tuned H100 small-M table: BLOCK_K 64 (= the NF4 block: one scale per row and step),
-# BLOCK_M 16/32/64 (M rounded up), BLOCK_N 64, SPLIT_K 8-16 (here: as many as fill TARGET_PROGRAMS, capped
-# at MAX_SPLIT_K), 4 warps, 2 stages (1 on sm_89: its 100 KB of shared memory).
-GEMV_CONFIGS = {"default": {"BLOCK_N": 32, "BLOCK_K": 256, "CHUNKS": 2,
-                            "DX_TILES": ((1, 128, 32, 2, 16), (4, 128, 16, 4, 8)),
-                            "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1}}
+# Tiles, warps and stages per variant and GPU architecture (``fastpeft.kernels.plan.config_for``); every number
+# measured with check-kernels' sm_80 / sm_89 / sm_90a compiles (no GPU), for bf16, fp16 and bf16 + fp32 adapters.
+# The main loop takes GROUP steps of BLOCK_K per pass: the absmax blocks of the GROUP steps load once per row
+# (and the nested absmax once per row and group), so a 64-code step costs two 128-bit packed loads and one
+# activation load, which puts every loop at <= 1 global memory instruction per 16 weight elements.
+# GEMV (M = 1): GemLite's M=1 kernel, "BLOCK_N columns x chunks of BLOCK_K", tl.sum, fp32 atomics. Our packed
+# rows run along in-features, so the forward tile is (BLOCK_N W rows) x (BLOCK_K in-features): 32 x 256 at 4
+# warps is 64 codes per thread per step, CHUNKS steps per program; dx tiles are (BLOCK_K W rows) x (BLOCK_N
+# in-features), 32 x 256 (GROUP 4 or 16-row steps: 21 / 19 instructions per element against 14).
+# WORDS: packed rows read as 32-bit words (8 codes each) instead of bytes: Triton holds a loaded byte per
+# register, a word keeps 8 codes in one (split-K forward: 168 -> 128 registers on sm_80); the GEMVs and the
+# split-K dx take bytes (words raise their registers: 96 -> 200 on sm_90a, or spill).
+GEMV_CONFIGS = {"default": {
+    "fwd": {"BLOCK_N": 32, "BLOCK_K": 256, "CHUNKS": 4, "GROUP": 2, "WORDS": False},
+    "dx": {"BLOCK_N": 256, "BLOCK_K": 32, "CHUNKS": 8, "GROUP": 2, "WORDS": False},
+    "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1}}
+# SPLITK: GemLite's tuned H100 small-M table: BLOCK_K 64 (= the NF4 block), BLOCK_M 16/32/64 (M rounded up),
+# SPLIT_K 8-16 (here: as many as fill TARGET_PROGRAMS, capped at MAX_SPLIT_K), 4 warps, 1 stage (with 2, sm_80's
+# shared memory, 41 KB, held occupancy to 19%). TILES per BLOCK_M: at 16 tokens BLOCK_N 128 rather than
+# GemLite's 64, so that the activation tile (16 x 64) loads once per 128 weight rows (at 64 rows it costs as
+# many loads as the packed weights and the loop needs 2 per 32 elements), GROUP 4; 32 and 64 tokens take 64
+# weight rows and GROUP 2 / 1 (with 128 rows and GROUP 4 their accumulators took 168-255 registers: 17-19%
+# occupancy, spills on sm_89). From 32 tokens the activation tile alone is 1 load per 32 weight elements and
+# more (BLOCK_M / (8 BLOCK_N) with 16-byte loads): those tiles cannot reach 1 per 16 whatever the rest.
+_WIDE_TILES = {32: {"BLOCK_N": 64, "GROUP": 2, "WORDS_FWD": False, "WORDS_DX": False},
+               64: {"BLOCK_N": 64, "GROUP": 1, "WORDS_FWD": False, "WORDS_DX": False}}
 SPLITK_CONFIGS = {
-    "default": {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16,
-                "num_warps": 4, "num_stages": 2},
-    (8, 9): {"BLOCK_N": 64, "BLOCK_K": 64, "MAX_BLOCK_R": 64, "TARGET_PROGRAMS": 284, "MAX_SPLIT_K": 16,
-             "num_warps": 4, "num_stages": 1},
+    "default": {"TILES": {16: {"BLOCK_N": 128, "GROUP": 4, "WORDS_FWD": True, "WORDS_DX": False}, **_WIDE_TILES},
+                "BLOCK_K": 64, "MAX_BLOCK_R": 16, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16, "num_warps": 4,
+                "num_stages": 1},
+    (8, 9): {"TILES": {16: {"BLOCK_N": 128, "GROUP": 4, "WORDS_FWD": True, "WORDS_DX": False}, **_WIDE_TILES},
+             "BLOCK_K": 64, "MAX_BLOCK_R": 16, "TARGET_PROGRAMS": 284, "MAX_SPLIT_K": 16, "num_warps": 4,
+             "num_stages": 1},
 }
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,14 +117,14 @@ def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
     bias_ptr, h_ptr, expand_ptr, col_scale_ptr, out_ptr,
     nested_offset_ptr, scaling,
-    M, N, K, rank, k_per_split, in_features, row_bytes,
+    M, N, K, rank, k_per_split, in_features, row_bytes, row_blocks,
     stride_am, stride_ak, stride_hm, stride_hr, stride_er, stride_en, stride_om, stride_on,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr,
-    TRANSPOSE: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr, TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_COL_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    EVICT_W: tl.constexpr, EVICT_A: tl.constexpr,
+    GROUP: tl.constexpr, EVICT_W: tl.constexpr, EVICT_A: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_start = tl.program_id(1) * BLOCK_N
@@ -112,14 +132,11 @@ def _nf4_lora_matmul_kernel(
     split = tl.program_id(2)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    if USE_DOT:
-        # k_per_split is a multiple of BLOCK_K; written so, the compiler knows the forward's packed-byte
-        # offset k_start / 2 is 16-byte aligned (128-bit loads; the runtime length alone is only known
-        # divisible by 16: 64-bit loads). The GEMV keeps the runtime form: with 16-byte loads its 64
-        # codes per thread took 3-27 more registers (check-kernels), past 128 (25% occupancy) on sm_90a.
-        k_begin = split * (k_per_split // BLOCK_K) * BLOCK_K
-    else:
-        k_begin = split * k_per_split
+    # k_per_split is a multiple of GROUP * BLOCK_K; written so, the compiler knows every step's packed-byte
+    # offset is 16-byte aligned (128-bit loads) and every group starts on a multiple of its absmax blocks
+    GROUP_K: tl.constexpr = GROUP * BLOCK_K
+    TILE_C: tl.constexpr = BLOCK_N if TRANSPOSE else BLOCK_K  # columns of the weight tile of a step
+    k_begin = split * (k_per_split // GROUP_K) * GROUP_K
     k_end = tl.minimum(k_begin + k_per_split, K)
     code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
     # the epilogue terms (LoRA, bias) are added by split 0 only; every split scales its own partial sum
@@ -127,40 +144,70 @@ def _nf4_lora_matmul_kernel(
     first_split = split == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k_start in range(k_begin, k_end, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < k_end
-        if TRANSPOSE:  # dx: the (BLOCK_K, BLOCK_N) tile of W itself, along its packed rows
-            w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
-                         offs_k, k_mask, n_start, in_features, row_bytes,
-                         BLOCK_N, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, EVICT_W)
-        else:  # forward: the (BLOCK_N, BLOCK_K) tile of W, transposed in registers below
-            w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
-                         offs_n, n_mask, k_start, in_features, row_bytes,
-                         BLOCK_K, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, EVICT_W)
-        w = w.to(a_ptr.dtype.element_ty)  # one rounding to the input dtype, as dequantize_4bit does
-        if USE_DOT:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT_A)
-            # swap AB: (out-features x tokens) = op(W)ᵀ aᵀ, so the weight tile is the MMA's row operand
-            # (64 rows: one Hopper warpgroup's wgmma tile) and the few tokens its N (see SPLITK_CONFIGS)
-            if TRANSPOSE:
-                acc_t += tl.dot(tl.trans(w), tl.trans(a), input_precision="ieee")
+    for k_group in range(k_begin, k_end, GROUP_K):
+        # the scales of the group's GROUP steps, one load of absmax bytes (and of nested absmax) per row; the
+        # GEMV's dx steps take the group's rows strided (see below)
+        scales = code  # stands in when not GROUPED (each step then loads its own)
+        if GROUPED:
+            scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_end, offs_n, n_mask,
+                                      n_start, row_blocks, TRANSPOSE, TRANSPOSE and not USE_DOT, GROUP, BLOCK_K,
+                                      BLOCK_N, BLOCKSIZE, NESTED, ROW_NESTED)
+        if TRANSPOSE and not USE_DOT:
+            # the GEMV's dy for the whole group, one load. Its step s takes the group's W rows t * GROUP + s
+            # (t < BLOCK_K): the few rows a thread decodes per step are then GROUP apart in each step and
+            # adjacent across the steps, so its dy values of the group are contiguous (one vector load)
+            offs_gk = k_group + tl.arange(0, GROUP_K).to(tl.int64)
+            a_group = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_gk[None, :] * stride_ak,
+                              mask=m_mask[:, None] & (offs_gk < k_end)[None, :], other=0.0, eviction_policy=EVICT_A)
+            a_group = tl.reshape(a_group, (BLOCK_M * BLOCK_K, GROUP))
+        for step in tl.static_range(GROUP):
+            k_start = k_group + step * BLOCK_K
+            if TRANSPOSE and not USE_DOT:
+                offs_k = k_group + step + tl.arange(0, BLOCK_K).to(tl.int64) * GROUP
             else:
-                acc_t += tl.dot(w, tl.trans(a), input_precision="ieee")
-        else:
-            # GEMV: one activation row at a time against the whole weight tile, reduced along K in the
-            # tile's own layout (no 3-D broadcast tile, no layout conversion)
-            w = w.to(tl.float32)
-            for row in tl.static_range(BLOCK_M):
-                m_row = tl.program_id(0).to(tl.int64) * BLOCK_M + row
-                a_row = tl.load(a_ptr + m_row * stride_am + offs_k * stride_ak, mask=k_mask & (m_row + 0 * offs_k < M), other=0.0,
-                                eviction_policy=EVICT_A).to(tl.float32)
+                offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+            k_mask = offs_k < k_end
+            if TRANSPOSE:  # dx: the (BLOCK_K, BLOCK_N) tile of W itself, along its packed rows
+                rows, row_mask, col0 = offs_k, k_mask, n_start
+            else:  # forward: the (BLOCK_N, BLOCK_K) tile of W, transposed in registers below
+                rows, row_mask, col0 = offs_n, n_mask, k_start
+            if TRANSPOSE and not USE_DOT:
+                a = tl.reshape(take_column(a_group, step), (BLOCK_M, BLOCK_K))
+            else:  # the activation tile of the step, one load for every row
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=EVICT_A)
+            if not USE_DOT and BLOCK_M == 1:
+                # the activations broadcast over the weight tile before it is decoded: then the layout
+                # conversion's barriers come first and each decoded value is consumed at once (measured on
+                # sm_90a: 162 -> 96 registers; decoding first keeps the whole tile live across them)
+                a_row = tl.reshape(a.to(tl.float32), (BLOCK_K,))
                 if TRANSPOSE:
-                    part = tl.sum(w * a_row[:, None], axis=0)
+                    a_tile = tl.broadcast_to(a_row[:, None], (BLOCK_K, BLOCK_N))
                 else:
-                    part = tl.sum(w * a_row[None, :], axis=1)
-                acc += tl.where((tl.arange(0, BLOCK_M) == row)[:, None], part[None, :], 0.0)
+                    a_tile = tl.broadcast_to(a_row[None, :], (BLOCK_N, BLOCK_K))
+            w = nf4_step_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales, step, rows,
+                              row_mask, col0, in_features, row_bytes, TILE_C, BLOCKSIZE, NESTED, EVEN_IN, ALIGNED,
+                              GROUPED, WORDS, EVICT_W)
+            w = w.to(a_ptr.dtype.element_ty)  # one rounding to the input dtype, as dequantize_4bit does
+            if USE_DOT:
+                # swap AB: (out-features x tokens) = op(W)ᵀ aᵀ, so the weight tile is the MMA's row operand
+                # (64 rows: one Hopper warpgroup's wgmma tile) and the few tokens its N (see SPLITK_CONFIGS)
+                if TRANSPOSE:
+                    acc_t += tl.dot(tl.trans(w), tl.trans(a), input_precision="ieee")
+                else:
+                    acc_t += tl.dot(w, tl.trans(a), input_precision="ieee")
+            elif BLOCK_M == 1:  # GEMV (decode): reduced along K in the tile's own layout
+                acc += tl.reshape(tl.sum(w.to(tl.float32) * a_tile, axis=0 if TRANSPOSE else 1), (1, BLOCK_N))
+            else:  # GEMV over a few rows (a planning override): one activation row at a time
+                w = w.to(tl.float32)
+                a = a.to(tl.float32)
+                for row in tl.static_range(BLOCK_M):
+                    a_row = tl.sum(tl.where((tl.arange(0, BLOCK_M) == row)[:, None], a, 0.0), axis=0)
+                    if TRANSPOSE:
+                        part = tl.sum(w * a_row[:, None], axis=0)
+                    else:
+                        part = tl.sum(w * a_row[None, :], axis=1)
+                    acc += tl.where((tl.arange(0, BLOCK_M) == row)[:, None], part[None, :], 0.0)
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         lora_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -209,7 +256,7 @@ def _check_vector(name: str, t, length: int, a: torch.Tensor):
 def plan_nf4_lora_matmul(
     m: int, n: int, k: int, rank: int = 0, *, blocksize: int = 64, nested: bool = False, has_bias: bool = False,
     has_col_scale: bool = False, transpose_weight: bool = False, in_features: Optional[int] = None,
-    fp32: bool = False, arch: tuple | None = None, sm_count: Optional[int] = None,
+    fp32: bool = False, arch: tuple | None = None, sm_count: Optional[int] = None, packed_words: bool = True,
 ) -> LaunchPlan:
     """The launch of an ``(m, k) · (k, n)`` NF4 product with a rank-``rank`` LoRA epilogue (0: none).
 
@@ -218,7 +265,8 @@ def plan_nf4_lora_matmul(
     reusable buffer, then cuBLAS). ``constexprs["SPLIT_K"] > 1`` means the launcher accumulates into a
     zeroed fp32 workspace; ``runtime["k_per_split"]``: the K slice length. ``in_features``: the weight's
     (default: ``k``, or ``n`` with ``transpose_weight``), for the decode layout. ``fp32``: the inputs are
-    fp32 (no tensor cores: the Triton range is shorter).
+    fp32 (no tensor cores: the Triton range is shorter). ``packed_words``: the packed bytes start 4-byte
+    aligned (then rows of whole words are read as words).
     """
     variant = nf4_path(m, n, fp32, arch, sm_count)
     if variant == "cublas":
@@ -227,33 +275,36 @@ def plan_nf4_lora_matmul(
     if variant == "gemv":
         config = config_for(GEMV_CONFIGS, arch)
         block_m = triton.next_power_of_2(m)
-        if transpose_weight:
-            block_n, block_k, chunks, max_block_r = [t[1:] for t in config["DX_TILES"] if t[0] <= block_m][-1]
-        else:
-            block_n, block_k, chunks = config["BLOCK_N"], config["BLOCK_K"], config["CHUNKS"]
-            max_block_r = config["MAX_BLOCK_R"]
-        block_r = min(max_block_r, triton.next_power_of_2(max(rank, 1)))
-        k_per_split = chunks * block_k
+        tile = config["dx" if transpose_weight else "fwd"]
+        block_n, block_k, group, words = tile["BLOCK_N"], tile["BLOCK_K"], tile["GROUP"], tile["WORDS"]
+        block_r = min(config["MAX_BLOCK_R"], triton.next_power_of_2(max(rank, 1)))
+        k_per_split = tile["CHUNKS"] * block_k
         evict_w, evict_a = "evict_first", "evict_last"  # weights streamed once, activations reused
     else:
         config = config_for(SPLITK_CONFIGS, arch)
         block_m = min(64, max(16, triton.next_power_of_2(m)))
-        block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
+        tile = config["TILES"][block_m]
+        block_n, block_k, group = tile["BLOCK_N"], config["BLOCK_K"], tile["GROUP"]
+        words = tile["WORDS_DX" if transpose_weight else "WORDS_FWD"]
         block_r = min(config["MAX_BLOCK_R"], max(16, triton.next_power_of_2(max(rank, 1))))
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        k_blocks = triton.cdiv(k, block_k)
-        split_k = max(1, min(k_blocks, config["MAX_SPLIT_K"], config["TARGET_PROGRAMS"] // tiles))
-        k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+        k_groups = triton.cdiv(k, group * block_k)
+        split_k = max(1, min(k_groups, config["MAX_SPLIT_K"], config["TARGET_PROGRAMS"] // tiles))
+        k_per_split = triton.cdiv(k_groups, split_k) * group * block_k
         evict_w, evict_a = "", ""
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
-    layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k)
+    # a group: GROUP steps whose absmax blocks load at once (per row: the group's columns in the forward, the
+    # tile's columns in dx)
+    group_blocks = max(1, (block_n if transpose_weight else group * block_k) // blocksize)
+    layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k, group_blocks)
+    layout["WORDS"] = layout["WORDS"] and words and packed_words
     return LaunchPlan(
         op="nf4_lora_matmul", variant=variant, kernel=_nf4_lora_matmul_kernel,
         grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k),
         constexprs={"BLOCKSIZE": blocksize, "NESTED": nested, **layout, "TRANSPOSE": transpose_weight,
                     "HAS_BIAS": has_bias, "HAS_LORA": rank > 0, "HAS_COL_SCALE": has_col_scale,
                     "USE_DOT": variant == "splitk", "SPLIT_K": split_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                    "BLOCK_K": block_k, "BLOCK_R": block_r, "EVICT_W": evict_w, "EVICT_A": evict_a},
+                    "BLOCK_K": block_k, "BLOCK_R": block_r, "GROUP": group, "EVICT_W": evict_w, "EVICT_A": evict_a},
         num_warps=config["num_warps"], num_stages=config["num_stages"], runtime={"k_per_split": k_per_split},
     )
 
@@ -365,7 +416,8 @@ def nf4_lora_matmul(
     plan = plan_nf4_lora_matmul(m, n, k, rank, blocksize=weight.blocksize, nested=weight.is_nested,
                                 has_bias=bias is not None, has_col_scale=col_scale is not None,
                                 transpose_weight=transpose_weight, in_features=in_features,
-                                fp32=a.dtype == torch.float32, arch=device_arch(a.device))
+                                fp32=a.dtype == torch.float32, arch=device_arch(a.device),
+                                packed_words=weight.packed.data_ptr() % 4 == 0)
     if plan.path == "torch":
         return _cublas_lora_matmul(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale, out)
     placeholder = a  # never read: the matching HAS_* flag is False
@@ -377,7 +429,7 @@ def nf4_lora_matmul(
            bias if bias is not None else placeholder, h, expand,
            col_scale if col_scale is not None else placeholder, target,
            nested_offset, float(scaling),
-           m, n, k, rank, plan.runtime["k_per_split"], in_features, in_features // 2,
+           m, n, k, rank, plan.runtime["k_per_split"], in_features, in_features // 2, in_features // weight.blocksize,
            a.stride(0), a.stride(1), h.stride(0), h.stride(1),
            expand.stride(0), expand.stride(1), target.stride(0), target.stride(1))
     if target is not out:
