@@ -134,6 +134,8 @@ def nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, rows, row_mask, blo
     first = rows * row_blocks + block0
     mask = row_mask[:, None] & (blocks < row_blocks)[None, :]
     block = first[:, None] + tl.arange(0, NB)[None, :]
+    # _absmax's arithmetic written out: routed through it (the nested scale passed in), ptxas capped the sm_89
+    # DoRA-norm split-K launch at 96 registers and spilled 8 B (check-kernels)
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         if ROW_NESTED:
