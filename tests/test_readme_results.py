@@ -65,6 +65,6 @@ def test_static_table_rows_are_the_committed_grid():
         assert (int(regs), int(spill), occupancy.split()[0]) == (r["registers"], r["stack_bytes"],
                                                                  f"{r['occupancy']:.0%}"), key
         assert mma == ("none" if not r["mma_count"] else f"{r['mma_kind']} x{r['mma_count']}"), key
-        assert [float(gmem), float(weight), float(instr)] == [
-            float(f"{r[f]:.3g}") for f in ("global_per_element", "weight_loads_per_element", "instructions_per_element")]
+        fields = ("global_per_element", "weight_loads_per_element", "instructions_per_element")
+        assert [float(gmem), float(weight), float(instr)] == [float(f"{r[f]:.3g}") for f in fields], key
         assert packed == " ".join(map(str, r["packed_load_bits"])), key

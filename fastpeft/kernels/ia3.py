@@ -20,8 +20,9 @@ Design: an NF4 weight is decoded tile by tile with ``fastpeft.kernels.nf4.nf4_ti
 the packed rows, fp32 values, one cast to the input dtype as ``dequantize_4bit`` does) and never
 materialised, except at large ``M`` where the plan dequantises into the reusable buffer and runs cuBLAS
 (``fastpeft.kernels.nf4_dispatch``, as for QLoRA); a dense weight is read through its strides (the
-element ``(k, n)`` of ``op(W)`` at ``n * stride_wn + k * stride_wk``). The prologue scale is applied to the ``a`` tile in fp32 and rounded once to the input dtype
-(as PEFT's ``(x * l).to(dtype)``). The row reduction is accumulated per tile in fp32 and added with
+element ``(k, n)`` of ``op(W)`` at ``n * stride_wn + k * stride_wk``). The prologue scale is applied in fp32 and
+rounded once to the input dtype (as PEFT's ``(x * l).to(dtype)``): to the ``a`` tile over a dense weight, to the
+activations before the launch over an NF4 one. The row reduction is accumulated per tile in fp32 and added with
 ``atomic_add`` into an fp32 ``(N,)`` buffer, so its summation order (not its value) varies from run to run.
 fp32 ``tl.dot`` uses ``input_precision="ieee"`` to match PyTorch's fp32 matmul (tf32 would be a GPU
 tuning choice to measure, not a default).
@@ -165,7 +166,8 @@ def plan_ia3_matmul(
     (``variant="cublas"``: dequantise into the reusable buffer, cuBLAS, the scales in place). An NF4 weight's
     input scale is applied to the ``(m, K)`` activations before the kernel (``runtime["prescale"]``: a pass
     over at most a few dozen rows beside the weight read), so its main loop loads only weights and
-    activations; a dense weight's in the kernel's prologue. ``packed_words``: the NF4 weight's packed bytes start 4-byte aligned (rows of whole words read as words)."""
+    activations; a dense weight's in the kernel's prologue. ``packed_words``: the NF4 weight's packed bytes start
+    4-byte aligned (rows of whole words read as words)."""
     if is_nf4 and nf4_path(m, n, fp32, arch, sm_count) == "cublas":
         return LaunchPlan(op="ia3_matmul", variant="cublas", path="torch")
     config = config_for(NF4_CONFIGS if is_nf4 else DENSE_CONFIGS, arch)
