@@ -17,7 +17,8 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 # (out, in, M): odd in-features decode element-wise; 192 has whole absmax blocks per row (grouped scales, one
-# nested absmax per block), 512 whole groups of blocks per row (one nested absmax per row and group)
+# nested absmax per block), 512 whole groups of blocks per row, each row in one nested block (its nested absmax
+# loaded once per program in the forward; 33 rows of 8 blocks span two nested blocks)
 SHAPES = [(47, 65, 19), (40, 192, 5), (33, 512, 3)]
 
 

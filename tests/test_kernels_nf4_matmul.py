@@ -26,9 +26,11 @@ def _reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, 
 
 # (M, in, out, r), none block multiples: odd in-features take the element-wise decode; 128 and 192 the
 # vector decode with whole blocks per row (one nested absmax per block), 100 with blocks straddling rows;
-# 512 and 1024 rows of whole groups of blocks (one nested absmax per row and group; 1024: two groups).
+# 512 and 1024 rows of whole groups of blocks (one nested absmax per row and group; 1024: two groups), 128, 512
+# and 1024 rows inside one nested block each (the forward loads it once per program; 20 rows of 1024 span two);
+# 33 tokens of 256: the 64-token tiles on whole blocks (1 step per pass forward, 2 in dx, a partial last pass).
 CASES = [(1, 65, 47, 1), (3, 128, 40, 4), (7, 33, 17, 8), (19, 192, 95, 16), (40, 100, 33, 64), (1, 512, 24, 8),
-         (5, 1024, 20, 2)]
+         (5, 1024, 20, 2), (33, 256, 130, 4)]
 # thresholds (FASTPEFT_NF4_GEMV_MAX_M, FASTPEFT_NF4_TRITON_MAX_M) that force each variant at every M
 FORCE = {"gemv": ("64", "64"), "splitk": ("0", "64"), "cublas": ("0", "0")}
 

@@ -49,6 +49,11 @@ def test_nf4_matmul_plan_picks_gemv_for_decode_and_splits_k(arch):
     assert dx.runtime["k_per_split"] == 256 and dx.constexprs["BLOCK_R"] == 16
     # rows of 11008 in-features (172 blocks) hold no whole group of 8 blocks: one nested absmax per block
     assert not nf4_matmul.plan_nf4_lora_matmul(1, 4096, 11008, 16, arch=arch).constexprs["ROW_NESTED"]
+    # a row of 4096 (64 blocks) lies in one nested block of 256: its nested absmax loads once per program; a
+    # row of 14336 (224 blocks) and one of 11008 do not
+    assert gemv.constexprs["ROW_IN_NESTED"]
+    for k in (14336, 11008):
+        assert not nf4_matmul.plan_nf4_lora_matmul(1, 4096, k, 16, arch=arch).constexprs["ROW_IN_NESTED"]
 
 
 @pytest.mark.parametrize("m", [16, 64, 512, 4096])

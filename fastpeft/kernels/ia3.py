@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .nf4 import nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_step_tile, nf4_tables
+from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
+                  nf4_tables)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
@@ -79,7 +80,8 @@ def _ia3_matmul_kernel(
     nested_offset_ptr, M, N, K, in_features, row_bytes, row_blocks,
     stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
-    ALIGNED: tl.constexpr, GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr,
+    ALIGNED: tl.constexpr, GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, ROW_IN_NESTED: tl.constexpr,
+    WORDS: tl.constexpr,
     TRANSPOSE: tl.constexpr, HAS_IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
     HAS_REDUCE: tl.constexpr, STORE_OUT: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -94,13 +96,16 @@ def _ia3_matmul_kernel(
     GROUP_K: tl.constexpr = GROUP * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    row_nested = None  # the forward's W rows' nested absmax, loaded once (fastpeft.kernels.nf4.nf4_row_nested)
+    if IS_NF4 and NESTED and ROW_IN_NESTED and not TRANSPOSE:
+        row_nested = nf4_row_nested(nested_absmax_ptr, offs_n, n_mask, row_blocks)
     # GROUP steps of BLOCK_K per pass: an NF4 weight's absmax loads once per group
     for k_group in range(0, K, GROUP_K):
         scales = a_ptr  # stands in when no group scales are loaded
         if IS_NF4 and GROUPED:
             scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, K, offs_n, n_mask,
                                       n_start, row_blocks, TRANSPOSE, False, GROUP, BLOCK_K, BLOCK_N, BLOCKSIZE,
-                                      NESTED, ROW_NESTED)
+                                      NESTED, ROW_NESTED, row_nested)
         for step in tl.static_range(GROUP):
             k_start = k_group + step * BLOCK_K
             offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -180,7 +185,8 @@ def plan_ia3_matmul(
         layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k, group_blocks)
         layout["WORDS"] = layout["WORDS"] and packed_words and tile["WORDS_DX" if transpose_weight else "WORDS_FWD"]
     else:
-        layout = {"EVEN_IN": False, "ALIGNED": False, "GROUPED": False, "ROW_NESTED": False, "WORDS": False}
+        layout = {"EVEN_IN": False, "ALIGNED": False, "GROUPED": False, "ROW_NESTED": False,
+                  "ROW_IN_NESTED": False, "WORDS": False}
     return LaunchPlan(
         op="ia3_matmul", variant="nf4" if is_nf4 else "dense", kernel=_ia3_matmul_kernel,
         grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n)),

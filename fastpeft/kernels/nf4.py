@@ -18,7 +18,9 @@ Structure (bitsandbytes' CUDA GEMV and newest fused kernel, GemLite; see /work/s
   loaded once per program; on sm_80+ that is one shared-memory read per element, no global gather);
 - the absmax is resolved once per (row, 64-element block): ``code2[q[blk]] * absmax2[blk >> 8] + offset``
   with ``code2`` on chip too, in bitsandbytes' fp32 order, then ``code * absmax`` in fp32; for a group
-  of blocks inside one nested block (``ROW_NESTED``) the nested absmax is loaded once per row.
+  of blocks inside one nested block (``ROW_NESTED``) the nested absmax is loaded once per row, and where a
+  whole row lies in one (``ROW_IN_NESTED``: ``in / blocksize`` divides 256) a forward loads it once per
+  program, before its loop (:func:`nf4_row_nested`).
 
 Layouts where a row does not start on a byte (odd ``in``) or a block straddles rows (``in`` not a
 multiple of ``min(blocksize, BLOCK_C)``) take the element-wise form of the same steps (``EVEN_IN`` /
@@ -122,14 +124,15 @@ def nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes,
 
 @triton.jit
 def nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, rows, row_mask, block0, row_blocks,
-               NB: tl.constexpr, NESTED: tl.constexpr, ROW_NESTED: tl.constexpr):
+               NB: tl.constexpr, NESTED: tl.constexpr, ROW_NESTED: tl.constexpr, row_nested=None):
     """fp32 absmax ``(len(rows), NB)`` of the blocks ``block0 .. block0 + NB`` of each row (0 where masked or
     past the row), for weights whose rows hold whole blocks (``row_blocks = in_features // blocksize``).
 
     One load per row of the ``NB`` contiguous absmax bytes (vectorised when ``row_blocks`` and ``block0`` are
     multiples of ``NB``, which the JIT sees through their divisibility). ``ROW_NESTED``: the ``NB`` blocks of
     a row share one nested absmax (``row_blocks`` and ``block0`` multiples of ``NB``, which divides the nested
-    blocksize 256, so no group of blocks crosses a nested block), loaded once per row."""
+    blocksize 256, so no group of blocks crosses a nested block), loaded once per row, or given: ``row_nested``,
+    each row's own (:func:`nf4_row_nested`)."""
     blocks = block0 + tl.arange(0, NB)
     first = rows * row_blocks + block0
     mask = row_mask[:, None] & (blocks < row_blocks)[None, :]
@@ -138,7 +141,9 @@ def nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, rows, row_mask, blo
     # DoRA-norm split-K launch at 96 registers and spilled 8 B (check-kernels)
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        if ROW_NESTED:
+        if row_nested is not None:
+            scale = row_nested[:, None]
+        elif ROW_NESTED:
             scale = tl.load(nested_absmax_ptr + (first >> 8), mask=row_mask, other=0.0)[:, None]
         else:
             scale = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
@@ -188,7 +193,7 @@ def take_column(t, column: tl.constexpr):
 def nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_end, offs_n, n_mask, n_start,
                      row_blocks, TRANSPOSE: tl.constexpr, STRIDED: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                     ROW_NESTED: tl.constexpr):
+                     ROW_NESTED: tl.constexpr, row_nested=None):
     """The absmax of the ``GROUP`` steps of a K-loop group starting at ``k_group``, loaded at once, as
     ``(R * NB, GROUP)``: column ``s`` (:func:`take_column`), reshaped ``(R, NB)``, scales step ``s``'s tile.
 
@@ -196,7 +201,7 @@ def nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_en
     ``NB = BLOCK_K // BLOCKSIZE`` blocks each, the group's ``GROUP * BLOCK_K`` columns in one load per row.
     dx: the tiles are ``W[rows, n_start : n_start + BLOCK_N]`` over the group's ``GROUP * BLOCK_K`` W rows,
     ``R = BLOCK_K``, ``NB = BLOCK_N // BLOCKSIZE``; step ``s`` holds the group's rows ``s * BLOCK_K + t``, or
-    ``t * GROUP + s`` with ``STRIDED``."""
+    ``t * GROUP + s`` with ``STRIDED``. ``row_nested``: the forward's rows' nested absmax (:func:`nf4_row_nested`)."""
     GROUP_K: tl.constexpr = GROUP * BLOCK_K
     if TRANSPOSE:
         NB: tl.constexpr = BLOCK_N // BLOCKSIZE
@@ -211,8 +216,15 @@ def nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_en
     else:
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE
         scales = nf4_scales(absmax_ptr, nested_absmax_ptr, code2, offset, offs_n, n_mask,
-                            k_group // BLOCKSIZE, row_blocks, GROUP * NB, NESTED, ROW_NESTED)
+                            k_group // BLOCKSIZE, row_blocks, GROUP * NB, NESTED, ROW_NESTED, row_nested)
         return tl.reshape(tl.permute(tl.reshape(scales, (BLOCK_N, GROUP, NB)), (0, 2, 1)), (BLOCK_N * NB, GROUP))
+
+
+@triton.jit
+def nf4_row_nested(nested_absmax_ptr, rows, row_mask, row_blocks):
+    """The nested absmax of each of ``rows``, for a forward whose rows each lie in one nested block
+    (``NESTED`` and ``ROW_IN_NESTED``): loaded once per row and program, before the loop."""
+    return tl.load(nested_absmax_ptr + ((rows * row_blocks) >> 8), mask=row_mask, other=0.0)
 
 
 @triton.jit
@@ -266,7 +278,7 @@ def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr, out_ptr,
     out_features, in_features, row_bytes, row_blocks, cols_per_program, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr,
-    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, ROW_IN_NESTED: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -276,12 +288,15 @@ def _nf4_dequant_kernel(
     c_begin = tl.program_id(1) * (cols_per_program // GROUP_C) * GROUP_C
     c_end = tl.minimum(c_begin + cols_per_program, in_features)
     code, code2, offset = nf4_tables(code_ptr, nested_code_ptr, nested_offset_ptr, NESTED)
+    row_nested = None  # the rows' nested absmax, loaded once where each row lies in one nested block
+    if NESTED and ROW_IN_NESTED:
+        row_nested = nf4_row_nested(nested_absmax_ptr, rows, row_mask, row_blocks)
     for c_group in range(c_begin, c_end, GROUP_C):
         scales = code  # stands in when not GROUPED (each tile then loads its own)
         if GROUPED:
             scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, c_group, c_end, rows, row_mask,
                                       0, row_blocks, False, False, GROUP, BLOCK_C, BLOCK_R, BLOCKSIZE, NESTED,
-                                      ROW_NESTED)
+                                      ROW_NESTED, row_nested)
         for step in tl.static_range(GROUP):
             col0 = c_group + step * BLOCK_C
             w = nf4_step_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales, step, rows,
@@ -297,11 +312,13 @@ def nf4_layout(in_features: int, blocksize: int, block_c: int, group_blocks: int
     byte, ``in`` even) and ``ALIGNED`` (no absmax block straddles two rows of a tile) for :func:`nf4_tile`;
     with ``group_blocks`` (the absmax blocks per row a kernel loads at once, a power of two) also
     ``GROUPED`` (rows hold whole blocks and a step holds whole blocks: :func:`nf4_scales` applies) and
-    ``ROW_NESTED`` (every group of a row lies in one nested block: one nested absmax per row and group)."""
+    ``ROW_NESTED`` (every group of a row lies in one nested block: one nested absmax per row and group) and
+    ``ROW_IN_NESTED`` (every row lies in one: one per row, :func:`nf4_row_nested`)."""
     layout = {"EVEN_IN": in_features % 2 == 0, "ALIGNED": in_features % min(blocksize, block_c) == 0}
     if group_blocks:
         layout["GROUPED"] = in_features % blocksize == 0 and blocksize <= block_c
         layout["ROW_NESTED"] = layout["GROUPED"] and (in_features // blocksize) % group_blocks == 0
+        layout["ROW_IN_NESTED"] = layout["GROUPED"] and 256 % (in_features // blocksize) == 0
         layout["WORDS"] = layout["GROUPED"] and in_features % 8 == 0
     return layout
 

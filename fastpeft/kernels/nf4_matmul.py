@@ -70,8 +70,8 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_step_tile, nf4_tables,
-                  take_column)
+from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
+                  nf4_tables, take_column)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
@@ -96,16 +96,21 @@ GEMV_CONFIGS = {"default": {
 # shared memory, 41 KB, held occupancy to 19%). TILES per BLOCK_M: at 16 tokens BLOCK_N 128 rather than
 # GemLite's 64, so that the activation tile (16 x 64) loads once per 128 weight rows (at 64 rows it costs as
 # many loads as the packed weights and the loop needs 2 per 32 elements), GROUP 4; 32 and 64 tokens take 64
-# weight rows and GROUP 2 / 1 (with 128 rows and GROUP 4 their accumulators took 168-255 registers: 17-19%
-# occupancy, spills on sm_89). From 32 tokens the activation tile alone is 1 load per 32 weight elements and
-# more (BLOCK_M / (8 BLOCK_N) with 16-byte loads): those tiles cannot reach 1 per 16 whatever the rest.
-_WIDE_TILES = {32: {"BLOCK_N": 64, "GROUP": 2, "WORDS_FWD": False, "WORDS_DX": False},
-               64: {"BLOCK_N": 64, "GROUP": 1, "WORDS_FWD": False, "WORDS_DX": False}}
+# weight rows and GROUP 2, or 1 in the 64-token forward (with 128 rows and GROUP 4 their accumulators took
+# 168-255 registers: 17-19% occupancy, spills on sm_89; the 64-token forward at GROUP 2: 228 registers, its dx
+# 168, and a forward row's nested absmax loads once per program where the row lies in one nested block, so
+# GROUP 1 keeps its weight loads at 1 per 16 elements). From 32 tokens the activation tile alone is 1 load per
+# 32 weight elements and more (BLOCK_M / (8 BLOCK_N) with 16-byte loads): those tiles cannot reach 1 global
+# memory instruction per 16 weight elements whatever the rest.
+_WIDE_TILES = {32: {"BLOCK_N": 64, "GROUP_FWD": 2, "GROUP_DX": 2, "WORDS_FWD": False, "WORDS_DX": False},
+               64: {"BLOCK_N": 64, "GROUP_FWD": 1, "GROUP_DX": 2, "WORDS_FWD": False, "WORDS_DX": False}}
 SPLITK_CONFIGS = {
-    "default": {"TILES": {16: {"BLOCK_N": 128, "GROUP": 4, "WORDS_FWD": True, "WORDS_DX": False}, **_WIDE_TILES},
+    "default": {"TILES": {16: {"BLOCK_N": 128, "GROUP_FWD": 4, "GROUP_DX": 4, "WORDS_FWD": True, "WORDS_DX": False},
+                          **_WIDE_TILES},
                 "BLOCK_K": 64, "MAX_BLOCK_R": 16, "TARGET_PROGRAMS": 264, "MAX_SPLIT_K": 16, "num_warps": 4,
                 "num_stages": 1},
-    (8, 9): {"TILES": {16: {"BLOCK_N": 128, "GROUP": 4, "WORDS_FWD": True, "WORDS_DX": False}, **_WIDE_TILES},
+    (8, 9): {"TILES": {16: {"BLOCK_N": 128, "GROUP_FWD": 4, "GROUP_DX": 4, "WORDS_FWD": True, "WORDS_DX": False},
+                       **_WIDE_TILES},
              "BLOCK_K": 64, "MAX_BLOCK_R": 16, "TARGET_PROGRAMS": 284, "MAX_SPLIT_K": 16, "num_warps": 4,
              "num_stages": 1},
 }
@@ -120,7 +125,8 @@ def _nf4_lora_matmul_kernel(
     M, N, K, rank, k_per_split, in_features, row_bytes, row_blocks,
     stride_am, stride_ak, stride_hm, stride_hr, stride_er, stride_en, stride_om, stride_on,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr,
-    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, WORDS: tl.constexpr, TRANSPOSE: tl.constexpr,
+    GROUPED: tl.constexpr, ROW_NESTED: tl.constexpr, ROW_IN_NESTED: tl.constexpr, WORDS: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_COL_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -144,6 +150,10 @@ def _nf4_lora_matmul_kernel(
     first_split = split == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # the forward's W rows are the program's own, the same at every step: their nested absmax loads once
+    row_nested = None
+    if NESTED and ROW_IN_NESTED and not TRANSPOSE:
+        row_nested = nf4_row_nested(nested_absmax_ptr, offs_n, n_mask, row_blocks)
     for k_group in range(k_begin, k_end, GROUP_K):
         # the scales of the group's GROUP steps, one load of absmax bytes (and of nested absmax) per row; the
         # GEMV's dx steps take the group's rows strided (see below)
@@ -151,7 +161,7 @@ def _nf4_lora_matmul_kernel(
         if GROUPED:
             scales = nf4_group_scales(absmax_ptr, nested_absmax_ptr, code2, offset, k_group, k_end, offs_n, n_mask,
                                       n_start, row_blocks, TRANSPOSE, TRANSPOSE and not USE_DOT, GROUP, BLOCK_K,
-                                      BLOCK_N, BLOCKSIZE, NESTED, ROW_NESTED)
+                                      BLOCK_N, BLOCKSIZE, NESTED, ROW_NESTED, row_nested)
         if TRANSPOSE and not USE_DOT:
             # the GEMV's dy for the whole group, one load. Its step s takes the group's W rows t * GROUP + s
             # (t < BLOCK_K): the few rows a thread decodes per step are then GROUP apart in each step and
@@ -284,7 +294,8 @@ def plan_nf4_lora_matmul(
         config = config_for(SPLITK_CONFIGS, arch)
         block_m = min(64, max(16, triton.next_power_of_2(m)))
         tile = config["TILES"][block_m]
-        block_n, block_k, group = tile["BLOCK_N"], config["BLOCK_K"], tile["GROUP"]
+        block_n, block_k = tile["BLOCK_N"], config["BLOCK_K"]
+        group = tile["GROUP_DX" if transpose_weight else "GROUP_FWD"]
         words = tile["WORDS_DX" if transpose_weight else "WORDS_FWD"]
         block_r = min(config["MAX_BLOCK_R"], max(16, triton.next_power_of_2(max(rank, 1))))
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
