@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
-                  nf4_tables)
+                  nf4_tables, packed_word_aligned)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
@@ -292,7 +292,7 @@ def ia3_matmul(
         has_bias=bias is not None, has_out_scale=out_scale is not None, has_reduce=reduce_rows is not None,
         store_out=store_out, transpose_weight=transpose_weight, in_features=in_features,
         fp32=a.dtype == torch.float32, arch=device_arch(a.device),
-        packed_words=not is_nf4 or weight.packed.data_ptr() % 4 == 0,
+        packed_words=not is_nf4 or packed_word_aligned(weight),
     )
     if plan.path == "torch":
         return _cublas_ia3_matmul(a, weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced)

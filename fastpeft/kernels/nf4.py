@@ -75,7 +75,6 @@ def _lookup(table, index):
     return tl.reshape(tl.gather(table, flat, 0), [index.shape[0], index.shape[1]])
 
 
-
 @triton.jit
 def _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, mask, NESTED: tl.constexpr):
     """fp32 absmax of int64 ``block`` indices (2-D), 0 where masked (so masked elements decode to 0)."""
@@ -341,6 +340,12 @@ def nf4_kernel_args(weight: NF4Weight) -> tuple:
     return (weight.packed, weight.absmax, nf4_code(weight.device), weight.absmax, weight.absmax, weight.absmax)
 
 
+def packed_word_aligned(weight: NF4Weight) -> bool:
+    """Whether ``weight``'s packed bytes start 4-byte aligned, so rows of whole words may be read as 32-bit words
+    (the ``packed_words`` argument of the NF4 plans; a view into a larger buffer may start anywhere)."""
+    return weight.packed.data_ptr() % 4 == 0
+
+
 def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nested: bool,
                         arch: tuple | None = None, packed_words: bool = True) -> LaunchPlan:
     """The launch that dequantises an ``(out_features, in_features)`` NF4 weight (``blocksize``,
@@ -378,7 +383,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None, out: torch.Tens
     if out.numel() == 0:
         return out
     plan = plan_nf4_dequantize(out_features, in_features, weight.blocksize, weight.is_nested,
-                               device_arch(weight.device), packed_words=weight.packed.data_ptr() % 4 == 0)
+                               device_arch(weight.device), packed_words=packed_word_aligned(weight))
     launch(plan, *nf4_kernel_args(weight), out, out_features, in_features, in_features // 2,
            in_features // weight.blocksize, plan.runtime["cols_per_program"], out.stride(0))
     return out

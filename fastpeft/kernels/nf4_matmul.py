@@ -71,7 +71,7 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
-                  nf4_tables, take_column)
+                  nf4_tables, packed_word_aligned, take_column)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
@@ -428,7 +428,7 @@ def nf4_lora_matmul(
                                 has_bias=bias is not None, has_col_scale=col_scale is not None,
                                 transpose_weight=transpose_weight, in_features=in_features,
                                 fp32=a.dtype == torch.float32, arch=device_arch(a.device),
-                                packed_words=weight.packed.data_ptr() % 4 == 0)
+                                packed_words=packed_word_aligned(weight))
     if plan.path == "torch":
         return _cublas_lora_matmul(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale, out)
     placeholder = a  # never read: the matching HAS_* flag is False
