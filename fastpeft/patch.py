@@ -607,7 +607,7 @@ def save_model_adapter(model: nn.Module, path: Union[str, Path]) -> None:
     for name, layer in layers.items():
         key = _PEFT_PREFIX + name
         if isinstance(layer, IA3Linear):
-            tensors[key + ".ia3_l"] = layer.ia3_l
+            tensors[key + ".ia3_l"] = layer.peft_ia3_l()
             continue
         tensors[key + ".lora_A.weight"] = layer.lora_A
         tensors[key + ".lora_B.weight"] = layer.lora_B

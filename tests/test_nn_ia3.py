@@ -26,9 +26,9 @@ def _pair(nf4, with_bias, is_feedforward):
                             init_ia3_weights=False)
     theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     assert theirs.is_feedforward == is_feedforward
-    assert ours.ia3_l.shape == theirs.ia3_l["default"].shape
+    assert ours.peft_shape() == theirs.ia3_l["default"].shape == ours.peft_ia3_l().shape
     with torch.no_grad():
-        ours.ia3_l.copy_(theirs.ia3_l["default"])
+        ours.peft_ia3_l().copy_(theirs.ia3_l["default"])
     return theirs, ours
 
 
@@ -38,7 +38,7 @@ def _assert_same_outputs_and_grads(theirs, ours, x, dy):
     y, *got = layer_grads(ours, x, dy, [ours.ia3_l])
     assert_rel_close(y, y_ref, torch.float32)
     for g, g_ref in zip(got, ref):
-        assert_rel_close(g, g_ref, torch.float32)
+        assert_rel_close(g.reshape(g_ref.shape), g_ref, torch.float32)
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])
@@ -76,7 +76,7 @@ def test_merge_matches_peft_and_unmerges(is_feedforward):
 def test_nf4_weight_base_and_no_nf4_merge():
     dense = torch.randn(40, 128)
     layer = IA3Linear(NF4Weight.quantize(dense, 64, double_quant=True), bias=torch.randn(40))
-    assert layer.ia3_l.shape == (40, 1) and torch.equal(layer.ia3_l, torch.ones(40, 1))
+    assert layer.ia3_l.shape == (40,) and torch.equal(layer.ia3_l, torch.ones(40)) and layer.peft_shape() == (40, 1)
     x = torch.randn(3, 128)
     with torch.no_grad():
         expected = x @ layer.base_weight().dequantize(torch.float32).t() + layer.bias
@@ -97,6 +97,26 @@ def test_from_peft_adapter_file(tmp_path):
         x = torch.randn(3, ours.in_features)
         with torch.no_grad():
             assert_rel_close(ours(x), theirs.base_model.model.get_submodule(name)(x), torch.float32)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_state_dict_takes_peft_shaped_and_flat_vectors(is_feedforward):
+    """ia3_l is flat; a PEFT layer's vector (1, in) / (out, 1) loads into it, as does the layer's own state; any
+    other shape is load_state_dict's size-mismatch error, not a silent reshape."""
+    theirs, ours = _pair(nf4=False, with_bias=True, is_feedforward=is_feedforward)
+    peft_vector = theirs.ia3_l["default"].detach()
+    fresh = IA3Linear(copy.deepcopy(ours.base_layer), is_feedforward)
+    fresh.load_state_dict({"base_layer.weight": ours.base_layer.weight, "base_layer.bias": ours.base_layer.bias,
+                           "ia3_l": peft_vector})
+    assert fresh.ia3_l.shape == (peft_vector.numel(),) and torch.equal(fresh.peft_ia3_l(), peft_vector)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert_rel_close(fresh(x), theirs(x), torch.float32)
+    again = IA3Linear(copy.deepcopy(ours.base_layer), is_feedforward)
+    again.load_state_dict(fresh.state_dict())
+    assert torch.equal(again.ia3_l, fresh.ia3_l)
+    with pytest.raises(RuntimeError, match="size mismatch for ia3_l"):
+        again.load_state_dict({**fresh.state_dict(), "ia3_l": peft_vector.reshape(peft_vector.shape[::-1])})
 
 
 def test_errors():
@@ -137,7 +157,7 @@ def test_fp16_base_matches_peft(is_feedforward):
     theirs = peft.get_peft_model(Holder(base), config).base_model.model.proj
     assert ours.ia3_l.dtype == theirs.ia3_l["default"].dtype == torch.float32
     with torch.no_grad():
-        ours.ia3_l.copy_(theirs.ia3_l["default"])
+        ours.peft_ia3_l().copy_(theirs.ia3_l["default"])
     x, dy = torch.randn(5, 64, dtype=torch.float16), torch.randn(5, 40, dtype=torch.float16)
     y_ref, *ref = layer_grads(theirs, x, dy, [theirs.ia3_l["default"]])
     y, *got = layer_grads(ours, x, dy, [ours.ia3_l])
@@ -145,7 +165,7 @@ def test_fp16_base_matches_peft(is_feedforward):
     assert_rel_close(y, y_ref, torch.float16)
     for g, g_ref in zip(got, ref):
         assert g.dtype == g_ref.dtype
-        assert_rel_close(g, g_ref, torch.float16)
+        assert_rel_close(g.reshape(g_ref.shape), g_ref, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- the reused plan

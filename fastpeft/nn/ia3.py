@@ -2,8 +2,11 @@
 computed by ``fastpeft.ops.ia3_linear``.
 
 ``is_feedforward=True`` scales the input, ``y = (x ⊙ l) Wᵀ + b``; otherwise the output,
-``y = (x Wᵀ + b) ⊙ l`` (PEFT's rule). ``ia3_l`` keeps PEFT's shape, ``(1, in)`` or ``(out, 1)``, so a PEFT
-state loads as it is.
+``y = (x Wᵀ + b) ⊙ l`` (PEFT's rule). ``ia3_l`` is the flat vector the product broadcasts, ``(in,)`` or
+``(out,)``. PEFT keeps it as ``(1, in)`` or ``(out, 1)`` and flattens it at every call: a view, recorded by
+autograd, and a backward node, about 6 % of an M = 1 1024x1024 fp32 training step on CPU. PEFT's layout stays
+where tensors leave or enter the layer: :meth:`peft_ia3_l` (what ``fastpeft.save_model_adapter`` writes),
+``load_state_dict`` (takes either shape) and :meth:`from_adapter`.
 
 Merging (dense bases only, as PEFT's 4-bit IA3 layer has no merge either): ``W ← W ⊙ l`` (columns
 when feed-forward, rows otherwise, and then the bias too). ``unmerge`` divides by ``l`` exactly, where
@@ -61,10 +64,10 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.is_feedforward = bool(is_feedforward)
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        size = self.in_features if self.is_feedforward else self.out_features
         # fp32 whatever the base dtype, as PEFT's get_peft_model leaves it (autocast_adapter_dtype=True)
         init = torch.ones if init_ia3_weights else torch.randn
-        self.ia3_l = nn.Parameter(init(shape, dtype=torch.float32, device=self.base_weight().device))
+        self.ia3_l = nn.Parameter(init(size, dtype=torch.float32, device=self.base_weight().device))
         self.merged = False
         self.disabled = False
 
@@ -79,6 +82,22 @@ class IA3Linear(nn.Module):
             layer.ia3_l.copy_(adapter.ia3_scale.reshape(layer.ia3_l.shape))
         return layer
 
+    def peft_shape(self) -> tuple:
+        """PEFT's shape of the vector: ``(1, in)`` when feed-forward, else ``(out, 1)``."""
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def peft_ia3_l(self) -> torch.Tensor:
+        """``ia3_l`` in PEFT's shape (a view: PEFT's adapter files and state dicts hold this)."""
+        return self.ia3_l.view(self.peft_shape())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a PEFT-shaped vector (PEFT's state, a file) loads as the flat one; load_state_dict passes its own copy
+        key = prefix + "ia3_l"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == self.peft_shape():
+            state_dict[key] = value.reshape(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # LoraLinear's views of the base apply as they are (NF4 view of a Linear4bit, repacking check)
     base_weight = LoraLinear.base_weight
     bias = LoraLinear.bias
@@ -92,10 +111,10 @@ class IA3Linear(nn.Module):
             return
         if self.is_nf4:
             raise ValueError("IA3Linear merges only into a dense base (an NF4 base would have to be re-quantised)")
-        scale = self.ia3_l.detach()
+        scale = self.peft_ia3_l().detach()  # broadcast over W's columns or rows
         self.base_layer.weight.mul_(scale.to(self.base_layer.weight.dtype))
         if not self.is_feedforward and self.base_layer.bias is not None:
-            self.base_layer.bias.mul_(scale.view(-1).to(self.base_layer.bias.dtype))
+            self.base_layer.bias.mul_(self.ia3_l.detach().to(self.base_layer.bias.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -103,15 +122,14 @@ class IA3Linear(nn.Module):
         """Undo :meth:`merge` (exact up to rounding); no-op when not merged."""
         if not self.merged:
             return
-        scale = self.ia3_l.detach()
+        scale = self.peft_ia3_l().detach()
         self.base_layer.weight.div_(scale.to(self.base_layer.weight.dtype))
         if not self.is_feedforward and self.base_layer.bias is not None:
-            self.base_layer.bias.div_(scale.view(-1).to(self.base_layer.bias.dtype))
+            self.base_layer.bias.div_(self.ia3_l.detach().to(self.base_layer.bias.dtype))
         self.merged = False
 
-    # The last call's (key, plan, l flattened in no-grad mode): the op's checks and path choice
-    # (fastpeft.ops.ia3.ia3_plan) cost about as much as the layer's math at M = 1 on CPU, and a decode loop repeats
-    # them on inputs that differ only in values.
+    # The last call's (key, plan): the op's checks and path choice (fastpeft.ops.ia3.ia3_plan) cost about as much as
+    # the layer's math at M = 1 on CPU, and a decode or training loop repeats them on inputs that differ only in values.
     _planned: Optional[tuple] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,21 +138,17 @@ class IA3Linear(nn.Module):
         weight, bias, ia3_l = self.base_weight(), self.bias, parameter(self, "ia3_l")
         if not isinstance(x, torch.Tensor) or autocast_dtype(x) is not None or torch.compiler.is_compiling():
             # bad input or autocast (the op's own checks and casts), or traced by dynamo: no reuse
-            return ia3_linear(x, weight, bias, ia3_l.view(-1), self.is_feedforward)
-        # everything ia3_plan's answer depends on (its docstring), and l's storage for the flattened l kept in no-grad
-        # mode (held with the plan, so no other tensor takes its address meanwhile)
+            return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)
+        # everything ia3_plan's answer depends on (its docstring)
         grad = torch.is_grad_enabled()
         key = (x.shape, x.dtype, x.device, grad, grad and x.requires_grad, backend_setting(), self.is_feedforward,
                type(weight), weight.shape, weight.device, grad and getattr(weight, "requires_grad", False),
                None if bias is None else bias.shape, grad and bias is not None and bias.requires_grad,
-               ia3_l.shape, ia3_l.data_ptr(), grad and ia3_l.requires_grad)
+               ia3_l.shape, grad and ia3_l.requires_grad)
         planned = self._planned
         if planned is None or planned[0] != key:
-            scale = ia3_l.view(-1)
-            planned = self._planned = (key, ia3_plan(x, weight, bias, scale, self.is_feedforward),
-                                       None if grad else scale)
-        # with grad, l is flattened at each call (a view made once would join every call's graph)
-        return ia3_apply(planned[1], x, weight, bias, ia3_l.view(-1) if grad else planned[2], self.is_feedforward)
+            planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
+        return ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
