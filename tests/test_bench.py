@@ -273,3 +273,30 @@ def test_check_cpu_times_the_same_batch_of_calls_per_round_for_every_implementat
     # after warm-up and calibration (2 calls each, in job order), the rounds' first implementation rotates
     rounds = order[4:]
     assert [rounds[r * 2 * per_round] for r in range(3)] == ["fast", "slow", "fast"]
+
+
+def test_micro_implementations_read_one_copy_of_the_weights():
+    """Every implementation of a micro case gets the same weight tensors, and the dense layers wrap that memory
+    without a copy (copies in different memory timed differently on identical calls)."""
+    from fastpeft.bench import cases
+
+    cfg = bench_main.make_config(bench_main.build_parser().parse_args(QUICK))
+    w = cases._weights(cfg, 24, 40)
+    assert cases._weights(cfg, 24, 40) is w
+    layer = cases._dense_linear(w)
+    assert layer.weight.data_ptr() == w.weight.data_ptr() and not layer.weight.requires_grad
+    assert torch.equal(layer(torch.eye(40)), w.weight.t())
+    other = cases._weights(cfg, 24, 48)  # another shape: its own seeded weights, the last shape's dropped
+    assert other.weight.shape == (24, 48) and cases._weights(cfg, 24, 40) is not w
+    assert torch.equal(cases._weights(cfg, 24, 40).weight, w.weight)  # the same seeded values again
+
+
+def test_ia3_floor_times_the_layers_beside_the_bare_function(capsys):
+    """bench/ia3_floor.py, one round: every micro shape, each layer's ratio to the bare reference function."""
+    from bench import ia3_floor
+
+    assert ia3_floor.main(["--rounds", "1", "--mode", "fwd_bwd"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2  # the cpu suite's two micro shapes
+    for line in lines:
+        assert all(label in line for label in ("reference 1.000,", "fastpeft ", "thinnest-module ", "attribute-module "))
