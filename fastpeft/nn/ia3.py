@@ -22,8 +22,7 @@ from torch import nn
 
 from ..nf4 import NF4Weight
 from ..ops.dispatch import backend_setting
-from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan
-from ..ops.inputs import autocast_dtype
+from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plain_dense, ia3_plan
 from ..ops.lora import lora_linear
 from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
 
@@ -136,8 +135,8 @@ class IA3Linear(nn.Module):
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
         weight, bias, ia3_l = self.base_weight(), self.bias, parameter(self, "ia3_l")
-        if not isinstance(x, torch.Tensor) or autocast_dtype(x) is not None or torch.compiler.is_compiling():
-            # bad input or autocast (the op's own checks and casts), or traced by dynamo: no reuse
+        if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+            # bad input or autocast on for any device (the op's own checks and casts), or traced by dynamo: no reuse
             return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)
         # everything ia3_plan's answer depends on (its docstring)
         grad = torch.is_grad_enabled()
@@ -147,7 +146,12 @@ class IA3Linear(nn.Module):
                ia3_l.shape, grad and ia3_l.requires_grad)
         planned = self._planned
         if planned is None or planned[0] != key:
-            planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
+            plan = ia3_plan(x, weight, bias, ia3_l, self.is_feedforward)
+            # (key, plan, the in-place flag of a plain plan over a dense base, else None): that path called directly
+            planned = self._planned = (key, plan, None if not plan.plain or isinstance(weight, NF4Weight)
+                                       else not plan.differentiable)
+        if planned[2] is not None:
+            return ia3_plain_dense(x, weight, bias, ia3_l, self.is_feedforward, planned[2])
         return ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
 
     def extra_repr(self) -> str:
