@@ -12,7 +12,8 @@ ratio, never on a wall time:
 
 - every case with a ``peft`` row: fastpeft / PEFT <= 1 + NOISE (the accelerated model, MultiLoraModel for the
   multi-adapter cases, fastpeft's modules for the micro cases);
-- the micro IA3 / DoRA / multi-LoRA cases: fastpeft / reference <= 1 + NOISE;
+- the micro IA3 / DoRA / multi-LoRA cases: fastpeft / reference <= 1 + NOISE (a module against a bare function:
+  ``bench/ia3_floor.py`` measures what being an ``nn.Module`` alone costs against IA3's two-op reference at M = 1);
 - ``decode``: MultiLoraModel with one adapter / PEFT's single-adapter decode <= 1.2;
 - ``multi_lora_decode``: PEFT's ``adapter_names`` generate / MultiLoraModel >= 3 with 16 adapters over 16 rows,
   and MultiLoraModel's time with 64 adapters in the bank / with 1 <= 1.3 (reported for every count).
