@@ -139,7 +139,7 @@ def _generator(cfg: BenchConfig, seed: int) -> torch.Generator:
 
 # The last shape's weights, handed to every implementation of its cases (their setups run one after another): the
 # same computation on two copies of one weight differs by up to 16 % on a 2-core CPU host from where the copies lie in
-# memory (identical reference calls on three copies, 1024x2816 fp32, M = 1: 1.00 / 1.11 / 1.16), which would read as
+# memory (identical reference calls on three copies, 2816x1024 fp32, M = 1: 1.00 / 1.11 / 1.16), which would read as
 # a difference between implementations. One copy, read by all of them, leaves only their code to compare.
 _SHARED_WEIGHTS: dict = {}
 

@@ -4,7 +4,7 @@ computed by ``fastpeft.ops.ia3_linear``.
 ``is_feedforward=True`` scales the input, ``y = (x ⊙ l) Wᵀ + b``; otherwise the output,
 ``y = (x Wᵀ + b) ⊙ l`` (PEFT's rule). ``ia3_l`` is the flat vector the product broadcasts, ``(in,)`` or
 ``(out,)``. PEFT keeps it as ``(1, in)`` or ``(out, 1)`` and flattens it at every call: a view, recorded by
-autograd, and a backward node, about 6 % of an M = 1 1024x1024 fp32 training step on CPU. PEFT's layout stays
+autograd, and a backward node, about 5 % of an M = 1 1024x1024 fp32 training step on CPU. PEFT's layout stays
 where tensors leave or enter the layer: :meth:`peft_ia3_l` (what ``fastpeft.save_model_adapter`` writes),
 ``load_state_dict`` (takes either shape) and :meth:`from_adapter`.
 
