@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nf4 import NF4Weight
 from ..ops.dispatch import backend_setting
-from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plain_dense, ia3_plan
+from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan
 from ..ops.lora import lora_linear
 from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
 
@@ -146,12 +146,7 @@ class IA3Linear(nn.Module):
                ia3_l.shape, grad and ia3_l.requires_grad)
         planned = self._planned
         if planned is None or planned[0] != key:
-            plan = ia3_plan(x, weight, bias, ia3_l, self.is_feedforward)
-            # (key, plan, the in-place flag of a plain plan over a dense base, else None): that path called directly
-            planned = self._planned = (key, plan, None if not plan.plain or isinstance(weight, NF4Weight)
-                                       else not plan.differentiable)
-        if planned[2] is not None:
-            return ia3_plain_dense(x, weight, bias, ia3_l, self.is_feedforward, planned[2])
+            planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
         return ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
 
     def extra_repr(self) -> str:

@@ -257,8 +257,8 @@ def ia3_plan(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_
     return IA3Plan(out_features, in_features, plain, differentiable)
 
 
-def ia3_plain_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
-                    is_feedforward: bool, in_place: bool) -> torch.Tensor:
+def _plain_dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
+                         is_feedforward: bool, in_place: bool) -> torch.Tensor:
     """What :func:`ia3_apply` runs for a plain plan (:class:`IA3Plan`) over a dense base: PEFT's IA3 forward op for op
     (its base ``nn.Linear`` on ``x`` as it is, the bias inside the matmul, then the scale in the promoted dtype and
     back), which autograd differentiates as it does PEFT's. ``in_place``: the plan is not ``differentiable``, so an
@@ -279,7 +279,7 @@ def ia3_apply(plan: IA3Plan, x: torch.Tensor, weight: Weight, bias: Optional[tor
     """:func:`ia3_linear` of inputs ``plan`` was made for (:func:`ia3_plan`), without checking them again."""
     out_features, in_features, plain, differentiable = plan
     if plain and not isinstance(weight, NF4Weight):
-        return ia3_plain_dense(x, weight, bias, ia3_scale, is_feedforward, in_place=not differentiable)
+        return _plain_dense_forward(x, weight, bias, ia3_scale, is_feedforward, in_place=not differentiable)
     if bias is not None:
         bias = _cast(bias, x.dtype)
     x2d = as_rows(x, in_features)
