@@ -8,8 +8,8 @@ median of per-round ratios to the bare function).
 - ``reference``: ``reference.ia3_linear(x, W, None, l, False)``, the check's bare function (ratio 1);
 - ``thinnest-module``: an ``nn.Module`` whose forward is ``F.linear(x, W) * l`` on its own parameters read from
   ``_parameters`` (no checks, no plan): what any layer pays to be called;
-- ``attribute-module``: the reference function inside a module reading its tensors as attributes (``self.w``),
-  as a layer is usually written;
+- ``attribute-module``: the reference function inside a module reading its tensors as attributes
+  (``self.weight``), as a layer is usually written;
 - ``fastpeft``: ``IA3Linear``.
 
 Every implementation reads the same weight tensor (``fastpeft.bench.cases`` shares it). CPU wall clock of PyTorch
@@ -39,16 +39,11 @@ class _Thinnest(nn.Module):
         return F.linear(x, params["weight"]) * params["ia3_l"]
 
 
-class _WithAttributes(nn.Module):
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(weight, requires_grad=False)
-        self.l = nn.Parameter(scale.detach().clone())
-
+class _WithAttributes(_Thinnest):
     def forward(self, x):
         from fastpeft import reference
 
-        return reference.ia3_linear(x, self.w, None, self.l, False)
+        return reference.ia3_linear(x, self.weight, None, self.ia3_l, False)
 
 
 def _module_job(name: str, cls, mode: str, m: int, out_f: int, in_f: int, shape: dict):
