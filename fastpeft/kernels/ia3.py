@@ -181,9 +181,9 @@ def plan_ia3_matmul(
     block_n, block_k = tile["BLOCK_N"], config["BLOCK_K"]
     group = tile["GROUP_DX" if transpose_weight else "GROUP_FWD"] if is_nf4 else config["GROUP"]
     if is_nf4:
-        group_blocks = max(1, (block_n if transpose_weight else group * block_k) // blocksize)
-        layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k, group_blocks)
-        layout["WORDS"] = layout["WORDS"] and packed_words and tile["WORDS_DX" if transpose_weight else "WORDS_FWD"]
+        layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k,
+                            block_n if transpose_weight else group * block_k,
+                            packed_words and tile["WORDS_DX" if transpose_weight else "WORDS_FWD"])
     else:
         layout = {"EVEN_IN": False, "ALIGNED": False, "GROUPED": False, "ROW_NESTED": False,
                   "ROW_IN_NESTED": False, "WORDS": False}

@@ -306,19 +306,22 @@ def _nf4_dequant_kernel(
                      mask=row_mask[:, None] & (cols < in_features)[None, :])
 
 
-def nf4_layout(in_features: int, blocksize: int, block_c: int, group_blocks: int = 0) -> dict:
+def nf4_layout(in_features: int, blocksize: int, block_c: int, group_cols: int = 0, words: bool = False) -> dict:
     """The layout constexprs of a kernel decoding tiles of ``block_c`` columns: ``EVEN_IN`` (rows start on a
     byte, ``in`` even) and ``ALIGNED`` (no absmax block straddles two rows of a tile) for :func:`nf4_tile`;
-    with ``group_blocks`` (the absmax blocks per row a kernel loads at once, a power of two) also
-    ``GROUPED`` (rows hold whole blocks and a step holds whole blocks: :func:`nf4_scales` applies) and
-    ``ROW_NESTED`` (every group of a row lies in one nested block: one nested absmax per row and group) and
-    ``ROW_IN_NESTED`` (every row lies in one: one per row, :func:`nf4_row_nested`)."""
+    with ``group_cols`` (the columns of a row whose absmax a kernel loads at once, a power of two) also
+    ``GROUPED`` (rows hold whole blocks and a step holds whole blocks: :func:`nf4_scales` applies),
+    ``ROW_NESTED`` (every group of a row lies in one nested block: one nested absmax per row and group),
+    ``ROW_IN_NESTED`` (every row lies in one: one per row, :func:`nf4_row_nested`) and ``WORDS`` (packed rows
+    read as 32-bit words: ``words``, the kernel's configuration asking for it on a 4-byte aligned weight, and
+    rows of whole words)."""
     layout = {"EVEN_IN": in_features % 2 == 0, "ALIGNED": in_features % min(blocksize, block_c) == 0}
-    if group_blocks:
+    if group_cols:
+        group_blocks = max(1, group_cols // blocksize)
         layout["GROUPED"] = in_features % blocksize == 0 and blocksize <= block_c
         layout["ROW_NESTED"] = layout["GROUPED"] and (in_features // blocksize) % group_blocks == 0
         layout["ROW_IN_NESTED"] = layout["GROUPED"] and 256 % (in_features // blocksize) == 0
-        layout["WORDS"] = layout["GROUPED"] and in_features % 8 == 0
+        layout["WORDS"] = layout["GROUPED"] and in_features % 8 == 0 and words
     return layout
 
 
@@ -354,8 +357,7 @@ def plan_nf4_dequantize(out_features: int, in_features: int, blocksize: int, nes
     config = config_for(DEQUANT_CONFIGS, arch)
     block_r, block_c, group = config["BLOCK_R"], config["BLOCK_C"], config["GROUP"]
     cols_per_program = config["GROUPS"] * group * block_c
-    layout = nf4_layout(in_features, blocksize, block_c, max(1, group * block_c // blocksize))
-    layout["WORDS"] = layout["WORDS"] and packed_words and config["WORDS"]
+    layout = nf4_layout(in_features, blocksize, block_c, group * block_c, packed_words and config["WORDS"])
     return LaunchPlan(
         op="nf4_dequantize", variant="tiles", kernel=_nf4_dequant_kernel,
         grid=(triton.cdiv(out_features, block_r), triton.cdiv(in_features, cols_per_program)),

@@ -306,9 +306,8 @@ def plan_nf4_lora_matmul(
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
     # a group: GROUP steps whose absmax blocks load at once (per row: the group's columns in the forward, the
     # tile's columns in dx)
-    group_blocks = max(1, (block_n if transpose_weight else group * block_k) // blocksize)
-    layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k, group_blocks)
-    layout["WORDS"] = layout["WORDS"] and words and packed_words
+    layout = nf4_layout(in_features, blocksize, block_n if transpose_weight else block_k,
+                        block_n if transpose_weight else group * block_k, words and packed_words)
     return LaunchPlan(
         op="nf4_lora_matmul", variant=variant, kernel=_nf4_lora_matmul_kernel,
         grid=(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k),
