@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -462,6 +463,7 @@ def source_lines(line_info: str) -> dict:
     return lines
 
 
+@functools.lru_cache(maxsize=None)
 def _packed_code_lines() -> range:
     """The source lines of :func:`fastpeft.kernels.nf4.nf4_codes`, whose loads are those of the packed codes."""
     from .kernels.nf4 import nf4_codes
@@ -484,19 +486,19 @@ def analyse_cubin(cubin: bytes, arch: str, shared: int, num_warps: int, weight_e
     resources = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage)}
     instructions = parse_sass(sass)
     first, last, found = main_loop(instructions)
-    body = [op for a, op, _ in instructions if first <= a <= last]
+    loop = [(a, op, _load_width(op)) for a, op, _ in instructions if first <= a <= last]
+    body = [op for _, op, _ in loop]
     # without line info (TRITON_DISABLE_LINE_INFO) the weight's share is unknown
     lines, packed_lines = source_lines(line_info), _packed_code_lines()
-    weight_widths = [(_load_width(op), lines[a][1] in packed_lines) for a, op, _ in instructions
-                     if first <= a <= last and _load_width(op) is not None
-                     and lines.get(a, ("", 0))[0].endswith(WEIGHT_SOURCE)]
+    weight_widths = [(width, lines[a][1] in packed_lines) for a, _, width in loop
+                     if width is not None and lines.get(a, ("", 0))[0].endswith(WEIGHT_SOURCE)]
     packed_widths = sorted({width for width, packed in weight_widths if packed})
     mma = [k for k in map(_mma_kind, body) if k]
     loads = {}
-    for width in filter(None, map(_load_width, body)):
+    for width in (width for _, _, width in loop if width):
         loads[width] = loads.get(width, 0) + 1
     global_ops = sum(_is_global_memory(op) for op in body)
-    global_loads = sum(_load_width(op) is not None for op in body)
+    global_loads = sum(loads.values())
     threads = num_warps * 32
     total_shared = shared + resources.get("SHARED", 0)
     occ, limiter, blocks = occupancy(arch, resources.get("REG", 0), total_shared, num_warps)
