@@ -2,7 +2,7 @@
 
 ``run(adapters=(1, 4, 16, 64))`` returns one dict per (adapter count, implementation) with the median
 time of a mixed-batch prefill over the harness's model (``fastpeft.bench``: the ``multi_lora_serving``
-case, its timing and its result fields; this file only picks the adapter counts). On CPU the clock is
+case, its side-by-side timing and its result fields; this file only picks the adapter counts). On CPU the clock is
 ``cpu-wall`` and fastpeft runs its PyTorch reference backend: these medians say nothing about kernel
 performance. Run ``python bench/bench_multi_lora.py [--suite quick|cpu|gpu]`` to print them.
 """
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 def run(adapters: Sequence[int] = (1, 4, 16, 64), suite: Optional[str] = "quick", device: Optional[str] = None,
         repeats: Optional[int] = None) -> list[dict]:
     """Median ``multi_lora_serving`` timings for each adapter count, ``peft`` and ``fastpeft``."""
-    from fastpeft.bench.__main__ import build_parser, make_config, run_job
+    from fastpeft.bench.__main__ import build_parser, group_jobs, make_config, run_group
     from fastpeft.bench.cases import e2e_jobs
 
     argv = ["--cases", "multi_lora_serving"]
@@ -25,7 +25,8 @@ def run(adapters: Sequence[int] = (1, 4, 16, 64), suite: Optional[str] = "quick"
     argv += ["--repeats", str(repeats)] if repeats else []
     cfg = make_config(build_parser().parse_args(argv))
     cfg.serving_adapters = list(adapters)
-    return [run_job(job, cfg, None) for job in e2e_jobs(cfg) if job.case == "multi_lora_serving"]
+    jobs = [job for job in e2e_jobs(cfg) if job.case == "multi_lora_serving"]
+    return [result for group in group_jobs(jobs).values() for result in run_group(group, cfg, None)]
 
 
 def main() -> None:

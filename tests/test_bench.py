@@ -12,7 +12,7 @@ from fastpeft.bench import __main__ as bench_main
 from fastpeft.bench.cases import BenchConfig, Job, Prepared, Unavailable, all_jobs
 from fastpeft.bench.report import METADATA_KEYS, RESULT_KEYS, table, write_plots
 from fastpeft.bench.roofline import measure_roofline, roofline_fraction
-from fastpeft.bench.timing import measure, peak_memory, percentile
+from fastpeft.bench.timing import measure, measure_interleaved, peak_memory, percentile, ratio
 from fastpeft.cli import main as cli_main
 
 QUICK = ["--suite", "quick", "--m", "3", "--device", "cpu"]
@@ -44,7 +44,8 @@ def test_json_has_every_field(quick_run):
             continue
         assert set(RESULT_KEYS) <= set(result), result
         assert result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
-        assert result["repeats"] == 3 and result["clock"] == "cpu-wall"
+        assert result["repeats"] == len(result["samples_ms"]) == 3 and result["clock"] == "cpu-wall"
+        assert result["calls_per_round"] == 1  # the quick suite: one call per round (min_round_ms 0)
         assert "peak_mem_bytes" in result and "peak_mem_source" in result
 
 
@@ -95,11 +96,15 @@ def test_unavailable_implementation_is_skipped_with_its_reason_and_errors_are_ke
     def broken(cfg):
         return Prepared(run=lambda i: 1 / 0)
 
-    cfg = _config()
-    skipped = bench_main.run_job(Job("x", "fastpeft", {"M": 1}, missing), cfg, None)
+    def fine(cfg):
+        return Prepared(run=lambda i: None)
+
+    skipped, failed, timed = bench_main.run_group([Job("x", "fastpeft", {"M": 1}, missing),
+                                                   Job("x", "peft", {"M": 1}, broken),
+                                                   Job("x", "reference", {"M": 1}, fine)], _config(), None)
     assert skipped["skipped"] == "fastpeft.nn.Thing not available yet" and "median_ms" not in skipped
-    failed = bench_main.run_job(Job("x", "peft", {"M": 1}, broken), cfg, None)
-    assert failed["error"].startswith("ZeroDivisionError")
+    assert failed["error"].startswith("ZeroDivisionError") and "median_ms" not in failed
+    assert "error" not in timed and len(timed["samples_ms"]) == 3  # the others of the group go on
     assert bench_main.exit_status({"results": [skipped]}) == 0
     assert bench_main.exit_status({"results": [skipped, failed]}) == 1
     text = table({"device": "cpu", "device_kind": "cpu", "git_commit": "unknown", "timestamp": "t",
@@ -242,37 +247,62 @@ def test_no_deprecated_torch_dtype_keyword_in_the_package():
     assert not offenders, offenders
 
 
-def test_check_cpu_times_the_same_batch_of_calls_per_round_for_every_implementation():
-    """bench/check_cpu.py: each round, every implementation makes as many calls as the fastest needs to run at
-    least ``min_round_ms`` (one call of a sub-millisecond case would time the timer), and a sample is the mean
-    time per call."""
+def test_interleaved_timing_gives_every_function_the_same_calls_per_round_in_rotating_order():
+    """Each round, every function makes as many calls as the fastest needs to run at least ``min_round_ms`` (one
+    call of a sub-millisecond case would time the timer), a sample is the mean time per call, inputs rotate through
+    every index, and the round's first function rotates."""
     import time
-    from types import SimpleNamespace
-
-    from bench import check_cpu
 
     calls = {"fast": [], "slow": []}
     order = []
 
-    def job(impl, seconds):
+    def fn(name, seconds):
+        def run(i):
+            calls[name].append(i)
+            order.append(name)
+            time.sleep(seconds)
+        return run
+
+    samples, per_round, clock = measure_interleaved({"fast": fn("fast", 0.001), "slow": fn("slow", 0.002)},
+                                                    torch.device("cpu"), warmup=1, rounds=3, min_round_ms=8.0)
+    assert 2 <= per_round <= 8 and clock == "cpu-wall"
+    for name in calls:  # warm-up, the calibration call, then the rounds
+        assert calls[name] == [0, 1, *range(2, 2 + 3 * per_round)]
+        assert len(samples[name]) == 3
+    assert min(samples["slow"]) >= 2.0 and min(samples["fast"]) >= 1.0  # ms per call, not per round
+    rounds = order[4:]  # after the warm-up and calibration calls (2 each, in order)
+    assert [rounds[r * 2 * per_round] for r in range(3)] == ["fast", "slow", "fast"]
+    assert ratio(samples["slow"], samples["fast"]) == pytest.approx(2.0, rel=0.3)
+
+
+def test_a_group_is_timed_side_by_side_with_ratios_and_built_again_alone_for_its_memory():
+    """run_group: the implementations' calls alternate (never one's rounds all before another's), each non-baseline
+    row gets its median per-round ratio to each baseline of its shape, and each is built a second time, with the
+    others gone, for its peak memory."""
+    import time
+
+    builds, order = [], []
+
+    def job(impl, seconds, m=1):
         def setup(cfg):
+            builds.append(impl)
+
             def run(i):
-                calls[impl].append(i)
                 order.append(impl)
                 time.sleep(seconds)
             return Prepared(run)
-        return Job("ia3.fwd", impl, {}, setup)
+        return Job("x", impl, {"M": m}, setup)
 
-    samples, per_round = check_cpu.measure_group([job("fast", 0.001), job("slow", 0.002)], SimpleNamespace(warmup=1),
-                                                 rounds=3, min_round_ms=8.0)
-    assert 2 <= per_round <= 8
-    for impl in calls:  # warm-up, the calibration call, then the rounds, inputs rotating through every index
-        assert calls[impl] == [0, 1, *range(3 * per_round)]
-        assert len(samples[impl]) == 3
-    assert min(samples["slow"]) >= 2.0 and min(samples["fast"]) >= 1.0  # ms per call, not per round
-    # after warm-up and calibration (2 calls each, in job order), the rounds' first implementation rotates
-    rounds = order[4:]
-    assert [rounds[r * 2 * per_round] for r in range(3)] == ["fast", "slow", "fast"]
+    jobs = [job("fastpeft", 0.001), job("peft", 0.002), job("reference", 0.004), job("reference", 0.001, m=2)]
+    fast, peft, ref, other_shape = bench_main.run_group(jobs, _config(repeats=5), None)
+    assert set(fast["vs"]) == {"peft", "reference"}  # not the M=2 reference: another shape
+    assert fast["vs"]["peft"] == pytest.approx(0.5, rel=0.3) and fast["vs"]["reference"] == pytest.approx(0.25, rel=0.3)
+    assert "vs" not in peft and "vs" not in ref and "vs" not in other_shape
+    assert all(r["median_ms"] > 0 and "peak_mem_source" in r for r in (fast, peft, ref, other_shape))
+    assert builds == ["fastpeft", "peft", "reference", "reference"] * 2
+    timed = order[4:4 + 4 * 5]  # after the warm-up: 5 rounds of one call each
+    assert [timed[4 * r] for r in range(5)] == ["fastpeft", "peft", "reference", "reference", "fastpeft"]
+    assert bench_main.group_key(jobs[0]) != bench_main.group_key(jobs[3])
 
 
 def test_micro_implementations_read_one_copy_of_the_weights():
@@ -299,4 +329,20 @@ def test_ia3_floor_times_the_layers_beside_the_bare_function(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert len(lines) == 2  # the cpu suite's two micro shapes
     for line in lines:
-        assert all(label in line for label in ("reference 1.000,", "fastpeft ", "thinnest-module ", "attribute-module "))
+        assert all(label in line for label in ("bare-function 1.000,", "thinnest-module ", "reference ", "fastpeft "))
+
+
+def test_micro_implementations_compute_the_same_thing():
+    """The implementations of every micro layer case (fastpeft's module, the reference layer, PEFT's layer) give the
+    same output on the same input: a bench ratio compares code doing one computation, and the reference row is a
+    layer (an nn.Module) as the others are."""
+    from fastpeft.bench import cases
+
+    cfg = bench_main.make_config(bench_main.build_parser().parse_args(QUICK))
+    for case in ("lora.fwd", "qlora.fwd", "dora.fwd", "ia3.fwd", "multi_lora.fwd"):
+        jobs = [j for j in cases.micro_jobs(cfg) if j.case == case and j.params["M"] == 3]
+        outputs = {j.impl: j.setup(cfg).run(0) for j in jobs}
+        assert set(outputs) == {"fastpeft", "reference", "peft"}, case
+        for impl, y in outputs.items():
+            torch.testing.assert_close(y, outputs["reference"], rtol=1e-5, atol=1e-5, msg=f"{case} {impl}")
+        assert torch.isfinite(outputs["reference"]).all() and outputs["reference"].abs().max() > 0

@@ -18,15 +18,15 @@ import torch
 
 SUITES = {
     "quick": dict(micro_m=[1, 7], micro_features=[(64, 128)], micro_adapters=3, rank=4, warmup=1, repeats=3,
-                  rotations=2, dtype="float32", llama="quick", train_batch=2, seq_len=16, decode_prompt=4,
-                  decode_tokens=4, serving_adapters=[1, 2], serving_seqs=2),
+                  min_round_ms=0.0, rotations=2, dtype="float32", llama="quick", train_batch=2, seq_len=16,
+                  decode_prompt=4, decode_tokens=4, serving_adapters=[1, 2], serving_seqs=2),
     "cpu": dict(micro_m=[1, 64], micro_features=[(1024, 1024), (2816, 1024)], micro_adapters=8, rank=16, warmup=1,
-                repeats=5, rotations=2, dtype="float32", llama="cpu", train_batch=2, seq_len=64, decode_prompt=8,
-                decode_tokens=8, serving_adapters=[1, 4, 16, 64], serving_seqs=16),
+                repeats=7, min_round_ms=20.0, rotations=2, dtype="float32", llama="cpu", train_batch=2, seq_len=64,
+                decode_prompt=8, decode_tokens=8, serving_adapters=[1, 4, 16, 64], serving_seqs=16),
     "gpu": dict(micro_m=[1, 8, 16, 512, 4096], micro_features=[(4096, 4096), (14336, 4096), (4096, 14336)],
-                micro_adapters=64, rank=16, warmup=5, repeats=20, rotations=4, dtype="bfloat16", llama="gpu",
-                train_batch=8, seq_len=512, decode_prompt=128, decode_tokens=64, serving_adapters=[1, 8, 64],
-                serving_seqs=64),
+                micro_adapters=64, rank=16, warmup=5, repeats=20, min_round_ms=0.0, rotations=4, dtype="bfloat16",
+                llama="gpu", train_batch=8, seq_len=512, decode_prompt=128, decode_tokens=64,
+                serving_adapters=[1, 8, 64], serving_seqs=64),
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,7 +62,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="multi-LoRA serving: sequences in the mixed batch (each names a random adapter)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES))
     parser.add_argument("--rank", type=int)
-    parser.add_argument("--repeats", type=int, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, help="timed rounds: in each, every implementation of a case in turn")
+    parser.add_argument("--min-round-ms", dest="min_round_ms", type=float,
+                        help="calls per round enough that the fastest implementation of a case runs this long "
+                             "(0: one call per round)")
+    parser.add_argument("--clock", choices=("wall", "process"),
+                        help="CPU: wall time (default) or this process's CPU time, steadier on a loaded host")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing")
     parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c],
                         help="only cases whose name contains one of these, e.g. lora.fwd,decode")
@@ -78,12 +83,12 @@ def make_config(args: argparse.Namespace):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     suite = dict(SUITES[args.suite or ("gpu" if device.type == "cuda" else "cpu")])
     for key in ("micro_m", "micro_features", "serving_adapters", "serving_seqs", "dtype", "rank", "repeats", "warmup",
-                "model_path"):
+                "min_round_ms", "clock", "model_path"):
         if getattr(args, key) is not None:
             suite[key] = getattr(args, key)
-    if suite["repeats"] < 1 or suite["warmup"] < 0 or suite["rank"] < 1:
-        raise SystemExit(f"fastpeft bench: need repeats >= 1, warmup >= 0, rank >= 1; got {suite['repeats']}, "
-                         f"{suite['warmup']}, {suite['rank']}")
+    if suite["repeats"] < 1 or suite["warmup"] < 0 or suite["rank"] < 1 or suite["min_round_ms"] < 0:
+        raise SystemExit(f"fastpeft bench: need repeats >= 1, warmup >= 0, rank >= 1, min-round-ms >= 0; got "
+                         f"{suite['repeats']}, {suite['warmup']}, {suite['rank']}, {suite['min_round_ms']}")
     if suite["serving_seqs"] < 1 or min(suite["serving_adapters"], default=0) < 1:
         raise SystemExit(f"fastpeft bench: need --seqs >= 1 and adapter counts >= 1; got {suite['serving_seqs']}, "
                          f"{suite['serving_adapters']}")
@@ -101,32 +106,97 @@ def _progress(total: int):
     return tqdm(total=total, unit="job", file=sys.stderr, dynamic_ncols=True)
 
 
-def run_job(job, cfg, roofline: Optional[dict]) -> dict:
+# Implementations every other one of a case is compared with (``vs`` in the results: median per-round time ratios)
+BASELINES = ("peft", "reference", "hf", "bnb")
+
+
+def group_key(job) -> tuple:
+    """The implementations timed side by side: one case at one shape; the multi-adapter decode case over every
+    adapter count (its growth from 1 to 64 adapters is a ratio too)."""
+    from .report import shape_label
+
+    return job.case, "all adapter counts" if job.case == "multi_lora_decode" else shape_label(job.params)
+
+
+def group_jobs(jobs: list) -> dict:
+    """``{group_key: [job, ...]}`` in the jobs' order."""
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(group_key(job), []).append(job)
+    return groups
+
+
+def run_group(jobs: list, cfg, roofline: Optional[dict], memory: bool = True, on_setup=None) -> list:
+    """One result per job of a group (:func:`group_jobs`): every implementation built and warmed up, then timed side
+    by side (:func:`fastpeft.bench.timing.measure_interleaved`: ``cfg.repeats`` rounds), with ``vs``, its median
+    per-round time ratio to each baseline implementation of the same shape (:data:`BASELINES`). ``memory``: then each
+    built again alone for its peak memory (the others freed: a peak with them resident would count their models
+    too). An implementation whose package is missing is skipped with the reason; one that raises is reported with
+    its error and the others go on. ``on_setup(job)`` is called before each build (progress)."""
     from .cases import Unavailable
     from .report import shape_label
     from .roofline import roofline_fraction
-    from .timing import measure, peak_memory
+    from .timing import measure_interleaved, peak_memory, ratio, summarise
 
-    result = {"case": job.case, "impl": job.impl, "params": job.params, "shape": shape_label(job.params)}
+    results, prepared = [], {}
+    for n, job in enumerate(jobs):
+        results.append({"case": job.case, "impl": job.impl, "params": job.params, "shape": shape_label(job.params)})
+        if on_setup is not None:
+            on_setup(job)
+        try:
+            p = job.setup(cfg)
+            for i in range(cfg.warmup):
+                p.run(i)
+            prepared[n] = p
+        except Unavailable as exc:
+            results[n]["skipped"] = str(exc)
+        except Exception as exc:  # one broken implementation must not lose a long run: reported, exit status 1
+            results[n]["error"] = f"{type(exc).__name__}: {exc}"
     try:
-        prepared = job.setup(cfg)
-        timing = measure(prepared.run, cfg.device, cfg.warmup, cfg.repeats)
-    except Unavailable as exc:
-        return {**result, "skipped": str(exc)}
-    except Exception as exc:  # one broken implementation must not lose a long run: reported, exit status 1
-        return {**result, "error": f"{type(exc).__name__}: {exc}"}
-    result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                  repeats=timing.repeats, clock=timing.clock)
-    if prepared.tokens:
-        result["tokens_per_s"] = prepared.tokens / (timing.median_ms * 1e-3)
-    result["peak_mem_bytes"], result["peak_mem_source"] = peak_memory(lambda: prepared.run(0), cfg.device)
-    if prepared.flops is not None:
-        result["flops"], result["bytes_moved"] = prepared.flops, prepared.bytes_moved
-    if roofline is not None:
-        result["roofline"] = roofline_fraction(prepared.flops, prepared.bytes_moved, timing.median_ms * 1e-3, roofline)
-    if prepared.note:
-        result["note"] = prepared.note
-    return result
+        samples, calls, clock = measure_interleaved({n: p.run for n, p in prepared.items()}, cfg.device, 0, cfg.repeats,
+                                                    cfg.min_round_ms, cfg.clock)
+    except Exception as exc:  # raised only once timed (after a clean warm-up): no time of this group stands
+        for n in prepared:
+            results[n]["error"] = f"{type(exc).__name__} while timed beside the others: {exc}"
+        prepared, samples = {}, {}
+    for n, p in prepared.items():
+        timing = summarise(samples[n], clock)
+        results[n].update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                          repeats=timing.repeats, clock=timing.clock, calls_per_round=calls, samples_ms=samples[n])
+        if p.tokens:
+            results[n]["tokens_per_s"] = p.tokens / (timing.median_ms * 1e-3)
+        if p.flops is not None:
+            results[n]["flops"], results[n]["bytes_moved"] = p.flops, p.bytes_moved
+        if roofline is not None:
+            results[n]["roofline"] = roofline_fraction(p.flops, p.bytes_moved, timing.median_ms * 1e-3, roofline)
+        if p.note:
+            results[n]["note"] = p.note
+    for n in prepared:
+        if results[n]["impl"] not in BASELINES:
+            results[n]["vs"] = {results[b]["impl"]: ratio(samples[n], samples[b]) for b in prepared
+                                if results[b]["impl"] in BASELINES and results[b]["shape"] == results[n]["shape"]}
+    timed, p = list(prepared), None
+    prepared.clear()
+    for n in timed if memory else ():
+        _free(cfg.device)
+        try:
+            p = jobs[n].setup(cfg)
+            for i in range(cfg.warmup):
+                p.run(i)
+            results[n]["peak_mem_bytes"], results[n]["peak_mem_source"] = peak_memory(lambda: p.run(0), cfg.device)
+            del p
+        except Exception as exc:
+            results[n]["error"] = f"{type(exc).__name__} when built again for its peak memory: {exc}"
+    _free(cfg.device)
+    return results
+
+
+def _free(device: torch.device) -> None:
+    """On CUDA, drop what the last implementation left (PEFT models hold reference cycles) before the next one's peak
+    memory is measured (on CPU the process's resident set is not given back, and a collection costs seconds)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def run(args: argparse.Namespace, argv: list) -> dict:
@@ -140,24 +210,29 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     roofline = measure_roofline(cfg.device) if cfg.device.type == "cuda" else None
     jobs = all_jobs(cfg)
     bar = _progress(len(jobs))
+    done = 0
+
+    def on_setup(job):
+        nonlocal done
+        done += 1
+        if bar is not None:
+            bar.set_description(f"{job.case} {job.impl}")
+            bar.update()
+        else:
+            print(f"[{done}/{len(jobs)}] {job.case} {job.impl} {report.shape_label(job.params)}", file=sys.stderr)
+
     start = time.monotonic()
     results = []
-    for n, job in enumerate(jobs, 1):
+    for group in group_jobs(jobs).values():
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            results.append({"case": job.case, "impl": job.impl, "params": job.params,
-                            "shape": report.shape_label(job.params),
-                            "skipped": f"time budget of {args.time_budget:.0f} s spent"})
-        else:
+            results += [{"case": job.case, "impl": job.impl, "params": job.params,
+                         "shape": report.shape_label(job.params),
+                         "skipped": f"time budget of {args.time_budget:.0f} s spent"} for job in group]
+            done += len(group)
             if bar is not None:
-                bar.set_description(f"{job.case} {job.impl}")
-            else:
-                print(f"[{n}/{len(jobs)}] {job.case} {job.impl} {report.shape_label(job.params)}", file=sys.stderr)
-            results.append(run_job(job, cfg, roofline))
-            if cfg.device.type == "cuda":  # PEFT models hold reference cycles: free them before the next job
-                gc.collect()
-                torch.cuda.empty_cache()
-        if bar is not None:
-            bar.update()
+                bar.update(len(group))
+        else:
+            results += run_group(group, cfg, roofline, on_setup=on_setup)
     if bar is not None:
         bar.close()
     out = {**report.metadata(cfg.device, ["fastpeft", "bench", *argv], roofline), "results": results}

@@ -3,7 +3,8 @@
 A case is one thing measured (``lora.fwd`` at one shape, ``train_step`` on one model, ...). Each names
 its implementations: ``fastpeft`` (the package's modules / ops, or a PEFT model after
 ``fastpeft.accelerate``), ``fastpeft-serving`` (``MultiLoraModel``, for decode), ``reference`` (``fastpeft.reference``,
-plain PyTorch), ``peft`` (Hugging Face PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
+plain PyTorch: in a plain layer, :class:`_ReferenceLayer`, where fastpeft's row is a layer), ``peft`` (Hugging Face
+PEFT's own layer or model), ``bnb`` (bitsandbytes) and, for
 decode, ``hf`` (the model without adapters). A setup function builds one implementation and returns a
 :class:`Prepared` call; when a third-party package it compares against is not importable it raises
 :class:`Unavailable` and the job is reported as skipped with that reason and the command that installs it
@@ -56,7 +57,7 @@ class BenchConfig:
     micro_features: list  # (out_features, in_features)
     micro_adapters: int  # adapters in the multi-LoRA micro case
     warmup: int
-    repeats: int
+    repeats: int  # rounds, each implementation of a case timed in turn (fastpeft.bench.timing.measure_interleaved)
     rotations: int
     llama: dict  # LlamaConfig kwargs of the built-in model
     model_path: Optional[str] = None
@@ -67,6 +68,8 @@ class BenchConfig:
     serving_adapters: list = field(default_factory=lambda: [1, 4])
     serving_seqs: int = 4
     cases: Optional[list] = None  # substrings; None = every case
+    min_round_ms: float = 0.0  # per round, calls enough that the fastest implementation runs this long (0: one)
+    clock: str = "wall"  # CPU: "wall" or "process" (fastpeft.bench.timing.CLOCKS)
 
 
 @dataclass
@@ -197,6 +200,50 @@ class _OneLinear(nn.Module):
         return self.proj(x)
 
 
+class _ReferenceLayer(nn.Module):
+    """``fastpeft.reference``'s math as a plain PyTorch layer: the ``reference`` implementation of the LoRA, QLoRA,
+    DoRA, IA3 and multi-LoRA micro cases. Their ``fastpeft`` rows are layers, so their references are too: the ratio
+    then compares the two layers' code, not the cost of being called as an ``nn.Module``, which alone is a few
+    percent of an M = 1 call on CPU (``bench/ia3_floor.py`` times the bare function beside both). Registered as a
+    layer registers its tensors (the frozen base weight as ``nn.Linear`` holds it, the trainable ones as parameters),
+    read as attributes at each call."""
+
+    def __init__(self, weight, scaling: float = 1.0, **trainable: torch.Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, NF4Weight) else nn.Parameter(weight, requires_grad=False)
+        self.scaling = scaling
+        for name, tensor in trainable.items():
+            setattr(self, name, nn.Parameter(tensor.detach()))
+
+
+class _ReferenceLora(_ReferenceLayer):
+    def forward(self, x):
+        return reference.lora_linear(x, self.weight, None, self.lora_a, self.lora_b, self.scaling)
+
+
+class _ReferenceDora(_ReferenceLayer):
+    def forward(self, x):
+        return reference.dora_linear(x, self.weight, None, self.lora_a, self.lora_b, self.scaling, self.magnitude)
+
+
+class _ReferenceIA3(_ReferenceLayer):
+    def forward(self, x):
+        return reference.ia3_linear(x, self.weight, None, self.ia3_l, is_feedforward=False)
+
+
+class _ReferenceMultiLora(_ReferenceLayer):
+    """Frozen adapters (serving): the factors and each token's adapter id as plain attributes."""
+
+    def __init__(self, weight, scaling: float, lora_as: list, lora_bs: list, adapter_ids: torch.Tensor):
+        super().__init__(weight, scaling)
+        self.lora_as, self.lora_bs, self.adapter_ids = lora_as, lora_bs, adapter_ids
+        self.scalings = [scaling] * len(lora_as)
+
+    def forward(self, x):
+        return reference.multi_lora_linear(x, self.weight, None, self.lora_as, self.lora_bs, self.scalings,
+                                           self.adapter_ids)
+
+
 def _dense_linear(w: _Weights) -> nn.Linear:
     """A frozen ``nn.Linear`` over ``w.weight`` itself (no copy: see ``_SHARED_WEIGHTS``)."""
     layer = nn.Linear(w.weight.shape[1], w.weight.shape[0], bias=False, device="meta")
@@ -252,7 +299,6 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int,
         elsize = w.weight.element_size()
         nf4 = op == "qlora"
         dora = op == "dora"
-        params = [w.lora_a.requires_grad_(True), w.lora_b.requires_grad_(True)]
         note = ""
         if impl == "peft":
             peft = _require("peft")
@@ -266,15 +312,12 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int,
         else:
             base_weight = NF4Weight.from_bnb(_bnb_linear(w).weight) if nf4 else w.weight
             if impl == "reference":
+                factors = dict(lora_a=w.lora_a, lora_b=w.lora_b)
                 if dora:
-                    magnitude = w.magnitude.requires_grad_(True)
-                    params.append(magnitude)
-
-                    def forward(x):
-                        return reference.dora_linear(x, base_weight, None, w.lora_a, w.lora_b, w.scaling, magnitude)
+                    forward = _ReferenceDora(base_weight, w.scaling, **factors, magnitude=w.magnitude)
                 else:
-                    def forward(x):
-                        return reference.lora_linear(x, base_weight, None, w.lora_a, w.lora_b, w.scaling)
+                    forward = _ReferenceLora(base_weight, w.scaling, **factors)
+                params = [p for p in forward.parameters() if p.requires_grad]
             else:
                 forward, params = _fastpeft_lora_module(op, cfg, w, base_weight)
                 note = _fastpeft_backend(cfg.device)
@@ -304,12 +347,11 @@ def _fastpeft_lora_module(op: str, cfg: BenchConfig, w: _Weights, base_weight):
 def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         w = _weights(cfg, out_f, in_f)
-        scale = w.ia3_scale.requires_grad_(True)
+        scale = w.ia3_scale
         note = ""
         if impl == "reference":
-            def forward(x):
-                return reference.ia3_linear(x, w.weight, None, scale, is_feedforward=False)
-            params = [scale]
+            forward = _ReferenceIA3(w.weight, ia3_l=scale)
+            params = [forward.ia3_l]
         elif impl == "peft":
             peft = _require("peft")
             layer = _peft_layer(_dense_linear(w), peft.IA3Config(target_modules=["proj"], feedforward_modules=[]))
@@ -373,10 +415,7 @@ def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int,
         names = [f"a{k}" for k in ids.tolist()]
         note = ""
         if impl == "reference":
-            ids_dev = ids.to(cfg.device)
-
-            def forward(x):
-                return reference.multi_lora_linear(x, w.weight, None, lora_as, lora_bs, [w.scaling] * n_adapters, ids_dev)
+            forward = _ReferenceMultiLora(w.weight, w.scaling, lora_as, lora_bs, ids.to(cfg.device))
         elif impl == "peft":
             peft = _require("peft")
             model = peft.get_peft_model(_OneLinear(_dense_linear(w)), _lora_config(peft, cfg, ["proj"]), "a0")

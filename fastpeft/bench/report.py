@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-RESULT_KEYS = ("case", "impl", "params", "shape", "median_ms", "p20_ms", "p80_ms", "repeats", "clock")
+RESULT_KEYS = ("case", "impl", "params", "shape", "median_ms", "p20_ms", "p80_ms", "repeats", "calls_per_round",
+               "samples_ms", "clock")
 METADATA_KEYS = ("device", "device_kind", "torch", "triton", "fastpeft", "transformers", "peft", "bitsandbytes",
                  "git_commit", "command", "timestamp", "roofline", "results")
 
@@ -83,6 +84,11 @@ def _fmt_rate(x: Optional[float]) -> str:
     return f"{x:.1f}"
 
 
+def _fmt_vs(vs: Optional[dict]) -> str:
+    """``{"peft": 0.82}`` -> ``"0.82x peft"``: the median per-round time ratio to each baseline (below 1: faster)."""
+    return ", ".join(f"{r:.2f}x {impl}" for impl, r in (vs or {}).items())
+
+
 def _fmt_roofline(roof: Optional[dict]) -> str:
     return f"{100 * roof['fraction']:.0f}% ({roof['bound']})" if roof else ""
 
@@ -98,17 +104,20 @@ def table(run: dict) -> str:
         r = run["roofline"]
         lines.append(f"roofline (measured): HBM {r['hbm_bytes_per_s'] / 1e9:.0f} GB/s, "
                      f"bf16 matmul {r['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s")
-    header = ("case", "impl", "params", "median ms", "p20-p80 ms", "tokens/s", "peak mem", "roofline", "note")
+    lines.append("Implementations of a case are timed side by side, round after round; 'time vs' is the median "
+                 "per-round time ratio to each baseline (below 1: faster).")
+    header = ("case", "impl", "params", "median ms", "p20-p80 ms", "time vs", "tokens/s", "peak mem", "roofline",
+              "note")
     rows = []
     for res in run["results"]:
         if "skipped" in res or "error" in res:
             why = "skipped: " + res["skipped"] if "skipped" in res else "ERROR: " + res["error"]
-            rows.append((res["case"], res["impl"], res["shape"], "-", "-", "", "", "", why))
+            rows.append((res["case"], res["impl"], res["shape"], "-", "-", "", "", "", "", why))
             continue
         roof = res.get("roofline")
         rows.append((
             res["case"], res["impl"], res["shape"], f"{res['median_ms']:.3f}",
-            f"{res['p20_ms']:.3f}-{res['p80_ms']:.3f}", _fmt_rate(res.get("tokens_per_s")),
+            f"{res['p20_ms']:.3f}-{res['p80_ms']:.3f}", _fmt_vs(res.get("vs")), _fmt_rate(res.get("tokens_per_s")),
             _fmt_bytes(res.get("peak_mem_bytes")),
             _fmt_roofline(roof), res.get("note", ""),
         ))
@@ -123,14 +132,15 @@ def markdown_table(run: dict, source: str) -> str:
     """The measured rows as a Markdown table for the README, each row citing ``source`` (its results file)."""
     clock = "CPU wall clock, not kernel performance" if run["device_kind"] != "cuda" else "CUDA events"
     lines = [f"{run['device']}, {clock}, commit `{run['git_commit']}`, {run['timestamp']}", "",
-             "| case | impl | params | median ms (p20–p80) | tokens/s | peak mem | roofline | source |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | impl | params | median ms (p20–p80) | time vs | tokens/s | peak mem | roofline | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in run["results"]:
         if "median_ms" not in res:
             continue
         lines.append(
             f"| {res['case']} | {res['impl']} | {res['shape']} | {res['median_ms']:.3f} "
-            f"({res['p20_ms']:.3f}–{res['p80_ms']:.3f}) | {_fmt_rate(res.get('tokens_per_s'))} | "
+            f"({res['p20_ms']:.3f}–{res['p80_ms']:.3f}) | {_fmt_vs(res.get('vs'))} | "
+            f"{_fmt_rate(res.get('tokens_per_s'))} | "
             f"{_fmt_bytes(res.get('peak_mem_bytes'))} | {_fmt_roofline(res.get('roofline'))} | [{source}]({source}) |")
     skipped = sum("median_ms" not in r for r in run["results"])
     if skipped:

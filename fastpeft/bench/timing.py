@@ -1,19 +1,24 @@
 """How the harness measures time and memory.
 
-On CUDA: CUDA events around each call, after a warm-up, with the L2 cache flushed before every timed
-call (a 256 MiB buffer is zeroed outside the events, as ``triton.testing.do_bench`` does) and the
-inputs rotated by the caller (``fn(i)`` picks input set ``i % n``), so neither the cache nor a reused
-input flatters a kernel. Peak memory: ``torch.cuda.max_memory_allocated`` after
+The implementations of one case are timed side by side (:func:`measure_interleaved`): warmed up, then round after
+round each makes the same number of calls, in an order rotating by one each round, so a neighbour's load or the
+caches one implementation leaves cold fall on all of them alike, and ratios come out of one run. A sample is the
+mean time per call of one round; inputs rotate (``fn(i)`` picks input set ``i % n``), so a reused input does not
+flatter anyone.
+
+On CUDA: CUDA events around each round's calls, with the L2 cache flushed before it (a 256 MiB buffer is zeroed
+outside the events, as ``triton.testing.do_bench`` does). Peak memory: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``.
 
-On CPU: ``time.perf_counter`` wall clock around each call (labelled ``cpu-wall``: it measures the
-PyTorch reference on this machine's cores, never kernel performance) and the process's peak resident
-set (``VmHWM`` from ``/proc/self/status`` after resetting it through ``/proc/self/clear_refs``; ``None``
-where the kernel does not allow that).
+On CPU: ``time.perf_counter`` wall clock (labelled ``cpu-wall``: it measures the PyTorch reference on this machine's
+cores, never kernel performance) or this process's CPU time (``cpu-process``), and the process's peak resident set
+(``VmHWM`` from ``/proc/self/status`` after resetting it through ``/proc/self/clear_refs``; ``None`` where the kernel
+does not allow that).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,34 +58,76 @@ def summarise(samples_ms: list[float], clock: str) -> Timing:
                   len(samples_ms), clock)
 
 
+# What a CPU sample is timed with: wall time, or this process's CPU time (all its threads), which a neighbour's load
+# does not stretch (with OMP_NUM_THREADS=1 the two agree on a quiet host)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
 def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Time ``fn(i)`` for ``i = 0 .. repeats-1`` after ``warmup`` untimed calls (CUDA events or wall clock)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for i in range(warmup):
-        fn(i)
-    if device.type == "cuda":
-        return _measure_cuda(fn, device, warmup, repeats)
-    samples = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        fn(warmup + i)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return summarise(samples, "cpu-wall")
+    """Time ``fn(i)`` for ``i = warmup .. warmup + repeats - 1``, one call at a time, after ``warmup`` untimed calls
+    (CUDA events or wall clock)."""
+    samples, _, clock = measure_interleaved({None: fn}, device, warmup, repeats)
+    return summarise(samples[None], clock)
 
 
-def _measure_cuda(fn, device, warmup, repeats) -> Timing:
-    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    torch.cuda.synchronize(device)
-    for i in range(repeats):
+def measure_interleaved(fns: dict, device: torch.device, warmup: int, rounds: int, min_round_ms: float = 0.0,
+                        clock: str = "wall") -> tuple:
+    """``({label: [ms per call, one per round]}, calls per round, clock label)`` of the functions ``fns``
+    (``{label: fn}``) timed side by side: each warmed up, then round after round each makes the same number of calls
+    ``fn(i)`` (``i`` counting on from the warm-up's, so inputs rotate), in an order that rotates by one each round, so
+    none always runs first on caches the one before left cold, and a noisy neighbour slows all alike.
+
+    ``min_round_ms > 0``: one more call each calibrates the count, enough calls per round that the fastest spends at
+    least that long (one call of a sub-millisecond function on CPU would time the timer and the scheduler); else one
+    call per round. CUDA: events around each round's calls, after the L2 flush; CPU: ``clock`` (:data:`CLOCKS`)."""
+    if rounds < 1:
+        raise ValueError(f"repeats must be >= 1, got {rounds}")
+    cuda = device.type == "cuda"
+    timer = None if cuda else CLOCKS[clock]
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if cuda else None
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(i)
+    first, calls = warmup, 1
+    if min_round_ms > 0 and fns:
+        probes = [_run_calls(fn, 1, first, timer, flush) for fn in fns.values()]
+        if cuda:
+            torch.cuda.synchronize(device)
+            probes = [start.elapsed_time(end) for start, end in probes]
+        calls, first = max(1, math.ceil(min_round_ms / max(min(probes), 1e-6))), first + 1
+    labels = list(fns)
+    samples = {label: [] for label in labels}
+    for r in range(rounds):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            samples[label].append(_run_calls(fns[label], calls, first + r * calls, timer, flush))
+    if cuda:
+        torch.cuda.synchronize(device)
+        samples = {label: [start.elapsed_time(end) / calls for start, end in s] for label, s in samples.items()}
+    return samples, calls, "cuda-events" if cuda else f"cpu-{clock}"
+
+
+def _run_calls(fn, calls: int, first: int, timer, flush):
+    """``fn(first)`` .. ``fn(first + calls - 1)``: their mean ms per call (CPU ``timer``), or the CUDA events
+    ``(start, end)`` around them after zeroing ``flush`` (read once the device is synchronised)."""
+    if timer is None:
         flush.zero_()
-        starts[i].record()
-        fn(warmup + i)
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return summarise([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(first, first + calls):
+            fn(i)
+        end.record()
+        return start, end
+    start = timer()
+    for i in range(first, first + calls):
+        fn(i)
+    return (timer() - start) * 1e3 / calls
+
+
+def ratio(num: list, den: list) -> float:
+    """The median over rounds of per-round time ratios ``num[r] / den[r]`` (samples of :func:`measure_interleaved`):
+    a neighbour's load in one round stretches both of its times alike."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def _rss_peak_reset() -> bool:
