@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\[[^\]]*\]\((bench/results/[^)]+)\)")
+VS = re.compile(r"(\d+\.\d+)x ([\w-]+)")
 
 
 def _results_section() -> str:
@@ -41,6 +42,8 @@ def test_every_results_row_cites_a_committed_file_holding_its_number():
             assert len(matches) == 1, f"no single {case} {impl} {shape} row in {path}"
             r = matches[0]
             assert _numbers(timing)[:3] == [float(f"{r[k]:.3f}") for k in ("median_ms", "p20_ms", "p80_ms")], cells
+            for value, baseline in VS.findall(" | ".join(cells[4:])):  # "time vs": 0.96x peft, ...
+                assert f"{r['vs'][baseline]:.2f}" == value, cells
         else:  # check_cpu.py's JSON: | case | shape | what | ratio | bound | source |
             case, shape, what, ratio = cells[:4]
             checks = [c for g in data["groups"] if (g["case"], g["shape"]) == (case, shape)

@@ -1,7 +1,7 @@
 """``fastpeft bench`` / ``python -m fastpeft.bench``: measure fastpeft against the references, PEFT and bitsandbytes.
 
 Suites: ``quick`` (the smallest sizes: a smoke run for CI, seconds), ``cpu`` (the default without CUDA:
-laptop-sized shapes, one to two minutes), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
+laptop-sized shapes, about two minutes), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
 bf16 plus a ~0.2B-parameter Llama, budgeted for 10 minutes). Every option below overrides the suite.
 """
 
