@@ -1,7 +1,7 @@
 """What being a layer costs at M = 1 on CPU: the IA3 micro case's layers against the bare reference function, measured
 as ``bench/check_cpu.py`` measures (interleaved rounds, rotating order, the median of per-round ratios).
 
-``python -m bench.ia3_floor [--rounds 21] [--m 1] [--mode fwd|fwd_bwd]`` (from the repository root, best with
+``python -m bench.ia3_floor [--rounds 41] [--m 1] [--mode fwd|fwd_bwd]`` (from the repository root, best with
 ``OMP_NUM_THREADS=1``) prints, for each micro shape of the cpu suite, each one's ratio to the bare function:
 
 - ``bare-function``: ``reference.ia3_linear(x, W, None, l, False)`` called directly (ratio 1);
@@ -63,7 +63,7 @@ def main(argv: Optional[list] = None) -> int:
     from .check_cpu import measure_group
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--mode", choices=("fwd", "fwd_bwd"), default="fwd")
     args = parser.parse_args(argv)

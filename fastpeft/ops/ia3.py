@@ -257,31 +257,24 @@ def ia3_plan(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_
     return IA3Plan(out_features, in_features, plain, differentiable)
 
 
-def _plain_dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
-                         is_feedforward: bool, in_place: bool) -> torch.Tensor:
-    """What :func:`ia3_apply` runs for a plain plan (:class:`IA3Plan`) over a dense base: PEFT's IA3 forward op for op
-    (its base ``nn.Linear`` on ``x`` as it is, the bias inside the matmul, then the scale in the promoted dtype and
-    back), which autograd differentiates as it does PEFT's. ``in_place``: the plan is not ``differentiable``, so an
-    output scale of ``z``'s dtype multiplies ``z`` in place."""
-    w = _cast(weight, x.dtype)
-    if bias is not None:
-        bias = _cast(bias, x.dtype)
-    if is_feedforward:
-        return F.linear(_cast(x * ia3_scale, x.dtype), w, bias)
-    z = F.linear(x, w, bias)
-    if in_place and ia3_scale.dtype == z.dtype:
-        return z.mul_(ia3_scale)
-    return _cast(z * ia3_scale, z.dtype)
-
-
 def ia3_apply(plan: IA3Plan, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
               is_feedforward: bool) -> torch.Tensor:
-    """:func:`ia3_linear` of inputs ``plan`` was made for (:func:`ia3_plan`), without checking them again."""
+    """:func:`ia3_linear` of inputs ``plan`` was made for (:func:`ia3_plan`), without checking them again.
+
+    A plain plan over a dense base runs PEFT's IA3 forward op for op (its base ``nn.Linear`` on ``x`` as it is, the
+    bias inside the matmul, then the scale in the promoted dtype and back), which autograd differentiates as it does
+    PEFT's; without autograd an output scale of ``z``'s dtype multiplies ``z`` in place."""
     out_features, in_features, plain, differentiable = plan
-    if plain and not isinstance(weight, NF4Weight):
-        return _plain_dense_forward(x, weight, bias, ia3_scale, is_feedforward, in_place=not differentiable)
     if bias is not None:
         bias = _cast(bias, x.dtype)
+    if plain and not isinstance(weight, NF4Weight):
+        w = _cast(weight, x.dtype)
+        if is_feedforward:
+            return F.linear(_cast(x * ia3_scale, x.dtype), w, bias)
+        z = F.linear(x, w, bias)
+        if not differentiable and ia3_scale.dtype == z.dtype:
+            return z.mul_(ia3_scale)
+        return _cast(z * ia3_scale, z.dtype)
     x2d = as_rows(x, in_features)
     if not ia3_scale.is_contiguous():
         ia3_scale = ia3_scale.contiguous()
