@@ -15,6 +15,8 @@ time ratio, never on a wall time:
 - the micro IA3 / DoRA / multi-LoRA cases: fastpeft / reference <= 1 + NOISE, a layer against a layer (the reference
   row is ``fastpeft.reference``'s function in a plain ``nn.Module``: ``fastpeft.bench.cases._ReferenceLayer``;
   ``bench/ia3_floor.py`` times the bare function and the thinnest conceivable module beside both);
+- each micro case's reference is built and timed twice (``reference-again``): the ratio of the two, identical code,
+  is reported beside the bounds as the run's noise floor (an A/A test; not bounded);
 - ``decode``: MultiLoraModel with one adapter / PEFT's single-adapter decode <= 1.2;
 - ``multi_lora_decode``: PEFT's ``adapter_names`` generate / MultiLoraModel >= 3 with 16 adapters over 16 rows,
   and MultiLoraModel's time with 64 adapters in the bank / with 1 <= 1.3 (reported for every count).
@@ -29,6 +31,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -102,7 +105,20 @@ def bounds(case: str, samples: dict) -> list:
     upper("fastpeft / PEFT", "fastpeft", "peft", 1 + NOISE)
     if case.split(".")[0] in ("ia3", "dora", "multi_lora"):
         upper("fastpeft / reference", "fastpeft", "reference", 1 + NOISE)
+    upper(AA_WHAT, AA_CONTROL, "reference", float("inf"))
     return checks
+
+
+# Each micro case's reference built and timed twice: the ratio of identical code is this run's noise floor (reported,
+# not bounded), what tells a 5 % gap from the host's noise at sub-millisecond calls
+AA_CONTROL = "reference-again"
+AA_WHAT = "A/A: the reference again / the reference (the same code twice: the noise floor)"
+
+
+def with_control(jobs: list) -> list:
+    """A micro group's jobs and, after them, its reference job again as :data:`AA_CONTROL`."""
+    again = [replace(job, impl=AA_CONTROL) for job in jobs if job.impl == "reference" and "." in job.case]
+    return jobs + again
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -128,7 +144,7 @@ def main(argv: Optional[list] = None) -> int:
           f"{torch.get_num_threads()}; "
           "ratios are medians over rounds of per-round time ratios")
     for (case, shape), jobs in group_jobs(all_jobs(cfg)).items():
-        samples, calls = measure_group(jobs, cfg)
+        samples, calls = measure_group(with_control(jobs), cfg)
         medians = {label: statistics.median(s) for label, s in samples.items()}
         checks = bounds(case, samples)
         print(f"{case} {shape} ({calls} call{'s' if calls > 1 else ''} per round): "

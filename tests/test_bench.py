@@ -346,3 +346,28 @@ def test_micro_implementations_compute_the_same_thing():
         for impl, y in outputs.items():
             torch.testing.assert_close(y, outputs["reference"], rtol=1e-5, atol=1e-5, msg=f"{case} {impl}")
         assert torch.isfinite(outputs["reference"]).all() and outputs["reference"].abs().max() > 0
+
+
+def test_check_cpu_bounds_and_its_a_a_control():
+    """bench/check_cpu.py: the micro bounds on median per-round ratios (5 % allowance), the reference timed twice in
+    each micro group (an A/A ratio, reported unbounded), none added to end-to-end groups."""
+    from bench import check_cpu
+
+    rounds = 5
+    samples = {"fastpeft": [1.04] * rounds, "reference": [1.0] * rounds, "peft": [0.98] * rounds,
+               check_cpu.AA_CONTROL: [1.1] * rounds}
+    checks = {what: (round(value, 3), bound, ok) for what, value, bound, ok in check_cpu.bounds("ia3.fwd", samples)}
+    assert checks["fastpeft / reference"] == (1.04, 1.05, True)
+    assert checks["fastpeft / PEFT"] == (round(1.04 / 0.98, 3), 1.05, False)
+    assert checks[check_cpu.AA_WHAT] == (1.1, float("inf"), True)
+    assert "fastpeft / reference" not in dict((c[0], c) for c in check_cpu.bounds("lora.fwd", samples))
+
+    def nothing(cfg):
+        return Prepared(run=lambda i: None)
+
+    micro = [Job("ia3.fwd", impl, {"M": 1}, nothing) for impl in ("fastpeft", "reference", "peft")]
+    controlled = check_cpu.with_control(micro)
+    assert [j.impl for j in controlled] == ["fastpeft", "reference", "peft", check_cpu.AA_CONTROL]
+    assert controlled[-1].setup is micro[1].setup  # the same implementation, built again
+    e2e = [Job("decode", impl, {}, nothing) for impl in ("hf", "peft", "fastpeft")]
+    assert check_cpu.with_control(e2e) == e2e

@@ -137,7 +137,7 @@ class DoraLinear(LoraLinear):
         dropout = self._modules["lora_dropout"]
         if self.training and not isinstance(dropout, nn.Identity):
             x_dropped = dropout(x)
-        return dora_linear(x, self.base_weight(), self.bias, parameter(self, "lora_A"), parameter(self, "lora_B"),
+        return dora_linear(x, *self.base_tensors(), parameter(self, "lora_A"), parameter(self, "lora_B"),
                            self.scaling, parameter(self, "lora_magnitude_vector"), x_dropped)
 
     def extra_repr(self) -> str:

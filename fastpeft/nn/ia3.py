@@ -100,6 +100,7 @@ class IA3Linear(nn.Module):
     # LoraLinear's views of the base apply as they are (NF4 view of a Linear4bit, repacking check)
     base_weight = LoraLinear.base_weight
     bias = LoraLinear.bias
+    base_tensors = LoraLinear.base_tensors
     is_nf4 = LoraLinear.is_nf4
     disable_adapter = LoraLinear.disable_adapter  # base alone inside the block, unmerged for the duration
 
@@ -134,7 +135,7 @@ class IA3Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
-        weight, bias, ia3_l = self.base_weight(), self.bias, parameter(self, "ia3_l")
+        (weight, bias), ia3_l = self.base_tensors(), parameter(self, "ia3_l")
         if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             # bad input or autocast on for any device (the op's own checks and casts), or traced by dynamo: no reuse
             return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)

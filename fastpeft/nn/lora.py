@@ -221,6 +221,16 @@ class LoraLinear(nn.Module):
         """The base layer's bias (or None)."""
         return parameter(self._modules["base_layer"], "bias")
 
+    def base_tensors(self) -> tuple:
+        """``(self.base_weight(), self.bias)`` in one call, what a forward reads: over an ``nn.Linear`` (the common
+        case) straight from its ``_parameters``. Each method call or property is a Python frame, and with the caches
+        an M = 1 layer's matmul just swept, four of them cost about 2 % of the call on CPU."""
+        base = self._modules["base_layer"]
+        params = base._parameters
+        if type(base) is nn.Linear and "weight" in params and "bias" in params:
+            return params["weight"], params["bias"]
+        return self.base_weight(), self.bias
+
     @property
     def is_nf4(self) -> bool:
         return isinstance(self.base_layer, _NF4Base) or _is_bnb_linear4bit(self.base_layer)
@@ -272,11 +282,11 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the registries read directly, as in base_weight (nn.Module.__getattr__ is a Python call per read)
         merged_weight = self._buffers["merged_weight"]
-        weight = merged_weight if merged_weight is not None else self.base_weight()
+        weight, bias = (merged_weight, self.bias) if merged_weight is not None else self.base_tensors()
         if self.disabled or self.merged:
-            return lora_linear(x, weight, self.bias, None, None, 0.0)
+            return lora_linear(x, weight, bias, None, None, 0.0)
         x_dropped, dropout_p = dropout_inputs(self._modules["lora_dropout"], x)
-        return lora_linear(x, weight, self.bias, parameter(self, "lora_A"), parameter(self, "lora_B"), self.scaling,
+        return lora_linear(x, weight, bias, parameter(self, "lora_A"), parameter(self, "lora_B"), self.scaling,
                            x_dropped, dropout_p)
 
     def extra_repr(self) -> str:
