@@ -371,3 +371,14 @@ def test_check_cpu_bounds_and_its_a_a_control():
     assert controlled[-1].setup is micro[1].setup  # the same implementation, built again
     e2e = [Job("decode", impl, {}, nothing) for impl in ("hf", "peft", "fastpeft")]
     assert check_cpu.with_control(e2e) == e2e
+
+
+def test_check_cpu_bounds_the_median_over_independent_runs():
+    from bench import check_cpu
+
+    per_run = [[("fastpeft / reference", r, 1.05, r <= 1.05), ("PEFT / x (speed-up, lower bound)", s, 3.0, s >= 3.0)]
+               for r, s in ((1.2, 2.0), (1.0, 4.0), (1.01, 3.5))]
+    combined = {what: rest for what, *rest in check_cpu.combine(per_run)}
+    assert combined["fastpeft / reference"] == [1.01, 1.05, True, [1.2, 1.0, 1.01]]  # one bad run is outvoted
+    assert combined["PEFT / x (speed-up, lower bound)"] == [3.5, 3.0, True, [2.0, 4.0, 3.5]]
+    assert check_cpu.combine([per_run[0]])[0][3] is False
