@@ -26,6 +26,7 @@ Exit status 1 when a bound fails. Wall-clock CPU times of PyTorch code (fastpeft
 reference path): they say nothing about GPU kernels. Not part of the test suite (a timed test is flaky
 on shared CI machines); run it by hand or in a bench job, best with ``OMP_NUM_THREADS=1`` on a loaded host.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -134,20 +134,16 @@ def run_group(jobs: list, cfg, roofline: Optional[dict], memory: bool = True, on
     too). An implementation whose package is missing is skipped with the reason; one that raises is reported with
     its error and the others go on. ``on_setup(job)`` is called before each build (progress)."""
     from .cases import Unavailable
-    from .report import shape_label
     from .roofline import roofline_fraction
     from .timing import measure_interleaved, peak_memory, ratio, summarise
 
     results, prepared = [], {}
     for n, job in enumerate(jobs):
-        results.append({"case": job.case, "impl": job.impl, "params": job.params, "shape": shape_label(job.params)})
+        results.append(result_head(job))
         if on_setup is not None:
             on_setup(job)
         try:
-            p = job.setup(cfg)
-            for i in range(cfg.warmup):
-                p.run(i)
-            prepared[n] = p
+            prepared[n] = _build(job, cfg)
         except Unavailable as exc:
             results[n]["skipped"] = str(exc)
         except Exception as exc:  # one broken implementation must not lose a long run: reported, exit status 1
@@ -180,15 +176,28 @@ def run_group(jobs: list, cfg, roofline: Optional[dict], memory: bool = True, on
     for n in timed if memory else ():
         _free(cfg.device)
         try:
-            p = jobs[n].setup(cfg)
-            for i in range(cfg.warmup):
-                p.run(i)
+            p = _build(jobs[n], cfg)
             results[n]["peak_mem_bytes"], results[n]["peak_mem_source"] = peak_memory(lambda: p.run(0), cfg.device)
             del p
         except Exception as exc:
             results[n]["error"] = f"{type(exc).__name__} when built again for its peak memory: {exc}"
     _free(cfg.device)
     return results
+
+
+def result_head(job) -> dict:
+    """What every result row starts with: the job's case, implementation, parameters and shape label."""
+    from .report import shape_label
+
+    return {"case": job.case, "impl": job.impl, "params": job.params, "shape": shape_label(job.params)}
+
+
+def _build(job, cfg):
+    """``job``'s implementation, built and warmed up (``cfg.warmup`` calls)."""
+    prepared = job.setup(cfg)
+    for i in range(cfg.warmup):
+        prepared.run(i)
+    return prepared
 
 
 def _free(device: torch.device) -> None:
@@ -225,9 +234,8 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     results = []
     for group in group_jobs(jobs).values():
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            results += [{"case": job.case, "impl": job.impl, "params": job.params,
-                         "shape": report.shape_label(job.params),
-                         "skipped": f"time budget of {args.time_budget:.0f} s spent"} for job in group]
+            results += [{**result_head(job), "skipped": f"time budget of {args.time_budget:.0f} s spent"}
+                        for job in group]
             done += len(group)
             if bar is not None:
                 bar.update(len(group))
