@@ -3,13 +3,13 @@
 ``python -m bench.check_cpu [--runs 3] [--rounds N] [--min-round-ms MS] [--clock wall|process] [--cases decode,ia3]
 [--json out.json]`` (from the repository root) times every implementation of each case of ``fastpeft bench --suite
 cpu`` as the harness times them (the same jobs, weights and inputs; ``fastpeft.bench.__main__.run_group``): round
-after round, each implementation in turn (the order rotating by one each round), so a noisy neighbour on a shared
-CPU slows all of them alike, each making the same number of calls per round, enough that the fastest spends at least
+after round, each implementation making the same number of calls per round, enough that the fastest spends at least
 ``--min-round-ms`` (a sub-millisecond micro case timed one call at a time would measure the timer and the
-scheduler). Rounds and the per-round minimum default to the cpu suite's. ``--clock process`` times this process's
-CPU time instead of wall time (steadier on a loaded host). The whole check runs ``--runs`` times, every
-implementation built afresh each time, and each bound is on the median over runs of the median over rounds of the
-per-round time ratio, never on a wall time:
+scheduler), the implementations taking turns call by call (the order rotating by one at every turn), so a noisy
+neighbour on a shared CPU slows all of them alike. Rounds and the per-round minimum default to the cpu suite's.
+``--clock process`` times this process's CPU time instead of wall time (steadier on a loaded host). The whole check
+runs ``--runs`` times, every implementation built afresh each time, and each bound is on the median over runs of the
+median over rounds of the per-round time ratio, never on a wall time:
 
 - every case with a ``peft`` row: fastpeft / PEFT <= 1 + NOISE (the accelerated model, MultiLoraModel for the
   multi-adapter cases, fastpeft's modules for the micro cases);

@@ -1,5 +1,5 @@
 """What being a layer costs at M = 1 on CPU: the IA3 micro case's layers against the bare reference function, measured
-as ``bench/check_cpu.py`` measures (interleaved rounds, rotating order, the median of per-round ratios).
+as ``bench/check_cpu.py`` measures (rounds of turns call by call in rotating order, the median of per-round ratios).
 
 ``python -m bench.ia3_floor [--rounds 41] [--m 1] [--mode fwd|fwd_bwd]`` (from the repository root, best with
 ``OMP_NUM_THREADS=1``) prints, for each micro shape of the cpu suite, each one's ratio to the bare function:

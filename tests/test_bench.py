@@ -247,10 +247,10 @@ def test_no_deprecated_torch_dtype_keyword_in_the_package():
     assert not offenders, offenders
 
 
-def test_interleaved_timing_gives_every_function_the_same_calls_per_round_in_rotating_order():
+def test_interleaved_timing_gives_every_function_the_same_calls_per_round_in_rotating_turns():
     """Each round, every function makes as many calls as the fastest needs to run at least ``min_round_ms`` (one
-    call of a sub-millisecond case would time the timer), a sample is the mean time per call, inputs rotate through
-    every index, and the round's first function rotates."""
+    call of a sub-millisecond case would time the timer), taking turns call by call, the turn's first function
+    rotating; a sample is the mean time per call, and inputs rotate through every index."""
     import time
 
     calls = {"fast": [], "slow": []}
@@ -270,8 +270,10 @@ def test_interleaved_timing_gives_every_function_the_same_calls_per_round_in_rot
         assert calls[name] == [0, 1, *range(2, 2 + 3 * per_round)]
         assert len(samples[name]) == 3
     assert min(samples["slow"]) >= 2.0 and min(samples["fast"]) >= 1.0  # ms per call, not per round
-    rounds = order[4:]  # after the warm-up and calibration calls (2 each, in order)
-    assert [rounds[r * 2 * per_round] for r in range(3)] == ["fast", "slow", "fast"]
+    timed = order[4:]  # after the warm-up and calibration calls (2 each, in order)
+    turns = [timed[2 * t: 2 * t + 2] for t in range(3 * per_round)]
+    assert len(timed) == 2 * 3 * per_round and all(sorted(turn) == ["fast", "slow"] for turn in turns)
+    assert [turn[0] for turn in turns] == ["fast", "slow"] * (3 * per_round // 2) + ["fast"] * (3 * per_round % 2)
     assert ratio(samples["slow"], samples["fast"]) == pytest.approx(2.0, rel=0.3)
 
 

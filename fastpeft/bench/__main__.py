@@ -62,7 +62,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="multi-LoRA serving: sequences in the mixed batch (each names a random adapter)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES))
     parser.add_argument("--rank", type=int)
-    parser.add_argument("--repeats", type=int, help="timed rounds: in each, every implementation of a case in turn")
+    parser.add_argument("--repeats", type=int,
+                        help="timed rounds: in each, the implementations of a case take turns call by call")
     parser.add_argument("--min-round-ms", dest="min_round_ms", type=float,
                         help="calls per round enough that the fastest implementation of a case runs this long "
                              "(0: one call per round)")

@@ -57,7 +57,7 @@ class BenchConfig:
     micro_features: list  # (out_features, in_features)
     micro_adapters: int  # adapters in the multi-LoRA micro case
     warmup: int
-    repeats: int  # rounds, each implementation of a case timed in turn (fastpeft.bench.timing.measure_interleaved)
+    repeats: int  # rounds, the implementations of a case taking turns call by call (timing.measure_interleaved)
     rotations: int
     llama: dict  # LlamaConfig kwargs of the built-in model
     model_path: Optional[str] = None

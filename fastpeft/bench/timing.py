@@ -1,13 +1,13 @@
 """How the harness measures time and memory.
 
 The implementations of one case are timed side by side (:func:`measure_interleaved`): warmed up, then round after
-round each makes the same number of calls, in an order rotating by one each round, so a neighbour's load or the
-caches one implementation leaves cold fall on all of them alike, and ratios come out of one run. A sample is the
-mean time per call of one round; inputs rotate (``fn(i)`` picks input set ``i % n``), so a reused input does not
-flatter anyone.
+round each makes the same number of calls, taking turns call by call in an order that rotates by one at every turn,
+so a neighbour's load or the caches one implementation leaves cold fall on all of them alike, and ratios come out of
+one run. A sample is the mean time per call of one round; inputs rotate (``fn(i)`` picks input set ``i % n``), so a
+reused input does not flatter anyone.
 
-On CUDA: CUDA events around each round's calls, with the L2 cache flushed before it (a 256 MiB buffer is zeroed
-outside the events, as ``triton.testing.do_bench`` does). Peak memory: ``torch.cuda.max_memory_allocated`` after
+On CUDA: CUDA events around each call, with the L2 cache flushed before it (a 256 MiB buffer is zeroed outside the
+events, as ``triton.testing.do_bench`` does). Peak memory: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``.
 
 On CPU: ``time.perf_counter`` wall clock (labelled ``cpu-wall``: it measures the PyTorch reference on this machine's
@@ -74,12 +74,17 @@ def measure_interleaved(fns: dict, device: torch.device, warmup: int, rounds: in
                         clock: str = "wall") -> tuple:
     """``({label: [ms per call, one per round]}, calls per round, clock label)`` of the functions ``fns``
     (``{label: fn}``) timed side by side: each warmed up, then round after round each makes the same number of calls
-    ``fn(i)`` (``i`` counting on from the warm-up's, so inputs rotate), in an order that rotates by one each round, so
-    none always runs first on caches the one before left cold, and a noisy neighbour slows all alike.
+    ``fn(i)`` (``i`` counting on from the warm-up's, so inputs rotate), the functions taking turns call by call in an
+    order that rotates by one at every turn, so none always runs first on caches the one before left cold. Turns of
+    one call each, not blocks of a round's calls: a shared host's load changes within milliseconds, and a block of
+    20 ms that one function had to itself would catch a slow spell the others missed (two copies of one IA3 reference
+    layer, M = 1, 2816x1024 forward + backward, on a 2-core host, six runs of 15 rounds: their ratio's standard
+    deviation 0.058 in 20 ms blocks, 0.013 call by call).
 
     ``min_round_ms > 0``: one more call each calibrates the count, enough calls per round that the fastest spends at
     least that long (one call of a sub-millisecond function on CPU would time the timer and the scheduler); else one
-    call per round. CUDA: events around each round's calls, after the L2 flush; CPU: ``clock`` (:data:`CLOCKS`)."""
+    call per round. CUDA: events around each call, after the L2 flush; CPU: ``clock`` (:data:`CLOCKS`) around each
+    call (the two clock reads, well under a microsecond, fall on every function alike)."""
     if rounds < 1:
         raise ValueError(f"repeats must be >= 1, got {rounds}")
     cuda = device.type == "cuda"
@@ -90,38 +95,40 @@ def measure_interleaved(fns: dict, device: torch.device, warmup: int, rounds: in
             fn(i)
     first, calls = warmup, 1
     if min_round_ms > 0 and fns:
-        probes = [_run_calls(fn, 1, first, timer, flush) for fn in fns.values()]
+        probes = [_timed_call(fn, first, timer, flush) for fn in fns.values()]
         if cuda:
             torch.cuda.synchronize(device)
             probes = [start.elapsed_time(end) for start, end in probes]
         calls, first = max(1, math.ceil(min_round_ms / max(min(probes), 1e-6))), first + 1
     labels = list(fns)
-    samples = {label: [] for label in labels}
+    timed = {label: [[] for _ in range(rounds)] for label in labels}  # per round, each call's ms (CPU) or events
     for r in range(rounds):
-        shift = r % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            samples[label].append(_run_calls(fns[label], calls, first + r * calls, timer, flush))
+        for c in range(calls):
+            i = first + r * calls + c
+            shift = i % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                timed[label][r].append(_timed_call(fns[label], i, timer, flush))
     if cuda:
         torch.cuda.synchronize(device)
-        samples = {label: [start.elapsed_time(end) / calls for start, end in s] for label, s in samples.items()}
+        timed = {label: [[start.elapsed_time(end) for start, end in s] for s in per_round]
+                 for label, per_round in timed.items()}
+    samples = {label: [sum(s) / calls for s in per_round] for label, per_round in timed.items()}
     return samples, calls, "cuda-events" if cuda else f"cpu-{clock}"
 
 
-def _run_calls(fn, calls: int, first: int, timer, flush):
-    """``fn(first)`` .. ``fn(first + calls - 1)``: their mean ms per call (CPU ``timer``), or the CUDA events
-    ``(start, end)`` around them after zeroing ``flush`` (read once the device is synchronised)."""
+def _timed_call(fn, i: int, timer, flush):
+    """``fn(i)``: its time in ms (CPU ``timer``), or the CUDA events ``(start, end)`` around it after zeroing
+    ``flush`` (read once the device is synchronised)."""
     if timer is None:
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(first, first + calls):
-            fn(i)
+        fn(i)
         end.record()
         return start, end
     start = timer()
-    for i in range(first, first + calls):
-        fn(i)
-    return (timer() - start) * 1e3 / calls
+    fn(i)
+    return (timer() - start) * 1e3
 
 
 def ratio(num: list, den: list) -> float:
