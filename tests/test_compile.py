@@ -59,6 +59,13 @@ def test_accelerated_layer_fullgraph(kind):
     torch.compile(layer, fullgraph=True, backend=BACKEND)(x).sum().backward()
 
 
+def test_ia3_layer_fullgraph_after_eager_calls():
+    # eager calls first: then IA3Linear runs PEFT's ops without its checks (fastpeft.nn.ia3), which dynamo traces too
+    layer = fastpeft.IA3Linear(torch.nn.Linear(64, 48), init_ia3_weights=False)
+    _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),))
+    assert layer._plain_on is not None
+
+
 def test_whole_accelerated_model_fullgraph():
     model = _accelerated(peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     _assert_compiled_matches_eager(model, (TOKENS,))

@@ -243,19 +243,26 @@ def test_the_reused_plan_follows_the_layer_state(change, is_feedforward):
         assert y.dtype == expected.dtype and torch.equal(y, expected)
 
 
-def test_the_plan_is_made_once_per_kind_of_call(monkeypatch):
+@pytest.mark.parametrize("dense", [True, False])
+def test_the_plan_is_made_once_per_kind_of_call(monkeypatch, dense):
+    """Over a 4-bit base the plan is made again for another shape; over a dense base on the reference backend only
+    the first call plans, and the others run PEFT's ops (fastpeft.ops.ia3.peft_ia3_ops) with no plan at all."""
     import fastpeft.nn.ia3 as module
 
-    plans = []
-    real = module.ia3_plan
+    plans, plain = [], []
+    real, real_ops = module.ia3_plan, module.peft_ia3_ops
     monkeypatch.setattr(module, "ia3_plan", lambda *args: plans.append(tuple(args[0].shape)) or real(*args))
-    layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False)
+    monkeypatch.setattr(module, "peft_ia3_ops", lambda *args: plain.append(1) or real_ops(*args))
+    layer = IA3Linear(nn.Linear(64, 40) if dense else bnb_linear4bit(64, 40, True), init_ia3_weights=False)
     with torch.no_grad():
         for _ in range(3):
-            layer(torch.randn(1, 24))  # a decode loop: one plan
+            x = torch.randn(1, 64)
+            y = layer(x)  # a decode loop: one plan
+            assert torch.equal(y, _from_scratch(layer, x))
             layer.ia3_l.data.mul_(1.5)  # new values, same plan
-        layer(torch.randn(2, 1, 24))  # another shape: planned again
-    assert plans == [(1, 24), (2, 1, 24)]
+        layer(torch.randn(2, 1, 64))  # another shape
+    assert plans == ([(1, 64)] if dense else [(1, 64), (2, 1, 64)])
+    assert len(plain) == (3 if dense else 0)
 
 
 def _grads(layer, forward, x, dy):

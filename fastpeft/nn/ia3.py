@@ -15,14 +15,15 @@ PEFT divides by ``l + 1e-8``; both are exact only up to rounding, and neither wo
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ..nf4 import NF4Weight
-from ..ops.dispatch import backend_setting
-from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan
+from ..ops.dispatch import backend_for, backend_setting
+from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan, peft_ia3_ops
 from ..ops.lora import lora_linear
 from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
 
@@ -131,11 +132,39 @@ class IA3Linear(nn.Module):
     # The last call's (key, plan): the op's checks and path choice (fastpeft.ops.ia3.ia3_plan) cost about as much as
     # the layer's math at M = 1 on CPU, and a decode or training loop repeats them on inputs that differ only in values.
     _planned: Optional[tuple] = None
+    # (a weak reference to the dense weight, FASTPEFT_BACKEND as set, device) of the last checked call that ran on the
+    # reference backend, outside torch.compile: while all three hold, a call runs PEFT's ops unchecked (forward)
+    _plain_on: Optional[tuple] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain_on = self._plain_on
+        if plain_on is not None and not (self.disabled or self.merged):
+            # The dense weight the last checked call ran on, off the Triton backend (CPU): PEFT's two ops themselves,
+            # what the plain plan runs, read straight from the layer's dicts without the plan's key. At M = 1 on CPU,
+            # among other layers' calls, each tensor attribute read or Python frame there costs about 1 % of the call.
+            # The ops check the rest (the weight by identity: a matmul with a meta weight would not raise): on a bad
+            # input (shape, dtype, device, a tensor's .data changed) they raise, and the checked op raises its clear
+            # error, or computes where it casts (x of another dtype than the weight). An unfrozen weight is the
+            # op's error too; autocast casts inside F.linear as in PEFT's base layer.
+            try:
+                params = self._modules["base_layer"]._parameters
+                weight = params["weight"]
+                if (plain_on[0]() is weight and plain_on[1] == backend_setting() and plain_on[2] == x.device
+                        and not weight.requires_grad):
+                    return peft_ia3_ops(x, weight, params["bias"], self._parameters["ia3_l"], self.is_feedforward)
+            except Exception:
+                pass
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
         (weight, bias), ia3_l = self.base_tensors(), parameter(self, "ia3_l")
+        y = self._checked_forward(x, weight, bias, ia3_l)
+        if (isinstance(weight, torch.Tensor) and not torch.compiler.is_compiling()
+                and backend_for(x.device) == "reference"):
+            self._plain_on = (weakref.ref(weight), backend_setting(), x.device)
+        return y
+
+    def _checked_forward(self, x, weight, bias, ia3_l) -> torch.Tensor:
+        """The op on the layer's tensors, its plan reused while the call's key holds."""
         if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             # bad input or autocast on for any device (the op's own checks and casts), or traced by dynamo: no reuse
             return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)

@@ -261,20 +261,14 @@ def ia3_apply(plan: IA3Plan, x: torch.Tensor, weight: Weight, bias: Optional[tor
               is_feedforward: bool) -> torch.Tensor:
     """:func:`ia3_linear` of inputs ``plan`` was made for (:func:`ia3_plan`), without checking them again.
 
-    A plain plan over a dense base runs PEFT's IA3 forward op for op (its base ``nn.Linear`` on ``x`` as it is, the
-    bias inside the matmul, then the scale in the promoted dtype and back), which autograd differentiates as it does
-    PEFT's; without autograd an output scale of ``z``'s dtype multiplies ``z`` in place."""
+    A plain plan over a dense base runs PEFT's IA3 forward op for op (:func:`peft_ia3_ops`, the weight and bias in
+    ``x``'s dtype), which autograd differentiates as it does PEFT's; without autograd an output scale of ``z``'s dtype
+    multiplies ``z`` in place."""
     out_features, in_features, plain, differentiable = plan
     if bias is not None:
         bias = _cast(bias, x.dtype)
     if plain and not isinstance(weight, NF4Weight):
-        w = _cast(weight, x.dtype)
-        if is_feedforward:
-            return F.linear(_cast(x * ia3_scale, x.dtype), w, bias)
-        z = F.linear(x, w, bias)
-        if not differentiable and ia3_scale.dtype == z.dtype:
-            return z.mul_(ia3_scale)
-        return _cast(z * ia3_scale, z.dtype)
+        return peft_ia3_ops(x, _cast(weight, x.dtype), bias, ia3_scale, is_feedforward, in_place=not differentiable)
     x2d = as_rows(x, in_features)
     if not ia3_scale.is_contiguous():
         ia3_scale = ia3_scale.contiguous()
@@ -287,6 +281,20 @@ def ia3_apply(plan: IA3Plan, x: torch.Tensor, weight: Weight, bias: Optional[tor
     else:
         y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, is_feedforward)
     return rows_like(y, x, out_features)
+
+
+def peft_ia3_ops(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_scale: torch.Tensor,
+                 is_feedforward: bool, in_place: bool = False) -> torch.Tensor:
+    """PEFT's IA3 forward op for op over a dense ``weight`` (and ``bias``) of ``x``'s dtype, without checks: ``x ⊙ l``
+    in the promoted dtype and back, then the matmul with the bias inside; or the matmul, then ``⊙ l`` in the promoted
+    dtype and back to the matmul's. Under autocast the matmul casts as PEFT's base ``nn.Linear`` does. ``in_place``
+    (nothing to differentiate): an output scale of ``z``'s dtype multiplies ``z`` in place."""
+    if is_feedforward:
+        return F.linear(_cast(x * ia3_scale, x.dtype), weight, bias)
+    z = F.linear(x, weight, bias)
+    if in_place and ia3_scale.dtype == z.dtype:
+        return z.mul_(ia3_scale)
+    return _cast(z * ia3_scale, z.dtype)
 
 
 def ia3_linear(
