@@ -265,6 +265,22 @@ def test_the_plan_is_made_once_per_kind_of_call(monkeypatch, dense):
     assert len(plain) == (3 if dense else 0)
 
 
+def test_a_called_layer_pickles_and_copies():
+    """The per-call caches are not the layer's state: torch.save of the whole module and deepcopy work after calls."""
+    import copy
+    import io
+
+    layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False)
+    x = torch.randn(3, 24)
+    layer(x)
+    y = layer(x)  # the second call runs PEFT's ops unchecked
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(layer)):
+        assert torch.equal(other(x), y) and torch.equal(other(x), y)
+
+
 def _grads(layer, forward, x, dy):
     return torch.autograd.grad(forward(layer, x), [x, layer.ia3_l], dy)
 

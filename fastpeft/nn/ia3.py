@@ -163,6 +163,11 @@ class IA3Linear(nn.Module):
             self._plain_on = (weakref.ref(weight), backend_setting(), x.device)
         return y
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_plain_on", None)  # a per-call cache (planned again after loading) holding a weak reference
+        return state
+
     def _checked_forward(self, x, weight, bias, ia3_l) -> torch.Tensor:
         """The op on the layer's tensors, its plan reused while the call's key holds."""
         if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
