@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..nf4 import NF4Weight
-from ..ops.dispatch import backend_for, backend_setting
+from ..ops.dispatch import backend_setting
 from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan, peft_ia3_ops
 from ..ops.lora import lora_linear
 from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
@@ -132,8 +132,8 @@ class IA3Linear(nn.Module):
     # The last call's (key, plan): the op's checks and path choice (fastpeft.ops.ia3.ia3_plan) cost about as much as
     # the layer's math at M = 1 on CPU, and a decode or training loop repeats them on inputs that differ only in values.
     _planned: Optional[tuple] = None
-    # (a weak reference to the dense weight, FASTPEFT_BACKEND as set, device) of the last checked call that ran on the
-    # reference backend, outside torch.compile: while all three hold, a call runs PEFT's ops unchecked (forward)
+    # (a weak reference to the dense weight, FASTPEFT_BACKEND as set, device) of the last call whose plan was plain
+    # (the reference backend, outside torch.compile): while all three hold, a call runs PEFT's ops unchecked (forward)
     _plain_on: Optional[tuple] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,19 +157,6 @@ class IA3Linear(nn.Module):
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
         (weight, bias), ia3_l = self.base_tensors(), parameter(self, "ia3_l")
-        y = self._checked_forward(x, weight, bias, ia3_l)
-        if (isinstance(weight, torch.Tensor) and not torch.compiler.is_compiling()
-                and backend_for(x.device) == "reference"):
-            self._plain_on = (weakref.ref(weight), backend_setting(), x.device)
-        return y
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_plain_on", None)  # a per-call cache (planned again after loading) holding a weak reference
-        return state
-
-    def _checked_forward(self, x, weight, bias, ia3_l) -> torch.Tensor:
-        """The op on the layer's tensors, its plan reused while the call's key holds."""
         if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
             # bad input or autocast on for any device (the op's own checks and casts), or traced by dynamo: no reuse
             return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)
@@ -182,7 +169,15 @@ class IA3Linear(nn.Module):
         planned = self._planned
         if planned is None or planned[0] != key:
             planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
-        return ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
+        y = ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
+        if planned[1].plain and isinstance(weight, torch.Tensor):  # a dense weight off the Triton backend
+            self._plain_on = (weakref.ref(weight), backend_setting(), x.device)
+        return y
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_plain_on", None)  # a per-call cache (planned again after loading) holding a weak reference
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
