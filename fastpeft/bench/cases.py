@@ -310,7 +310,8 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int,
             params = [p for p in layer.parameters() if p.requires_grad]
             note = "peft + bitsandbytes Linear4bit" if nf4 else ""
         else:
-            base_weight = NF4Weight.from_bnb(_bnb_linear(w).weight) if nf4 else w.weight
+            # the bits bitsandbytes would store (NF4Weight.quantize is bit-exact with it): no bitsandbytes needed
+            base_weight = NF4Weight.quantize(w.weight, 64, double_quant=True) if nf4 else w.weight
             if impl == "reference":
                 factors = dict(lora_a=w.lora_a, lora_b=w.lora_b)
                 if dora:
@@ -378,8 +379,7 @@ def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[
 def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfig], Prepared]:
     def setup(cfg: BenchConfig) -> Prepared:
         w = _weights(cfg, out_f, in_f)
-        bnb_layer = _bnb_linear(w)
-        nf4 = NF4Weight.from_bnb(bnb_layer.weight)
+        nf4 = NF4Weight.quantize(w.weight, 64, double_quant=True)  # bitsandbytes' bits, without bitsandbytes
         note = ""
         if impl == "fastpeft":
             from ..ops import dequantize_nf4
@@ -392,7 +392,8 @@ def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfi
                 return nf4.dequantize(cfg.dtype)
         else:
             functional = _require("bitsandbytes.functional")
-            packed, state = bnb_layer.weight, bnb_layer.weight.quant_state
+            bnb_weight = _bnb_linear(w).weight
+            packed, state = bnb_weight, bnb_weight.quant_state
 
             def run(i):
                 return functional.dequantize_4bit(packed, state)
@@ -525,12 +526,15 @@ def _token_batches(cfg: BenchConfig, batch: int, length: int, vocab: int) -> lis
 
 
 def _randomise_adapters(model: nn.Module) -> None:
-    """PEFT starts lora_B at zero; random non-zero adapters make the adapter path do real arithmetic."""
+    """PEFT starts lora_B at zero and DoRA magnitudes and IA3 vectors at the identity; random adapters (around 1
+    for magnitudes and IA3 vectors, around 0 for the rest) make the adapter path do real arithmetic. Seeded, so
+    models of one architecture get the same values in any dtype."""
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            if p.requires_grad:
+                centre = 1.0 if "magnitude" in name or "ia3_l" in name else 0.0
+                p.copy_(centre + 0.02 * torch.randn(p.shape, generator=g))
 
 
 def _train_step(impl: str, four_bit: bool = False, compute_dtype: Optional[torch.dtype] = None

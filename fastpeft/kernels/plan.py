@@ -126,6 +126,23 @@ def recording(arch: Optional[tuple] = None):
         _recorder, _recording_arch = outer
 
 
+# Lists that ``observing()`` blocks collect launched plans in (launching goes on); process-wide, like the recorder.
+_observers: list = []
+
+
+@contextlib.contextmanager
+def observing():
+    """Within this block :func:`launch` still launches, and appends each plan it launches (before the launch,
+    so a failing one is listed too) to the list this yields: how a GPU run asserts which kernels and variants
+    an op really ran. Process-wide: launches from other threads meanwhile are listed as well."""
+    plans: list = []
+    _observers.append(plans)
+    try:
+        yield plans
+    finally:
+        _observers.remove(plans)
+
+
 def launch(plan: LaunchPlan, *args) -> None:
     """Run a Triton ``plan`` with the kernel's non-constexpr ``args`` (in the kernel's order). Any failure
     of the compile or the launch is raised as :class:`KernelLaunchError` (``fastpeft.ops.dispatch`` then
@@ -135,6 +152,8 @@ def launch(plan: LaunchPlan, *args) -> None:
     if _recorder is not None:
         _recorder.append((plan, args))
         return
+    for plans in _observers:
+        plans.append(plan)
     try:
         plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
                                **plan.options)
