@@ -20,7 +20,8 @@ Every check and every timed subgroup is appended to its JSON-lines file as it fi
 ``results.json`` are rewritten after each phase and group; at the end, or on SIGTERM / SIGINT (the children
 stopped, what they wrote kept), the plots are packed into one archive. ``DIR`` then holds six files:
 ``summary.md``, ``results.json``, ``correctness.jsonl``, ``timings.jsonl``, ``run.log`` (the children's output),
-``plots.tar.gz``. Exit status 1 when a check failed or errored, or a timed implementation raised.
+``plots.tar.gz``. Exit status 0 only when every check ran and passed (skips aside), no timed implementation raised
+and nothing stopped the run (:func:`accepted`).
 
 ``--dry-run`` runs the same driver on CPU with tiny shapes (the checks' kernels in Triton's interpreter; timings
 of the PyTorch reference path, meaningless as numbers): the test suite runs it so the driver cannot rot.
@@ -49,8 +50,6 @@ WHEEL_GLOB = "bench/wheels/bitsandbytes-*.whl"
 WITHOUT_BNB_ENV = "FASTPEFT_ACCEPT_WITHOUT_BNB"
 FILES = ("summary.md", "results.json", "correctness.jsonl", "timings.jsonl", "run.log", "plots.tar.gz")
 CHECKS_BUDGET_MAX_S = 180.0
-GRACE_S = 20.0  # past a child's own budget before it is killed (its current check or subgroup finishing)
-RESERVE_S = 15.0  # kept from the budget for the plots and the last summary
 
 
 def hide_bitsandbytes_if_asked() -> None:
@@ -93,8 +92,9 @@ def _stop(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
-def bitsandbytes_for_children(args, workdir: str) -> tuple:
-    """``(environment for the children, what the summary says about bitsandbytes)``."""
+def bitsandbytes_for_children(args, workdir: str, pythonpath: str) -> tuple:
+    """``(environment for the children, what the summary says about bitsandbytes)``; ``pythonpath``: the children's
+    ``PYTHONPATH`` so far (a wheel's install folder goes first)."""
     if args.no_bnb:
         return {WITHOUT_BNB_ENV: "1"}, "hidden from the run (--no-bnb): its comparisons are skipped"
     if importlib.util.find_spec("bitsandbytes") is not None:
@@ -113,8 +113,7 @@ def bitsandbytes_for_children(args, workdir: str) -> tuple:
         return {}, f"installing {wheels[-1]} failed ({exc}): its comparisons are skipped"
     if done.returncode != 0:
         return {}, f"installing {wheels[-1]} failed ({done.stderr.strip()[-300:]}): its comparisons are skipped"
-    path = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path}, f"installed from {os.path.relpath(wheels[-1], ROOT)} into a temporary folder"
+    return {"PYTHONPATH": os.pathsep.join(p for p in (target, pythonpath) if p)}, f"installed from {os.path.relpath(wheels[-1], ROOT)} into a temporary folder"
 
 
 class Run:
@@ -125,6 +124,8 @@ class Run:
         self.out = Path(args.out)
         self.start = time.monotonic()
         self.deadline = self.start + args.budget_s
+        self.reserve = min(15.0, 0.05 * args.budget_s)  # kept for the plots and the last summary
+        self.grace = args.grace_s  # past a child's own budget before it is killed (its check or subgroup finishing)
         self.children: list = []
         self.stopped: Optional[str] = None
         self.groups: dict = {}  # timing group -> what became of it
@@ -185,7 +186,7 @@ class Run:
     # ---------------------------------------------------------------------------------------------- phases
 
     def checks(self) -> None:
-        budget = min(self.args.checks_budget_s, self.deadline - RESERVE_S - time.monotonic())
+        budget = min(self.args.checks_budget_s, self.deadline - self.reserve - time.monotonic())
         if budget <= 1:
             self.checks_note = "not run: the run's budget was spent"
             return
@@ -196,7 +197,7 @@ class Run:
         extra = {"FASTPEFT_BACKEND": "triton"} if self.args.dry_run else {}
         children = [self.spawn("bench.gpu_checks", [*options, "--shard", f"{i}/{shards}"], extra)
                     for i in range(shards)]
-        statuses = self.wait(children, time.monotonic() + budget + GRACE_S)
+        statuses = self.wait(children, time.monotonic() + budget + self.grace)
         killed = [f"{i}/{shards}" for i, status in enumerate(statuses) if status is None]
         self.checks_note = f"shard(s) {', '.join(killed)} killed at the budget" if killed else ""
         from bench.gpu_checks import coverage
@@ -211,15 +212,16 @@ class Run:
 
         timings = self.path("timings.jsonl")
         roofline = None
-        if time.monotonic() < self.deadline - RESERVE_S:
+        budget = min(30.0, self.deadline - self.reserve - time.monotonic())  # a 1 GiB copy and an 8192^3 matmul
+        if budget > 1:
             append_line(timings, {"kind": "group-start", "group": "roofline"})
-            child = self.spawn("bench.gpu_timings", ["--group", "roofline", "--out", str(timings), "--budget-s", "30"]
-                               + (["--dry-run"] if self.args.dry_run else []))
-            self.wait([child], time.monotonic() + 30 + GRACE_S)
+            child = self.spawn("bench.gpu_timings", ["--group", "roofline", "--out", str(timings), "--budget-s",
+                                                     f"{budget:.1f}"] + (["--dry-run"] if self.args.dry_run else []))
+            self.wait([child], time.monotonic() + budget + self.grace)
             roofline = next((r["roofline"] for r in read_lines(timings) if r.get("kind") == "roofline"), None)
-        names = list(GROUPS)
+        names = [name for name in GROUPS if name in self.args.groups]
         for n, name in enumerate(names):
-            left = self.deadline - RESERVE_S - time.monotonic()
+            left = self.deadline - self.reserve - time.monotonic()
             shares = [GROUPS[later][0] for later in names[n:]]
             budget = left * shares[0] / sum(shares)
             if budget < (1 if self.args.dry_run else 5):
@@ -231,8 +233,8 @@ class Run:
             options = ["--group", name, "--out", str(timings), "--budget-s", f"{budget:.1f}"]
             options += ["--roofline", json.dumps(roofline)] if roofline else []
             options += ["--dry-run"] if self.args.dry_run else []
-            (status,) = self.wait([self.spawn("bench.gpu_timings", options)], time.monotonic() + budget + GRACE_S)
-            self.groups[name] = {None: f"killed {GRACE_S:.0f} s past its budget of {budget:.0f} s", 0: "done"}.get(
+            (status,) = self.wait([self.spawn("bench.gpu_timings", options)], time.monotonic() + budget + self.grace)
+            self.groups[name] = {None: f"killed {self.grace:.0f} s past its budget of {budget:.0f} s", 0: "done"}.get(
                 status, f"exit status {status}")
             append_line(timings, {"kind": "group-end", "group": name, "status": self.groups[name]})
             self.write_summary()
@@ -284,7 +286,7 @@ class Run:
         with tempfile.TemporaryDirectory() as workdir:
             try:
                 self.meta = _metadata(self.args, self.argv)
-                env, self.bnb = bitsandbytes_for_children(self.args, workdir)
+                env, self.bnb = bitsandbytes_for_children(self.args, workdir, self.env["PYTHONPATH"])
                 self.env.update(env)
                 self.log(f"{self.meta['device']}; bitsandbytes {self.bnb}; budget {self.args.budget_s:.0f} s")
                 self.write_summary()
@@ -301,9 +303,16 @@ class Run:
             data = self.write_summary()
             self.pack_plots(data)
         self.log(f"done in {time.monotonic() - self.start:.0f} s: {', '.join(sorted(p.name for p in self.out.iterdir()))}")
-        failed = [r for r in data["correctness"] if r.get("status") in ("fail", "error")]
-        errors = [r for r in data["results"] if "error" in r]
-        return 1 if failed or errors or self.stopped else 0
+        return 0 if accepted(data) else 1
+
+
+def accepted(data: dict) -> bool:
+    """True when every check ran and none failed or errored, no timed implementation raised, and the run was not
+    stopped: a pass cut short by its budget accepts nothing."""
+    checks = data["correctness"]
+    complete = checks and not data["checks_note"] and all(r.get("status") != "not-run" for r in checks)
+    failed = any(r.get("status") in ("fail", "error") for r in checks)
+    return bool(complete) and not failed and not any("error" in r for r in data["results"]) and not data["stopped"]
 
 
 def _replace(path: Path, text: str) -> None:
@@ -344,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{CHECKS_BUDGET_MAX_S:.0f})")
     parser.add_argument("--shards", type=int, default=None,
                         help="processes the correctness pass is split over (default 4; 1 with --dry-run)")
+    parser.add_argument("--groups", type=lambda text: [g for g in text.split(",") if g],
+                        help="only these timing groups, comma-separated (default: all, in priority order)")
+    parser.add_argument("--grace-s", type=float, default=20.0,
+                        help="seconds a child may run past its budget (finishing its check or subgroup) before it "
+                             "is killed (default 20)")
     parser.add_argument("--bnb-wheel", help=f"a bitsandbytes wheel to install (default: {WHEEL_GLOB})")
     parser.add_argument("--no-bnb", action="store_true",
                         help="hide bitsandbytes from the run even where installed (its comparisons are skipped)")
@@ -362,6 +376,12 @@ def main(argv: Optional[list] = None) -> int:
         args.shards = 1 if args.dry_run else 4
     if args.shards < 1:
         raise SystemExit(f"gpu_accept: --shards must be at least 1, got {args.shards}")
+    from bench.gpu_timings import GROUPS
+
+    unknown = sorted(set(args.groups or ()) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"gpu_accept: unknown timing groups {unknown}; the groups: {', '.join(GROUPS)}")
+    args.groups = args.groups or list(GROUPS)
     return Run(args, argv).run()
 
 

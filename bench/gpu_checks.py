@@ -86,6 +86,7 @@ class Check:
     name: str
     family: str
     run: Callable[[], dict]  # raises AssertionError on a failure; returns what it measured
+    unit: str = ""  # checks of one unit (a shape and dtype, or the models) share their kernels' compilations
 
 
 @dataclass
@@ -329,6 +330,7 @@ def kernel_checks(ctx: Context, shapes: list) -> list:
     checks = []
     for out_f, in_f, ms in shapes:
         for dtype in DTYPES:
+            first = len(checks)
             checks.append(_nf4_dequant_check(ctx, out_f, in_f, dtype, nested=True))
             checks += [_qlora_check(ctx, m, out_f, in_f, dtype) for m in ms]
             for nf4 in (True, False):
@@ -336,6 +338,8 @@ def kernel_checks(ctx: Context, shapes: list) -> list:
                 checks += [_ia3_check(ctx, m, out_f, in_f, dtype, nf4, ff) for m in ms[1:] for ff in (False, True)]
             for decode, fused in ((True, False), (True, True), (False, False), (False, True)):
                 checks.append(_multi_lora_check(ctx, ms[-1], out_f, in_f, dtype, decode, fused))
+            for check in checks[first:]:
+                check.unit = f"{out_f}x{in_f} {_name(dtype)}"
     return checks
 
 
@@ -463,8 +467,11 @@ def parity_checks(ctx: Context, workdir: str) -> list:
             _model(cfg).save_pretrained(path)
             saved.append(path)
         return saved[0]
-    return [_parity_check(ctx, checkpoint, method, nf4, dtype) for nf4 in (False, True)
-            for method in ("lora", "dora", "ia3") for dtype in (torch.float32, torch.bfloat16)]
+    checks = [_parity_check(ctx, checkpoint, method, nf4, dtype) for nf4 in (False, True)
+              for method in ("lora", "dora", "ia3") for dtype in (torch.float32, torch.bfloat16)]
+    for check in checks:
+        check.unit = "parity"
+    return checks
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -476,6 +483,14 @@ def all_checks(ctx: Context, workdir: str) -> list:
     checks = kernel_checks(ctx, [(*s.odd, s.odd_m)]) + parity_checks(ctx, workdir)
     checks += kernel_checks(ctx, [(out_f, in_f, s.production_m) for out_f, in_f in s.production])
     return checks
+
+
+def shard(checks: list, index: int, count: int) -> list:
+    """Shard ``index`` of ``count``: whole units, dealt in turn (shards compiling the same kernel specialisations
+    side by side would each compile them), each shard's checks in the pass's order."""
+    units = list(dict.fromkeys(check.unit for check in checks))
+    mine = {unit for k, unit in enumerate(units) if k % count == index}
+    return [check for check in checks if check.unit in mine]
 
 
 def run_checks(checks: list, log: str, deadline: float, shard: str) -> int:
@@ -506,7 +521,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", required=True, help="JSON-lines log to append to")
     parser.add_argument("--budget-s", type=float, required=True)
-    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th check from the I-th")
+    parser.add_argument("--shard", default="0/1", help="I/N: run the I-th of N shards (see shard())")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (kernels in Triton's interpreter)")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
@@ -518,7 +533,7 @@ def main(argv: Optional[list] = None) -> int:
                   triton=backend_for(device) == "triton")
     with tempfile.TemporaryDirectory() as workdir:
         checks = all_checks(ctx, workdir)
-        bad = run_checks(checks[index::count], args.log, deadline, args.shard)
+        bad = run_checks(shard(checks, index, count), args.log, deadline, args.shard)
     return 1 if bad else 0
 
 

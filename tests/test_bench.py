@@ -384,3 +384,36 @@ def test_check_cpu_bounds_the_median_over_independent_runs():
     assert combined["fastpeft / reference"] == [1.01, 1.05, True, [1.2, 1.0, 1.01]]  # one bad run is outvoted
     assert combined["PEFT / x (speed-up, lower bound)"] == [3.5, 3.0, True, [2.0, 4.0, 3.5]]
     assert check_cpu.combine([per_run[0]])[0][3] is False
+
+
+def test_fastpeft_and_reference_nf4_cases_need_no_bitsandbytes(monkeypatch):
+    """Their NF4 weights come from NF4Weight.quantize (bitsandbytes' bits): without bitsandbytes only the rows that
+    compare with it are unavailable."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    cfg = bench_main.make_config(bench_main.build_parser().parse_args([*QUICK, "--cases", "qlora.fwd,nf4_dequant"]))
+    jobs = all_jobs(cfg)
+    assert {j.case for j in jobs} == {"qlora.fwd", "qlora.fwd_bwd", "nf4_dequant"}
+    for job in jobs:
+        if job.impl in ("fastpeft", "reference"):
+            job.setup(cfg).run(0)
+        else:
+            with pytest.raises(Unavailable, match="bitsandbytes"):
+                job.setup(cfg)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_random_adapters_put_dora_magnitudes_and_ia3_vectors_around_one(method):
+    import peft
+
+    from conftest import make_tiny_llama
+    from fastpeft.bench.cases import _randomise_adapters
+
+    config = (peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+              if method == "ia3" else peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model = peft.get_peft_model(make_tiny_llama(), config)
+    _randomise_adapters(model)
+    vectors = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                         if "ia3_l" in n or "magnitude" in n])
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "ia3_l" not in n and "magnitude" not in n]
+    assert abs(float(vectors.mean()) - 1) < 0.01 and float(vectors.std()) > 0.01  # not the identity PEFT starts at
+    assert all(float(p.abs().max()) > 0 and abs(float(p.mean())) < 0.01 for p in others)

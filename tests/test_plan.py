@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastpeft.kernels import dora, ia3, multi_lora, nf4, nf4_matmul
-from fastpeft.kernels.plan import LaunchPlan, config_for, recording
+from fastpeft.kernels.plan import LaunchPlan, config_for, observing, recording
 from fastpeft.nf4 import NF4Weight
 
 ARCHES = (None, (8, 0), (8, 9), (9, 0))
@@ -105,3 +105,23 @@ def test_launchers_launch_their_plan():
     assert plans == [nf4.plan_nf4_dequantize(40, 128, 64, True)] * 2
     ((plan, _),) = _recorded(ia3.ia3_matmul, a, weight, in_scale=torch.empty(128, device=meta, dtype=torch.float16))
     assert plan == ia3.plan_ia3_matmul(3, 40, is_nf4=True, nested=True, has_in_scale=True, in_features=128)
+
+
+def test_observing_lists_each_launched_plan_and_still_launches():
+    # in Triton's interpreter on CPU: the kernels really run, and every open observer sees each launch
+    weight = NF4Weight.quantize(torch.randn(40, 128), 64, double_quant=True)
+    a = torch.randn(3, 128)
+    with observing() as outer:
+        out = nf4.nf4_dequantize(weight, torch.float32)
+        with observing() as inner:
+            y = nf4_matmul.nf4_lora_matmul(a, weight)
+    dequantize = nf4.plan_nf4_dequantize(40, 128, 64, True)
+    matmul = nf4_matmul.plan_nf4_lora_matmul(3, 40, 128, 0, blocksize=64, nested=True, fp32=True)
+    assert outer == [dequantize, matmul] and inner == [matmul]
+    assert torch.equal(out, weight.dequantize(torch.float32))
+    assert torch.allclose(y, a @ weight.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-5)
+    nf4.nf4_dequantize(weight, torch.float32)  # after the blocks: listed nowhere
+    assert len(outer) == 2 and len(inner) == 1
+    with recording() as recorded, observing() as observed:  # recording launches nothing: nothing observed
+        nf4.nf4_dequantize(weight, torch.float32)
+    assert len(recorded) == 1 and observed == []
