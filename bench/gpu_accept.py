@@ -113,7 +113,8 @@ def bitsandbytes_for_children(args, workdir: str, pythonpath: str) -> tuple:
         return {}, f"installing {wheels[-1]} failed ({exc}): its comparisons are skipped"
     if done.returncode != 0:
         return {}, f"installing {wheels[-1]} failed ({done.stderr.strip()[-300:]}): its comparisons are skipped"
-    return {"PYTHONPATH": os.pathsep.join(p for p in (target, pythonpath) if p)}, f"installed from {os.path.relpath(wheels[-1], ROOT)} into a temporary folder"
+    status = f"installed from {os.path.relpath(wheels[-1], ROOT)} into a temporary folder"
+    return {"PYTHONPATH": os.pathsep.join(p for p in (target, pythonpath) if p)}, status
 
 
 class Run:
@@ -302,7 +303,8 @@ class Run:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             data = self.write_summary()
             self.pack_plots(data)
-        self.log(f"done in {time.monotonic() - self.start:.0f} s: {', '.join(sorted(p.name for p in self.out.iterdir()))}")
+        written = ", ".join(sorted(p.name for p in self.out.iterdir()))
+        self.log(f"done in {time.monotonic() - self.start:.0f} s: {written}")
         return 0 if accepted(data) else 1
 
 
@@ -352,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seconds for the correctness pass (default: 3/7 of the budget, at most "
                              f"{CHECKS_BUDGET_MAX_S:.0f})")
     parser.add_argument("--shards", type=int, default=None,
-                        help="processes the correctness pass is split over (default 4; 1 with --dry-run)")
+                        help="processes the correctness pass is split over (default 5: two each of its ten units of "
+                             "checks; 1 with --dry-run)")
     parser.add_argument("--groups", type=lambda text: [g for g in text.split(",") if g],
                         help="only these timing groups, comma-separated (default: all, in priority order)")
     parser.add_argument("--grace-s", type=float, default=20.0,
@@ -373,7 +376,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.checks_budget_s is None:
         args.checks_budget_s = min(CHECKS_BUDGET_MAX_S, args.budget_s * 3 / 7)
     if args.shards is None:
-        args.shards = 1 if args.dry_run else 4
+        args.shards = 1 if args.dry_run else 5
     if args.shards < 1:
         raise SystemExit(f"gpu_accept: --shards must be at least 1, got {args.shards}")
     from bench.gpu_timings import GROUPS

@@ -30,7 +30,8 @@ def _correctness(data: dict) -> list:
 def _headlines(data: dict) -> list:
     if not data["headlines"]:
         return []
-    lines = ["## Headline ratios", "", "Median over rounds of per-round time ratios (below 1: the first is faster).", "",
+    lines = ["## Headline ratios", "", "Median over rounds of per-round time ratios (below 1: the first is faster).",
+             "",
              "| group | case | ratio | value |", "|---|---|---|---|"]
     lines += [f"| {h['group']} | {h['subgroup']} | {h['what']} | {h['ratio']:.3f} |" for h in data["headlines"]]
     return lines
@@ -77,6 +78,15 @@ def _skips_and_errors(data: dict) -> list:
     return lines
 
 
+def _all_rows(data: dict) -> list:
+    """Every timed row (``fastpeft.bench.report.markdown_table``), each citing ``results.json``."""
+    from fastpeft.bench.report import markdown_table
+
+    if not any("median_ms" in r for r in data["results"]):
+        return []
+    return ["## Every timed row", "", markdown_table(data, "results.json")]
+
+
 def summary_markdown(data: dict) -> str:
     clock = "CPU DRY RUN: wall-clock times of the PyTorch reference path, NOT kernel performance" \
         if data.get("device_kind") != "cuda" else "CUDA events"
@@ -88,5 +98,6 @@ def summary_markdown(data: dict) -> str:
             f"`{' '.join(data.get('command', []))}`"]
     if data.get("stopped"):
         head += ["", f"**Stopped by {data['stopped']}**: what had been written until then is below."]
-    sections = [head, _correctness(data), _headlines(data), _bandwidth(data), _groups(data), _skips_and_errors(data)]
+    sections = [head, _correctness(data), _headlines(data), _bandwidth(data), _groups(data), _skips_and_errors(data),
+                _all_rows(data)]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"

@@ -57,7 +57,7 @@ GPU_SIZES = Sizes(features=((4096, 4096), (14336, 4096)), gemv_features=((4096, 
                   m=(1, 16, 512, 4096), multi_lora_m=(64, 4096), adapters=64,
                   bench=dict(device=torch.device("cuda"), dtype=torch.bfloat16, rank=16, warmup=5, repeats=20,
                              rotations=4, llama=LLAMA_1B, train_batch=4, seq_len=512, decode_prompt=128,
-                             decode_tokens=32))
+                             decode_tokens=16))
 DRY_SIZES = Sizes(features=((64, 128),), gemv_features=((64, 128),), m=(1, 7), multi_lora_m=(7,), adapters=3,
                   bench=dict(device=torch.device("cpu"), dtype=torch.float32, rank=4, warmup=1, repeats=2, rotations=2,
                              llama=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -123,20 +123,22 @@ def nf4_gemv(s: Sizes, cfg) -> list:
     return subgroups
 
 
+def _per_mode_and_m(s: Sizes, name: str, modes: tuple, rank: int, jobs, ratios: tuple) -> list:
+    """A subgroup per mode and M on the first layer shape, its implementations ``jobs(mode, m, out, in, shape)``."""
+    out_f, in_f = s.features[0]
+    return [Subgroup(f"{name}.{mode} M={m} {out_f}x{in_f}", jobs(mode, m, out_f, in_f, _shape(m, out_f, in_f, rank)),
+                     ratios) for mode in modes for m in s.m]
+
+
 def dora(s: Sizes, cfg) -> list:
     from fastpeft.bench.cases import Job, _micro_lora
 
-    out_f, in_f = s.features[0]
-    subgroups = []
-    for mode in ("fwd_bwd", "fwd"):
-        for m in s.m:
-            shape = _shape(m, out_f, in_f, cfg.rank)
-            jobs = [Job(f"{op}.{mode}", f"{impl}-{op}", shape, _micro_lora(op, mode, impl, m, out_f, in_f, True))
-                    for impl in ("fastpeft", "peft") for op in ("dora", "lora")]
-            subgroups.append(Subgroup(f"dora.{mode} M={m} {out_f}x{in_f}", jobs,
-                                      (("fastpeft-dora", "fastpeft-lora"), ("peft-dora", "peft-lora"),
-                                       ("fastpeft-dora", "peft-dora"))))
-    return subgroups
+    def jobs(mode, m, out_f, in_f, shape):
+        return [Job(f"{op}.{mode}", f"{impl}-{op}", shape, _micro_lora(op, mode, impl, m, out_f, in_f, True))
+                for impl in ("fastpeft", "peft") for op in ("dora", "lora")]
+    return _per_mode_and_m(s, "dora", ("fwd_bwd", "fwd"), cfg.rank, jobs,
+                           (("fastpeft-dora", "fastpeft-lora"), ("peft-dora", "peft-lora"),
+                            ("fastpeft-dora", "peft-dora")))
 
 
 def _base_matmul_setup(mode: str, m: int, out_f: int, in_f: int):
@@ -152,17 +154,12 @@ def _base_matmul_setup(mode: str, m: int, out_f: int, in_f: int):
 def ia3(s: Sizes, cfg) -> list:
     from fastpeft.bench.cases import Job, _micro_ia3
 
-    out_f, in_f = s.features[0]
-    subgroups = []
-    for mode in ("fwd", "fwd_bwd"):
-        for m in s.m:
-            shape = _shape(m, out_f, in_f, 0)
-            jobs = [Job(f"ia3.{mode}", impl, shape, _micro_ia3(mode, impl, m, out_f, in_f)) for impl in ("fastpeft",
-                                                                                                      "peft")]
-            jobs.append(Job(f"ia3.{mode}", "base-matmul", shape, _base_matmul_setup(mode, m, out_f, in_f)))
-            subgroups.append(Subgroup(f"ia3.{mode} M={m} {out_f}x{in_f}", jobs,
-                                      (("fastpeft", "base-matmul"), ("peft", "base-matmul"), ("fastpeft", "peft"))))
-    return subgroups
+    def jobs(mode, m, out_f, in_f, shape):
+        return [*(Job(f"ia3.{mode}", impl, shape, _micro_ia3(mode, impl, m, out_f, in_f))
+                  for impl in ("fastpeft", "peft")),
+                Job(f"ia3.{mode}", "base-matmul", shape, _base_matmul_setup(mode, m, out_f, in_f))]
+    return _per_mode_and_m(s, "ia3", ("fwd", "fwd_bwd"), 0, jobs,
+                           (("fastpeft", "base-matmul"), ("peft", "base-matmul"), ("fastpeft", "peft")))
 
 
 def multi_lora(s: Sizes, cfg) -> list:
