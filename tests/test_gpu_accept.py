@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import gpu_accept
 
@@ -172,3 +173,37 @@ def test_bad_options_are_refused():
     for options in (["--budget-s", "0"], ["--shards", "0"], ["--groups", "qlora,nope"]):
         with pytest.raises(SystemExit, match="gpu_accept"):
             gpu_accept.main(["--out", "/nonexistent-never-made", *options])
+
+
+@pytest.mark.parametrize("arch", [(8, 0), (8, 9), (9, 0)])
+def test_the_gpu_pass_shapes_reach_every_nf4_plan_in_every_dtype(arch):
+    """The coverage checks can pass on the GPU: its QLoRA checks' shapes (forward N = out, dx N = in) plan the GEMV,
+    the split-K GEMM and dequantise + cuBLAS in each dtype."""
+    from bench.gpu_checks import DTYPES, GPU_SIZES
+    from fastpeft.kernels.nf4_dispatch import nf4_path
+
+    s = GPU_SIZES
+    shapes = [(*s.odd, s.odd_m)] + [(out_f, in_f, s.production_m) for out_f, in_f in s.production]
+    for dtype in DTYPES:
+        planned = {nf4_path(m, n, dtype == torch.float32, arch) for out_f, in_f, ms in shapes for m in ms
+                   for n in (out_f, in_f)}
+        assert planned == {"gemv", "splitk", "cublas"}, (dtype, planned)
+
+
+def test_the_gpu_timing_groups_build_their_subgroups():
+    """Each group's subgroups at the GPU sizes (built, not run: no CUDA needed), with unique implementation names
+    and ratios between implementations the subgroup has."""
+    from bench import gpu_timings
+    from fastpeft.bench.cases import BenchConfig
+
+    s = gpu_timings.GPU_SIZES
+    cfg = BenchConfig(micro_m=list(s.m), micro_features=list(s.features), micro_adapters=s.adapters, **s.bench)
+    counts = {}
+    for name, (_, build, _) in gpu_timings.GROUPS.items():
+        subgroups = build(s, cfg)
+        counts[name] = len(subgroups)
+        for subgroup in subgroups:
+            impls = [job.impl for job in subgroup.jobs]
+            assert len(set(impls)) == len(impls)
+            assert all(num in impls and den in impls for num, den in subgroup.ratios), subgroup.label
+    assert counts == {"qlora": 16, "nf4_gemv": 3, "dora": 8, "ia3": 8, "multi_lora": 2, "train_step": 2, "decode": 2}
