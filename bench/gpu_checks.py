@@ -12,7 +12,8 @@ K = 14336 is allowed what PyTorch's own bf16 makes of it, and no more than twice
 
 Which kernels ran is asserted, not assumed: ``fastpeft.kernels.plan.observing`` lists every plan launched, each
 check requires the variants that ``fastpeft.kernels.nf4_dispatch`` / ``plan_multi_lora`` choose for its shapes on
-this GPU, and a last check per family requires that the pass as a whole ran each variant in each dtype.
+this GPU, and the coverage checks (:func:`coverage`, which the driver runs over every shard's log) require that
+the pass as a whole launched each variant of the NF4 product and of the multi-LoRA add in each dtype.
 
 Model parity: a small random Llama with LoRA, DoRA and IA3 adapters (random, non-zero), dense and over a
 bitsandbytes NF4 base (skipped without bitsandbytes), in fp32 and bf16: logits and every adapter gradient of
@@ -21,7 +22,8 @@ widest bitsandbytes computes in) with the same ``2 * err + ATOL`` rule. ``accele
 layer and leave none on PEFT's forward.
 
 ``FASTPEFT_STRICT=1`` is set: a kernel that fails raises instead of falling back to PyTorch. One JSON line per check
-(``{"check", "family", "status": "pass" | "fail" | "error" | "skip", ...}``) is appended to the log as it finishes.
+(``{"check", "family", "status": "pass" | "fail" | "error" | "skip", "detail", ...}``) is appended to the log as it
+finishes.
 ``python3 -m bench.gpu_checks --log FILE --budget-s S [--shard I/N] [--dry-run]``: checks not started within the
 budget are logged as ``not-run``.
 """
@@ -120,7 +122,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def launched(ctx: Context, family: str, dtype: torch.dtype, require: set):
+def launched(ctx: Context, dtype: torch.dtype, require: set):
     """Collect the plans launched in the block; on the Triton backend assert each ``(op, variant)`` of ``require``
     is among them. Yields the check's detail dict, which gets the launches (for :func:`coverage`)."""
     from fastpeft.kernels.plan import observing
@@ -191,7 +193,7 @@ def _nf4_dequant_check(ctx: Context, out_f: int, in_f: int, dtype, nested: bool)
         from fastpeft.ops import dequantize_nf4
 
         weight = NF4Weight.quantize(_random(ctx.device, out_f, in_f, seed=1), 64, double_quant=nested)
-        with launched(ctx, "nf4_dequantize", dtype, {("nf4_dequantize", "tiles")}) as detail:
+        with launched(ctx, dtype, {("nf4_dequantize", "tiles")}) as detail:
             out = dequantize_nf4(weight, dtype)
         # bit-exact: the fp32 code x absmax product, one rounding to dtype (bitsandbytes' order)
         assert torch.equal(out, weight.dequantize(torch.float64).float().to(dtype)), "not bit-exact"
@@ -211,7 +213,7 @@ def _qlora_check(ctx: Context, m: int, out_f: int, in_f: int, dtype) -> Check:
         lora_b = (_random(dev, out_f, r, seed=5) * 0.1).to(dtype)
         bias = (_random(dev, out_f, seed=6) * 0.1).to(dtype)
         require = _nf4_requirements(m, out_f, dtype, dev) | _nf4_requirements(m, in_f, dtype, dev)
-        with launched(ctx, "qlora", dtype, require) as detail:
+        with launched(ctx, dtype, require) as detail:
             fast, torch_vals, ref = _three_ways(
                 lambda x, a, b: ops.lora_linear(x, weight, bias, a, b, 2.0),
                 lambda x, a, b: reference.lora_linear(x, weight, bias.to(x.dtype), a, b, 2.0),
@@ -239,7 +241,7 @@ def _dora_check(ctx: Context, m: int, out_f: int, in_f: int, dtype, nf4: bool) -
         def ref_op(x, a, b, mag):
             w = weight if nf4 else weight.to(x.dtype)
             return reference.dora_linear(x, w, None, a, b, 2.0, mag)
-        with launched(ctx, "dora", dtype, require) as detail:
+        with launched(ctx, dtype, require) as detail:
             fast, torch_vals, ref = _three_ways(
                 lambda x, a, b, mag: ops.dora_linear(x, weight, None, a, b, 2.0, mag), ref_op,
                 [x, lora_a, lora_b, magnitude])
@@ -269,7 +271,7 @@ def _ia3_check(ctx: Context, m: int, out_f: int, in_f: int, dtype, nf4: bool, fe
         def ref_op(x, l):
             w = weight if nf4 else weight.to(x.dtype)
             return reference.ia3_linear(x, w, bias.to(x.dtype), l, feedforward)
-        with launched(ctx, "ia3", dtype, require) as detail:
+        with launched(ctx, dtype, require) as detail:
             fast, torch_vals, ref = _three_ways(lambda x, l: ops.ia3_linear(x, weight, bias, l, feedforward), ref_op,
                                                 [x, scale])
         detail["variants"] = {"fwd": plan.variant}
@@ -316,7 +318,7 @@ def _multi_lora_check(ctx: Context, m: int, out_f: int, in_f: int, dtype, decode
             return base.to(dt) + reference.multi_lora_linear(
                 x.to(dt), zero.to(dt), None, [a.lora_a.to(dt) for a in adapters],
                 [a.lora_b.to(dt) for a in adapters], [a.scaling for a in adapters], ids)
-        with _fused_table(fused), launched(ctx, "multi_lora", dtype, require) as detail:
+        with _fused_table(fused), launched(ctx, dtype, require) as detail:
             y = base.clone()
             multi_lora_add_(y, x, bank, MultiLoraMeta.build(ids, decode=decode))
         detail.update(compare("y", y, ref(dtype), ref(torch.float64), dtype))
@@ -443,7 +445,7 @@ def _parity_check(ctx: Context, checkpoint: Callable[[], str], method: str, nf4:
         hidden = ctx.sizes.llama["hidden_size"]  # the q / o projections' output: an NF4 product each layer runs
         op = "ia3_matmul" if method == "ia3" else "nf4_lora_matmul"
         require = _nf4_requirements(batch * length, hidden, dtype, ctx.device, op) if nf4 else set()
-        with launched(ctx, "parity", dtype, require) as detail:
+        with launched(ctx, dtype, require) as detail:
             fast = _forward_backward(fast_model, ids, probe)
         detail["replaced"] = len(summary.replaced)
         for name, a, b, c in zip(["logits", "grads"], fast, peft_vals, ref):
@@ -493,11 +495,12 @@ def shard(checks: list, index: int, count: int) -> list:
     return [check for check in checks if check.unit in mine]
 
 
-def run_checks(checks: list, log: str, deadline: float, shard: str) -> int:
-    """Run ``checks``, one log line each; the rest ``not-run`` past ``deadline`` (monotonic). Failures + errors."""
+def run_checks(checks: list, log: str, deadline: float, shard: str, triton: bool) -> int:
+    """Run ``checks``, one log line each (``triton``: on the Triton backend, where launches are asserted); the rest
+    ``not-run`` past ``deadline`` (monotonic). Returns the count of failures and errors."""
     bad = 0
     for check in checks:
-        record = {"check": check.name, "family": check.family, "shard": shard}
+        record = {"check": check.name, "family": check.family, "shard": shard, "triton": triton}
         if time.monotonic() > deadline:
             append_line(log, {**record, "status": "not-run", "detail": "the pass's budget was spent"})
             continue
@@ -533,7 +536,7 @@ def main(argv: Optional[list] = None) -> int:
                   triton=backend_for(device) == "triton")
     with tempfile.TemporaryDirectory() as workdir:
         checks = all_checks(ctx, workdir)
-        bad = run_checks(shard(checks, index, count), args.log, deadline, args.shard)
+        bad = run_checks(shard(checks, index, count), args.log, deadline, args.shard, ctx.triton)
     return 1 if bad else 0
 
 

@@ -207,3 +207,19 @@ def test_the_gpu_timing_groups_build_their_subgroups():
             assert len(set(impls)) == len(impls)
             assert all(num in impls and den in impls for num, den in subgroup.ratios), subgroup.label
     assert counts == {"qlora": 16, "nf4_gemv": 3, "dora": 8, "ia3": 8, "multi_lora": 2, "train_step": 2, "decode": 2}
+
+
+def test_coverage_fails_for_a_plan_no_passing_check_launched():
+    from bench.gpu_checks import coverage
+
+    def record(status, dtype, *launched):
+        return {"check": "x", "family": "qlora", "status": status, "detail": {"dtype": dtype, "launched": launched}}
+    records = [record("pass", "bfloat16", "nf4_lora_matmul/gemv", "nf4_dequantize/tiles"),
+               record("fail", "bfloat16", "nf4_lora_matmul/splitk"),  # a failed check covers nothing
+               record("pass", "float16", "nf4_lora_matmul/gemv", "nf4_lora_matmul/splitk", "nf4_dequantize/tiles")]
+    results = {r["check"]: r for r in coverage(records)}
+    assert results["coverage qlora bfloat16"]["status"] == "fail"
+    assert "nf4_lora_matmul/splitk" in results["coverage qlora bfloat16"]["detail"]
+    assert results["coverage qlora float16"]["status"] == "pass"
+    assert results["coverage qlora float32"]["status"] == "fail"
+    assert all(results[f"coverage multi_lora {d}"]["status"] == "fail" for d in ("bfloat16", "float16", "float32"))
