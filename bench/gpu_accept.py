@@ -200,7 +200,8 @@ class Run:
                     for i in range(shards)]
         statuses = self.wait(children, time.monotonic() + budget + self.grace)
         killed = [f"{i}/{shards}" for i, status in enumerate(statuses) if status is None]
-        self.checks_note = f"shard(s) {', '.join(killed)} killed at the budget" if killed else ""
+        self.checks_note = (f"cut short: shard(s) {', '.join(killed)} killed at the budget, the checks they had not "
+                            "logged missing from the counts" if killed else "")
         from bench.gpu_checks import coverage
 
         records = read_lines(self.path("correctness.jsonl"))

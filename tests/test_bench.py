@@ -414,6 +414,7 @@ def test_random_adapters_put_dora_magnitudes_and_ia3_vectors_around_one(method):
     _randomise_adapters(model)
     vectors = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
                          if "ia3_l" in n or "magnitude" in n])
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "ia3_l" not in n and "magnitude" not in n]
+    others = [p.detach() for n, p in model.named_parameters()
+              if p.requires_grad and "ia3_l" not in n and "magnitude" not in n]
     assert abs(float(vectors.mean()) - 1) < 0.01 and float(vectors.std()) > 0.01  # not the identity PEFT starts at
     assert all(float(p.abs().max()) > 0 and abs(float(p.mean())) < 0.01 for p in others)
