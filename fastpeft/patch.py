@@ -42,7 +42,7 @@ from torch.nn.modules import module as _torch_module
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
-from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
+from .nn.lora import LoraLinear, _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
@@ -122,8 +122,6 @@ def _base_reason(base) -> Optional[str]:
             return "the bitsandbytes Linear4bit weight is not quantised yet (not moved to a device)"
         if state.quant_type != "nf4":
             return f"the bitsandbytes Linear4bit has quant_type={state.quant_type!r}; fastpeft reads NF4"
-        if getattr(state, "packing_format_for_cpu", False):
-            return "bitsandbytes repacked this Linear4bit for its own CPU kernel (no longer the NF4 layout)"
         return None
     if type(base) is not nn.Linear and not is_conv1d(base):
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -236,6 +234,14 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
     return None
 
 
+def _bnb_cpu_kernel_reason(base, x) -> Optional[str]:
+    """A 4-bit base whose bitsandbytes forward runs bitsandbytes' CPU kernel for this input (see
+    :func:`~fastpeft.nn.lora.bnb_runs_its_cpu_kernel`): PEFT's forward, so that kernel gives the base's numbers."""
+    if type(base) is nn.Linear or not _is_bnb_linear4bit(base) or not bnb_runs_its_cpu_kernel(base, x):
+        return None
+    return "bitsandbytes multiplies this input with its own CPU 4-bit kernel (bf16)"
+
+
 def _mixed_batch_call(kind: str, args, kwargs) -> bool:
     """A LoRA layer called with ``adapter_names=`` alone (PEFT's mixed-adapter batches)."""
     return (kind == "lora" and not args and len(kwargs) == 1 and "adapter_names" in kwargs
@@ -250,7 +256,7 @@ def _fused_path(layer, x, args, kwargs):
     mixed = bool(kwargs) and _mixed_batch_call(kind, args, kwargs)
     base = _child(layer, "base_layer")
     reason = (_call_reason(layer, base, () if mixed else args, {} if mixed else kwargs) or _base_reason(base)
-              or _compute_dtype_reason(base, x))
+              or _compute_dtype_reason(base, x) or _bnb_cpu_kernel_reason(base, x))
     if reason is not None:
         return reason
     if mixed:
@@ -350,8 +356,9 @@ def _accelerated_forward(self, x, *args, **kwargs):
 def _frozen_4bit_forward(self, x, *args, **kwargs):
     """The forward of a bitsandbytes ``Linear4bit`` no PEFT layer wraps, switched by :func:`accelerate`:
     :func:`~fastpeft.peft_paths.frozen_4bit_linear` where it computes what bitsandbytes' forward would, else
-    that forward (extra arguments, autocast, a weight not in the NF4 layout)."""
-    if args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+    that forward (extra arguments, autocast, a call bitsandbytes multiplies with its own CPU kernel)."""
+    if (args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None
+            or bnb_runs_its_cpu_kernel(self, x)):
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     return frozen_4bit_linear(self, x)
 
