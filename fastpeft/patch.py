@@ -46,8 +46,9 @@ from .nn.lora import LoraLinear, _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dr
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_linear, is_conv1d,
-                         mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
+from .peft_paths import (adalora_factors, base_weight, bnb_cpu_kernel_linear, combined_lora_factors,
+                         frozen_4bit_linear, is_conv1d, mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason,
+                         several_adapters_reason)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -356,10 +357,12 @@ def _accelerated_forward(self, x, *args, **kwargs):
 def _frozen_4bit_forward(self, x, *args, **kwargs):
     """The forward of a bitsandbytes ``Linear4bit`` no PEFT layer wraps, switched by :func:`accelerate`:
     :func:`~fastpeft.peft_paths.frozen_4bit_linear` where it computes what bitsandbytes' forward would, else
-    that forward (extra arguments, autocast, a call bitsandbytes multiplies with its own CPU kernel)."""
-    if (args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None
-            or bnb_runs_its_cpu_kernel(self, x)):
+    that forward (extra arguments, autocast; a call bitsandbytes multiplies with its own CPU kernel through
+    :func:`~fastpeft.peft_paths.bnb_cpu_kernel_linear`, which adds the gradient bitsandbytes' kernel lacks)."""
+    if args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    if bnb_runs_its_cpu_kernel(self, x):
+        return bnb_cpu_kernel_linear(self, x)
     return frozen_4bit_linear(self, x)
 
 

@@ -429,6 +429,40 @@ def test_4bit_eval_calls_follow_bitsandbytes_cpu_kernel_check(tiny_llama_dir, mo
         assert len(calls) == 2 * 4 and len(frozen_calls) == 2 * 10 and not any(_repacked(layer) for layer in layers)
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_training_over_a_layer_bitsandbytes_repacked_gets_the_input_gradient(bnb_cpu_kernel_on, with_bias):
+    """After an eval pass has repacked a 4-bit layer (bitsandbytes' check on), bitsandbytes multiplies every CPU
+    call with its kernel, which has no backward: PEFT's training forward then gives the input no gradient through
+    the base (or raises, with a bias). The accelerated layer gives that kernel's output, bit for bit, and the
+    exact gradient of the weight the layer holds (its repacked layout read bit for bit)."""
+    from conftest import Holder, bnb_linear4bit
+
+    model = peft.get_peft_model(Holder(bnb_linear4bit(128, 64, with_bias)),
+                                _lora(target_modules=["proj"], lora_dropout=0.0))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.proj
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        layer.eval()(x)
+    base = layer.get_base_layer()
+    assert _repacked(base)
+    with torch.no_grad():
+        expected = layer(x)
+    x_leaf = x.clone().requires_grad_()
+    y = layer.train()(x_leaf)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert torch.equal(y.detach(), expected)
+    weight = fastpeft.NF4Weight.from_bnb(base).dequantize(torch.float64)
+    lora_a, lora_b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    scaling = layer.scaling["default"]
+    dy64 = dy.double()
+    assert_rel_close(x_leaf.grad, dy64 @ weight + scaling * (dy64 @ lora_b) @ lora_a)
+    h = x.double() @ lora_a.t()
+    assert_rel_close(layer.lora_B["default"].weight.grad,
+                     scaling * dy64.reshape(-1, 64).t() @ h.reshape(-1, lora_a.shape[0]))
+
+
 def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_dir, monkeypatch):
     """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model: bitsandbytes (and so PEFT) multiplies in bf16; the
     fused ops would compute in fp32 (issue 16: 3.7e-8 from the exact result where PEFT is 2.1e-3 away), so
