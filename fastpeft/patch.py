@@ -14,9 +14,11 @@ nothing goes stale, and runs a fused op only when it computes exactly what PEFT'
 are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own forward: adapters disabled or
 merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, hooks on the base layer or the adapter's submodules (or global module hooks), a trainable base
-weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
-bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, and so does the
-4-bit base of an adapted layer whenever PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
+weight, a 4-bit base that bitsandbytes multiplies in another compute dtype or with its own CPU kernel at that
+call, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
+bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too (bitsandbytes'
+forward for a call it multiplies with its CPU kernel), and so does the 4-bit base of an adapted layer whenever
+PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
 run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
 reported in the returned :class:`PatchSummary` and a log line.
 
@@ -235,14 +237,6 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
     return None
 
 
-def _bnb_cpu_kernel_reason(base, x) -> Optional[str]:
-    """A 4-bit base whose bitsandbytes forward runs bitsandbytes' CPU kernel for this input (see
-    :func:`~fastpeft.nn.lora.bnb_runs_its_cpu_kernel`): PEFT's forward, so that kernel gives the base's numbers."""
-    if type(base) is nn.Linear or not _is_bnb_linear4bit(base) or not bnb_runs_its_cpu_kernel(base, x):
-        return None
-    return "bitsandbytes multiplies this input with its own CPU 4-bit kernel (bf16)"
-
-
 def _mixed_batch_call(kind: str, args, kwargs) -> bool:
     """A LoRA layer called with ``adapter_names=`` alone (PEFT's mixed-adapter batches)."""
     return (kind == "lora" and not args and len(kwargs) == 1 and "adapter_names" in kwargs
@@ -253,11 +247,14 @@ def _fused_path(layer, x, args, kwargs):
     """Decide one call of an accelerated layer: ``(fused_forward, arg)`` when ``fused_forward(layer, x, arg)``
     computes exactly what PEFT's forward would (output and gradients), else a string saying why PEFT's forward
     runs."""
+    base = _child(layer, "base_layer")
+    # first, as every other reason leads to the same forward: the check is a few reads, the rest many more
+    if type(base) is not nn.Linear and _is_bnb_linear4bit(base) and bnb_runs_its_cpu_kernel(base, x):
+        return "bitsandbytes multiplies this input with its own CPU 4-bit kernel (bf16): its numbers are PEFT's"
     kind = layer._fastpeft_kind
     mixed = bool(kwargs) and _mixed_batch_call(kind, args, kwargs)
-    base = _child(layer, "base_layer")
     reason = (_call_reason(layer, base, () if mixed else args, {} if mixed else kwargs) or _base_reason(base)
-              or _compute_dtype_reason(base, x) or _bnb_cpu_kernel_reason(base, x))
+              or _compute_dtype_reason(base, x))
     if reason is not None:
         return reason
     if mixed:
@@ -359,10 +356,12 @@ def _frozen_4bit_forward(self, x, *args, **kwargs):
     :func:`~fastpeft.peft_paths.frozen_4bit_linear` where it computes what bitsandbytes' forward would, else
     that forward (extra arguments, autocast; a call bitsandbytes multiplies with its own CPU kernel through
     :func:`~fastpeft.peft_paths.bnb_cpu_kernel_linear`, which adds the gradient bitsandbytes' kernel lacks)."""
-    if args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+    if args or kwargs:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
     if bnb_runs_its_cpu_kernel(self, x):
         return bnb_cpu_kernel_linear(self, x)
+    if torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+        return self._fastpeft_peft_class.forward(self, x)
     return frozen_4bit_linear(self, x)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .bank import LoraBank
-from .nn.lora import LoraLinear, cached_nf4_view
+from .nn.lora import LoraLinear, cached_nf4_view, parameter
 from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
@@ -278,7 +278,8 @@ def bnb_cpu_kernel_linear(layer, x: torch.Tensor) -> torch.Tensor:
     (:func:`~fastpeft.nn.lora.bnb_runs_its_cpu_kernel`): that forward itself, whose numbers no fused op gives; over
     a repacked layer, with an input or a bias that needs a gradient, through :class:`_BnbCpuKernelLinear`, which
     supplies the gradient bitsandbytes drops."""
-    bias = layer.bias
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _BnbCpuKernelLinear.apply(x, bias, layer)
+    if torch.is_grad_enabled():
+        bias = parameter(layer, "bias")
+        if x.requires_grad or (bias is not None and bias.requires_grad):
+            return _BnbCpuKernelLinear.apply(x, bias, layer)
     return type(layer)._fastpeft_peft_class.forward(layer, x)

@@ -52,10 +52,11 @@ def bnb_runs_its_cpu_kernel(module, x: torch.Tensor) -> bool:
     layer in eval mode, and bitsandbytes' feature check (``support_avx512bf16_for_cpu``, AVX512-BF16) true. The
     kernel computes in bf16, about 3e-3 from the exact product and depending on the batch's rows, so no fused op
     gives its numbers: such a call runs bitsandbytes' forward."""
-    if repacked_for_bnb_cpu(module):
+    # the cheap reads first: this runs at every call of every accelerated 4-bit layer
+    if getattr(parameter(module, "weight").quant_state, "packing_format_for_cpu", False):
         return True
-    return (x.device.type == "cpu" and not module.training and not x.requires_grad
-            and bool(getattr(module, "support_avx512bf16_for_cpu", False)))
+    return (not x.requires_grad and not module.training and getattr(module, "support_avx512bf16_for_cpu", False)
+            and x.device.type == "cpu")
 
 
 class _NF4Base(nn.Module):
