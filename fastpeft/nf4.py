@@ -257,7 +257,8 @@ class NF4Weight:
         """View a bitsandbytes ``Params4bit`` (or packed tensor + ``QuantState``) without copying.
 
         ``weight`` may be a ``bnb.nn.Params4bit``, a ``bnb.nn.Linear4bit`` (its ``.weight`` is used),
-        or the packed tensor itself with ``quant_state`` given.
+        or the packed tensor itself with ``quant_state`` given. A weight bitsandbytes has repacked for its CPU
+        kernel is read from that layout into a new NF4Weight (see :meth:`_from_bnb_cpu_layout`).
         """
         if hasattr(weight, "weight") and not isinstance(weight, torch.Tensor):  # a Linear4bit
             weight = weight.weight
@@ -269,6 +270,8 @@ class NF4Weight:
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if not data.is_contiguous():
             raise ValueError("the packed bitsandbytes weight must be contiguous")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return cls._from_bnb_cpu_layout(data, quant_state)
         packed = data.view(torch.uint8).reshape(-1)
         if quant_state.nested:
             state2 = quant_state.state2
@@ -278,6 +281,30 @@ class NF4Weight:
         else:
             nested = {}
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize, **nested)
+
+    @classmethod
+    def _from_bnb_cpu_layout(cls, data: torch.Tensor, quant_state) -> "NF4Weight":
+        """The weight a bitsandbytes 0.50 ``Linear4bit`` holds after repacking itself for its CPU kernel
+        (``functional._convert_weight_packed_for_cpu``, which its eval-mode no-grad CPU forward runs where the
+        CPU has AVX512-BF16), bit for bit: the same 4-bit codes in the NF4 layout (a copy, ``numel / 2`` bytes),
+        and the absmax the repack left, which it rounded to bf16 (double quantisation resolved first), in fp32
+        (exact). That is the weight bitsandbytes' kernel multiplies, and what its state now holds: the
+        original absmax is gone.
+
+        The repacked layout: ``data`` is ``(out, in / 2)`` bytes; rows in blocks of 32 and columns in pairs,
+        each (row block, column pair) 32 bytes holding the block's 32 rows' pair of codes, rows 0-15 in the
+        low nibbles and rows 16-31 in the high ones, each row's pair in two consecutive nibbles;
+        ``quant_state.absmax`` is bf16 ``(in / blocksize, out)``, the row-major absmax transposed."""
+        out_features, in_features = quant_state.shape
+        block_rows = 32  # bitsandbytes' block_n for this layout (Linear4bit.forward uses its default)
+        by_block = data.view(torch.uint8).reshape(out_features // block_rows, in_features // 2, block_rows)
+        codes = torch.cat([by_block & 0xF, by_block >> 4], dim=-1)  # (row block, column pair, 32 rows x 2 codes)
+        codes = codes.view(out_features // block_rows, in_features // 2, block_rows, 2).transpose(1, 2)
+        codes = codes.reshape(-1)
+        packed = (codes[0::2] << 4) | codes[1::2]
+        absmax = quant_state.absmax.t().reshape(-1).float()
+        dtype = getattr(quant_state, "original_dtype", quant_state.dtype)
+        return cls(packed, absmax, quant_state.shape, dtype, quant_state.blocksize)
 
     def to_bnb_quant_state(self):
         """A ``bitsandbytes.functional.QuantState`` describing this weight (shares the tensors)."""

@@ -14,9 +14,11 @@ nothing goes stale, and runs a fused op only when it computes exactly what PEFT'
 are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own forward: adapters disabled or
 merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, hooks on the base layer or the adapter's submodules (or global module hooks), a trainable base
-weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
-bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, and so does the
-4-bit base of an adapted layer whenever PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
+weight, a 4-bit base that bitsandbytes multiplies in another compute dtype or with its own CPU kernel at that
+call, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
+bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too (bitsandbytes'
+forward for a call it multiplies with its CPU kernel), and so does the 4-bit base of an adapted layer whenever
+PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
 run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
 reported in the returned :class:`PatchSummary` and a log line.
 
@@ -42,12 +44,13 @@ from torch.nn.modules import module as _torch_module
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
-from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
+from .nn.lora import LoraLinear, _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
 from .ops.lora import lora_linear
-from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_linear, is_conv1d,
-                         mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
+from .peft_paths import (adalora_factors, base_weight, bnb_cpu_kernel_linear, combined_lora_factors,
+                         frozen_4bit_linear, is_conv1d, mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason,
+                         several_adapters_reason)
 
 __all__ = ["PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]
@@ -122,8 +125,6 @@ def _base_reason(base) -> Optional[str]:
             return "the bitsandbytes Linear4bit weight is not quantised yet (not moved to a device)"
         if state.quant_type != "nf4":
             return f"the bitsandbytes Linear4bit has quant_type={state.quant_type!r}; fastpeft reads NF4"
-        if getattr(state, "packing_format_for_cpu", False):
-            return "bitsandbytes repacked this Linear4bit for its own CPU kernel (no longer the NF4 layout)"
         return None
     if type(base) is not nn.Linear and not is_conv1d(base):
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -246,9 +247,12 @@ def _fused_path(layer, x, args, kwargs):
     """Decide one call of an accelerated layer: ``(fused_forward, arg)`` when ``fused_forward(layer, x, arg)``
     computes exactly what PEFT's forward would (output and gradients), else a string saying why PEFT's forward
     runs."""
+    base = _child(layer, "base_layer")
+    # first, as every other reason leads to the same forward: the check is a few reads, the rest many more
+    if type(base) is not nn.Linear and _is_bnb_linear4bit(base) and bnb_runs_its_cpu_kernel(base, x):
+        return "bitsandbytes multiplies this input with its own CPU 4-bit kernel (bf16): its numbers are PEFT's"
     kind = layer._fastpeft_kind
     mixed = bool(kwargs) and _mixed_batch_call(kind, args, kwargs)
-    base = _child(layer, "base_layer")
     reason = (_call_reason(layer, base, () if mixed else args, {} if mixed else kwargs) or _base_reason(base)
               or _compute_dtype_reason(base, x))
     if reason is not None:
@@ -350,9 +354,14 @@ def _accelerated_forward(self, x, *args, **kwargs):
 def _frozen_4bit_forward(self, x, *args, **kwargs):
     """The forward of a bitsandbytes ``Linear4bit`` no PEFT layer wraps, switched by :func:`accelerate`:
     :func:`~fastpeft.peft_paths.frozen_4bit_linear` where it computes what bitsandbytes' forward would, else
-    that forward (extra arguments, autocast, a weight not in the NF4 layout)."""
-    if args or kwargs or torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+    that forward (extra arguments, autocast; a call bitsandbytes multiplies with its own CPU kernel through
+    :func:`~fastpeft.peft_paths.bnb_cpu_kernel_linear`, which adds the gradient bitsandbytes' kernel lacks)."""
+    if args or kwargs:
         return self._fastpeft_peft_class.forward(self, x, *args, **kwargs)
+    if bnb_runs_its_cpu_kernel(self, x):
+        return bnb_cpu_kernel_linear(self, x)
+    if torch.is_autocast_enabled(x.device.type) or _base_reason(self) is not None:
+        return self._fastpeft_peft_class.forward(self, x)
     return frozen_4bit_linear(self, x)
 
 

@@ -30,14 +30,15 @@ import torch
 from torch import nn
 
 from .bank import LoraBank
-from .nn.lora import LoraLinear, cached_nf4_view
+from .nn.lora import LoraLinear, cached_nf4_view, parameter
 from .nn.multi_lora import _add_lora
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
+from .ops.nf4 import dequantize_nf4
 
 __all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
            "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
-           "frozen_4bit_linear"]
+           "frozen_4bit_linear", "bnb_cpu_kernel_linear"]
 
 def dropout_active(dropout: nn.Module) -> bool:
     """Whether PEFT's LoRA dropout module changes its input at this call."""
@@ -241,3 +242,44 @@ def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
         if layer.compute_dtype is not None:
             bias = bias.to(layer.compute_dtype)
     return lora_linear(x, cached_nf4_view(layer, layer.weight), bias, None, None, 0.0).to(input_dtype)
+
+
+class _BnbCpuKernelLinear(torch.autograd.Function):
+    """bitsandbytes' own forward of a 4-bit layer it has repacked for its CPU kernel (that kernel's numbers,
+    bit for bit), with the input gradient that forward lacks: the kernel has no backward, so bitsandbytes gives
+    an input that requires grad none (torch warns that this is silently incorrect) and raises on a bias. Here
+    ``dx = dy W``, ``W`` the weight the layer holds (its repacked layout read bit for bit), computed as
+    bitsandbytes' own 4-bit backward does (the weight dequantised, in the compute dtype); a trainable bias gets
+    ``dy`` summed over the rows."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer, ctx.input_dtype = layer, x.dtype
+        out = type(layer)._fastpeft_peft_class.forward(layer, x)
+        ctx.bias_dtype = None if bias is None else bias.dtype  # bitsandbytes may have cast it in place
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        layer = ctx.layer
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            weight = cached_nf4_view(layer, layer.weight)
+            compute_dtype = dy.dtype if layer.compute_dtype is None else layer.compute_dtype
+            dense = dequantize_nf4(weight, weight.dtype).to(compute_dtype)
+            dx = (dy.to(compute_dtype) @ dense).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return dx, dbias, None
+
+
+def bnb_cpu_kernel_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward`` for a call it multiplies with its own CPU kernel
+    (:func:`~fastpeft.nn.lora.bnb_runs_its_cpu_kernel`): that forward itself, whose numbers no fused op gives; over
+    a repacked layer, with an input or a bias that needs a gradient, through :class:`_BnbCpuKernelLinear`, which
+    supplies the gradient bitsandbytes drops."""
+    if torch.is_grad_enabled():
+        bias = parameter(layer, "bias")
+        if x.requires_grad or (bias is not None and bias.requires_grad):
+            return _BnbCpuKernelLinear.apply(x, bias, layer)
+    return type(layer)._fastpeft_peft_class.forward(layer, x)

@@ -135,6 +135,31 @@ def _seed():
     torch.manual_seed(0)
 
 
+def set_bnb_cpu_kernel_check(monkeypatch, supported: bool) -> None:
+    """Make bitsandbytes' feature check for its CPU 4-bit kernel (AVX512-BF16, read by every ``Linear4bit`` built
+    afterwards as ``support_avx512bf16_for_cpu``) answer ``supported``, whatever this CPU has."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: supported)
+
+
+@pytest.fixture(autouse=True)
+def _bnb_cpu_kernel_off(monkeypatch):
+    """Where bitsandbytes' feature check holds (AVX512-BF16 CPUs), its eval-mode no-grad forward repacks a 4-bit
+    layer and multiplies in bf16 with its own kernel: ~3e-3 from the exact NF4 product, so a test comparing with
+    the exact product would pass or fail by host. Every test runs with the check off, the exact product on any
+    host; the tests of the kernel's path turn it on (``bnb_cpu_kernel_on``)."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        set_bnb_cpu_kernel_check(monkeypatch, False)
+
+
+@pytest.fixture
+def bnb_cpu_kernel_on(monkeypatch):
+    """bitsandbytes' feature check for its CPU 4-bit kernel forced on: its eval-mode no-grad forward repacks the
+    layer and runs that path (the kernel where this CPU has AVX512-BF16, else bitsandbytes' generic
+    ``gemv_4bit`` over the repacked layout)."""
+    set_bnb_cpu_kernel_check(monkeypatch, True)
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 

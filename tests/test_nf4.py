@@ -117,3 +117,28 @@ def test_bad_inputs_raise_before_work():
     packed, state = bnb_f.quantize_4bit(w, quant_type="fp4")
     with pytest.raises(ValueError, match="only NF4"):
         NF4Weight.from_bnb(packed, state)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 256), 32), ((32, 64), 64)])
+def test_from_bnb_reads_a_layer_bitsandbytes_repacked_for_its_cpu_kernel(bnb_cpu_kernel_on, shape, blocksize,
+                                                                          double_quant):
+    """bitsandbytes' eval-mode no-grad CPU forward (its AVX512-BF16 check forced on) repacks a Linear4bit in place
+    for its own kernel: the same codes in another order, the absmax rounded to bf16. The view of the repacked
+    layer holds exactly those codes and that absmax, in the NF4 layout."""
+    bnb = pytest.importorskip("bitsandbytes")
+    out_features, in_features = shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(shape), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant, blocksize=blocksize).to("cpu")
+    before = NF4Weight.from_bnb(layer)
+    codes, absmax = before.codes().clone(), before.absmax_fp32().clone()
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, in_features))
+    assert layer.weight.quant_state.packing_format_for_cpu
+    view = NF4Weight.from_bnb(layer)
+    assert not view.is_nested and view.dtype == torch.float32 and view.blocksize == blocksize
+    assert torch.equal(view.codes(), codes)
+    assert torch.equal(view.absmax, absmax.to(torch.bfloat16).float())
+    rounded = absmax.to(torch.bfloat16).float().repeat_interleave(blocksize).view(shape)
+    assert torch.equal(view.dequantize(torch.float32), NF4_CODE[codes] * rounded)  # fp32 products, as bitsandbytes

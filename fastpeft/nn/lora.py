@@ -45,6 +45,20 @@ def repacked_for_bnb_cpu(module) -> bool:
     return _is_bnb_linear4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
 
 
+def bnb_runs_its_cpu_kernel(module, x: torch.Tensor) -> bool:
+    """Whether bitsandbytes' own forward of the ``Linear4bit`` ``module`` multiplies input ``x`` with its CPU 4-bit
+    kernel rather than the exact NF4 product (bitsandbytes 0.50 ``Linear4bit.forward``): always once the layer is
+    repacked for that kernel, and where that forward repacks it first: a CPU input that does not require grad, the
+    layer in eval mode, and bitsandbytes' feature check (``support_avx512bf16_for_cpu``, AVX512-BF16) true. The
+    kernel computes in bf16, about 3e-3 from the exact product and depending on the batch's rows, so no fused op
+    gives its numbers: such a call runs bitsandbytes' forward."""
+    # the cheap reads first: this runs at every call of every accelerated 4-bit layer
+    if getattr(parameter(module, "weight").quant_state, "packing_format_for_cpu", False):
+        return True
+    return (not x.requires_grad and not module.training and getattr(module, "support_avx512bf16_for_cpu", False)
+            and x.device.type == "cpu")
+
+
 class _NF4Base(nn.Module):
     """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``). The
     NF4Weight is a plain attribute, not a buffer: ``.to(device)`` does not move it (build it on the
