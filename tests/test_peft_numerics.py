@@ -1,0 +1,122 @@
+"""Numerics at the edges, against PEFT's own layers on the same weights: NaN / inf / huge / zero scalings and
+fp16 overflow (the same entries NaN and inf as PEFT's, the finite ones close), LoRA dropout on a
+non-contiguous input (PEFT's mask under the same seed), and adapter files stored in another dtype than the
+model's."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastpeft.nn import DoraLinear, LoraLinear
+
+from conftest import Holder, assert_rel_close
+
+peft = pytest.importorskip("peft")
+
+# 64 x 128 -> 96 at rank 8: big enough that CPU BLAS takes its blocked path (its alpha handling is what differs)
+IN, OUT, RANK = 128, 96, 8
+SCALINGS = [math.nan, math.inf, -math.inf, 1e300, 1e-50, 0.0]
+
+
+def assert_same_values(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN, +inf and -inf at the same entries; the finite entries within ``dtype``'s bound."""
+    assert y.dtype == ref.dtype
+    for name, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        got, want = where(y), where(ref)
+        assert torch.equal(got, want), f"{name}: {int(got.sum())} entries, PEFT {int(want.sum())}"
+    finite = torch.isfinite(ref)
+    if finite.any():
+        assert_rel_close(y[finite], ref[finite], dtype)
+
+
+def _peft_layer(base: nn.Module, use_dora: bool, dtype: torch.dtype, dropout: float = 0.0):
+    """PEFT's LoRA / DoRA layer over ``base`` with random non-zero factors in ``dtype``, some rows of B zero (so an
+    infinite scaling meets 0 · inf)."""
+    config = peft.LoraConfig(r=RANK, lora_alpha=16, lora_dropout=dropout, use_dora=use_dora, target_modules=["proj"],
+                             init_lora_weights=False)
+    layer = peft.get_peft_model(Holder(base), config, autocast_adapter_dtype=False).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[::7] = 0
+    assert layer.lora_A["default"].weight.dtype == dtype
+    return layer
+
+
+def _ours(theirs, scaling: float) -> nn.Module:
+    """fastpeft's layer sharing PEFT's base and parameters, at ``scaling`` (PEFT's set to it too)."""
+    theirs.scaling["default"] = scaling
+    params = (theirs.base_layer, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, scaling,
+              theirs.lora_dropout["default"])
+    if theirs.use_dora["default"]:
+        return DoraLinear.from_parameters(*params, theirs.lora_magnitude_vector["default"].weight)
+    return LoraLinear.from_parameters(*params)
+
+
+def _grads(layer, x, dy, params):
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+
+def _params(layer):
+    names = ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if layer.use_dora["default"] else [])
+    return [getattr(layer, name)["default"].weight for name in names]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_scaling_edge_values_match_peft(use_dora, scaling):
+    """NaN / inf / 1e300 / tiny / zero scalings give PEFT's outputs and gradients, entry for entry: fused BLAS
+    products with such an alpha give finite values for NaN, NaN for inf, or raise for 1e300."""
+    torch.manual_seed(0)
+    theirs = _peft_layer(nn.Linear(IN, OUT), use_dora, torch.float32)
+    ours = _ours(theirs, scaling)
+    x = torch.randn(64, IN)
+    x[3, 5] = math.inf  # 0 · inf in the LoRA term where s is 0
+    dy = torch.randn(64, OUT)
+    with torch.no_grad():
+        assert_same_values(ours(x), theirs(x), torch.float32)
+    for got, want in zip(_grads(ours, x, dy, _params(theirs)), _grads(theirs, x, dy, _params(theirs))):
+        assert_same_values(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fp16_overflow_matches_peft(use_dora):
+    """fp16 adapters on an fp16 layer, inputs large enough that some entries overflow: the same entries inf and
+    NaN as PEFT's (which rounds ``h Bᵀ`` to fp16 before the scale and the scaled term before the sum), outputs
+    and gradients."""
+    torch.manual_seed(0)
+    theirs = _peft_layer(nn.Linear(IN, OUT).half(), use_dora, torch.float16)
+    ours = _ours(theirs, theirs.scaling["default"])
+    x = (torch.randn(64, IN) * 4e4).clamp(-6e4, 6e4).half()
+    dy = torch.randn(64, OUT).half()
+    with torch.no_grad():
+        ref = theirs(x)
+        assert ref.isinf().any() and ref.isfinite().any()  # overflows somewhere, not everywhere
+        assert_same_values(ours(x), ref, torch.float16)
+    for got, want in zip(_grads(ours, x, dy, _params(theirs)), _grads(theirs, x, dy, _params(theirs))):
+        assert_same_values(got, want, torch.float16)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "permuted"])
+def test_dropout_on_a_non_contiguous_input_draws_peft_mask(layout):
+    """PEFT calls ``nn.Dropout`` on ``x`` as given; its noise takes ``x``'s memory layout, so a transposed ``x``
+    draws another mask than a contiguous copy would. Same seed, same mask: outputs and gradients."""
+    torch.manual_seed(0)
+    theirs = _peft_layer(nn.Linear(IN, OUT), False, torch.float32, dropout=0.3).train()
+    ours = _ours(theirs, theirs.scaling["default"]).train()
+    if layout == "transposed":
+        x = torch.randn(IN, 6).t()
+    else:
+        x = torch.randn(5, 6, IN).permute(1, 0, 2)
+    assert not x.is_contiguous()
+    dy = torch.randn(*x.shape[:-1], OUT)
+    torch.manual_seed(1)
+    want = _grads(theirs, x, dy, _params(theirs))
+    torch.manual_seed(1)
+    got = _grads(ours, x, dy, _params(theirs))
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, torch.float32)
