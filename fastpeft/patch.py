@@ -45,6 +45,7 @@ from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
+from .ops.inputs import fusable_scaling
 from .ops.lora import lora_linear
 from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_linear, is_conv1d,
                          mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
@@ -166,7 +167,8 @@ def _child(module: nn.Module, name: str) -> nn.Module:
 def _adapters_reason(layer, kind: str, names) -> Optional[str]:
     """Why a call with adapters ``names`` in use cannot be fused (their configuration, their submodules), or
     None. PEFT's forward calls ``lora_A`` / ``lora_B`` / ``lora_dropout`` / the DoRA magnitude as modules: hooks
-    on them would not fire on the fused path."""
+    on them would not fire on the fused path. A scaling ``fusable_scaling`` refuses (NaN, inf, 0, beyond fp32's
+    range, fp16 factors) runs PEFT's own ops."""
     for name in names:
         reason = _adapter_reason(layer, kind, name)
         if reason is not None:
@@ -182,6 +184,13 @@ def _adapters_reason(layer, kind: str, names) -> Optional[str]:
             if (_has_hooks(lora_a) or _has_hooks(lora_b)
                     or (name in layer.lora_variant and _has_hooks(layer.lora_magnitude_vector[name]))):
                 return f"hooks on a submodule of adapter {name!r}"
+            factor = parameter(lora_a, "weight")
+        else:
+            factor = _child(layer, "lora_A")[name]  # AdaLoRA's ParameterDict
+        # the fused paths fold s into factors or BLAS alphas; PEFT's order decides inf / NaN otherwise
+        scaling = layer.scaling[name]
+        if not fusable_scaling(scaling, factor.dtype):
+            return f"adapter {name!r}: scaling {scaling}, {factor.dtype} factors (PEFT's op order decides inf, NaN)"
     return None
 
 

@@ -120,3 +120,47 @@ def test_dropout_on_a_non_contiguous_input_draws_peft_mask(layout):
     got = _grads(ours, x, dy, _params(theirs))
     for g, w in zip(got, want):
         assert_rel_close(g, w, torch.float32)
+
+
+def _accelerated_pair(case: str, scaling: float):
+    """The layer of a one-layer PEFT model (two LoRA adapters for ``several`` / ``mixed``, ``lora_bias`` for
+    ``bias``, AdaLoRA for ``adalora``) with one adapter at ``scaling``, and that of an accelerated deep copy."""
+    import fastpeft
+
+    base = Holder(nn.Linear(IN, OUT))
+    if case == "adalora":
+        config = peft.AdaLoraConfig(r=RANK, lora_alpha=16, target_modules=["proj"], init_lora_weights=False,
+                                    total_step=10)
+    else:
+        config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=["proj"], init_lora_weights=False,
+                                 lora_bias=case == "bias")
+    theirs = peft.get_peft_model(base, config)
+    layer = theirs.base_model.model.proj
+    if case in ("several", "mixed"):
+        theirs.add_adapter("other", config)
+        theirs.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+        lora_b = layer.lora_B["default"]
+        (lora_b if case == "adalora" else lora_b.weight)[::7] = 0
+    layer.scaling["default"] = scaling
+    theirs.eval()
+    ours = copy.deepcopy(theirs)
+    fastpeft.accelerate(ours)
+    return layer, ours.base_model.model.proj
+
+
+@pytest.mark.parametrize("scaling", [math.nan, math.inf, 1e300])
+@pytest.mark.parametrize("case", ["one", "several", "mixed", "bias", "adalora"])
+def test_accelerated_peft_model_with_edge_scalings_matches_peft(case, scaling):
+    """An accelerated PEFT layer gives PEFT's entries for such a scaling on each fused path: several active
+    adapters and ``lora_bias`` fold the scaling into factors, AdaLoRA into B, mixed batches into BLAS's alpha."""
+    torch.manual_seed(0)
+    theirs, ours = _accelerated_pair(case, scaling)
+    x = torch.randn(4, 16, IN)
+    x[1, 2, 3] = math.inf
+    kwargs = {"adapter_names": ["default", "other", "__base__", "default"]} if case == "mixed" else {}
+    with torch.no_grad():
+        assert_same_values(ours(x, **kwargs), theirs(x, **kwargs), torch.float32)
