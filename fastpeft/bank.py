@@ -28,6 +28,7 @@ import torch
 
 from . import reference
 from .adapters import Adapter, ModuleAdapter
+from .ops.inputs import fusable_scaling
 
 __all__ = ["LoraBank", "AdapterBank", "MAX_RANK"]
 
@@ -61,6 +62,12 @@ class LoraBank:
     def rank_list(self) -> list:
         """``ranks`` as Python ints."""
         return self.ranks.tolist()
+
+    @functools.cached_property
+    def scalings_fuse(self) -> bool:
+        """Whether every adapter's scaling may go into a fused product (``fastpeft.ops.inputs.fusable_scaling`` for
+        this bank's dtype); otherwise the multi-LoRA op forms PEFT's ``(x Aᵀ Bᵀ) · s`` op by op."""
+        return all(fusable_scaling(s, self.lora_a.dtype) for s in self.scalings.tolist())
 
     @functools.cached_property
     def _factors(self) -> dict:
@@ -117,7 +124,8 @@ class LoraBank:
             r = a.rank
             lora_a[k, :r] = a.lora_a
             lora_b[k, :, :r] = a.lora_b
-            scalings[k] = a.scaling
+            # rounded to fp32 as PEFT's product with a Python float rounds it (inf beyond fp32's range)
+            scalings[k] = torch.tensor(a.scaling, dtype=torch.float64)
             if a.magnitude is not None:
                 norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
                                                   dtype=torch.float32)

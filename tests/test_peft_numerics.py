@@ -164,3 +164,62 @@ def test_accelerated_peft_model_with_edge_scalings_matches_peft(case, scaling):
     kwargs = {"adapter_names": ["default", "other", "__base__", "default"]} if case == "mixed" else {}
     with torch.no_grad():
         assert_same_values(ours(x, **kwargs), theirs(x, **kwargs), torch.float32)
+
+
+def _edge_adapter(tmp_path, name: str, lora_alpha: float, seed: int):
+    """A PEFT LoRA adapter directory for the tiny Llama with ``lora_alpha`` written into its config (NaN and
+    Infinity as JSON writes them) and every seventh row of each lora_B zero."""
+    from fastpeft import load_adapter, save_adapter
+
+    from conftest import save_peft_adapter
+
+    path = save_peft_adapter(tmp_path / f"{name}_src", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                                        "v_proj"]),
+                             seed=seed)
+    adapter = load_adapter(path)
+    adapter.config["lora_alpha"] = lora_alpha
+    for key, tensor in adapter.tensors.items():
+        if key.endswith("lora_B.weight"):
+            tensor[::7] = 0
+    save_adapter(adapter, tmp_path / name)
+    assert ("NaN" if math.isnan(lora_alpha) else "Infinity" if math.isinf(lora_alpha) else "lora_alpha") in \
+        (tmp_path / name / "adapter_config.json").read_text()
+    return tmp_path / name
+
+
+def _q_proj_outputs(model, call):
+    """The outputs of the first layer's q_proj during ``call()`` (what a NaN / inf adapter gives there, before
+    attention spreads it over every entry)."""
+    outputs = []
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
+    handle = layer.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        handle.remove()
+    return outputs[0]
+
+
+@pytest.mark.parametrize("lora_alpha", [math.nan, math.inf, 1e300])
+@pytest.mark.parametrize("rows", [["edge", None], ["edge", "plain", "edge"]], ids=["grouped", "gathered"])
+def test_multi_lora_model_and_load_model_adapter_with_edge_alpha_match_peft(tmp_path, lora_alpha, rows):
+    """``lora_alpha`` NaN / Infinity / 1e300 in an adapter's config: MultiLoraModel (beside a plain adapter: the
+    batched path of the CPU op; alone: the per-adapter one) and load_model_adapter give PEFT's entries."""
+    import fastpeft
+
+    from conftest import make_tiny_llama
+
+    paths = {"edge": _edge_adapter(tmp_path, "edge", lora_alpha, 0), "plain": _edge_adapter(tmp_path, "plain", 8, 1)}
+    ids = torch.randint(0, 100, (len(rows), 6), generator=torch.Generator().manual_seed(0))
+    served = fastpeft.MultiLoraModel(make_tiny_llama(), {name: paths[name] for name in set(rows) - {None}})
+    got = _q_proj_outputs(served, lambda: served(input_ids=ids, adapter_names=rows))
+    loaded = make_tiny_llama()
+    fastpeft.load_model_adapter(loaded, paths["edge"], trainable=False)
+    got_loaded = _q_proj_outputs(loaded, lambda: loaded(input_ids=ids))
+    for b, name in enumerate(rows):
+        theirs = make_tiny_llama() if name is None else peft.PeftModel.from_pretrained(make_tiny_llama(), paths[name])
+        want = _q_proj_outputs(theirs, lambda: theirs(input_ids=ids[b:b + 1]))[0]
+        assert_same_values(got[b], want, torch.float32)
+        if name == "edge":
+            assert_same_values(got_loaded[b], want, torch.float32)
