@@ -28,6 +28,7 @@ reported in the returned :class:`PatchSummary` and a log line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -40,6 +41,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
+from .bank import peft_adapter_dtype
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
@@ -651,6 +653,11 @@ def _check_shapes(name: str, base, module_adapter: ModuleAdapter) -> None:
 def _build_layer(base, module_adapter: ModuleAdapter, dropout: float) -> nn.Module:
     if module_adapter.ia3_scale is not None:
         return IA3Linear.from_adapter(base, module_adapter)
+    # the parameters in the dtype PeftModel.from_pretrained gives them on this base, not the file's
+    dtype = peft_adapter_dtype(torch.float32 if _is_bnb_linear4bit(base) else base.weight.dtype)
+    module_adapter = dataclasses.replace(module_adapter, **{
+        name: getattr(module_adapter, name).to(dtype) for name in ("lora_a", "lora_b", "magnitude")
+        if getattr(module_adapter, name) is not None})
     if module_adapter.magnitude is not None:
         return DoraLinear.from_adapter(base, module_adapter, dropout)
     layer_device = base.weight.device

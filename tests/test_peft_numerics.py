@@ -223,3 +223,53 @@ def test_multi_lora_model_and_load_model_adapter_with_edge_alpha_match_peft(tmp_
         assert_same_values(got[b], want, torch.float32)
         if name == "edge":
             assert_same_values(got_loaded[b], want, torch.float32)
+
+
+def _half_adapter(tmp_path):
+    """A PEFT LoRA adapter directory for the tiny Llama whose tensors are stored in fp16."""
+    from fastpeft import load_adapter, save_adapter
+
+    from conftest import save_peft_adapter
+
+    adapter = load_adapter(save_peft_adapter(tmp_path / "src", peft.LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules=["q_proj", "v_proj"])))
+    adapter.tensors = {key: tensor.half() for key, tensor in adapter.tensors.items()}
+    save_adapter(adapter, tmp_path / "half")
+    return tmp_path / "half"
+
+
+def test_an_fp16_adapter_file_on_an_fp32_model_runs_in_fp32_as_peft_loads_it(tmp_path):
+    """PEFT copies an fp16 file into the model's fp32 parameters: load_model_adapter's layers hold fp32 too and
+    give PEFT's outputs at fp32 precision (the fp16 LoRA branch was 3e-4 off)."""
+    import fastpeft
+
+    from conftest import make_tiny_llama
+
+    path = _half_adapter(tmp_path)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = make_tiny_llama()
+    fastpeft.load_model_adapter(ours, path, trainable=False)
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), path)
+    with torch.no_grad():
+        assert_rel_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, torch.float32)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora" in n} == {torch.float32}
+
+
+def test_multi_lora_model_adapter_gives_the_same_outputs_alone_and_beside_another(tmp_path):
+    """An fp16 adapter file served alone and beside an fp32 adapter: the same outputs for its rows (the bank no
+    longer takes the promoted dtype of whichever adapters it holds), and PEFT's."""
+    import fastpeft
+
+    from conftest import make_tiny_llama, save_peft_adapter
+
+    half = _half_adapter(tmp_path)
+    full = save_peft_adapter(tmp_path / "full", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]), seed=3)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    alone = fastpeft.MultiLoraModel(make_tiny_llama(), {"half": half})
+    beside = fastpeft.MultiLoraModel(make_tiny_llama(), {"half": half, "full": full})
+    with torch.no_grad():
+        y_alone = alone(input_ids=ids, adapter_names=["half", "half"]).logits
+        y_beside = beside(input_ids=ids, adapter_names=["half", "full"]).logits
+        want = peft.PeftModel.from_pretrained(make_tiny_llama(), half)(input_ids=ids).logits
+    assert torch.equal(y_alone[0], y_beside[0])
+    assert_rel_close(y_alone, want, torch.float32)
