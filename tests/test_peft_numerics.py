@@ -13,7 +13,7 @@ from torch import nn
 
 from fastpeft.nn import DoraLinear, LoraLinear
 
-from conftest import Holder, assert_rel_close
+from conftest import Holder, assert_rel_close, bnb_linear4bit
 
 peft = pytest.importorskip("peft")
 
@@ -67,12 +67,13 @@ def _params(layer):
 
 
 @pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_scaling_edge_values_match_peft(use_dora, scaling):
+def test_scaling_edge_values_match_peft(use_dora, nf4, scaling):
     """NaN / inf / 1e300 / tiny / zero scalings give PEFT's outputs and gradients, entry for entry: fused BLAS
     products with such an alpha give finite values for NaN, NaN for inf, or raise for 1e300."""
     torch.manual_seed(0)
-    theirs = _peft_layer(nn.Linear(IN, OUT), use_dora, torch.float32)
+    theirs = _peft_layer(bnb_linear4bit(IN, OUT, True) if nf4 else nn.Linear(IN, OUT), use_dora, torch.float32)
     ours = _ours(theirs, scaling)
     x = torch.randn(64, IN)
     x[3, 5] = math.inf  # 0 · inf in the LoRA term where s is 0
