@@ -12,7 +12,8 @@ from ..nf4 import NF4Weight
 
 Weight = Union[torch.Tensor, NF4Weight]
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_FP32 = torch.finfo(torch.float32)
+# fusable_scaling runs at every LoRA call: plain module constants, no attribute lookups
+_FP32_TINY, _FP32_MAX, _FP16 = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max, torch.float16
 
 
 def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor]) -> tuple:
@@ -79,4 +80,4 @@ def fusable_scaling(scaling: float, dtype: torch.dtype) -> bool:
     the product at alpha 0, dropping the NaN of PEFT's ``0 · inf``; addmm refuses an alpha fp32 cannot hold),
     nor for fp16 terms: there PEFT's rounding of ``h Bᵀ`` before the scale, and of the scaled term before the
     sum, decides which entries overflow 65504. Those run PEFT's ops in PEFT's order."""
-    return dtype is not torch.float16 and _FP32.tiny <= abs(scaling) <= _FP32.max
+    return dtype is not _FP16 and _FP32_TINY <= abs(scaling) <= _FP32_MAX
