@@ -274,3 +274,20 @@ def test_multi_lora_model_adapter_gives_the_same_outputs_alone_and_beside_anothe
         want = peft.PeftModel.from_pretrained(make_tiny_llama(), half)(input_ids=ids).logits
     assert torch.equal(y_alone[0], y_beside[0])
     assert_rel_close(y_alone, want, torch.float32)
+
+
+def test_a_bank_fuses_unless_an_adapter_on_the_layer_has_an_edge_scaling():
+    """The multi-LoRA op keeps its fused paths (the kernels on CUDA) for a bank whose adapters that do not touch
+    the layer hold scaling 0, and leaves them only for an edge scaling of an adapter that does."""
+    from fastpeft.adapters import ModuleAdapter
+    from fastpeft.bank import LoraBank
+
+    def bank(scaling):
+        adapter = ModuleAdapter(torch.randn(4, 16), torch.randn(8, 4), scaling)
+        return LoraBank.pack([adapter, None], 16, 8, torch.float32, "cpu")
+
+    assert bank(2.0).scalings.tolist() == [2.0, 0.0]
+    assert bank(2.0).scalings_fuse
+    assert not bank(math.nan).scalings_fuse and not bank(0.0).scalings_fuse
+    assert LoraBank.pack([ModuleAdapter(torch.randn(4, 16), torch.randn(8, 4), 2.0)], 16, 8, torch.float16,
+                         "cpu").scalings_fuse is False
