@@ -167,16 +167,15 @@ def test_accelerated_peft_model_with_edge_scalings_matches_peft(case, scaling):
         assert_same_values(ours(x, **kwargs), theirs(x, **kwargs), torch.float32)
 
 
-def _edge_adapter(tmp_path, name: str, lora_alpha: float, seed: int):
-    """A PEFT LoRA adapter directory for the tiny Llama with ``lora_alpha`` written into its config (NaN and
-    Infinity as JSON writes them) and every seventh row of each lora_B zero."""
+def _edge_adapter(tmp_path, name: str, lora_alpha: float, seed: int, use_dora: bool = False):
+    """A PEFT LoRA (or DoRA) adapter directory for the tiny Llama with ``lora_alpha`` written into its config (NaN
+    and Infinity as JSON writes them) and every seventh row of each lora_B zero."""
     from fastpeft import load_adapter, save_adapter
 
     from conftest import save_peft_adapter
 
-    path = save_peft_adapter(tmp_path / f"{name}_src", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
-                                                                                                        "v_proj"]),
-                             seed=seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj"])
+    path = save_peft_adapter(tmp_path / f"{name}_src", config, seed=seed)
     adapter = load_adapter(path)
     adapter.config["lora_alpha"] = lora_alpha
     for key, tensor in adapter.tensors.items():
@@ -291,3 +290,23 @@ def test_a_bank_fuses_unless_an_adapter_on_the_layer_has_an_edge_scaling():
     assert not bank(math.nan).scalings_fuse and not bank(0.0).scalings_fuse
     assert LoraBank.pack([ModuleAdapter(torch.randn(4, 16), torch.randn(8, 4), 2.0)], 16, 8, torch.float16,
                          "cpu").scalings_fuse is False
+
+
+@pytest.mark.parametrize("lora_alpha", [math.nan, math.inf])
+def test_dora_adapter_with_edge_alpha_matches_peft(tmp_path, lora_alpha):
+    """A DoRA adapter file with ``lora_alpha`` NaN / Infinity: load_model_adapter's DoraLinear and MultiLoraModel
+    give PEFT's entries."""
+    import fastpeft
+
+    from conftest import make_tiny_llama
+
+    path = _edge_adapter(tmp_path, "edge", lora_alpha, 0, use_dora=True)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), path)
+    want = _q_proj_outputs(theirs, lambda: theirs(input_ids=ids))
+    loaded = make_tiny_llama()
+    fastpeft.load_model_adapter(loaded, path, trainable=False)
+    assert_same_values(_q_proj_outputs(loaded, lambda: loaded(input_ids=ids)), want, torch.float32)
+    served = fastpeft.MultiLoraModel(make_tiny_llama(), {"edge": path})
+    assert_same_values(_q_proj_outputs(served, lambda: served(input_ids=ids, adapter_names=["edge"])), want,
+                       torch.float32)
