@@ -299,8 +299,7 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, bank, meta: MultiLoraMeta)
     if meta.max_adapter_id >= bank.num_adapters:
         raise ValueError(f"adapter id {meta.max_adapter_id} out of range: the bank holds {bank.num_adapters} "
                          f"adapters (ids -1..{bank.num_adapters - 1})")
-    # scalings that do not fuse take PEFT's op order, which the reference path forms (the kernels scale in fp32)
-    if (backend_for(x.device) == "reference" or not bank.scalings_fuse) and not torch.compiler.is_compiling():
+    if backend_for(x.device) == "reference" and not torch.compiler.is_compiling():
         plan = meta.reference_plan or ReferencePlan.build(meta.slot_ids, meta.slot_weights)
         _reference_add_(y, x, bank, plan)
         return y
