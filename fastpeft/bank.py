@@ -67,8 +67,8 @@ class LoraBank:
     @functools.cached_property
     def scalings_fuse(self) -> bool:
         """Whether the scaling of every adapter that touches this layer (rank > 0; the others hold 0) may go into a
-        fused product (``fastpeft.ops.inputs.fusable_scaling`` for this bank's dtype); otherwise the multi-LoRA op
-        forms PEFT's ``(x Aᵀ Bᵀ) · s`` op by op."""
+        fused product (``fastpeft.ops.inputs.fusable_scaling`` for this bank's dtype); otherwise the multi-LoRA op's
+        CPU path forms PEFT's ``(x Aᵀ Bᵀ) · s`` op by op."""
         return all(fusable_scaling(s, self.lora_a.dtype)
                    for s, rank in zip(self.scalings.tolist(), self.rank_list) if rank > 0)
 
