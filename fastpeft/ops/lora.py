@@ -12,8 +12,8 @@ Public API:
 
   Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, as ``nn.Dropout(p)`` would on
   ``x`` as given (its strides too) from the same RNG state (so PEFT parity under a fixed seed holds
-  bitwise), keeps the RNG state instead of the mask, and redraws the mask in backward (``torch.utils.checkpoint``'s trick;
-  not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
+  bitwise), keeps the RNG state instead of the mask, and redraws the mask in backward
+  (``torch.utils.checkpoint``'s trick; not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
   caller's; autograd then carries the LoRA part of ``dx`` back through it, and ``drop(x)`` is stored.
 
   Scalings and adapter dtypes that fused products would change (NaN, inf, 0 or beyond fp32's range, and
