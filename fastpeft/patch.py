@@ -15,8 +15,9 @@ are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own for
 merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, an active adapter whose scaling or fp16 factors the fused ops would not reproduce entry for entry
 (``fastpeft.ops.inputs.fusable_scaling``: NaN, inf, 0), hooks on the base layer or the adapter's submodules (or
-global module hooks), a trainable base weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit
-layers no PEFT layer wraps (frozen bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, and so does the
+global module hooks), a trainable base
+weight, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
+bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too, and so does the
 4-bit base of an adapted layer whenever PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
 run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
 reported in the returned :class:`PatchSummary` and a log line.
