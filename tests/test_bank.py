@@ -88,8 +88,8 @@ def test_unknown_layers_and_names_raise():
 def test_layers_pack_in_the_dtype_peft_loads_adapters_into():
     """PEFT keeps adapters in fp32 on a bf16 model (it upcasts fp16 / bf16 ones, autocast_adapter_dtype) and
     computes their terms in fp32; the bank packs every adapter in fp32 too, whatever its file holds and whichever
-    adapters sit beside it (a bf16 bank rounded them; a promoted one changed an adapter's numbers with its
-    neighbours)."""
+    adapters sit beside it (a bf16 bank would round them; a promoted one would change an adapter's numbers with
+    its neighbours)."""
     spec = LayerSpec(IN, OUT, torch.bfloat16, torch.device("cpu"), torch.randn(OUT, IN))
     model = AdapterBank({"l0": spec, "l1": spec})
     bank = model.with_adapter("a", lora_adapter(4, layers=("l0",)))
