@@ -3,8 +3,9 @@
 A :class:`LoraBank` holds one linear layer's adapters as ``lora_a`` ``(N, R, in)``, ``lora_b``
 ``(N, out, R)`` (``R`` = the largest rank, zero-padded; the kernels read only each adapter's own
 ``ranks[k]`` columns), ``ranks`` ``(N,)`` int32 and ``scalings`` ``(N,)`` fp32. :class:`AdapterBank` packs
-a layer's tensors in the adapters' own dtype (:func:`_adapters_dtype`), not the model's: PEFT's fp32
-adapters on a bf16 model stay fp32, and the multi-LoRA op computes their terms in fp32. An adapter that does not
+a layer's tensors in the dtype PEFT loads adapters into (:func:`peft_adapter_dtype`: fp32, also on a bf16
+model and for an fp16 file), so an adapter computes the same beside any other, and the multi-LoRA op computes
+their terms in fp32. An adapter that does not
 touch the layer has rank 0. DoRA and IA3 adapters add per-adapter vectors applied around the base
 matmul (``y = g_k ⊙ (x' Wᵀ + s_k·(x Aᵀ)Bᵀ) + c_k ⊙ b`` with ``x' = x ⊙ l_k`` for feed-forward IA3):
 ``out_scale`` ``(N, out)`` (DoRA's ``m/‖W + sBA‖``, IA3's output ``l``; ones otherwise),
@@ -28,8 +29,9 @@ import torch
 
 from . import reference
 from .adapters import Adapter, ModuleAdapter
+from .ops.inputs import fusable_scaling
 
-__all__ = ["LoraBank", "AdapterBank", "MAX_RANK"]
+__all__ = ["LoraBank", "AdapterBank", "MAX_RANK", "peft_adapter_dtype"]
 
 MAX_RANK = 256
 
@@ -61,6 +63,14 @@ class LoraBank:
     def rank_list(self) -> list:
         """``ranks`` as Python ints."""
         return self.ranks.tolist()
+
+    @functools.cached_property
+    def scalings_fuse(self) -> bool:
+        """Whether the scaling of every adapter that touches this layer (rank > 0; the others hold 0) may go into a
+        fused product (``fastpeft.ops.inputs.fusable_scaling`` for this bank's dtype); otherwise the multi-LoRA op's
+        CPU path forms PEFT's ``(x Aᵀ Bᵀ) · s`` op by op."""
+        return all(fusable_scaling(s, self.lora_a.dtype)
+                   for s, rank in zip(self.scalings.tolist(), self.rank_list) if rank > 0)
 
     @functools.cached_property
     def _factors(self) -> dict:
@@ -117,7 +127,8 @@ class LoraBank:
             r = a.rank
             lora_a[k, :r] = a.lora_a
             lora_b[k, :, :r] = a.lora_b
-            scalings[k] = a.scaling
+            # rounded to fp32 as PEFT's product with a Python float rounds it (inf beyond fp32's range)
+            scalings[k] = torch.tensor(a.scaling, dtype=torch.float64)
             if a.magnitude is not None:
                 norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
                                                   dtype=torch.float32)
@@ -132,18 +143,12 @@ class LoraBank:
         )
 
 
-def _adapters_dtype(adapters: Sequence[Optional[ModuleAdapter]], default: torch.dtype) -> torch.dtype:
-    """The dtype a bank of ``adapters`` is packed in: the adapters' own (PEFT keeps fp32 adapters on a bf16 /
-    fp16 model and computes their terms in fp32; so does the bank), promoted over all of them when they
-    differ; ``default`` (the base layer's dtype) when no adapter has a floating tensor."""
-    dtypes = [t.dtype for a in adapters if a is not None
-              for t in (a.lora_a, a.lora_b, a.magnitude, a.ia3_scale) if t is not None and t.is_floating_point()]
-    if not dtypes:
-        return default
-    dtype = dtypes[0]
-    for other in dtypes[1:]:
-        dtype = torch.promote_types(dtype, other)
-    return dtype
+def peft_adapter_dtype(layer_dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT's ``PeftModel.from_pretrained`` / ``load_adapter`` gives an adapter's tensors on a layer of
+    ``layer_dtype`` (a 4-bit layer: its compute dtype), whatever the file holds and whichever adapters sit beside
+    it: PEFT makes the parameters in the layer's dtype, upcasts fp16 / bf16 ones to fp32
+    (``autocast_adapter_dtype``) and copies the file's values into them. fp64 on an fp64 layer, else fp32."""
+    return torch.float64 if layer_dtype == torch.float64 else torch.float32
 
 
 def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label: str, has_base: bool) -> None:
@@ -236,6 +241,6 @@ class AdapterBank:
         for path, spec in self.layer_specs.items():
             adapters = [m.get(path) for m in mods]
             layers[path] = LoraBank.pack(adapters, spec.in_features, spec.out_features,
-                                         _adapters_dtype(adapters, spec.dtype), spec.device, spec.base_weight,
+                                         peft_adapter_dtype(spec.dtype), spec.device, spec.base_weight,
                                          [f"adapter {n!r} at layer {path}" for n in names])
         return AdapterBank(self.layer_specs, names, mods, layers, self.version + 1)

@@ -13,14 +13,15 @@ nothing goes stale, and runs a fused op only when it computes exactly what PEFT'
 (``_fused_path``; several active LoRA adapters, ``adapter_names=`` mixed batches, ``lora_bias`` and AdaLoRA
 are fused too, see :mod:`fastpeft.peft_paths`); otherwise it runs PEFT's own forward: adapters disabled or
 merged, other extra forward arguments, an active adapter with a LoRA variant other than DoRA or with DoRA and
-``lora_bias``, hooks on the base layer or the adapter's submodules (or global module hooks), a trainable base
-weight, a 4-bit base that bitsandbytes multiplies in another compute dtype or with its own CPU kernel at that
-call, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers no PEFT layer wraps (frozen
-bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4 op too (bitsandbytes'
-forward for a call it multiplies with its CPU kernel), and so does the 4-bit base of an adapted layer whenever
-PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and bitsandbytes') classes back. Layers fastpeft cannot
-run at all (embeddings, convolutions, 8-bit bases, a PEFT layer as base layer) are left on PEFT's class and
-reported in the returned :class:`PatchSummary` and a log line.
+``lora_bias``, an active adapter whose scaling or fp16 factors the fused ops would not reproduce entry for entry
+(``fastpeft.ops.inputs.fusable_scaling``: NaN, inf, 0), hooks on the base layer or the adapter's submodules (or
+global module hooks), a trainable base weight, a 4-bit base that bitsandbytes multiplies in another compute dtype
+or with its own CPU kernel at that call, the cases :mod:`fastpeft.peft_paths` lists. The bitsandbytes 4-bit layers
+no PEFT layer wraps (frozen bases under prompt / prefix tuning, BitFit, LoRA on some modules) run fastpeft's NF4
+op too (bitsandbytes' forward for a call it multiplies with its CPU kernel), and so does the 4-bit base of an
+adapted layer whenever PEFT's forward calls it, unless ``frozen_4bit=False``. ``restore(model)`` puts PEFT's (and
+bitsandbytes') classes back. Layers fastpeft cannot run at all (embeddings, convolutions, 8-bit bases, a PEFT
+layer as base layer) are left on PEFT's class and reported in the returned :class:`PatchSummary` and a log line.
 
 ``inject(model, r=..., ...)`` is the path without peft: it replaces the targeted ``nn.Linear`` /
 ``Linear4bit`` layers of any model with :class:`~fastpeft.nn.LoraLinear` / :class:`~fastpeft.nn.DoraLinear`.
@@ -30,6 +31,7 @@ reported in the returned :class:`PatchSummary` and a log line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -42,11 +44,13 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
+from .bank import peft_adapter_dtype
 from .nn.dora import DoraLinear
 from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
+from .ops.inputs import fusable_scaling
 from .ops.lora import lora_linear
 from .peft_paths import (adalora_factors, base_weight, bnb_cpu_kernel_linear, combined_lora_factors,
                          frozen_4bit_linear, is_conv1d, mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason,
@@ -167,7 +171,8 @@ def _child(module: nn.Module, name: str) -> nn.Module:
 def _adapters_reason(layer, kind: str, names) -> Optional[str]:
     """Why a call with adapters ``names`` in use cannot be fused (their configuration, their submodules), or
     None. PEFT's forward calls ``lora_A`` / ``lora_B`` / ``lora_dropout`` / the DoRA magnitude as modules: hooks
-    on them would not fire on the fused path."""
+    on them would not fire on the fused path. A scaling ``fusable_scaling`` refuses (NaN, inf, 0, beyond fp32's
+    range, fp16 factors) runs PEFT's own ops."""
     for name in names:
         reason = _adapter_reason(layer, kind, name)
         if reason is not None:
@@ -183,6 +188,13 @@ def _adapters_reason(layer, kind: str, names) -> Optional[str]:
             if (_has_hooks(lora_a) or _has_hooks(lora_b)
                     or (name in layer.lora_variant and _has_hooks(layer.lora_magnitude_vector[name]))):
                 return f"hooks on a submodule of adapter {name!r}"
+            factor = parameter(lora_a, "weight")
+        else:
+            factor = _child(layer, "lora_A")[name]  # AdaLoRA's ParameterDict
+        # the fused paths fold s into factors or BLAS alphas; PEFT's order decides inf / NaN otherwise
+        scaling = layer.scaling[name]
+        if not fusable_scaling(scaling, factor.dtype):
+            return f"adapter {name!r}: scaling {scaling}, {factor.dtype} factors (PEFT's op order decides inf, NaN)"
     return None
 
 
@@ -651,6 +663,11 @@ def _check_shapes(name: str, base, module_adapter: ModuleAdapter) -> None:
 def _build_layer(base, module_adapter: ModuleAdapter, dropout: float) -> nn.Module:
     if module_adapter.ia3_scale is not None:
         return IA3Linear.from_adapter(base, module_adapter)
+    # the parameters in the dtype PeftModel.from_pretrained gives them on this base, not the file's
+    dtype = peft_adapter_dtype(torch.float32 if _is_bnb_linear4bit(base) else base.weight.dtype)
+    module_adapter = dataclasses.replace(module_adapter, **{
+        name: getattr(module_adapter, name).to(dtype) for name in ("lora_a", "lora_b", "magnitude")
+        if getattr(module_adapter, name) is not None})
     if module_adapter.magnitude is not None:
         return DoraLinear.from_adapter(base, module_adapter, dropout)
     layer_device = base.weight.device

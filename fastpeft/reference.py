@@ -199,8 +199,9 @@ def dora_linear(
     norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=torch.promote_types(adapter_dtype, magnitude.dtype))
     mag_norm_scale = magnitude / norm
     base_lora_input = F.linear(x_lora, base_weight(weight, adapter_dtype))
-    lora = scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
-    return (F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora).to(x.dtype)
+    lora = F.linear(F.linear(x_lora, lora_a), lora_b)
+    # PEFT's order, (c · lora) · s: where an entry overflows or meets 0 · inf depends on it
+    return (F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora * scaling).to(x.dtype)
 
 
 def ia3_linear(

@@ -85,17 +85,20 @@ def test_unknown_layers_and_names_raise():
         empty_bank().with_adapter("a", lora_adapter(2)).without_adapter("nope")
 
 
-def test_layers_pack_in_the_adapters_dtype_not_the_models():
-    """Issue 15: PEFT keeps fp32 adapters on a bf16 model and computes their terms in fp32; the bank keeps
-    them in fp32 too (a bf16 bank rounded them). Adapters of several dtypes promote; a layer no adapter
-    touches uses the model's dtype."""
+def test_layers_pack_in_the_dtype_peft_loads_adapters_into():
+    """PEFT keeps adapters in fp32 on a bf16 model (it upcasts fp16 / bf16 ones, autocast_adapter_dtype) and
+    computes their terms in fp32; the bank packs every adapter in fp32 too, whatever its file holds and whichever
+    adapters sit beside it (a bf16 bank would round them; a promoted one would change an adapter's numbers with
+    its neighbours)."""
     spec = LayerSpec(IN, OUT, torch.bfloat16, torch.device("cpu"), torch.randn(OUT, IN))
     model = AdapterBank({"l0": spec, "l1": spec})
     bank = model.with_adapter("a", lora_adapter(4, layers=("l0",)))
     assert bank.layers["l0"].lora_a.dtype == bank.layers["l0"].lora_b.dtype == torch.float32
     assert torch.equal(bank.layers["l0"].lora_a[0], bank.modules[0]["l0"].lora_a)  # not rounded
-    assert bank.layers["l1"].lora_a.dtype == torch.bfloat16
+    assert bank.layers["l1"].max_rank == 0
     low = lora_adapter(2, layers=("l0",))
     low.tensors = {key: t.to(torch.bfloat16) for key, t in low.tensors.items()}
-    assert model.with_adapter("b", low).layers["l0"].lora_a.dtype == torch.bfloat16
+    assert model.with_adapter("b", low).layers["l0"].lora_a.dtype == torch.float32
     assert bank.with_adapter("b", low).layers["l0"].lora_b.dtype == torch.float32
+    fp64 = LayerSpec(IN, OUT, torch.float64, torch.device("cpu"), torch.randn(OUT, IN, dtype=torch.float64))
+    assert AdapterBank({"l0": fp64}).with_adapter("b", low).layers["l0"].lora_a.dtype == torch.float64

@@ -53,7 +53,7 @@ from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
-from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors
+from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling
 from .lora import _base_matmul
 
 
@@ -221,6 +221,9 @@ def dora_linear(
         raise ValueError(f"magnitude must be ({out_features},), got {tuple(magnitude.shape)}")
     if x_dropped is not None and x_dropped.shape != x.shape:
         raise ValueError(f"x_dropped shape {tuple(x_dropped.shape)} must equal x's {tuple(x.shape)}")
+    if not fusable_scaling(scaling, lora_a.dtype):
+        # PEFT's ops in PEFT's order (the reference, differentiated by autograd): see fusable_scaling
+        return reference.dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, x_dropped)
     bias = None if bias is None else bias.to(x.dtype)
     lora_b = lora_b.to(lora_a.dtype)
     if x_dropped is not None:

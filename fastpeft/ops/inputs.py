@@ -1,5 +1,6 @@
 """Input checks shared by the linear ops (``lora_linear``, ``dora_linear``, ``ia3_linear``): every bad
-input is a ``ValueError`` / ``TypeError`` naming the values, raised before any kernel launches."""
+input is a ``ValueError`` / ``TypeError`` naming the values, raised before any kernel launches. Also the
+rule for which LoRA scalings the fused ops take (:func:`fusable_scaling`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from ..nf4 import NF4Weight
 
 Weight = Union[torch.Tensor, NF4Weight]
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# fusable_scaling runs at every LoRA call: plain module constants, no attribute lookups
+_FP32_TINY, _FP32_MAX, _FP16 = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max, torch.float16
 
 
 def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor]) -> tuple:
@@ -67,3 +70,14 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
             or not torch.is_autocast_enabled(device_type)):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def fusable_scaling(scaling: float, dtype: torch.dtype) -> bool:
+    """Whether a LoRA term in ``dtype`` may take ``scaling`` inside a fused product (``addmm_(alpha=s)``, a
+    kernel's epilogue, ``s`` folded into a factor) and still give PEFT's ``lora_B(lora_A(x)) * s`` entry for
+    entry, inf and NaN included. Not for a NaN or infinite ``s`` (BLAS with such an alpha returns finite values
+    or NaN where PEFT's product gives NaN or inf), an ``s`` that is 0 or outside fp32's normal range (BLAS skips
+    the product at alpha 0, dropping the NaN of PEFT's ``0 · inf``; addmm refuses an alpha fp32 cannot hold),
+    nor for fp16 terms: there PEFT's rounding of ``h Bᵀ`` before the scale, and of the scaled term before the
+    sum, decides which entries overflow 65504. Those run PEFT's ops in PEFT's order."""
+    return dtype is not _FP16 and _FP32_TINY <= abs(scaling) <= _FP32_MAX

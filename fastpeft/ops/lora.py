@@ -10,11 +10,15 @@ Public API:
   ``alpha / sqrt(r)``, the caller's choice). ``lora_a`` and ``lora_b`` may both be None: the base layer
   alone, still differentiable in ``x``.
 
-  Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, as ``nn.Dropout(p)`` would on a
-  contiguous ``x`` from the same RNG state (so PEFT parity under a fixed seed holds bitwise), keeps the
-  RNG state instead of the mask, and redraws the mask in backward (``torch.utils.checkpoint``'s trick;
-  not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
+  Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, as ``nn.Dropout(p)`` would on
+  ``x`` as given (its strides too) from the same RNG state (so PEFT parity under a fixed seed holds
+  bitwise), keeps the RNG state instead of the mask, and redraws the mask in backward
+  (``torch.utils.checkpoint``'s trick; not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
   caller's; autograd then carries the LoRA part of ``dx`` back through it, and ``drop(x)`` is stored.
+
+  Scalings and adapter dtypes that fused products would change (NaN, inf, 0 or beyond fp32's range, and
+  fp16 adapters, whose overflows depend on PEFT's roundings: ``fastpeft.ops.inputs.fusable_scaling``)
+  run PEFT's ``base(x) + lora_B(lora_A(drop(x))) * s`` op by op in its order instead.
 - ``nf4_lora_matmul(a, weight, ...)``: the building block, ``c ⊙ (a · op(W) + s · h · E) + b`` with
   ``W`` read as packed NF4 (``fastpeft::nf4_lora_matmul``, a ``torch.library`` custom op; Triton on
   CUDA, the reference elsewhere). DoRA / IA3 reuse it through ``col_scale``.
@@ -48,7 +52,8 @@ import torch.nn.functional as F
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
-from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, rows_like
+from .inputs import (Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling,
+                     rows_like)
 
 
 @torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
@@ -156,30 +161,38 @@ def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_e
         # PEFT's `result + lora_B(lora_A(x)) * scaling`: the LoRA term in the adapter dtype, the sum promoted
         lora = (lora_h @ lora_expand).mul_(scaling)
         return torch.add(out, lora).to(a.dtype)
-    if scaling == 0.0:
-        # BLAS skips the product when alpha is 0, dropping the NaN that PEFT's ``lora_B(lora_A(x)) * 0`` gives
-        # for an inf in x (0 · inf)
-        return out.add_(lora_h @ lora_expand, alpha=0.0)
+    # a scaling fusable_scaling takes (the callers route the others to PEFT's order): BLAS's alpha is exact here
     return out.addmm_(lora_h, lora_expand, alpha=scaling)
 
 
-def _dropout_mask(shape, p: float, device, dtype) -> torch.Tensor:
-    """``(1 - p)``-Bernoulli mask scaled by ``1 / (1 - p)``, drawn exactly as ``F.dropout`` on a contiguous
-    tensor of ``shape`` draws it (so ``x * mask`` is bitwise ``nn.Dropout(p)(x)`` from the same RNG state)."""
-    return F.dropout(torch.ones(shape, device=device, dtype=dtype), p, training=True)
+def _x_layout(x: torch.Tensor) -> Optional[tuple]:
+    """``x``'s ``(shape, stride)`` for :func:`_dropout_mask`, or None when it is contiguous."""
+    return None if x.is_contiguous() else (tuple(x.shape), x.stride())
+
+
+def _dropout_mask(rows: tuple, layout: Optional[tuple], p: float, device, dtype) -> torch.Tensor:
+    """``(1 - p)``-Bernoulli mask scaled by ``1 / (1 - p)`` as ``rows`` ``(M, in)``, drawn exactly as ``F.dropout``
+    draws its noise for the caller's ``x`` (``layout``: its shape and strides, None when contiguous), so
+    ``x * mask`` is bitwise ``nn.Dropout(p)(x)`` from the same RNG state. The noise tensor takes ``x``'s memory
+    layout (``empty_like``) and the generator fills it in memory order: a transposed ``x`` draws another mask than
+    a contiguous one of its shape. A meta tensor of that layout gives ``ones_like`` the same layout decision."""
+    if layout is None:
+        return F.dropout(torch.ones(rows, device=device, dtype=dtype), p, training=True)
+    like = torch.empty_strided(layout[0], layout[1], dtype=dtype, device="meta")
+    return F.dropout(torch.ones_like(like, device=device), p, training=True).reshape(rows)
 
 
 def _rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
-    """The forward math on 2-D ``x2d`` ``(M, in)`` (``x_dropped`` 2-D or None): ``(y (M, out), drop(x) (M, in),
-    h = drop(x) Aᵀ (M, r) or None)``."""
+def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, x_layout):
+    """The forward math on 2-D ``x2d`` ``(M, in)`` (``x_dropped`` 2-D or None; ``x_layout`` the caller's ``x``
+    as :func:`_x_layout` gives it): ``(y (M, out), drop(x) (M, in), h = drop(x) Aᵀ (M, r) or None)``."""
     # the LoRA branch runs in the adapter dtype (x cast to it first, as PEFT's forward does)
     adapter_dtype = x2d.dtype if lora_a is None else lora_a.dtype
     if dropout_p > 0.0:
-        x_lora = x2d.to(adapter_dtype) * _dropout_mask(x2d.shape, dropout_p, x2d.device, adapter_dtype)
+        x_lora = x2d.to(adapter_dtype) * _dropout_mask(x2d.shape, x_layout, dropout_p, x2d.device, adapter_dtype)
     else:
         x_lora = x2d if x_dropped is None else x_dropped
     h = None if lora_a is None else F.linear(x_lora if x_lora.dtype == adapter_dtype else x_lora.to(adapter_dtype),
@@ -196,11 +209,12 @@ class LoraLinearFunction(torch.autograd.Function):
     the output is no view made in here and can be changed in place)."""
 
     @staticmethod
-    def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p):
+    def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p, x_layout):
         ctx.dropout_p = dropout_p
         if dropout_p > 0.0:
             ctx.rng_state = _rng_state(x2d.device)
-        y, x_lora, h = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p)
+            ctx.x_layout = x_layout
+        y, x_lora, h = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p, x_layout)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None or dropout_p > 0.0
@@ -218,7 +232,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dense_weight, x_saved, h, lora_a, lora_b = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         scaling = ctx.scaling
-        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, _ = ctx.needs_input_grad
+        needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:6]
         has_lora = lora_a is not None
         adapter_dtype = lora_a.dtype if has_lora else dy.dtype
         # the LoRA branch's gradients in the adapter dtype (dy widened exactly, as PEFT's final cast does)
@@ -233,7 +247,8 @@ class LoraLinearFunction(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng_state, dy.device)
                 else:
                     torch.set_rng_state(ctx.rng_state)
-                mask = _dropout_mask((dy.shape[0], lora_a.shape[1]), ctx.dropout_p, dy.device, adapter_dtype)
+                mask = _dropout_mask((dy.shape[0], lora_a.shape[1]), ctx.x_layout, ctx.dropout_p, dy.device,
+                                     adapter_dtype)
             x_lora = None if x_lora is None else x_lora * mask
         g = dy_lora @ lora_b if has_lora and (needs_dx or needs_dx_dropped or needs_a) else None
         dx = dx_dropped = dbias = da = db = None
@@ -252,7 +267,7 @@ class LoraLinearFunction(torch.autograd.Function):
             da = (g * scaling).t() @ x_lora
         if needs_b:
             db = dy_lora.t() @ (h * scaling)
-        return dx, dx_dropped, None, dbias, da, db, None, None
+        return dx, dx_dropped, None, dbias, da, db, None, None, None
 
 
 def lora_linear(
@@ -299,17 +314,33 @@ def lora_linear(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and x_dropped is not None:
         raise ValueError("give x_dropped or dropout_p, not both")
+    if lora_a is not None and not fusable_scaling(scaling, lora_a.dtype):
+        return _lora_in_peft_order(x, weight, bias, lora_a, lora_b, scaling, x_dropped, dropout_p)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     x2d = as_rows(x, in_features)
     if x_dropped is not None:
         x_dropped = as_rows(x_dropped, in_features)
+    x_layout = _x_layout(x) if dropout_p > 0.0 else None
     if not torch.is_grad_enabled() or not (x.requires_grad or (x_dropped is not None and x_dropped.requires_grad)
                                            or (bias is not None and bias.requires_grad)
                                            or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad))):
         # nothing to differentiate (inference, decode): the forward alone, without the autograd Function's
         # per-call cost (tens of microseconds, more than a decode step's LoRA math on a small layer)
-        y = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))[0]
+        y = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), x_layout)[0]
     else:
-        y = LoraLinearFunction.apply(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p))
+        y = LoraLinearFunction.apply(x2d, x_dropped, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p),
+                                     x_layout)
     return rows_like(y, x, out_features)
+
+
+def _lora_in_peft_order(x, weight, bias, lora_a, lora_b, scaling: float, x_dropped, dropout_p: float):
+    """PEFT's ``base(x) + lora_B(lora_A(drop(x))) * s`` op by op in its order, for the scalings and adapter dtypes
+    :func:`~fastpeft.ops.inputs.fusable_scaling` refuses: the base product by the base-only op, the LoRA term by
+    plain torch ops in the adapter dtype (autograd then gives PEFT's gradients), ``nn.Dropout``'s own draw on the
+    cast ``x``, the sum in the promoted dtype, one cast to ``x.dtype``."""
+    x_lora = (x if x_dropped is None else x_dropped).to(lora_a.dtype)
+    if dropout_p > 0.0:
+        x_lora = F.dropout(x_lora, dropout_p, training=True)
+    term = F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+    return (lora_linear(x, weight, bias, None, None, 0.0) + term).to(x.dtype)

@@ -109,32 +109,36 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, bank: LoraBank, plan: Refe
 
     A bank in another dtype than ``y`` (fp32 adapters on a bf16 / fp16 model) is used as PEFT's
     ``_mixed_batch_forward`` uses it: ``x`` cast to the bank's dtype, ``(x Aᵀ) Bᵀ · s`` in that dtype, the
-    term cast to ``y``'s dtype, then added."""
+    term cast to ``y``'s dtype, then added. So is a bank whose scalings do not fuse (``bank.scalings_fuse``:
+    NaN, inf, 0, fp16 factors): ``s`` after the product, never folded into ``B`` or a BLAS alpha."""
     lora_a, lora_b, ranks = bank.lora_a, bank.lora_b, bank.rank_list
     cast = lora_a.dtype != y.dtype
+    peft_order = cast or not bank.scalings_fuse
     used_ranks = {ranks[k] for k, _, _ in plan.groups}
     if plan.gather is not None and len(used_ranks) == 1:
         rank = used_ranks.pop()
         if rank == 0:
             return
         tokens_per_row, rows, ids, weights, key = plan.gather
-        key = (id(lora_a), cast, key)
+        key = (id(lora_a), peft_order, key)
         cached = plan.gathered.get(key)
         if cached is None or cached[0] is not lora_a:
             # (n, in, r) and (n, r, out), contiguous: bmm of one-row matrices runs an order of magnitude faster
             # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
-            # (kept apart, applied after the product as PEFT does, when the term is cast before the add)
+            # (kept apart in fp32, applied after the product as PEFT does, in PEFT's order: the fp32 product of a
+            # half-precision term rounded once is PEFT's half-precision multiply by a Python float)
             a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
             coef = bank.scalings.index_select(0, ids)
-            coef = (coef if weights is None else coef * weights).to(lora_b.dtype).view(-1, 1, 1)
+            coef = (coef if weights is None else coef * weights).view(-1, 1, 1)
             b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous()
-            cached = plan.gathered[key] = (lora_a, a_t, b_t, coef) if cast else (lora_a, a_t, b_t.mul_(coef), None)
+            cached = plan.gathered[key] = ((lora_a, a_t, b_t, coef) if peft_order
+                                           else (lora_a, a_t, b_t.mul_(coef.to(lora_b.dtype)), None))
         _, a_t, b_t, coef = cached
         x_rows = x.view(-1, tokens_per_row, x.shape[-1])  # splitting the token dim: a view at any strides
         y_rows = y.view(-1, tokens_per_row, y.shape[-1])
         if rows is not None:
             x_rows = x_rows.index_select(0, rows)
-        if cast:
+        if peft_order:
             term = (torch.bmm(torch.bmm(x_rows.to(lora_a.dtype), a_t), b_t) * coef).to(y.dtype)
             if rows is None:
                 y_rows.add_(term)
@@ -155,7 +159,7 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, bank: LoraBank, plan: Refe
         if weights is not None:
             h = h * weights.to(h.dtype)
         y_k = y if rows is None or scattered else y[rows]
-        if cast:
+        if peft_order:
             term = ((h @ b_t) * scaling).to(y.dtype)
             if scattered:
                 y.index_add_(0, rows, term)
@@ -163,9 +167,6 @@ def _reference_add_(y: torch.Tensor, x: torch.Tensor, bank: LoraBank, plan: Refe
                 y_k.add_(term)
         elif scattered:
             y.index_add_(0, rows, h @ b_t, alpha=scaling)
-        elif scaling == 0.0:
-            # addmm skips the product when alpha is 0, dropping PEFT's NaN from 0 · inf (as in ops/lora.py)
-            y_k.add_(h @ b_t, alpha=0.0)
         else:
             y_k.addmm_(h, b_t, alpha=scaling)
 
