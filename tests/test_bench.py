@@ -281,6 +281,40 @@ def test_plots_cover_each_measured_case(tmp_path):
                                                                   "multi_lora_decode.png"]
 
 
+def test_plots_read_as_a_report_needs(tmp_path, monkeypatch):
+    """A narrow range on a linear axis from 0, tick labels level (never rotated off the figure), the multi-adapter
+    cases over the adapter count, one series per implementation."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    seen, savefig = {}, Figure.savefig
+
+    def capture(figure, path, *args, **kwargs):
+        ax = figure.axes[0]
+        seen[Path(path).stem] = dict(yscale=ax.get_yscale(), ylim=ax.get_ylim(),
+                                     ticks=[t.get_text() for t in ax.get_xticklabels()],
+                                     rotation={t.get_rotation() for t in ax.get_xticklabels()},
+                                     legend=[t.get_text() for t in ax.get_legend().get_texts()])
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+
+    def row(case, impl, params, tokens_per_s):
+        ms = 1e3 * 128 / tokens_per_s
+        return {"case": case, "impl": impl, "params": params, "shape": " ".join(f"{k}={v}" for k, v in params.items()),
+                "median_ms": ms, "p20_ms": 0.98 * ms, "p80_ms": 1.02 * ms, "tokens_per_s": tokens_per_s}
+
+    run = {"device": "cpu", "device_kind": "cpu", "results": [
+        row("train_step", "peft", {"batch": 2, "seq": 64}, 67.0), row("train_step", "fastpeft", {"batch": 2, "seq": 64}, 74.0),
+        *(row("multi_lora_decode", impl, {"adapters": n, "seqs": 16}, rate / n ** 0.5)
+          for n in (1, 4, 16) for impl, rate in (("peft", 800.0), ("fastpeft-serving", 1100.0)))]}
+    write_plots(run, tmp_path)
+    train, serving = seen["train_step"], seen["multi_lora_decode"]
+    assert train["yscale"] == "linear" and train["ylim"][0] == 0 and train["rotation"] == {0.0}
+    assert train["legend"] == ["peft", "fastpeft"]
+    assert serving["ticks"] == ["1", "4", "16"] and serving["legend"] == ["peft", "fastpeft-serving"]
+
+
 def test_end_to_end_cases_on_a_checkpoint_path(tiny_llama_dir, tmp_path):
     """``--model PATH`` loads a Hugging Face checkpoint for the end-to-end cases instead of the built-in Llama."""
     argv = [*QUICK, "--model", str(tiny_llama_dir), "--cases", "train_step,decode", "--no-plots", "--out", str(tmp_path)]

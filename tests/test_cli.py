@@ -9,8 +9,7 @@ import sys
 import pytest
 
 import fastpeft
-from fastpeft import _bitsandbytes
-from fastpeft.cli import build_parser, main
+from fastpeft import cli
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict:
@@ -19,7 +18,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict:
 
 
 def test_bare_command_prints_help_and_exits_0(capsys):
-    assert main([]) == 0
+    assert cli.main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fastpeft")
     for command in ("info", "bench", "check-kernels", "tune"):
@@ -28,14 +27,14 @@ def test_bare_command_prints_help_and_exits_0(capsys):
 
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["--version"])
+        cli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"fastpeft {fastpeft.__version__}"
 
 
 @pytest.mark.parametrize("command", ["", "info", "bench", "check-kernels", "tune"])
 def test_help_is_plain_text(command):
-    parser = build_parser()
+    parser = cli.build_parser()
     text = (_subparsers(parser)[command] if command else parser).format_help()
     for markup in ("``", ":mod:", ":func:", "python -m fastpeft", "issue"):
         assert markup not in text, (command, markup)
@@ -44,7 +43,7 @@ def test_help_is_plain_text(command):
 
 @pytest.mark.parametrize("command", ["bench", "check-kernels", "tune"])
 def test_every_option_has_help_naming_its_default(command):
-    parser = _subparsers(build_parser())[command]
+    parser = _subparsers(cli.build_parser())[command]
     formatter = parser._get_formatter()
     for action in parser._actions:
         if not action.option_strings or isinstance(action, argparse._HelpAction):
@@ -58,7 +57,7 @@ def test_every_option_has_help_naming_its_default(command):
 def test_bench_help_defaults_are_the_suites():
     from fastpeft.bench.__main__ import SUITES
 
-    text = " ".join(_subparsers(build_parser())["bench"].format_help().split())
+    text = " ".join(_subparsers(cli.build_parser())["bench"].format_help().split())
     assert f"cpu {','.join(map(str, SUITES['cpu']['micro_m']))};" in text
     assert "b mod adapters" in text
 
@@ -66,6 +65,8 @@ def test_bench_help_defaults_are_the_suites():
 def test_bitsandbytes_hub_kernel_warning_is_dropped_and_nothing_else(monkeypatch, caplog):
     """The filter drops bitsandbytes' record about the Hub kernel during the import, lets its other records
     through, and is gone afterwards."""
+    from fastpeft import _bitsandbytes
+
     logger = logging.getLogger(_bitsandbytes._LOGGER)
 
     def fake_import(name):
