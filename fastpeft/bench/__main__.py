@@ -140,8 +140,8 @@ def cpu_threads(args: argparse.Namespace, device: torch.device) -> Optional[int]
     """The torch CPU threads a run uses: ``--threads``, else on CPU ``$OMP_NUM_THREADS`` when set, else 1; None (torch's
     own choice) on CUDA without ``--threads``. One thread on CPU: the cases are small, and with several threads each
     call waits for the slowest of them, so that a busy core elsewhere on the machine stretches one implementation's
-    calls and not the other's (on a 2-core host with other load, the cpu suite took 18 minutes with torch's default
-    threads and 2 with one)."""
+    calls and not the other's (the cpu suite's train_step and decode cases on a 2-core host at load average 7-9:
+    948 s with 2 threads, 81 s with 1, ``fastpeft bench --cases train_step,decode --threads N --clock wall``)."""
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise SystemExit(f"fastpeft bench: need --threads >= 1, got {args.threads}")

@@ -90,8 +90,8 @@ def run_line(cfg, jobs: int, suite: str) -> str:
     if cfg.device.type == "cuda":
         return f"fastpeft bench: {suite} suite, {jobs} jobs on {device_name(cfg.device)}, CUDA events"
     threads = torch.get_num_threads()
-    why = ("one thread: a busy core elsewhere then slows every implementation alike, so ratios hold steady; "
-           "--threads N to change" if threads == 1 else "--threads / $OMP_NUM_THREADS")
+    why = ("one thread keeps ratios steady on a small or busy CPU; --threads N to change" if threads == 1
+           else "--threads / $OMP_NUM_THREADS")
     clock = ("this process's CPU time (other programs' load does not count)" if cfg.clock == "process"
              else "wall time")
     return (f"fastpeft bench: {suite} suite, {jobs} jobs on {device_name(cfg.device)}\n"
