@@ -7,13 +7,17 @@ Three ways to get the model, one training loop:
 - ``--mode inject``: no peft at all, ``fastpeft.inject(model, r=..., target_modules="all-linear")``.
 
 ``--4bit`` loads the base through bitsandbytes NF4 (QLoRA), ``--trainer`` trains with Hugging Face's
-``Trainer`` instead of the plain loop, ``--optim`` picks ``adamw`` or bitsandbytes' ``adamw8bit`` /
-``paged_adamw8bit`` (bitsandbytes falls back to unpaged on CPU). The data is a learnable toy task (each
-sequence counts up from a random start; one batch repeated), so the loss visibly falls in a few steps::
+``Trainer`` instead of the plain loop, ``--trl`` with TRL's ``SFTTrainer`` given a ``peft_config`` (the trainer
+makes the PEFT model; ``accelerate`` then switches it to fastpeft before training), ``--bf16`` runs either trainer
+in bf16 autocast, ``--optim`` picks ``adamw`` or bitsandbytes' ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes
+falls back to unpaged on CPU). The data is a learnable toy task (each sequence counts up from a random start; one
+batch repeated), so the loss visibly falls in a few steps::
 
     python examples/train_tiny_llama.py --mode accelerate --4bit --steps 5
+    python examples/train_tiny_llama.py --mode accelerate --trl --bf16     # pip install trl
 
-The functions are what ``tests/test_training.py`` runs in CI against PEFT's unaccelerated run.
+The functions are what ``tests/test_training.py`` and ``tests/test_trl.py`` run in CI against PEFT's
+unaccelerated run.
 """
 
 from __future__ import annotations
@@ -96,19 +100,23 @@ def train_loop(model, batches, optimizer) -> list[float]:
     return losses
 
 
+def _training_arguments(batches, output_dir: str, lr: float, optim: str, seed: int, bf16: bool) -> dict:
+    """What the two trainers' arguments share: a constant learning rate, one batch per step, a loss logged at each
+    step, nothing saved or reported, CPU, ``bf16``: bf16 autocast."""
+    return dict(output_dir=output_dir, max_steps=len(batches), per_device_train_batch_size=len(batches[0]),
+                learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim=optim,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed,
+                dataloader_num_workers=0, disable_tqdm=True, bf16=bf16)
+
+
 def train_with_trainer(model, batches, output_dir: str, lr: float = 1e-2, optim: str = "adamw_torch",
-                       seed: int = 0) -> list[float]:
-    """The same training through Hugging Face's ``Trainer`` (constant learning rate, one batch per step, the
-    batches in order); the logged loss of each step."""
+                       seed: int = 0, bf16: bool = False) -> list[float]:
+    """The same training through Hugging Face's ``Trainer`` (the batches in order; ``bf16``: in bf16 autocast);
+    the logged loss of each step."""
     from transformers import Trainer, TrainingArguments
 
     rows = [{"input_ids": ids, "labels": ids} for batch in batches for ids in batch]
-    args = TrainingArguments(
-        output_dir=output_dir, max_steps=len(batches), per_device_train_batch_size=len(batches[0]),
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim=optim,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
+    args = TrainingArguments(**_training_arguments(batches, output_dir, lr, optim, seed, bf16))
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
     # the batches in the order given (the baseline and the accelerated run see the same data)
@@ -117,26 +125,78 @@ def train_with_trainer(model, batches, output_dir: str, lr: float = 1e-2, optim:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["peft", "accelerate", "inject"], default="accelerate")
-    parser.add_argument("--4bit", dest="quantize_4bit", action="store_true", help="NF4 base through bitsandbytes")
-    parser.add_argument("--dora", action="store_true")
-    parser.add_argument("--trainer", action="store_true", help="train with transformers.Trainer")
-    parser.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level tokenizer of the tiny Llama's vocabulary, built in memory: token ``i`` is the word ``t<i>``,
+    ``t0`` the padding and end-of-sequence token (TRL's ``SFTTrainer`` tokenizes text and pads with it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    model = add_adapter(tiny_llama(args.quantize_4bit, args.seed), args.mode, use_dora=args.dora, seed=args.seed)
-    fastpeft.print_trainable_parameters(model)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t0", unk_token="t0")
+
+
+def train_with_sft_trainer(model, batches, output_dir: str, accelerate: bool, r: int = 8, alpha: float = 16.0,
+                           dropout: float = 0.0, lr: float = 1e-2, seed: int = 0, bf16: bool = False) -> list[float]:
+    """TRL's ``SFTTrainer`` on the base ``model`` with a LoRA ``peft_config`` on every linear layer but
+    ``lm_head``: the trainer makes the PEFT model, and with ``accelerate`` ``fastpeft.accelerate`` switches it to
+    fastpeft's ops before training. The batches become a text dataset (``t<id>`` words) that the trainer tokenizes
+    with :func:`tiny_tokenizer`; TRL's own defaults stand otherwise (gradient checkpointing on). ``bf16``: bf16
+    autocast. The logged loss of each step."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    texts = [" ".join(f"t{int(i)}" for i in ids) for batch in batches for ids in batch]
+    args = SFTConfig(**_training_arguments(batches, output_dir, lr, "adamw_torch", seed, bf16),
+                     dataset_text_field="text", packing=False)
+    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # the adapter's initialisation, drawn when the trainer makes the PEFT model
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                         processing_class=tiny_tokenizer(), peft_config=peft_config)
+    if accelerate:
+        print(fastpeft.accelerate(trainer.model))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--mode", choices=["peft", "accelerate", "inject"], default="accelerate",
+                        help="PEFT alone, PEFT + fastpeft.accelerate, or fastpeft.inject without peft")
+    parser.add_argument("--4bit", dest="quantize_4bit", action="store_true", help="NF4 base through bitsandbytes")
+    parser.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
+    parser.add_argument("--trainer", action="store_true", help="train with transformers.Trainer")
+    parser.add_argument("--trl", action="store_true", help="train with TRL's SFTTrainer given a peft_config")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (with --trainer or --trl)")
+    parser.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw",
+                        help="optimizer")
+    parser.add_argument("--steps", type=int, default=5, help="training steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the adapter and the data")
+    args = parser.parse_args(argv)
+    if args.trl and (args.mode == "inject" or args.dora or args.trainer or args.optim != "adamw"):
+        parser.error("--trl trains a PEFT LoRA adapter with AdamW: --mode peft or accelerate, no --dora, --trainer "
+                     "or --optim")
+    if args.bf16 and not (args.trainer or args.trl):
+        parser.error("--bf16 needs --trainer or --trl")
+
     batches = counting_batches(args.steps, seed=args.seed)
-    if args.trainer:
-        optim = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
+    if args.trl:
         with tempfile.TemporaryDirectory() as output_dir:
-            losses = train_with_trainer(model, batches, output_dir, optim=optim[args.optim], seed=args.seed)
+            losses = train_with_sft_trainer(tiny_llama(args.quantize_4bit, args.seed), batches, output_dir,
+                                            accelerate=args.mode == "accelerate", seed=args.seed, bf16=args.bf16)
     else:
-        losses = train_loop(model, batches, make_optimizer(model.parameters(), args.optim))
+        model = add_adapter(tiny_llama(args.quantize_4bit, args.seed), args.mode, use_dora=args.dora, seed=args.seed)
+        fastpeft.print_trainable_parameters(model)
+        if args.trainer:
+            optim = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
+            with tempfile.TemporaryDirectory() as output_dir:
+                losses = train_with_trainer(model, batches, output_dir, optim=optim[args.optim], seed=args.seed,
+                                            bf16=args.bf16)
+        else:
+            losses = train_loop(model, batches, make_optimizer(model.parameters(), args.optim))
     for step, loss in enumerate(losses, 1):
         print(f"step {step}: loss {loss:.4f}")
 

@@ -1,7 +1,4 @@
-"""The ``fastpeft`` command: ``fastpeft info`` (versions, device, backend, CUDA extension, NF4 dispatch
-thresholds, sample launch plans), ``fastpeft tune`` (NF4 crossovers measured on this GPU), ``fastpeft bench``
-(the benchmark harness, :mod:`fastpeft.bench`) and ``fastpeft check-kernels`` (every production launch compiled
-for sm_80 / sm_89 / sm_90a and read in SASS, no GPU needed: :mod:`fastpeft.check_kernels`)."""
+"""The ``fastpeft`` command and its sub-commands ``info``, ``bench``, ``check-kernels`` and ``tune``."""
 
 from __future__ import annotations
 
@@ -10,11 +7,15 @@ import importlib
 import os
 import platform
 import sys
+import textwrap
 
 
 def _version(module: str) -> str:
+    from ._bitsandbytes import import_bitsandbytes
+
     try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
+        imported = import_bitsandbytes() if module == "bitsandbytes" else importlib.import_module(module)
+        return getattr(imported, "__version__", "unknown")
     except Exception as exc:  # an optional dependency that is absent or broken is reported, not fatal
         return f"not available ({type(exc).__name__})"
 
@@ -77,32 +78,96 @@ def plan_lines(device) -> list[str]:
             f"{plan_nf4_lora_matmul(m, 4096, 4096, 16, nested=True, arch=arch).describe()}" for m in (1, 512)]
 
 
+DESCRIPTION = """\
+fastpeft: fused Triton kernels for LoRA, QLoRA (NF4), DoRA, IA3 and multi-LoRA serving, as drop-in PyTorch \
+modules.
+
+Run "fastpeft COMMAND --help" for a command's options."""
+
+# Help of the check-kernels options that its own parser leaves without one
+_CHECK_KERNELS_HELP = {
+    "dtype": "kernel dtypes; bf16+fp32 is a bf16 model with fp32 adapters, as PEFT makes them",
+    "rank": "LoRA ranks",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal paragraph by paragraph, a paragraph with indented lines (a list) kept
+    as written; each option's default appended to its help unless the help names it already or the option is a
+    flag ("none" for an option that is off unless given)."""
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if any(line.startswith("  ") for line in paragraph.splitlines()):
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or not action.option_strings or default is argparse.SUPPRESS or action.nargs == 0:
+            return text
+        if default is None:
+            default = "none"
+        elif isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastpeft`` parser with its four sub-commands."""
+    from . import __version__
+    from .bench.__main__ import DESCRIPTION as BENCH_DESCRIPTION, build_parser as bench_parser
+    from .check_kernels import build_parser as check_parser
+
+    parser = argparse.ArgumentParser(prog="fastpeft", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastpeft {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    sub.add_parser("info", help="versions, device, backend and sample launch plans on this machine",
+                   description="Prints the versions of fastpeft and its dependencies, the device, the backend the "
+                               "ops use on it, whether the CUDA extension is built, the NF4 dispatch thresholds "
+                               "and the launch plans of a QLoRA layer. Exit status 1 when FASTPEFT_BACKEND names "
+                               "a backend that cannot run here.", formatter_class=HelpFormatter)
+    bench_parser(sub.add_parser("bench", help="time fastpeft against PEFT, bitsandbytes and the PyTorch reference",
+                                description=BENCH_DESCRIPTION, formatter_class=HelpFormatter))
+    checker = check_parser(sub.add_parser(
+        "check-kernels", help="compile every production kernel launch for sm_80 / sm_89 / sm_90a and report "
+        "registers, spills, occupancy, tensor-core use and loads (no GPU needed)",
+        description="Compiles every launch the kernel launchers plan for a production grid (token counts, weight "
+                    "shapes, ranks, dtypes, every kernel family) for real GPU architectures, on this CPU, and reads "
+                    "the compiled code: registers, spills, shared memory, occupancy, tensor-core instructions and "
+                    "global loads by width. These are compiler facts, not timings. --main is the subset CI checks; "
+                    "--check compares it with the thresholds shipped in the package (exit status 1 on a "
+                    "regression).", formatter_class=HelpFormatter))
+    for action in checker._actions:
+        if action.help is None and action.dest in _CHECK_KERNELS_HELP:
+            action.help = _CHECK_KERNELS_HELP[action.dest]
+    tune = sub.add_parser("tune", help="measure the NF4 kernel crossovers on this GPU (CUDA only)",
+                          description="Times the three NF4 product variants (GEMV, split-K GEMM, dequantise + "
+                                      "cuBLAS) over the static-check shapes and writes a per-GPU JSON that the NF4 "
+                                      "dispatch then prefers over the shipped table.", formatter_class=HelpFormatter)
+    tune.add_argument("--out", type=str, default=None,
+                      help="file to write (default: $FASTPEFT_TUNE_DIR/sm_XY.json, else ~/.cache/fastpeft/sm_XY.json)")
+    tune.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype timed")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print versions, device, backend, whether the CUDA extension is built and a "
-                   "sample launch plan")
-    from .bench.__main__ import build_parser as bench_parser, exit_status, run as run_bench
-
-    tune = sub.add_parser("tune", help="measure the NF4 GEMV / split-K / cuBLAS crossovers on this GPU (CUDA only)",
-                          description="Times the three NF4 product variants over the static-check shapes and "
-                                      "writes a per-GPU JSON that the NF4 dispatch prefers over the shipped table.")
-    tune.add_argument("--out", type=str, default=None, help="file to write (default: $FASTPEFT_TUNE_DIR/sm_XY.json)")
-    tune.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    bench_parser(sub.add_parser("bench", help="benchmark fastpeft against the references, PEFT and bitsandbytes",
-                                description="Micro and end-to-end benchmarks; see `python -m fastpeft.bench -h`."))
-    from .check_kernels import build_parser as check_parser, run_cli as run_check
-
-    check_parser(sub.add_parser("check-kernels", help="compile every production launch for sm_80/89/90a and "
-                                "report registers, spills, occupancy, MMA and loads (no GPU needed)",
-                                description="See `python -m fastpeft.check_kernels -h`."))
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "info":
         lines, backend_ok = info_lines()
         print("\n".join(lines))
         return 0 if backend_ok else 1
-    elif args.command == "tune":
+    if args.command == "tune":
         import torch
 
         from .kernels.tuning import tune as run_tune, tune_path
@@ -112,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         content = run_tune(dtype=getattr(torch, args.dtype), path=args.out, progress=print)
         print(f"wrote {args.out or tune_path(tuple(content['arch']))}: tiers {content['tiers']}")
-    elif args.command == "bench":
+        return 0
+    if args.command == "bench":
+        from .bench.__main__ import exit_status, run as run_bench
+
         return exit_status(run_bench(args, argv[argv.index("bench") + 1:]))
-    elif args.command == "check-kernels":
-        return run_check(args)
-    return 0
+    from .check_kernels import run_cli as run_check
+
+    return run_check(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The benchmark harness: an end-to-end CPU run on the smallest sizes, and the pieces it is built from."""
 
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,10 +22,24 @@ QUICK = ["--suite", "quick", "--m", "3", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``fastpeft bench`` on the quick suite (one M), through the real command line."""
+    """``fastpeft bench`` on the quick suite (one M), through the real command line, with its console output;
+    torch's thread count set to 2 before, which the run must restore."""
     out = tmp_path_factory.mktemp("bench")
-    status = cli_main(["bench", *QUICK, "--out", str(out)])
-    return status, out, json.loads((out / "results.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    capture = pytest.MonkeyPatch()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", stdout)
+    capture.setattr(sys, "stderr", stderr)
+    try:
+        status = cli_main(["bench", *QUICK, "--out", str(out)])
+        threads_after = torch.get_num_threads()
+    finally:
+        capture.undo()
+        torch.set_num_threads(threads)
+    run = json.loads((out / "results.json").read_text())
+    return status, out, {**run, "console": stdout.getvalue(), "progress": stderr.getvalue(),
+                         "threads_after": threads_after}
 
 
 def test_quick_run_completes_without_errors(quick_run):
@@ -44,7 +60,7 @@ def test_json_has_every_field(quick_run):
             continue
         assert set(RESULT_KEYS) <= set(result), result
         assert result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
-        assert result["repeats"] == len(result["samples_ms"]) == 3 and result["clock"] == "cpu-wall"
+        assert result["repeats"] == len(result["samples_ms"]) == 3 and result["clock"] == run["clock"]
         assert result["calls_per_round"] == 1  # the quick suite: one call per round (min_round_ms 0)
         assert "peak_mem_bytes" in result and "peak_mem_source" in result
 
@@ -74,6 +90,37 @@ def test_table_and_plots_written(quick_run):
     assert (out / "train_step.png").exists()
 
 
+def test_one_thread_on_cpu_said_before_the_run_and_restored_after(quick_run, monkeypatch):
+    _, _, run = quick_run
+    expected = int(os.environ.get("OMP_NUM_THREADS") or 1)
+    assert run["threads"] == expected and run["threads_after"] == 2
+    assert run["clock"] == ("cpu-process" if expected == 1 else "cpu-wall")
+    assert f"torch threads: {expected} (" in run["progress"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = torch.device("cpu")
+    args = bench_main.build_parser().parse_args(QUICK)
+    assert bench_main.cpu_threads(args, cpu) == 1 and bench_main.make_config(args).clock == "process"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert bench_main.cpu_threads(args, cpu) == 3 and bench_main.make_config(args).clock == "wall"
+    args = bench_main.build_parser().parse_args([*QUICK, "--threads", "2", "--clock", "process"])
+    assert bench_main.cpu_threads(args, cpu) == 2 and bench_main.make_config(args).clock == "process"
+
+
+def test_console_shows_headline_ratios_within_120_columns_and_names_every_file(quick_run):
+    _, out, run = quick_run
+    console = run["console"]
+    assert max(map(len, console.splitlines())) <= 120
+    assert console.index("End to end") < console.index("Micro cases") < console.index("fastpeft / PEFT over")
+    train = next(r for r in run["results"] if r["case"] == "train_step" and r["impl"] == "fastpeft")
+    assert f"{train['vs']['peft']:.2f}" in next(line for line in console.splitlines()
+                                               if line.startswith("train_step "))
+    assert "fastpeft backend" not in console and "roofline" not in (out / "table.txt").read_text()
+    written = sorted(p.name for p in out.iterdir())
+    listed = console[console.index("Files in"):]
+    for name in written:
+        assert name in listed, name
+
+
 def test_no_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert bench_main.main([*QUICK, "--cases", "ia3.fwd_bwd", "--out", str(tmp_path)]) == 0
@@ -82,7 +129,8 @@ def test_no_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 
 def _config(**overrides) -> BenchConfig:
-    args = bench_main.build_parser().parse_args(["--suite", "quick", "--device", "cpu"])
+    # wall time: the test functions here sleep, which takes no CPU time
+    args = bench_main.build_parser().parse_args(["--suite", "quick", "--device", "cpu", "--clock", "wall"])
     cfg = bench_main.make_config(args)
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -223,11 +271,48 @@ def test_plots_cover_each_measured_case(tmp_path):
     pytest.importorskip("matplotlib")
     result = {"impl": "reference", "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.2, "tokens_per_s": 10.0}
     run = {"device": "cpu", "device_kind": "cpu", "results": [
-        {**result, "case": "lora.fwd", "shape": "M=1"}, {**result, "case": "lora.fwd", "shape": "M=8"},
-        {**result, "case": "decode", "shape": "new_tokens=8"},
-        {"case": "dora.fwd", "impl": "fastpeft", "shape": "M=1", "skipped": "absent"},
+        {**result, "case": "lora.fwd", "shape": "M=1", "params": {"M": 1}},
+        {**result, "case": "lora.fwd", "shape": "M=8", "params": {"M": 8}},
+        {**result, "case": "decode", "shape": "new_tokens=8", "params": {"new_tokens": 8}},
+        *({**result, "case": "multi_lora_decode", "shape": f"adapters={n}", "params": {"adapters": n}} for n in (1, 4)),
+        {"case": "dora.fwd", "impl": "fastpeft", "shape": "M=1", "params": {"M": 1}, "skipped": "absent"},
     ]}
-    assert sorted(p.name for p in write_plots(run, tmp_path)) == ["decode.png", "lora.fwd.png"]
+    assert sorted(p.name for p in write_plots(run, tmp_path)) == ["decode.png", "lora.fwd.png",
+                                                                  "multi_lora_decode.png"]
+
+
+def test_plots_read_as_a_report_needs(tmp_path, monkeypatch):
+    """A narrow range on a linear axis from 0, tick labels level (never rotated off the figure), the multi-adapter
+    cases over the adapter count, one series per implementation."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    seen, savefig = {}, Figure.savefig
+
+    def capture(figure, path, *args, **kwargs):
+        ax = figure.axes[0]
+        seen[Path(path).stem] = dict(yscale=ax.get_yscale(), ylim=ax.get_ylim(),
+                                     ticks=[t.get_text() for t in ax.get_xticklabels()],
+                                     rotation={t.get_rotation() for t in ax.get_xticklabels()},
+                                     legend=[t.get_text() for t in ax.get_legend().get_texts()])
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+
+    def row(case, impl, params, tokens_per_s):
+        ms = 1e3 * 128 / tokens_per_s
+        return {"case": case, "impl": impl, "params": params, "shape": " ".join(f"{k}={v}" for k, v in params.items()),
+                "median_ms": ms, "p20_ms": 0.98 * ms, "p80_ms": 1.02 * ms, "tokens_per_s": tokens_per_s}
+
+    run = {"device": "cpu", "device_kind": "cpu", "results": [
+        row("train_step", "peft", {"batch": 2, "seq": 64}, 67.0), row("train_step", "fastpeft", {"batch": 2, "seq": 64}, 74.0),
+        *(row("multi_lora_decode", impl, {"adapters": n, "seqs": 16}, rate / n ** 0.5)
+          for n in (1, 4, 16) for impl, rate in (("peft", 800.0), ("fastpeft-serving", 1100.0)))]}
+    write_plots(run, tmp_path)
+    train, serving = seen["train_step"], seen["multi_lora_decode"]
+    assert train["yscale"] == "linear" and train["ylim"][0] == 0 and train["rotation"] == {0.0}
+    assert train["legend"] == ["peft", "fastpeft"]
+    assert serving["ticks"] == ["1", "4", "16"] and serving["legend"] == ["peft", "fastpeft-serving"]
 
 
 def test_end_to_end_cases_on_a_checkpoint_path(tiny_llama_dir, tmp_path):

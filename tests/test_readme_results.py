@@ -1,67 +1,87 @@
-"""The README's Results rows are measured numbers: each row citing a committed bench file holds a number that
-file contains (a results.json row of that case, implementation and shape, or a check_cpu.py ratio)."""
+"""The README's results are measured numbers: each row of its summary table holds what the committed results file
+the section links says (one ratio, or the range over a micro case's shapes), the plot it shows is committed, and
+the static-check page's rows are the committed compile grid."""
 
 import json
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINK = re.compile(r"\[[^\]]*\]\((bench/results/[^)]+)\)")
-VS = re.compile(r"(\d+\.\d+)x ([\w-]+)")
+LINK = re.compile(r"\]\(((?:\.\./)?bench/results/[^)]+)\)")
+NUMBER = re.compile(r"\d+\.\d+")
 
 
-def _results_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Results")
+def _section(path: Path, heading: str) -> str:
+    text = path.read_text()
+    start = text.index(heading)
     end = text.find("\n## ", start + 1)
     return text[start:] if end < 0 else text[start:end]
 
 
-def _rows(section: str) -> list:
-    """Table rows (cells) of the section that cite a committed bench file."""
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
-            if line.lstrip().startswith("|") and LINK.search(line)]
+def _table(section: str, first_header: str) -> list:
+    """The cells of each body row of the section's table whose header starts with ``first_header``."""
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
 
 
-def _numbers(cell: str) -> list:
-    return [float(v) for v in re.findall(r"\d+\.\d+", cell)]
+def _label(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items() if k not in ("model", "dtype", "r"))
 
 
-def test_every_results_row_cites_a_committed_file_holding_its_number():
-    section = _results_section()
-    rows = _rows(section)
-    assert rows, "the Results section has no rows citing a committed bench/results file"
+def summary_mismatches(section: str, run: dict) -> list:
+    """Each summary row whose ratio is not what ``run`` (a results.json) holds, with what it holds."""
+    wrong = []
+    for case, params, impl, cell in _table(section, "case"):
+        rows = [r for r in run["results"] if (r["case"], r["impl"]) == (case, impl) and "peft" in r.get("vs", {})]
+        shapes = re.fullmatch(r"(\d+) shapes", params)
+        if shapes:
+            values = [r["vs"]["peft"] for r in rows]
+            expected = [f"{min(values):.2f}", f"{max(values):.2f}"] if len(values) == int(shapes.group(1)) else None
+        else:
+            matches = [r for r in rows if _label(r["params"]) == params]
+            expected = [f"{matches[0]['vs']['peft']:.2f}"] if len(matches) == 1 else None
+        if NUMBER.findall(cell) != expected:
+            wrong.append((case, params, impl, cell, expected))
+    return wrong
+
+
+def test_the_summary_table_holds_the_linked_results():
+    section = _section(ROOT / "README.md", "## Results")
     assert "CPU RUN" in section
-    for cells in rows:
-        path = ROOT / LINK.search(" | ".join(cells)).group(1)
-        assert path.is_file(), f"{path} is cited but not committed"
-        data = json.loads(path.read_text())
-        if path.name == "results.json":  # | case | impl | params | median ms (p20–p80) | ... | source |
-            case, impl, shape, timing = cells[:4]
-            matches = [r for r in data["results"] if (r["case"], r["impl"], r["shape"]) == (case, impl, shape)]
-            assert len(matches) == 1, f"no single {case} {impl} {shape} row in {path}"
-            r = matches[0]
-            assert _numbers(timing)[:3] == [float(f"{r[k]:.3f}") for k in ("median_ms", "p20_ms", "p80_ms")], cells
-            for value, baseline in VS.findall(" | ".join(cells[4:])):  # "time vs": 0.96x peft, ...
-                assert f"{r['vs'][baseline]:.2f}" == value, cells
-        else:  # check_cpu.py's JSON: | case | shape | what | ratio | bound | source |
-            case, shape, what, ratio = cells[:4]
-            checks = [c for g in data["groups"] if (g["case"], g["shape"]) == (case, shape)
-                      for c in g["checks"] if c["what"] == what]
-            assert len(checks) == 1, f"no single check {what!r} of {case} {shape} in {path}"
-            assert _numbers(ratio)[0] == float(f"{checks[0]['ratio']:.2f}"), cells
+    sources = {link for link in LINK.findall(section) if link.endswith("results.json")}
+    assert len(sources) == 1, f"the Results section must link one results.json, links {sources}"
+    run = json.loads((ROOT / sources.pop()).read_text())
+    assert len(_table(section, "case")) >= 8
+    assert summary_mismatches(section, run) == []
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section):
+        assert (ROOT / image).is_file(), f"{image} is shown but not committed"
+
+
+def test_a_wrong_summary_number_is_caught():
+    section = _section(ROOT / "README.md", "## Results")
+    run = json.loads((ROOT / next(link for link in LINK.findall(section) if link.endswith("results.json")))
+                     .read_text())
+    case, params, impl, cell = _table(section, "case")[0]
+    value = NUMBER.findall(cell)[0]
+    tampered = section.replace(f"| {case} | {params} | {impl} | {cell} |",
+                               f"| {case} | {params} | {impl} | {float(value) + 0.01:.2f} |")
+    assert summary_mismatches(tampered, run) != []
 
 
 def test_static_table_rows_are_the_committed_grid():
     """The static GPU check's table: every row named by its launch key holds that launch's numbers in the
-    committed grid the section cites first (registers, spills, occupancy, per-element counts)."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Static GPU check")
-    section = text[start:text.index("\n## ", start + 1)]
-    grid = ROOT / LINK.search(section).group(1) / "results.json"
+    committed grid the page links first (registers, spills, occupancy, per-element counts)."""
+    page = ROOT / "docs" / "static-check.md"
+    section = _section(page, "## Results")
+    grid = (page.parent / LINK.search(section).group(1)).resolve() / "results.json"
     rows = {(r["arch"], r["key"]): r for r in json.loads(grid.read_text()) if r["compiled"]}
-    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
-             if line.startswith("| ") and "/" in line.split("|")[1] and not line.startswith("| before")]
+    table = _table(section, "launch")
     assert len(table) >= 8
     for key, arch, regs, spill, _, occupancy, mma, _, gmem, weight, packed, instr in table:
         r = rows[(arch, key)]
@@ -71,3 +91,10 @@ def test_static_table_rows_are_the_committed_grid():
         fields = ("global_per_element", "weight_loads_per_element", "instructions_per_element")
         assert [float(gmem), float(weight), float(instr)] == [float(f"{r[f]:.3g}") for f in fields], key
         assert packed == " ".join(map(str, r["packed_load_bits"])), key
+
+
+def test_docs_links_resolve():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if not link.startswith("http"):
+                assert (page.parent / link).exists(), f"{page.name} links {link}, which is not there"

@@ -29,10 +29,10 @@ def _run(mode, quantize_4bit, tiny_llama_dir, dropout=0.1, optim="adamw", use_do
                               example.make_optimizer(model.parameters(), optim)), model
 
 
-def _assert_same_run(losses, ref_losses):
+def _assert_same_run(losses, ref_losses, rtol=1e-4):
     assert len(losses) == len(ref_losses) == STEPS
     assert losses[-1] < losses[0] - 0.05, f"the loss did not fall: {losses}"
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("quantize_4bit", [False, True], ids=["dense", "4bit"])
@@ -67,12 +67,17 @@ def test_native_layers_train_like_peft(tmp_path, tiny_llama_dir):
     _assert_same_run(example.train_loop(ours, batches, example.make_optimizer(ours.parameters())), ref_losses)
 
 
-def test_trainer_matches_peft(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_trainer_matches_peft(tmp_path, tiny_llama_dir, bf16):
     runs = []
     for mode in ("peft", "accelerate"):
         model = example.add_adapter(make_tiny_llama(), mode, r=4, dropout=0.1)
-        runs.append(example.train_with_trainer(model, example.counting_batches(STEPS), str(tmp_path / mode)))
-    _assert_same_run(runs[1], runs[0])
+        runs.append(example.train_with_trainer(model, example.counting_batches(STEPS), str(tmp_path / mode),
+                                               bf16=bf16))
+    # bf16 autocast: the gradients agree at bf16's precision (fastpeft's products round differently from PEFT's
+    # chain of bf16 ops); after 4 steps the losses agree to ~3e-4, as close to the fp32 run as PEFT's bf16 run is
+    _assert_same_run(runs[1], runs[0], rtol=2e-3 if bf16 else 1e-4)
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=0)  # the same forward
 
 
 def test_bitsandbytes_8bit_optimizers(tiny_llama_dir):

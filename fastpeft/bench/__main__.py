@@ -1,14 +1,10 @@
-"""``fastpeft bench`` / ``python -m fastpeft.bench``: measure fastpeft against the references, PEFT and bitsandbytes.
-
-Suites: ``quick`` (the smallest sizes: a smoke run for CI, seconds), ``cpu`` (the default without CUDA:
-laptop-sized shapes, about two minutes), ``gpu`` (the default with CUDA: the kernel shapes of issues 3-5 in
-bf16 plus a ~0.2B-parameter Llama, budgeted for 10 minutes). Every option below overrides the suite.
-"""
+"""``fastpeft bench`` / ``python -m fastpeft.bench``: time fastpeft against PEFT, bitsandbytes and the reference."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,34 +42,74 @@ def _ints(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+DESCRIPTION = """\
+Times fastpeft against Hugging Face PEFT, bitsandbytes and fastpeft's plain-PyTorch reference: micro cases (one
+LoRA, QLoRA, DoRA, IA3 or multi-LoRA layer, NF4 dequantisation) and end-to-end cases on a built-in random-weight
+tiny Llama (no download) or --model: a LoRA training step, greedy decode, the same on the model loaded in NF4, and
+serving many adapters in one batch.
+
+suites (each option below overrides its suite's value):
+  quick  the smallest sizes: a smoke run of seconds
+  cpu    the default without CUDA: laptop-sized shapes, about 1.5 minutes
+         on an idle 2-core machine
+  gpu    the default with CUDA: the production kernel shapes in bf16 and a
+         0.2B-parameter Llama
+
+The implementations of a case are timed side by side, taking turns call by call; a result is the median over
+rounds of the per-round time ratio to a baseline (below 1: fastpeft is faster). The console shows these ratios;
+results.json, table.txt, table.md and one PNG per case in --out hold the rest."""
+
+
+def _suite_values(key: str) -> str:
+    """Each suite's value of ``key``, as the help text shows it: ``quick 1,7; cpu 1,64; gpu 1,8,16``."""
+    def text(value):
+        if isinstance(value, list):
+            return ",".join("x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+        return str(value)
+    return "; ".join(f"{name} {text(suite[key])}" for name, suite in SUITES.items())
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="fastpeft bench", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import HelpFormatter
+
+    parser = parser or argparse.ArgumentParser(prog="fastpeft bench", description=DESCRIPTION,
+                                               formatter_class=HelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), help="size preset (default: gpu with CUDA, else cpu)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: ./bench-out)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--model", dest="model_path", help="a Hugging Face checkpoint (path or id) for the "
-                        "end-to-end cases instead of the built-in random tiny Llama")
-    parser.add_argument("--m", dest="micro_m", type=_ints, help="micro-bench token counts M, e.g. 1,16,512")
-    parser.add_argument("--features", dest="micro_features", type=_shapes, help="micro-bench out x in, e.g. 4096x4096")
-    parser.add_argument("--adapters", dest="serving_adapters", type=_ints,
-                        help="multi-LoRA serving: adapter counts to compare, e.g. 1,4,16,64")
-    parser.add_argument("--seqs", dest="serving_seqs", type=int,
-                        help="multi-LoRA serving: sequences in the mixed batch (each names a random adapter)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES))
-    parser.add_argument("--rank", type=int)
-    parser.add_argument("--repeats", type=int,
-                        help="timed rounds: in each, the implementations of a case take turns call by call")
-    parser.add_argument("--min-round-ms", dest="min_round_ms", type=float,
-                        help="calls per round enough that the fastest implementation of a case runs this long "
-                             "(0: one call per round)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="where to run (default: cuda when available)")
+    parser.add_argument("--model", dest="model_path", metavar="PATH_OR_ID",
+                        help="a Hugging Face causal-LM checkpoint for the end-to-end cases (default: the built-in "
+                             "random tiny Llama)")
+    parser.add_argument("--m", dest="micro_m", type=_ints, metavar="M,...",
+                        help=f"micro cases: token counts M (default: {_suite_values('micro_m')})")
+    parser.add_argument("--features", dest="micro_features", type=_shapes, metavar="OUTxIN,...",
+                        help=f"micro cases: weight shapes out x in (default: {_suite_values('micro_features')})")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES),
+                        help=f"dtype of weights and activations (default: {_suite_values('dtype')})")
+    parser.add_argument("--rank", type=int, help=f"LoRA rank (default: {_suite_values('rank')})")
+    parser.add_argument("--adapters", dest="serving_adapters", type=_ints, metavar="N,...",
+                        help=f"multi-adapter cases: adapter counts to compare (default: "
+                             f"{_suite_values('serving_adapters')})")
+    parser.add_argument("--seqs", dest="serving_seqs", type=int, metavar="N",
+                        help="multi-adapter cases: sequences in the mixed batch, sequence b using adapter "
+                             f"b mod adapters (default: {_suite_values('serving_seqs')})")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="timed rounds; in each, the implementations of a case take turns call by call "
+                             f"(default: {_suite_values('repeats')})")
+    parser.add_argument("--min-round-ms", dest="min_round_ms", type=float, metavar="MS",
+                        help="calls per round enough that the fastest implementation of a case runs this long, "
+                             f"0 for one call per round (default: {_suite_values('min_round_ms')})")
+    parser.add_argument("--warmup", type=int, metavar="N", help=f"untimed calls before timing (default: {_suite_values('warmup')})")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of torch (default on CPU: $OMP_NUM_THREADS if set, else 1, which keeps "
+                             "ratios steady on a small or shared CPU; on CUDA: torch's own)")
     parser.add_argument("--clock", choices=("wall", "process"),
-                        help="CPU: wall time (default) or this process's CPU time, steadier on a loaded host")
-    parser.add_argument("--warmup", type=int, help="untimed calls before timing")
-    parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c],
-                        help="only cases whose name contains one of these, e.g. lora.fwd,decode")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds; jobs not started by then are reported as skipped")
+                        help="CPU clock: wall time, or this process's CPU time, which other programs' load does "
+                             "not stretch (default: process with one thread, else wall)")
+    parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], metavar="NAME,...",
+                        help="only cases whose name contains one of these, e.g. lora.fwd,decode (default: all)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="report the cases not started by then as skipped (default: no limit)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
 
@@ -87,6 +123,8 @@ def make_config(args: argparse.Namespace):
                 "min_round_ms", "clock", "model_path"):
         if getattr(args, key) is not None:
             suite[key] = getattr(args, key)
+    if getattr(args, "clock", None) is None and device.type == "cpu":
+        suite["clock"] = "process" if cpu_threads(args, device) == 1 else "wall"
     if suite["repeats"] < 1 or suite["warmup"] < 0 or suite["rank"] < 1 or suite["min_round_ms"] < 0:
         raise SystemExit(f"fastpeft bench: need repeats >= 1, warmup >= 0, rank >= 1, min-round-ms >= 0; got "
                          f"{suite['repeats']}, {suite['warmup']}, {suite['rank']}, {suite['min_round_ms']}")
@@ -96,6 +134,22 @@ def make_config(args: argparse.Namespace):
     suite["dtype"] = _DTYPES[suite["dtype"]]
     suite["llama"] = LLAMA_SIZES[suite["llama"]]
     return BenchConfig(device=device, cases=args.cases, **suite)
+
+
+def cpu_threads(args: argparse.Namespace, device: torch.device) -> Optional[int]:
+    """The torch CPU threads a run uses: ``--threads``, else on CPU ``$OMP_NUM_THREADS`` when set, else 1; None (torch's
+    own choice) on CUDA without ``--threads``. One thread on CPU: the cases are small, and with several threads each
+    call waits for the slowest of them, so that a busy core elsewhere on the machine stretches one implementation's
+    calls and not the other's (the cpu suite's train_step and decode cases on a 2-core host at load average 7-9:
+    948 s with 2 threads, 81 s with 1, ``fastpeft bench --cases train_step,decode --threads N --clock wall``)."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise SystemExit(f"fastpeft bench: need --threads >= 1, got {args.threads}")
+        return args.threads
+    if device.type != "cpu":
+        return None
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() and int(omp) >= 1 else 1
 
 
 def _progress(total: int):
@@ -210,15 +264,29 @@ def _free(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace, argv: list) -> dict:
-    """Run every job; write ``results.json``, the table (``table.txt``, ``table.md``) and plots to ``args.out``."""
+    """Run every job; write ``results.json``, the tables (``table.txt``, ``table.md``) and plots to ``args.out``; print
+    the headline ratios and the files written. The torch thread count is :func:`cpu_threads`' for the run and restored
+    after it."""
+    cfg = make_config(args)
+    threads, threads_before = cpu_threads(args, cfg.device), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, argv, cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, argv: list, cfg) -> dict:
     from . import report
     from .cases import all_jobs
     from .roofline import measure_roofline
 
-    cfg = make_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    roofline = measure_roofline(cfg.device) if cfg.device.type == "cuda" else None
     jobs = all_jobs(cfg)
+    print(report.run_line(cfg, len(jobs), args.suite or ("gpu" if cfg.device.type == "cuda" else "cpu")),
+          file=sys.stderr)
+    roofline = measure_roofline(cfg.device) if cfg.device.type == "cuda" else None
     bar = _progress(len(jobs))
     done = 0
 
@@ -244,19 +312,19 @@ def run(args: argparse.Namespace, argv: list) -> dict:
             results += run_group(group, cfg, roofline, on_setup=on_setup)
     if bar is not None:
         bar.close()
-    out = {**report.metadata(cfg.device, ["fastpeft", "bench", *argv], roofline), "results": results}
-    text = report.table(out)
-    print(text)
-    (args.out / "table.txt").write_text(text + "\n")
+    out = {**report.metadata(cfg, ["fastpeft", "bench", *argv], roofline), "results": results}
+    (args.out / "table.txt").write_text(report.table(out) + "\n")
     json_path = report.write_json(out, args.out)
     (args.out / "table.md").write_text(report.markdown_table(out, json_path.as_posix()) + "\n")
-    print(f"wrote {json_path} and {args.out / 'table.md'} (Markdown, rows citing the JSON)")
+    plots = []
     if not args.no_plots:
         try:
             plots = report.write_plots(out, args.out)
-            print(f"wrote {len(plots)} plots to {args.out}")
         except ImportError:
             print("no plots: matplotlib is not installed (pip install 'fastpeft[bench]')")
+    print(report.headline(out))
+    print(f"\n{len(results)} jobs in {time.monotonic() - start:.0f} s. Files in {args.out}/:")
+    print(report.files_legend(plots))
     return out
 
 

@@ -99,21 +99,27 @@ LLAMA_SIZES = {
 _PIP_NAMES = {"peft": "peft", "bitsandbytes": "bitsandbytes", "transformers": "transformers"}
 
 
+def quiet_bitsandbytes_import() -> None:
+    """Imports bitsandbytes, when installed, before PEFT or transformers do (they import it too): without its
+    warning about an optional Hub kernel (``fastpeft._bitsandbytes``)."""
+    from .._bitsandbytes import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError:
+        pass
+
+
 def _require(module: str):
     """The third-party ``module``, or :class:`Unavailable` naming what is missing and how to install it
     (everything the default suite compares against comes with ``pip install -e ".[bench]"``)."""
     try:
+        quiet_bitsandbytes_import()
         return importlib.import_module(module)
     except ImportError as exc:
         package = _PIP_NAMES.get(module.partition(".")[0], module.partition(".")[0])
         raise Unavailable(f"{module} not importable ({exc}): pip install -e \".[bench]\" (or pip install "
                           f"{package})") from None
-
-
-def _fastpeft_backend(device: torch.device) -> str:
-    from ..ops.dispatch import backend_for
-
-    return f"fastpeft backend: {backend_for(device)}"
 
 
 # ---------------------------------------------------------------------------------------------- micro
@@ -321,7 +327,6 @@ def _micro_lora(op: str, mode: str, impl: str, m: int, out_f: int, in_f: int,
                 params = [p for p in forward.parameters() if p.requires_grad]
             else:
                 forward, params = _fastpeft_lora_module(op, cfg, w, base_weight)
-                note = _fastpeft_backend(cfg.device)
         # NF4 with double quantisation: half a byte per element plus one uint8 absmax per 64
         weight_bytes = (out_f * in_f) // 2 + (out_f * in_f) // 64 if nf4 else out_f * in_f * elsize
         flops, bytes_moved = _lora_cost(m, out_f, in_f, cfg.rank, elsize, weight_bytes, mode)
@@ -364,7 +369,6 @@ def _micro_ia3(mode: str, impl: str, m: int, out_f: int, in_f: int) -> Callable[
             with torch.no_grad():
                 layer.ia3_l.copy_(scale.detach().reshape(layer.ia3_l.shape))
             forward, params = layer, [layer.ia3_l]
-            note = _fastpeft_backend(cfg.device)
         elsize = w.weight.element_size()
         flops = 2 * m * in_f * out_f + m * out_f
         bytes_moved = elsize * (out_f * in_f + m * in_f + m * out_f + out_f)
@@ -386,7 +390,6 @@ def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfi
 
             def run(i):
                 return dequantize_nf4(nf4, cfg.dtype)
-            note = _fastpeft_backend(cfg.device)
         elif impl == "reference":
             def run(i):
                 return nf4.dequantize(cfg.dtype)
@@ -439,7 +442,6 @@ def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int,
 
             def forward(x):
                 return model(x.unsqueeze(1), batch=batch).squeeze(1)
-            note = _fastpeft_backend(cfg.device)
         elsize = w.weight.element_size()
         flops = 2 * m * in_f * out_f + 2 * m * cfg.rank * (in_f + out_f)
         used = len(set(ids.tolist()))
@@ -562,7 +564,7 @@ def _train_step(impl: str, four_bit: bool = False, compute_dtype: Optional[torch
 def _accelerate(model: nn.Module, cfg: BenchConfig) -> str:
     """Switch a PEFT model's adapted layers to fastpeft's ops in place (``fastpeft.accelerate``); the note."""
     summary = accelerate(model)
-    return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers); {_fastpeft_backend(cfg.device)}"
+    return f"PEFT + fastpeft.accelerate ({len(summary.replaced)} layers)"
 
 
 def _decode(impl: str, four_bit: bool = False, compute_dtype: Optional[torch.dtype] = None
@@ -583,7 +585,7 @@ def _decode(impl: str, four_bit: bool = False, compute_dtype: Optional[torch.dty
         elif impl == "fastpeft-serving":
             model = MultiLoraModel(model, {"a0": _model_adapter(cfg, model, seed=0)})
             generate, kwargs = model.generate, {"adapter_names": ["a0"]}
-            note = "fastpeft.MultiLoraModel, one adapter; " + _fastpeft_backend(cfg.device)
+            note = "fastpeft.MultiLoraModel, one adapter"
         prompts = _token_batches(cfg, 1, cfg.decode_prompt, vocab)
         n = cfg.decode_tokens
 
@@ -652,7 +654,6 @@ def _serving(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepared]:
 
             def forward(ids):
                 return model(input_ids=ids, batch=batch)
-            note = _fastpeft_backend(cfg.device)
         batches = _token_batches(cfg, cfg.serving_seqs, cfg.seq_len, vocab)
 
         def run(i):
@@ -675,7 +676,7 @@ def _serving_decode(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepa
             note = "peft generate(adapter_names=...)"
         else:
             model = MultiLoraModel(model, {f"a{k}": adapter for k, adapter in enumerate(adapters)})
-            note = "fastpeft.MultiLoraModel; " + _fastpeft_backend(cfg.device)
+            note = "fastpeft.MultiLoraModel"
         prompts = _token_batches(cfg, cfg.serving_seqs, cfg.decode_prompt, vocab)
         n = cfg.decode_tokens
 
