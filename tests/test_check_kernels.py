@@ -231,3 +231,25 @@ def test_mixed_precision_rows_plan_fp32_adapters_beside_bf16_activations():
         case = next(c for c in cases if c.family == family and c.step == step and c.tokens in (16, 64, 8192))
         dtypes = {t.dtype for t in case.args if isinstance(t, torch.Tensor) and t.is_floating_point()}
         assert {torch.bfloat16, torch.float32} <= dtypes, case.key
+
+
+def test_no_jitted_function_has_a_constexpr_default():
+    """Triton 3.3-3.6 fails to compile a string ``tl.constexpr`` left at its default (an ``AttributeError`` inside
+    the code generator), so no ``@triton.jit`` function of ``fastpeft.kernels`` gives its constexprs defaults: a
+    caller that forgot one fails on every version, here, instead of on those alone."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import fastpeft.kernels
+
+    jitted = []
+    for module_info in pkgutil.iter_modules(fastpeft.kernels.__path__):
+        module = importlib.import_module(f"fastpeft.kernels.{module_info.name}")
+        jitted += [obj for obj in vars(module).values()
+                   if type(obj).__name__ in ("JITFunction", "InterpretedFunction") and obj.fn.__module__ == module.__name__]
+    assert len(jitted) >= 10
+    defaults = [f"{fn.fn.__module__}.{fn.fn.__name__}({name})" for fn in jitted
+                for name, param in inspect.signature(fn.fn).parameters.items()
+                if "constexpr" in str(param.annotation) and param.default is not inspect.Parameter.empty]
+    assert not defaults, defaults
