@@ -115,15 +115,6 @@ def test_rounding_helpers_match_torch():
     assert np.array_equal(interpreter.bf16_bits_to_fp32(bits), values.to(torch.bfloat16).float().numpy())
 
 
-def test_numpy_constraint_of_old_interpreters():
-    from fastpeft.kernels.versions import interpreter_numpy_error
-
-    assert "numpy < 2.4" in interpreter_numpy_error("3.6.0", "2.4.0")
-    assert "pip install 'numpy<2.4'" in interpreter_numpy_error("3.4.0+git1a2b3c", "2.4.6")
-    assert interpreter_numpy_error("3.6.0", "2.3.5") is None
-    assert interpreter_numpy_error("3.7.0", "2.4.6") is None and interpreter_numpy_error("3.9.0", "2.4.6") is None
-
-
 def test_installing_on_an_interpreter_numpy_breaks_raises_the_constraint(monkeypatch):
     monkeypatch.setattr(interpreter, "_installed", False)
     monkeypatch.setattr(triton, "__version__", "3.6.0")
