@@ -4,9 +4,9 @@ No GPU is needed. For each launch of a fixed production grid (``production_grid`
 ``fastpeft.kernels`` run on meta tensors inside ``fastpeft.kernels.plan.recording()``: they validate,
 plan and build their arguments exactly as on a GPU, and the ``(plan, args)`` they would launch is
 recorded instead. Each launch is then specialised as Triton's JIT specialises it at launch (Triton's own
-binder and ``_pack_args`` over the real argument list: ``tt.divisibility=16`` on pointers and integers
-divisible by 16, integers equal to 1 turned into constants, the plan's ``num_warps`` / ``num_stages`` /
-compiler options), compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
+binder and ``_pack_args`` over the real argument list, or on Triton 3.4, which has no ``_pack_args``, the same
+steps its ``JITFunction.run`` takes: ``tt.divisibility=16`` on pointers and integers divisible by 16, integers
+equal to 1 turned into constants, the plan's ``num_warps`` / ``num_stages`` / compiler options), compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
 sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the triton wheel bundles:
 
 - registers, stack (spill) and local bytes from ``cuobjdump --dump-resource-usage``; spill instructions
@@ -36,6 +36,8 @@ sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the trito
 
 Identical compilations (many shapes specialise the same way) are compiled once per architecture; Triton's
 on-disk cache makes a second run fast. ``--jobs`` compiles in parallel processes. See ``--help``.
+Triton 3.4-3.9 are supported (``fastpeft.kernels.versions``; another version is refused with one line).
+``--check`` compares with this version's section of the thresholds file (see ``compare``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .kernels.versions import unsupported_triton, version_tuple
 
 # Per-SM limits (CUDA occupancy calculator data; KERNELS.md): registers, shared memory per SM and the most
 # one block may use, warps, blocks, and the shared memory the system reserves per block (1 KB on sm_80+).
@@ -292,8 +296,29 @@ def specialise(plan, args, arch: str):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.options)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    if hasattr(fn, "_pack_args"):  # Triton >= 3.5
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    else:
+        options, signature, constexprs, attrs = _pack_args_34(fn, backend, kwargs, bound, specialization)
     return signature, constexprs, attrs, options.__dict__
+
+
+def _pack_args_34(fn, backend, kwargs: dict, bound: dict, specialization: list) -> tuple:
+    """``(options, signature, constexprs, attrs)`` of a launch as Triton 3.4's ``JITFunction.run`` derives them
+    from the binder's output before compiling (3.5 moved these steps into ``JITFunction._pack_args``): the
+    parameters' types, the constexpr values at their paths in the (possibly nested) arguments, and the
+    backend's parse of every string specialisation attribute."""
+    from triton._utils import find_paths_if, get_iterable_path
+
+    types = [kind for kind, _ in specialization]
+    signature = dict(zip((p.name for p in fn.params), types))
+    values = list(bound.values())
+    constexprs = {path: get_iterable_path(values, path)
+                  for path in find_paths_if(types, lambda _, kind: kind == "constexpr")}
+    hints = [hint for _, hint in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(hints, path))
+             for path in find_paths_if(hints, lambda _, hint: isinstance(hint, str))}
+    return backend.parse_options(kwargs), signature, constexprs, attrs
 
 
 def _freeze(value):
@@ -340,6 +365,16 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def _error_line(exc: BaseException) -> str:
+    """One line for a failed compile: the exception's type and the last line of its message, or of its cause's
+    where the message does not hold the cause (Triton 3.4's ``CompilationError`` ends with the source excerpt
+    and keeps the reason in ``__cause__``)."""
+    text, cause = str(exc).strip(), exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        return f"{type(exc).__name__}: {_error_line(cause)}"
+    return f"{type(exc).__name__}: {text.splitlines()[-1][:300]}" if text else type(exc).__name__
+
+
 def compile_job(job: Job, plan_kernel=None) -> dict:
     """Compile ``job`` and analyse its cubin; ``{"compiled": False, "error": ...}`` when Triton or ptxas fails."""
     import importlib
@@ -359,8 +394,7 @@ def compile_job(job: Job, plan_kernel=None) -> dict:
         kernel = triton.compile(ASTSource(plan_kernel, signature, constexprs, _thaw_attrs(job.attrs)), target=target,
                                 options=options)
     except Exception as exc:  # a compile error is a result of the check, reported in its row
-        return {"compiled": False, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-                if str(exc).strip() else type(exc).__name__, "seconds": time.perf_counter() - start}
+        return {"compiled": False, "error": _error_line(exc), "seconds": time.perf_counter() - start}
     result = analyse_cubin(kernel.asm["cubin"], job.arch, int(kernel.metadata.shared), job.num_warps,
                            job.weight_elements)
     result.update(compiled=True, seconds=time.perf_counter() - start)
@@ -548,9 +582,12 @@ def run(cases: list, jobs: int = 1, progress=None) -> list:
             results[job] = compile_job(job)
             if progress:
                 progress(done, len(unique), job)
+    import triton
+
     rows = []
     for case, arch, job in pairs:
-        rows.append({"key": case.key, "arch": arch, "family": case.family, "step": case.step, "base": case.base,
+        rows.append({"key": case.key, "arch": arch, "triton": triton.__version__, "family": case.family,
+                     "step": case.step, "base": case.base,
                      "dtype": case.dtype, "tokens": case.tokens, "shape": list(case.shape), "rank": case.rank,
                      "kernel": case.plan.kernel_name, "variant": case.plan.variant, "grid": list(case.plan.grid),
                      "plan": case.plan.describe(), **results[job]})
@@ -592,8 +629,11 @@ def format_table(rows: list) -> str:
 
 
 def format_markdown(rows: list) -> str:
-    """The same table in Markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The same table in Markdown, after a line naming the Triton version(s) that compiled the rows."""
+    versions = ", ".join(sorted({r["triton"] for r in rows}))
+    arches = ", ".join(dict.fromkeys(r["arch"] for r in rows))
+    lines = [f"Static check, Triton {versions}, {arches}: {len(rows)} launches x arch", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -602,34 +642,60 @@ def format_markdown(rows: list) -> str:
 THRESHOLD_FIELDS = {"stack_bytes": "max", "registers": "max", "shared_bytes": "max", "occupancy": "min",
                     "narrow_loads_per_element": "max", "global_per_element": "max",
                     "instructions_per_element": "max", "mma_kind": "mma"}
+# The thresholds file holds one section per Triton version (``"3.9"``), each with an entry per gate launch
+# (``"<arch> <key>"``). On the newest version in the file every field is a ratchet; on the others, whose
+# register allocation differs, only these: no more spill bytes, no less occupancy than that version gave.
+FLOOR_FIELDS = ("stack_bytes", "occupancy")
+# Every launch without an entry, on every version: it compiles, does not spill, and keeps this occupancy, the
+# lowest of the production grid (bench/results/static-*: at least 25 % everywhere on Triton 3.9; on 3.6 18.75 %
+# at the 16 sm_90a split-K dx launches of M = 4 with fp32 adapters).
+OCCUPANCY_FLOOR = 0.1875
 
 
 def thresholds_of(rows: list) -> dict:
-    """The thresholds file's content for ``rows``: per ``"<arch> <key>"`` today's value of each field."""
+    """One version's section of the thresholds file for ``rows``: per ``"<arch> <key>"`` today's value of
+    each field."""
     return {f"{r['arch']} {r['key']}": {f: r[f] for f in THRESHOLD_FIELDS} for r in rows if r["compiled"]}
 
 
-def compare(rows: list, thresholds: dict) -> tuple:
-    """``(regressions, improvements)``: lists of messages, a row against its thresholds entry. A launch
-    that does not compile, or has no entry, is a regression."""
+def version_key(version: str) -> str:
+    """The thresholds file's section name of a Triton version: ``"3.6.0"`` -> ``"3.6"``."""
+    return "%d.%d" % version_tuple(version)
+
+
+def compare(rows: list, thresholds: dict, version: str) -> tuple:
+    """``(regressions, improvements)``: lists of messages, each row of Triton ``version`` against its entry in
+    that version's section of ``thresholds`` (every field on the newest version of the file, else
+    :data:`FLOOR_FIELDS`). A launch that does not compile, or spills, is a regression; one without an entry
+    must also keep :data:`OCCUPANCY_FLOOR`."""
+    section = version_key(version)
+    entries = thresholds.get(section, {})
+    newest = max(thresholds, key=version_tuple, default=None)
+    fields = THRESHOLD_FIELDS if section == newest else {f: THRESHOLD_FIELDS[f] for f in FLOOR_FIELDS}
     worse, better = [], []
     for r in rows:
         name = f"{r['arch']} {r['key']}"
         if not r["compiled"]:
-            worse.append(f"{name}: does not compile: {r['error']}")
+            worse.append(f"{name}: does not compile on Triton {version}: {r['error']}")
             continue
-        limit = thresholds.get(name)
+        limit = entries.get(name)
         if limit is None:
-            worse.append(f"{name}: no thresholds entry (add one with --write-thresholds)")
+            if r["stack_bytes"] or r["spill_instructions"]:
+                worse.append(f"{name}: spills {r['stack_bytes']} bytes on Triton {version}")
+            if r["occupancy"] < OCCUPANCY_FLOOR:
+                worse.append(f"{name}: occupancy {r['occupancy']} is under the floor {OCCUPANCY_FLOOR} on Triton "
+                             f"{version}")
             continue
-        for field, direction in THRESHOLD_FIELDS.items():
+        for field, direction in fields.items():
             value, bound = r[field], limit[field]
             if direction == "mma":
                 value, bound = MMA_RANK[value], MMA_RANK[bound]
             if (value > bound) if direction in ("max",) else (value < bound):
-                worse.append(f"{name}: {field} {r[field]} is worse than the threshold {limit[field]}")
+                worse.append(f"{name}: {field} {r[field]} is worse than the threshold {limit[field]} of Triton "
+                             f"{section}")
             elif value != bound:
-                better.append(f"{name}: {field} {r[field]} beats the threshold {limit[field]} (tighten it)")
+                better.append(f"{name}: {field} {r[field]} beats the threshold {limit[field]} of Triton {section} "
+                              "(tighten it)")
     return worse, better
 
 
@@ -647,9 +713,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the table as Markdown")
     parser.add_argument("--check", action="store_true",
-                        help=f"compare with {THRESHOLDS_PATH.name}: exit 1 on any regression")
+                        help=f"compare with this Triton version's section of {THRESHOLDS_PATH.name}: exit 1 on any "
+                             "regression")
     parser.add_argument("--write-thresholds", action="store_true",
-                        help=f"write today's numbers of these launches into {THRESHOLDS_PATH.name}")
+                        help=f"write today's numbers of these launches into this Triton version's section of "
+                             f"{THRESHOLDS_PATH.name}")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table on the terminal")
     return parser
 
@@ -665,6 +733,12 @@ def run_cli(args) -> int:
         print("check-kernels compiles for real GPUs: run it in a process without TRITON_INTERPRET=1",
               file=sys.stderr)
         return 2
+    import triton
+
+    unsupported = unsupported_triton(triton.__version__)
+    if unsupported:
+        print(f"check-kernels: {unsupported}", file=sys.stderr)
+        return 2
     if args.main:
         cases = main_cases(tuple(args.arch))
     else:
@@ -677,19 +751,21 @@ def run_cli(args) -> int:
     if not args.quiet:
         print(format_table(rows))
     failed = sum(not r["compiled"] for r in rows)
-    print(f"{len(rows)} launches x arch, {len(rows) - failed} compiled, {failed} failed, {elapsed:.0f} s",
-          file=sys.stderr)
+    print(f"Triton {triton.__version__}: {len(rows)} launches x arch, {len(rows) - failed} compiled, {failed} failed, "
+          f"{elapsed:.0f} s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.md:
         Path(args.md).write_text(format_markdown(rows) + "\n")
     if args.write_thresholds:
         current = json.loads(THRESHOLDS_PATH.read_text()) if THRESHOLDS_PATH.exists() else {}
-        current.update(thresholds_of(rows))
-        THRESHOLDS_PATH.write_text(json.dumps(dict(sorted(current.items())), indent=1) + "\n")
+        section = current.setdefault(version_key(triton.__version__), {})
+        section.update(thresholds_of(rows))
+        current = {v: dict(sorted(current[v].items())) for v in sorted(current, key=version_tuple)}
+        THRESHOLDS_PATH.write_text(json.dumps(current, indent=1) + "\n")
     status = 1 if failed else 0
     if args.check:
-        worse, better = compare(rows, json.loads(THRESHOLDS_PATH.read_text()))
+        worse, better = compare(rows, json.loads(THRESHOLDS_PATH.read_text()), triton.__version__)
         for line in better:
             print("better:", line, file=sys.stderr)
         for line in worse:

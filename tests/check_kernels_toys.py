@@ -94,10 +94,42 @@ def unspecialised_gemm() -> dict:
     return check_kernels.compile_job(dataclasses.replace(job, signature=signature, constexprs=constexprs, attrs=()))
 
 
+def pack_args_differences():
+    """Gate launches whose specialisation by ``check_kernels._pack_args_34`` (Triton 3.4's steps, used where
+    ``JITFunction._pack_args`` is missing) differs from ``_pack_args``'s; None on a Triton without ``_pack_args``.
+    Empty attribute lists (no attribute at that argument, which ``_pack_args`` also writes for constexprs)
+    count as absent."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from fastpeft import check_kernels
+
+    cases = check_kernels.main_cases(GATE_ARCHES)
+    if not hasattr(cases[0].plan.kernel, "_pack_args"):
+        return None
+    differences = []
+    for case in cases:
+        fn = case.plan.kernel
+        backend = make_backend(GPUTarget("cuda", check_kernels.ARCHES[case.arch]["cc"], 32))
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        kwargs = dict(case.plan.constexprs, num_warps=case.plan.num_warps, num_stages=case.plan.num_stages,
+                      **case.plan.options)
+        bound, specialization, options = binder(*case.args, **kwargs)
+        packed = fn._pack_args(backend, kwargs, bound, specialization, options)
+        ours = check_kernels._pack_args_34(fn, backend, kwargs, bound, specialization)
+        same = (packed[0].__dict__ == ours[0].__dict__ and packed[1:3] == ours[1:3]
+                and {k: v for k, v in packed[3].items() if v} == {k: v for k, v in ours[3].items() if v})
+        if not same:
+            differences.append(f"{case.arch} {case.key}")
+    return differences
+
+
 if __name__ == "__main__":
     from fastpeft import check_kernels
 
     os.environ.pop("TRITON_INTERPRET", None)
     rows = check_kernels.run(check_kernels.main_cases(GATE_ARCHES) + toy_cases(), jobs=2)
     with open(sys.argv[1], "w") as f:
-        json.dump({"rows": rows, "unspecialised_gemm": unspecialised_gemm()}, f)
+        json.dump({"rows": rows, "unspecialised_gemm": unspecialised_gemm(),
+                   "pack_args_differences": pack_args_differences()}, f)

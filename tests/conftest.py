@@ -2,7 +2,7 @@
 
 Without a CUDA device, Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set
 here, before anything imports triton. Its ``tl.dot`` is wrong for bf16 inputs and its fp32 -> bf16 casts
-truncate instead of rounding to nearest even (triton 3.9); ``fastpeft.kernels.interpreter`` corrects both
+truncate instead of rounding to nearest even (Triton 3.4-3.9); ``fastpeft.kernels.interpreter`` corrects both
 (bf16 only) and is installed here, so kernel tests run in bf16 as well (``kernel_dtypes``).
 """
 
@@ -29,10 +29,6 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-from fastpeft.kernels.interpreter import install_bf16_interpreter_fix  # noqa: E402
-
-install_bf16_interpreter_fix()  # no-op unless TRITON_INTERPRET=1
 
 from fastpeft.kernels.interpreter import install_bf16_interpreter_fix  # noqa: E402
 

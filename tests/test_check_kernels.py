@@ -1,11 +1,11 @@
 """The static GPU check (``fastpeft.check_kernels``) and the CI gate built on it.
 
 The gate: the main launch of each kernel family (``check_kernels.MAIN_KEYS``), compiled for sm_80 and
-sm_90a with the JIT's specialisation, must compile and must not be worse than
-``fastpeft/check_kernels_thresholds.json`` in spill bytes, registers, shared memory, occupancy, MMA kind
-or narrow loads per weight element. The thresholds only ever tighten: when a number improves the test
-prints it, and the file is rewritten with ``python -m fastpeft.check_kernels --main --arch sm_80 sm_90a
---write-thresholds``.
+sm_90a with the JIT's specialisation, must compile and must not be worse than this Triton version's section of
+``fastpeft/check_kernels_thresholds.json``: on the newest version there in spill bytes, registers, shared memory,
+occupancy, MMA kind and loads / instructions per weight element, on older ones in spill bytes and occupancy.
+The thresholds only ever tighten: when a number improves the test prints it, and the section is rewritten with
+``python -m fastpeft.check_kernels --main --write-thresholds`` (all three architectures) under that Triton.
 
 Compiling needs a process without ``TRITON_INTERPRET`` (this one runs the interpreter), so one subprocess
 (``tests/check_kernels_toys.py``) compiles everything once per session and the tests read its rows.
@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 from fastpeft import check_kernels
+from fastpeft.kernels import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,37 +47,88 @@ def _rows(compiled, family=None, step=None):
 def test_main_launches_compile_and_do_not_regress(compiled):
     rows = [r for r in compiled["rows"] if r["family"] != "toy"]
     assert len(rows) == 2 * len(check_kernels.MAIN_KEYS)
+    assert {r["triton"] for r in rows} == {triton.__version__}
     thresholds = json.loads(check_kernels.THRESHOLDS_PATH.read_text())
-    worse, better = check_kernels.compare(rows, thresholds)
+    assert check_kernels.version_key(triton.__version__) in thresholds, "no thresholds for this Triton version"
+    worse, better = check_kernels.compare(rows, thresholds, triton.__version__)
     for line in better:
         print("better:", line)
     assert not worse, "\n".join(worse)
 
 
-def test_thresholds_are_exactly_the_gate():
+def test_thresholds_are_exactly_the_gate_on_the_versions_ci_tests():
+    """A section per Triton version CI runs (the oldest supported, 3.6 and the newest), each with an entry for
+    every main launch on every architecture."""
     thresholds = json.loads(check_kernels.THRESHOLDS_PATH.read_text())
-    expected = {f"{arch} {key}" for arch in ("sm_80", "sm_90a") for key in check_kernels.MAIN_KEYS}
-    assert set(thresholds) == expected
-    assert all(set(entry) == set(check_kernels.THRESHOLD_FIELDS) for entry in thresholds.values())
+    oldest, newest = versions.SUPPORTED_TRITON
+    assert {"%d.%d" % v for v in (oldest, (3, 6), newest)} <= set(thresholds)
+    assert all(oldest <= versions.version_tuple(v) <= newest for v in thresholds)
+    expected = {f"{arch} {key}" for arch in check_kernels.ARCHES for key in check_kernels.MAIN_KEYS}
+    for section in thresholds.values():
+        assert set(section) == expected
+        assert all(set(entry) == set(check_kernels.THRESHOLD_FIELDS) for entry in section.values())
+
+
+ROW = {"arch": "sm_80", "key": "k", "compiled": True, "stack_bytes": 0, "spill_instructions": 0, "registers": 100,
+       "shared_bytes": 1024, "occupancy": 0.5, "narrow_loads_per_element": 1.0, "global_per_element": 0.25,
+       "instructions_per_element": 9.5, "mma_kind": "HMMA"}
 
 
 def test_compare_flags_worse_numbers_and_reports_better_ones():
-    row = {"arch": "sm_80", "key": "k", "compiled": True, "stack_bytes": 0, "registers": 100, "shared_bytes": 1024,
-           "occupancy": 0.5, "narrow_loads_per_element": 1.0, "global_per_element": 0.25,
-           "instructions_per_element": 9.5, "mma_kind": "HMMA"}
+    row = ROW
     limit = {f: row[f] for f in check_kernels.THRESHOLD_FIELDS}
-    assert check_kernels.compare([row], {"sm_80 k": limit}) == ([], [])
+    thresholds = {"3.9": {"sm_80 k": limit}}
+    assert check_kernels.compare([row], thresholds, "3.9.0") == ([], [])
     for field, value in (("stack_bytes", 8), ("registers", 101), ("shared_bytes", 2048), ("occupancy", 0.25),
                          ("narrow_loads_per_element", 1.5), ("global_per_element", 0.5),
                          ("instructions_per_element", 10.0), ("mma_kind", "none")):
-        worse, _ = check_kernels.compare([{**row, field: value}], {"sm_80 k": limit})
+        worse, _ = check_kernels.compare([{**row, field: value}], thresholds, "3.9.0")
         assert len(worse) == 1 and field in worse[0]
-    worse, better = check_kernels.compare([{**row, "mma_kind": "HGMMA", "registers": 90}], {"sm_80 k": limit})
+    worse, better = check_kernels.compare([{**row, "mma_kind": "HGMMA", "registers": 90}], thresholds, "3.9.0")
     assert not worse and len(better) == 2
     worse, _ = check_kernels.compare([{"arch": "sm_80", "key": "k", "compiled": False, "error": "boom"}],
-                                     {"sm_80 k": limit})
-    assert "does not compile: boom" in worse[0]
-    assert "no thresholds entry" in check_kernels.compare([row], {})[0][0]
+                                     thresholds, "3.9.0")
+    assert "does not compile on Triton 3.9.0: boom" in worse[0]
+
+
+def test_older_versions_gate_spills_and_occupancy_only():
+    limit = {f: ROW[f] for f in check_kernels.THRESHOLD_FIELDS}
+    thresholds = {"3.6": {"sm_80 k": limit}, "3.9": {"sm_80 k": {**limit, "registers": 80}}}
+    assert check_kernels.compare([ROW], thresholds, "3.6.0") == ([], [])  # 100 registers: 3.9's ratchet is not 3.6's
+    assert len(check_kernels.compare([ROW], thresholds, "3.9.0")[0]) == 1
+    worse, _ = check_kernels.compare([{**ROW, "registers": 200, "instructions_per_element": 20.0}], thresholds, "3.6.0")
+    assert not worse
+    for field, value in (("stack_bytes", 8), ("occupancy", 0.375)):
+        worse, _ = check_kernels.compare([{**ROW, field: value}], thresholds, "3.6.0")
+        assert len(worse) == 1 and field in worse[0] and "Triton 3.6" in worse[0]
+
+
+def test_a_launch_without_an_entry_keeps_the_floor():
+    """Launches outside the gate (the full grid with ``--check``), or a version without its own section: compiled,
+    no spills, occupancy at least ``OCCUPANCY_FLOOR``; nothing else is a regression."""
+    thresholds = {"3.9": {}}
+    for version in ("3.9.0", "3.7.1"):
+        assert check_kernels.compare([{**ROW, "registers": 255}], thresholds, version) == ([], [])
+        assert "spills 8 bytes" in check_kernels.compare([{**ROW, "stack_bytes": 8}], thresholds, version)[0][0]
+        assert "spills" in check_kernels.compare([{**ROW, "spill_instructions": 2}], thresholds, version)[0][0]
+        low = {**ROW, "occupancy": check_kernels.OCCUPANCY_FLOOR / 2}
+        assert "under the floor" in check_kernels.compare([low], thresholds, version)[0][0]
+
+
+def test_check_kernels_refuses_an_unsupported_triton(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # this process runs the interpreter; the check comes first
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert check_kernels.main(["--main", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "check-kernels: fastpeft supports Triton 3.4-3.9; this is Triton 3.2.0"
+
+
+def test_specialisation_without_pack_args_is_the_jits(compiled):
+    """Triton 3.4 has no ``JITFunction._pack_args``; the check then takes the same steps itself. Where
+    ``_pack_args`` exists, both give the same specialisation for every gate launch."""
+    if compiled["pack_args_differences"] is None:
+        pytest.skip(f"Triton {triton.__version__} has no JITFunction._pack_args to compare with")
+    assert compiled["pack_args_differences"] == []
 
 
 def test_spilling_toy_is_reported_as_spilling(compiled):
@@ -231,3 +284,25 @@ def test_mixed_precision_rows_plan_fp32_adapters_beside_bf16_activations():
         case = next(c for c in cases if c.family == family and c.step == step and c.tokens in (16, 64, 8192))
         dtypes = {t.dtype for t in case.args if isinstance(t, torch.Tensor) and t.is_floating_point()}
         assert {torch.bfloat16, torch.float32} <= dtypes, case.key
+
+
+def test_no_jitted_function_has_a_constexpr_default():
+    """Triton 3.3-3.6 fails to compile a string ``tl.constexpr`` left at its default (an ``AttributeError`` inside
+    the code generator), so no ``@triton.jit`` function of ``fastpeft.kernels`` gives its constexprs defaults: a
+    caller that forgot one fails on every version, here, instead of on those alone."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import fastpeft.kernels
+
+    jitted = []
+    for module_info in pkgutil.iter_modules(fastpeft.kernels.__path__):
+        module = importlib.import_module(f"fastpeft.kernels.{module_info.name}")
+        jitted += [obj for obj in vars(module).values()
+                   if type(obj).__name__ in ("JITFunction", "InterpretedFunction") and obj.fn.__module__ == module.__name__]
+    assert len(jitted) >= 10
+    defaults = [f"{fn.fn.__module__}.{fn.fn.__name__}({name})" for fn in jitted
+                for name, param in inspect.signature(fn.fn).parameters.items()
+                if "constexpr" in str(param.annotation) and param.default is not inspect.Parameter.empty]
+    assert not defaults, defaults

@@ -113,3 +113,11 @@ def test_rounding_helpers_match_torch():
     bits = interpreter.fp32_to_bf16_bits(values.numpy())
     assert np.array_equal(bits.view(np.int16), values.to(torch.bfloat16).view(torch.int16).numpy())
     assert np.array_equal(interpreter.bf16_bits_to_fp32(bits), values.to(torch.bfloat16).float().numpy())
+
+
+def test_installing_on_an_interpreter_numpy_breaks_raises_the_constraint(monkeypatch):
+    monkeypatch.setattr(interpreter, "_installed", False)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.0")
+    with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter .* needs numpy < 2\.4"):
+        interpreter.install_bf16_interpreter_fix()

@@ -119,11 +119,11 @@ def _ia3_matmul_kernel(
                 if TRANSPOSE:
                     w = nf4_step_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales, step,
                                       offs_k, k_mask, n_start, in_features, row_bytes, BLOCK_N, BLOCKSIZE, NESTED,
-                                      EVEN_IN, ALIGNED, GROUPED, WORDS)
+                                      EVEN_IN, ALIGNED, GROUPED, WORDS, "")
                 else:
                     w = tl.trans(nf4_step_tile(w_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, scales,
                                                step, offs_n, n_mask, k_start, in_features, row_bytes, BLOCK_K,
-                                               BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, GROUPED, WORDS))
+                                               BLOCKSIZE, NESTED, EVEN_IN, ALIGNED, GROUPED, WORDS, ""))
             else:
                 w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)

@@ -1,4 +1,4 @@
-"""bf16 in Triton's CPU interpreter (triton 3.9): a small, explicit correction, installed on demand.
+"""bf16 in Triton's CPU interpreter (Triton 3.4-3.9): a small, explicit correction, installed on demand.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) holds bf16 tensors as their raw ``uint16`` bit patterns and
 then treats those patterns as integers in three places (``triton/runtime/interpreter.py``,
@@ -22,12 +22,15 @@ correct results there instead of silent garbage.
 
 Not covered (fastpeft's kernels do none of it): reductions (``tl.sum``) and atomics directly on bf16
 tiles, and fp8. A triton whose interpreter lacks the patched methods makes installing raise, rather than
-run uncorrected.
+run uncorrected, and so does a Triton whose interpreter cannot run with the installed numpy
+(:func:`fastpeft.kernels.versions.interpreter_numpy_error`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .versions import interpreter_numpy_error
 
 _installed = False
 # the interpreter's own methods, kept so every non-bf16 call goes to them (and tests can compare)
@@ -62,9 +65,13 @@ def install_bf16_interpreter_fix() -> bool:
 
     if not triton_interpreter():
         return False
+    import triton
     import triton.language as tl
     from triton.runtime import interpreter as interp
 
+    problem = interpreter_numpy_error(triton.__version__, np.__version__)
+    if problem:
+        raise RuntimeError(problem)
     builder_cls = interp.InterpreterBuilder
     handle_cls = interp.TensorHandle
     bf16 = tl.bfloat16

@@ -90,11 +90,13 @@ def _absmax(absmax_ptr, nested_absmax_ptr, code2, offset, block, mask, NESTED: t
 
 @triton.jit
 def nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes,
-              BLOCK_C: tl.constexpr, EVEN_IN: tl.constexpr, EVICT: tl.constexpr = "", WORDS: tl.constexpr = False):
+              BLOCK_C: tl.constexpr, EVEN_IN: tl.constexpr, EVICT: tl.constexpr, WORDS: tl.constexpr):
     """fp32 NF4 code values, not yet scaled, of the ``(len(rows), BLOCK_C)`` tile ``W[rows, col0 : col0 +
     BLOCK_C]``. ``WORDS``: the packed rows as 32-bit words (8 codes each: rows of whole words, a 4-byte aligned
     weight), unpacked with shifts, so a 16-byte load stays in 4 registers; ``EVEN_IN``: one contiguous byte
-    tile (each byte once, vector loads, but Triton holds one byte per register); else element-wise."""
+    tile (each byte once, vector loads, but Triton holds one byte per register); else element-wise. ``EVICT``:
+    the packed loads' eviction policy (``""``: the default). Like every helper here it has no default value:
+    Triton 3.3-3.6 fails to compile a string ``tl.constexpr`` left at its default."""
     if WORDS:
         # little-endian: byte j of a word holds elements 2j (high nibble) and 2j + 1 (low nibble)
         offs_w = col0 // 8 + tl.arange(0, BLOCK_C // 8)
@@ -230,7 +232,7 @@ def nf4_row_nested(nested_absmax_ptr, rows, row_mask, row_blocks):
 def nf4_step_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset, group_scales,
                   step: tl.constexpr, rows, row_mask, col0, in_features, row_bytes,
                   BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_IN: tl.constexpr,
-                  ALIGNED: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr, EVICT: tl.constexpr = ""):
+                  ALIGNED: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr, EVICT: tl.constexpr):
     """fp32 tile ``W[rows, col0 : col0 + BLOCK_C]`` of step ``step`` of a group: scaled by its column of
     ``group_scales`` (:func:`nf4_group_scales`) when ``GROUPED``, else by scales it loads itself
     (:func:`nf4_tile`: rows that do not hold whole blocks)."""
@@ -248,14 +250,15 @@ def nf4_tile(
     packed_ptr, absmax_ptr, nested_absmax_ptr, code, code2, offset,
     rows, row_mask, col0, in_features, row_bytes,
     BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr = "",
+    EVEN_IN: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr,
 ):
     """fp32 ``(len(rows), BLOCK_C)`` tile ``W[rows, col0 : col0 + BLOCK_C]``; 0 where ``row_mask`` is off
     or the column is ``>= in_features``. ``rows`` int64; ``col0`` a multiple of ``BLOCK_C``; ``row_bytes =
     in_features // 2``; ``code`` / ``code2`` / ``offset`` from :func:`nf4_tables`; ``EVEN_IN`` and
     ``ALIGNED`` from :func:`nf4_layout`; ``EVICT`` the packed bytes' eviction policy. Loads its own scales;
     the matmul kernels load a group of steps' scales at once (:func:`nf4_scales`) and use :func:`nf4_codes`."""
-    values = nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes, BLOCK_C, EVEN_IN, EVICT)
+    values = nf4_codes(packed_ptr, code, rows, row_mask, col0, in_features, row_bytes, BLOCK_C, EVEN_IN, EVICT,
+                       False)
     if ALIGNED:
         # every (row, block) of the tile is whole: one absmax per block, broadcast over its elements
         NB: tl.constexpr = BLOCK_C // BLOCKSIZE if BLOCK_C > BLOCKSIZE else 1

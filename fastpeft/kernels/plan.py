@@ -155,7 +155,14 @@ def launch(plan: LaunchPlan, *args) -> None:
     for plans in _observers:
         plans.append(plan)
     try:
-        plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                               **plan.options)
+        _start(plan, args)
     except Exception as exc:  # compile (Triton, ptxas), resource and driver errors alike
         raise KernelLaunchError(plan, exc) from exc
+
+
+def _start(plan: LaunchPlan, args: tuple) -> None:
+    """Compile (on first use) and start ``plan``'s kernel: the one place fastpeft hands a launch to Triton, so a
+    test can make a launch fail here on every Triton version (the interpreter of Triton <= 3.5 does not go
+    through ``JITFunction.run``)."""
+    plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+                           **plan.options)

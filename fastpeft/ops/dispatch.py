@@ -11,7 +11,7 @@ architecture it was never compiled for, an old Triton), the op warns once, namin
 runs its PyTorch path instead of crashing. ``FASTPEFT_STRICT=1`` raises instead (the test suite sets it, so
 a kernel failure in CI is never hidden behind the reference).
 
-Triton's interpreter (triton 3.9) computes bf16 dots and casts on bit patterns; the first op sent to the
+Triton's interpreter (Triton 3.4-3.9) computes bf16 dots and casts on bit patterns; the first op sent to the
 Triton backend under the interpreter installs ``fastpeft.kernels.interpreter``'s correction, so bf16 runs
 correctly there instead of returning silent garbage.
 """
