@@ -704,10 +704,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--arch", nargs="+", choices=tuple(ARCHES), default=list(ARCHES),
                         help="GPU architectures to compile for (default: all)")
     parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="kernel families")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
+                        help="kernel dtypes; bf16+fp32 is a bf16 model with fp32 adapters, as PEFT makes them")
     parser.add_argument("--tokens", "-M", nargs="+", type=int, default=list(TOKENS), help="token counts M")
     parser.add_argument("--shape", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN weight shapes")
-    parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS))
+    parser.add_argument("--rank", nargs="+", type=int, default=list(RANKS), help="LoRA ranks")
     parser.add_argument("--main", action="store_true", help="only the CI gate's main launch of each family")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")

@@ -84,12 +84,6 @@ modules.
 
 Run "fastpeft COMMAND --help" for a command's options."""
 
-# Help of the check-kernels options that its own parser leaves without one
-_CHECK_KERNELS_HELP = {
-    "dtype": "kernel dtypes; bf16+fp32 is a bf16 model with fp32 adapters, as PEFT makes them",
-    "rank": "LoRA ranks",
-}
-
 
 class HelpFormatter(argparse.HelpFormatter):
     """Descriptions wrapped to the terminal paragraph by paragraph, a paragraph with indented lines (a list) kept
@@ -134,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "a backend that cannot run here.", formatter_class=HelpFormatter)
     bench_parser(sub.add_parser("bench", help="time fastpeft against PEFT, bitsandbytes and the PyTorch reference",
                                 description=BENCH_DESCRIPTION, formatter_class=HelpFormatter))
-    checker = check_parser(sub.add_parser(
+    check_parser(sub.add_parser(
         "check-kernels", help="compile every production kernel launch for sm_80 / sm_89 / sm_90a and report "
         "registers, spills, occupancy, tensor-core use and loads (no GPU needed)",
         description="Compiles every launch the kernel launchers plan for a production grid (token counts, weight "
@@ -143,9 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "global loads by width. These are compiler facts, not timings. --main is the subset CI checks; "
                     "--check compares it with the thresholds shipped in the package (exit status 1 on a "
                     "regression).", formatter_class=HelpFormatter))
-    for action in checker._actions:
-        if action.help is None and action.dest in _CHECK_KERNELS_HELP:
-            action.help = _CHECK_KERNELS_HELP[action.dest]
     tune = sub.add_parser("tune", help="measure the NF4 kernel crossovers on this GPU (CUDA only)",
                           description="Times the three NF4 product variants (GEMV, split-K GEMM, dequantise + "
                                       "cuBLAS) over the static-check shapes and writes a per-GPU JSON that the NF4 "
