@@ -64,11 +64,13 @@ class PatchSummary:
     module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, ``adalora``, with ``+nf4`` over a
     4-bit base; ``nf4`` for a frozen 4-bit layer no PEFT layer wraps); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
     each switched layer holding adapters fastpeft does not fuse to the reason (the layer runs PEFT's forward
-    while such an adapter is active)."""
+    while such an adapter is active); ``removed`` maps each layer of a previously loaded adapter that the new one
+    does not adapt to its kind (:func:`load_model_adapter` put its base layer back)."""
 
     replaced: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     peft_forward: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict = {}
@@ -76,6 +78,8 @@ class PatchSummary:
             kinds[kind] = kinds.get(kind, 0) + 1
         done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
         text = f"fastpeft: {len(self.replaced)} layers on fastpeft ops ({done}); {len(self.skipped)} left as they are"
+        if self.removed:
+            text += f"; {len(self.removed)} layers of the previous adapter back to their base layer"
         text += "".join(f"\n  {name}: PEFT's forward while active: {why}" for name, why in self.peft_forward.items())
         return text + "".join(f"\n  skipped {name}: {why}" for name, why in self.skipped.items())
 
@@ -595,6 +599,12 @@ def _fast_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, _FAST_LAYERS)}
 
 
+def _fast_layer_kind(layer) -> str:
+    """The :class:`PatchSummary` kind of a fastpeft layer."""
+    kind = "ia3" if isinstance(layer, IA3Linear) else "dora" if isinstance(layer, DoraLinear) else "lora"
+    return kind + ("+nf4" if layer.is_nf4 else "")
+
+
 def save_model_adapter(model: nn.Module, path: Union[str, Path]) -> None:
     """Write the adapter of a model prepared by :func:`inject` or :func:`load_model_adapter` as a PEFT adapter
     directory (``PeftModel.from_pretrained(base_model, path)`` loads it)."""
@@ -676,7 +686,8 @@ def _copy_into(name: str, layer, module_adapter: ModuleAdapter) -> None:
 def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trainable: bool = True) -> PatchSummary:
     """Load a PEFT-format adapter (a directory or an :class:`~fastpeft.adapters.Adapter`; LoRA, DoRA or
     IA3) into a model without peft: into its fastpeft layers if :func:`inject` or an earlier load made them,
-    else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy.
+    else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy. The model
+    then holds this adapter alone: a fastpeft layer it does not adapt is unmerged and replaced by its base layer.
     Every error (a module the model lacks, a shape that does not fit, a layer of another kind) names the
     module and is raised before the model is changed. With ``trainable`` only the adapter trains, without it
     nothing does (inference)."""
@@ -695,6 +706,11 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
         else:
             _check_shapes(name, module, entry)
     summary = PatchSummary()
+    for name, layer in _fast_layers(model).items():
+        if name not in entries:
+            layer.unmerge()
+            _set_submodule(model, name, layer.base_layer)
+            summary.removed[name] = _fast_layer_kind(layer)
     dropout = float(adapter.config.get("lora_dropout", 0.0) or 0.0)
     for name, entry in entries.items():
         module = modules[name]
@@ -704,8 +720,7 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
         else:
             layer = _build_layer(module, entry, dropout)
             _set_submodule(model, name, layer)
-        kind = "ia3" if isinstance(layer, IA3Linear) else "dora" if isinstance(layer, DoraLinear) else "lora"
-        summary.replaced[name] = kind + ("+nf4" if layer.is_nf4 else "")
+        summary.replaced[name] = _fast_layer_kind(layer)
     if trainable:
         _freeze_all_but_adapters(model)
     else:
