@@ -28,6 +28,8 @@ reported in the returned :class:`PatchSummary` and a log line.
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import functools
 import logging
 import sys
@@ -366,16 +368,34 @@ def _kind_label(layer, kind: str) -> str:
     return kind + ("+nf4" if _is_bnb_linear4bit(layer.base_layer) else "")
 
 
+def _reduce_as_peft_class(self, protocol):
+    """Pickling (``torch.save`` of a model, or of what PEFT's ``merge_and_unload`` / ``unload`` return) writes the
+    layer as PEFT's (or bitsandbytes') own class, which loads without fastpeft; the runtime class itself has no
+    importable name. The object is rebuilt as ``object.__new__(peft_class)`` through copyreg's reconstructor (what
+    protocols 0 and 1 write; protocol 2's ``__newobj__`` insists on the object's own class), then its state set."""
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    return (copyreg._reconstructor, (type(self)._fastpeft_peft_class, object, None), *rest)
+
+
+def _deepcopy_keeping_class(self, memo):
+    """``copy.deepcopy`` keeps the accelerated class (it would otherwise follow the pickling reduction)."""
+    copied = type(self).__new__(type(self))
+    memo[id(self)] = copied
+    copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    return copied
+
+
 _FAST_CLASSES: dict = {}
 
 
 def _fast_class(peft_class: type, kind: str) -> type:
     """The subclass of ``peft_class`` whose forward runs fastpeft's ops (one per PEFT class). It carries PEFT's
-    class name, so ``repr(layer)`` and ``type(layer).__name__`` read as PEFT's."""
+    class name, so ``repr(layer)`` and ``type(layer).__name__`` read as PEFT's, and pickles as ``peft_class``."""
     if peft_class not in _FAST_CLASSES:
         _FAST_CLASSES[peft_class] = type(
             peft_class.__name__, (peft_class,),
             {"forward": _frozen_4bit_forward if kind == "nf4" else _accelerated_forward,
+             "__reduce_ex__": _reduce_as_peft_class, "__deepcopy__": _deepcopy_keeping_class,
              "_fastpeft_peft_class": peft_class, "_fastpeft_kind": kind,
              "__module__": __name__, "__qualname__": peft_class.__qualname__},
         )

@@ -407,3 +407,26 @@ def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_di
         bases.clear()
         assert torch.equal(_loss_and_grads(model)[0], ref_out) and not bases
         fastpeft.accelerate(model)
+
+
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload", "none"])
+def test_an_accelerated_or_unloaded_4bit_model_pickles_as_peft_and_bitsandbytes_classes(tiny_llama_dir, unload):
+    """torch.save of an accelerated 4-bit PEFT model, and of what merge_and_unload() / unload() return, writes PEFT's
+    and bitsandbytes' own classes (a file that loads without fastpeft's runtime classes), with the same outputs;
+    deepcopy keeps the accelerated classes."""
+    import io
+
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _peft_model(_lora(target_modules=["q_proj", "down_proj"]), load_tiny_llama_4bit(tiny_llama_dir)).train()
+    fastpeft.accelerate(model)
+    if unload != "none":
+        model = getattr(model, unload)()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any(type(m).__module__ == "fastpeft.patch" for m in loaded.modules())
+    assert sum(type(m) is bnb.nn.Linear4bit for m in loaded.modules()) == 14
+    assert torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
+    copied = copy.deepcopy(model)
+    assert [type(m) for m in copied.modules()] == [type(m) for m in model.modules()]
