@@ -712,11 +712,9 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
     module and is raised before the model is changed. With ``trainable`` only the adapter trains, without it
     nothing does (inference)."""
     adapter = source if isinstance(source, Adapter) else load_adapter(source)
-    entries = adapter.modules()
     modules = dict(model.named_modules())
+    entries = adapter.modules(modules)
     for name, entry in entries.items():
-        if name not in modules:
-            raise ValueError(f"the adapter adapts {name!r}, which this model does not have")
         module = modules[name]
         if isinstance(module, _FAST_LAYERS):
             _check_shapes(name, module, entry)

@@ -66,9 +66,13 @@ class MultiLoraModel(nn.Module):
         super().__init__()
         self.model = model
         loaded = {name: self._load(name, source) for name, source in (adapters or {}).items()}
+        module_names = {path for path, _ in model.named_modules()}
         targets = set()
-        for adapter in loaded.values():
-            targets |= set(adapter.modules())
+        for name, adapter in loaded.items():
+            try:
+                targets |= set(adapter.modules(module_names))
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from None
         suffixes = tuple(target_modules or ())
         specs = {}
         self.multi_lora_layers: dict[str, MultiLoraLinear] = {}
