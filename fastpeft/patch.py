@@ -67,21 +67,34 @@ class PatchSummary:
     4-bit base; ``nf4`` for a frozen 4-bit layer no PEFT layer wraps); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
     each switched layer holding adapters fastpeft does not fuse to the reason (the layer runs PEFT's forward
     while such an adapter is active); ``removed`` maps each layer of a previously loaded adapter that the new one
-    does not adapt to its kind (:func:`load_model_adapter` put its base layer back)."""
+    does not adapt to its kind (:func:`load_model_adapter` put its base layer back); ``unfused`` maps each switched
+    layer whose calls will run PEFT's forward on this model's activations to the reason (a 4-bit base computing in
+    another dtype than the model's: the fused ops compute in the input's dtype). The text counts on fastpeft ops
+    only the switched layers not in ``unfused``."""
 
     replaced: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     peft_forward: dict = field(default_factory=dict)
     removed: dict = field(default_factory=dict)
+    unfused: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict = {}
-        for kind in self.replaced.values():
-            kinds[kind] = kinds.get(kind, 0) + 1
+        for name, kind in self.replaced.items():
+            if name not in self.unfused:
+                kinds[kind] = kinds.get(kind, 0) + 1
         done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        text = f"fastpeft: {len(self.replaced)} layers on fastpeft ops ({done}); {len(self.skipped)} left as they are"
+        text = f"fastpeft: {len(self.replaced) - len(self.unfused)} layers on fastpeft ops ({done})"
+        if self.unfused:
+            text += f"; {len(self.unfused)} switched but running PEFT's forward on this model's activations"
+        text += f"; {len(self.skipped)} left as they are"
         if self.removed:
             text += f"; {len(self.removed)} layers of the previous adapter back to their base layer"
+        reasons: dict = {}
+        for name, why in self.unfused.items():
+            reasons.setdefault(why, []).append(name)
+        text += "".join(f"\n  {len(names)} layers ({names[0]}{', ...' if len(names) > 1 else ''}): PEFT's forward: "
+                        f"{why}" for why, names in reasons.items())
         text += "".join(f"\n  {name}: PEFT's forward while active: {why}" for name, why in self.peft_forward.items())
         return text + "".join(f"\n  skipped {name}: {why}" for name, why in self.skipped.items())
 
@@ -420,6 +433,7 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         kinds = _peft_layer_kinds()
+        activation_dtype = _activation_dtype(model)
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
@@ -436,6 +450,9 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
                 continue
             module.__class__ = _fast_class(peft_class, kind)
             summary.replaced[name] = _kind_label(module, kind)
+            unfused = _compute_dtype_note(module.base_layer, activation_dtype)
+            if unfused is not None:
+                summary.unfused[name] = unfused
             adapters = module.ia3_l if kind == "ia3" else module.lora_A
             notes = [why for why in (_adapter_reason(module, kind, a) for a in adapters) if why is not None]
             if notes:
@@ -445,6 +462,27 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
         raise ValueError(_nothing_to_accelerate(model, frozen_4bit))
     (logger.warning if summary.skipped or summary.peft_forward else logger.info)("%s", summary)
     return summary
+
+
+def _activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's activations as its input embeddings give them, or None when it has none."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
+def _compute_dtype_note(base, activation_dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why the adapted layer over ``base`` will run PEFT's forward on activations of ``activation_dtype`` (a 4-bit
+    base whose compute dtype is another: :func:`_compute_dtype_reason` at every call), or None."""
+    compute_dtype = getattr(base, "compute_dtype", None) if _is_bnb_linear4bit(base) else None
+    if activation_dtype is None or compute_dtype is None or compute_dtype == activation_dtype:
+        return None
+    return (f"bitsandbytes computes the 4-bit base in {compute_dtype} (bnb_4bit_compute_dtype) and this model's "
+            f"activations are {activation_dtype}; load it with bnb_4bit_compute_dtype={activation_dtype} to fuse "
+            "its calls")
 
 
 def _accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: bool, summary: PatchSummary) -> None:
