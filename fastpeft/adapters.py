@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Optional, Union
 
-import regex
 import torch
 
 __all__ = ["Adapter", "ModuleAdapter", "load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -66,6 +65,8 @@ def _regex_matches(pattern: str, name: str, full: bool, shown: str) -> bool:
     """Whether ``pattern`` matches ``name`` (``full``: all of it, else from its start), as Python's ``re`` would;
     a ``ValueError`` naming ``shown`` (the pattern as the config gives it) for an invalid pattern or one that takes
     longer than :data:`PATTERN_TIMEOUT_S`."""
+    import regex  # imported where a config pattern is matched, not with fastpeft
+
     try:
         return (regex.fullmatch if full else regex.match)(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
     except TimeoutError:
