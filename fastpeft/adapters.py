@@ -8,17 +8,19 @@ a pickled ``adapter_model.bin`` can run arbitrary code when loaded, so it is ref
 ``Adapter.modules()`` turns the flat state dict into one :class:`ModuleAdapter` per adapted linear layer
 (keyed by the module's path in the base model, e.g. ``model.layers.0.self_attn.q_proj``) with the
 scaling PEFT would use (``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA, ``rank_pattern`` /
-``alpha_pattern`` honoured).
+``alpha_pattern`` honoured). Given the model's module names, it refuses a module the model lacks before any
+pattern of the config runs, so a pattern only ever meets the model's own names; each match is bounded in time
+(the ``regex`` engine's timeout; Python's ``re`` cannot be interrupted), so a pattern that backtracks without end
+is an error, not a hang.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import torch
 
@@ -55,11 +57,30 @@ class ModuleAdapter:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
 
 
+# The longest one pattern may take to match one module name: patterns of real configs take microseconds.
+PATTERN_TIMEOUT_S = 1.0
+
+
+def _regex_matches(pattern: str, name: str, full: bool, shown: str) -> bool:
+    """Whether ``pattern`` matches ``name`` (``full``: all of it, else from its start), as Python's ``re`` would;
+    a ``ValueError`` naming ``shown`` (the pattern as the config gives it) for an invalid pattern or one that takes
+    longer than :data:`PATTERN_TIMEOUT_S`."""
+    import regex  # imported where a config pattern is matched, not with fastpeft
+
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise ValueError(f"the pattern {shown!r} takes over {PATTERN_TIMEOUT_S} s to match the module name {name!r}: "
+                         "refused (a pattern that backtracks without end)") from None
+    except regex.error as exc:
+        raise ValueError(f"{shown!r} is not a valid regular expression: {exc}") from None
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the
     module path (as a regex, on a dot boundary) wins."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _regex_matches(rf"(.*\.)?({key})$", module, False, key):
             return value
     return default
 
@@ -68,7 +89,7 @@ def _matches_any(module: str, targets) -> bool:
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+        return _regex_matches(targets, module, True, targets)
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
@@ -83,10 +104,12 @@ class Adapter:
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", "LORA")).upper()
 
-    def modules(self) -> dict[str, ModuleAdapter]:
-        """``{module path in the base model: ModuleAdapter}`` for every adapted layer."""
+    def _grouped(self) -> dict[str, dict]:
+        """``{module path: {field name: tensor}}`` from the flat state dict (no config pattern involved)."""
         if self.peft_type not in ("LORA", "IA3"):
             raise ValueError(f"adapter type {self.peft_type!r} is not supported (LORA, IA3)")
+        if not self.tensors:
+            raise ValueError("the adapter holds no tensors (an empty adapter file?): it adapts no layer")
         grouped: dict[str, dict] = {}
         for key, tensor in self.tensors.items():
             for suffix, field_name in _SUFFIXES.items():
@@ -98,6 +121,21 @@ class Adapter:
             else:
                 raise ValueError(f"unsupported tensor {key!r} in the adapter (modules_to_save or bias "
                                  "training are not supported)")
+        return grouped
+
+    def module_names(self) -> list[str]:
+        """The paths of the modules the adapter adapts, in the file's order."""
+        return list(self._grouped())
+
+    def modules(self, module_names: Optional[Collection[str]] = None) -> dict[str, ModuleAdapter]:
+        """``{module path in the base model: ModuleAdapter}`` for every adapted layer. ``module_names``: the model's
+        module paths; a module of the file outside them is a ``ValueError`` raised before the config's patterns
+        run. An adapter without tensors is a ``ValueError`` too (it would adapt nothing)."""
+        grouped = self._grouped()
+        if module_names is not None:
+            for module in grouped:
+                if module not in module_names:
+                    raise ValueError(f"the adapter adapts {module!r}, which this model does not have")
         out = {}
         for module, fields in grouped.items():
             if self.peft_type == "IA3":

@@ -218,10 +218,11 @@ class AdapterBank:
         names, mods = list(self.names), list(self.modules)
         for name, adapter in adapters.items():
             try:
-                modules = adapter.modules()
+                # the file's layers checked against this model's before the config's patterns meet their names
+                unknown = sorted(set(adapter.module_names()) - set(self.layer_specs))
+                modules = None if unknown else adapter.modules(self.layer_specs)
             except ValueError as exc:
                 raise ValueError(f"adapter {name!r}: {exc}") from None
-            unknown = sorted(set(modules) - set(self.layer_specs))
             if unknown:
                 raise ValueError(f"adapter {name!r} targets layers this model does not adapt: {unknown[:5]}")
             if name in names:

@@ -61,13 +61,18 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _blockwise_scale(flat: torch.Tensor, blocksize: int, divide_remainder: bool):
+def _blockwise_scale(flat: torch.Tensor, blocksize: int, divide_remainder: bool, ignore_nan: bool = False):
     """Per-block absmax of fp32 ``flat`` and the values scaled into [-1, 1]: ``x * (1 / absmax)``; the
-    trailing partial block is divided instead where bitsandbytes does so (its CPU 4-bit path)."""
+    trailing partial block is divided instead where bitsandbytes does so (its CPU 4-bit path). A NaN makes its
+    block's absmax NaN, or with ``ignore_nan`` is left out of it (0 for a block of NaN: bitsandbytes' CPU 8-bit
+    quantiser)."""
     n = flat.numel()
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    absmax = padded.abs().amax(dim=1)
+    magnitude = padded.abs()
+    if ignore_nan:
+        magnitude = torch.nan_to_num(magnitude, nan=0.0, posinf=float("inf"))
+    absmax = magnitude.amax(dim=1)
     safe = absmax.clamp(min=1e-38).unsqueeze(1)
     scaled = padded * (1.0 / safe)
     full = n // blocksize
@@ -85,12 +90,14 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def _dynamic_code_index_cpu(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' CPU 8-bit blockwise quantiser (csrc/cpu_ops.cpp): the value is snapped to a grid of
     65536 points over [-1, 1] and each grid point maps to its nearest code. Not always the nearest code
-    of the value itself, so it is reproduced as is."""
+    of the value itself, so it is reproduced as is. A NaN (from a NaN or inf weight) gets index 0, as there."""
     lut_size = 65536
-    grid = torch.clamp(scaled, -1.0, 1.0).add(1.0).mul(0.5).mul(float(lut_size - 1)).add(0.5).to(torch.int64)
+    is_nan = scaled.isnan()
+    grid = (torch.where(is_nan, 0.0, scaled).clamp(-1.0, 1.0).add(1.0).mul(0.5).mul(float(lut_size - 1)).add(0.5)
+            .to(torch.int64))
     grid_value = torch.arange(lut_size, dtype=torch.float32).mul(2.0).div(float(lut_size - 1)).add(-1.0)
     lut = torch.bucketize(grid_value, (code[:-1] + code[1:]) * 0.5)
-    return lut.to(scaled.device)[grid]
+    return torch.where(is_nan, 0, lut.to(scaled.device)[grid])
 
 
 def _dynamic_code_index_cuda(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -241,7 +248,8 @@ class NF4Weight:
         if double_quant:
             offset = absmax.mean()
             nested_code = dynamic_code().to(weight.device)
-            scaled2, nested_absmax = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE, divide_remainder=False)
+            scaled2, nested_absmax = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE, divide_remainder=False,
+                                                      ignore_nan=on_cpu)
             if on_cpu:
                 q = _dynamic_code_index_cpu(scaled2, nested_code)
                 # bitsandbytes' CPU quantiser writes index 0 for an all-zero block

@@ -31,6 +31,8 @@ layer as base layer) are left on PEFT's class and reported in the returned :clas
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import dataclasses
 import functools
 import logging
@@ -71,18 +73,35 @@ class PatchSummary:
     module path it switched to fastpeft to the kind (``lora``, ``dora``, ``ia3``, ``adalora``, with ``+nf4`` over a
     4-bit base; ``nf4`` for a frozen 4-bit layer no PEFT layer wraps); ``skipped`` maps each adapted or targeted layer it left alone to the reason; ``peft_forward`` maps
     each switched layer holding adapters fastpeft does not fuse to the reason (the layer runs PEFT's forward
-    while such an adapter is active)."""
+    while such an adapter is active); ``removed`` maps each layer of a previously loaded adapter that the new one
+    does not adapt to its kind (:func:`load_model_adapter` put its base layer back); ``unfused`` maps each switched
+    layer whose calls will run PEFT's forward on this model's activations to the reason (a 4-bit base computing in
+    another dtype than the model's: the fused ops compute in the input's dtype). The text counts on fastpeft ops
+    only the switched layers not in ``unfused``."""
 
     replaced: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     peft_forward: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
+    unfused: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         kinds: dict = {}
-        for kind in self.replaced.values():
-            kinds[kind] = kinds.get(kind, 0) + 1
+        for name, kind in self.replaced.items():
+            if name not in self.unfused:
+                kinds[kind] = kinds.get(kind, 0) + 1
         done = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        text = f"fastpeft: {len(self.replaced)} layers on fastpeft ops ({done}); {len(self.skipped)} left as they are"
+        text = f"fastpeft: {len(self.replaced) - len(self.unfused)} layers on fastpeft ops ({done})"
+        if self.unfused:
+            text += f"; {len(self.unfused)} switched but running PEFT's forward on this model's activations"
+        text += f"; {len(self.skipped)} left as they are"
+        if self.removed:
+            text += f"; {len(self.removed)} layers of the previous adapter back to their base layer"
+        reasons: dict = {}
+        for name, why in self.unfused.items():
+            reasons.setdefault(why, []).append(name)
+        text += "".join(f"\n  {len(names)} layers ({names[0]}{', ...' if len(names) > 1 else ''}): PEFT's forward: "
+                        f"{why}" for why, names in reasons.items())
         text += "".join(f"\n  {name}: PEFT's forward while active: {why}" for name, why in self.peft_forward.items())
         return text + "".join(f"\n  skipped {name}: {why}" for name, why in self.skipped.items())
 
@@ -383,16 +402,34 @@ def _kind_label(layer, kind: str) -> str:
     return kind + ("+nf4" if _is_bnb_linear4bit(layer.base_layer) else "")
 
 
+def _reduce_as_peft_class(self, protocol):
+    """Pickling (``torch.save`` of a model, or of what PEFT's ``merge_and_unload`` / ``unload`` return) writes the
+    layer as PEFT's (or bitsandbytes') own class, which loads without fastpeft; the runtime class itself has no
+    importable name. The object is rebuilt as ``object.__new__(peft_class)`` through copyreg's reconstructor (what
+    protocols 0 and 1 write; protocol 2's ``__newobj__`` insists on the object's own class), then its state set."""
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    return (copyreg._reconstructor, (type(self)._fastpeft_peft_class, object, None), *rest)
+
+
+def _deepcopy_keeping_class(self, memo):
+    """``copy.deepcopy`` keeps the accelerated class (it would otherwise follow the pickling reduction)."""
+    copied = type(self).__new__(type(self))
+    memo[id(self)] = copied
+    copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    return copied
+
+
 _FAST_CLASSES: dict = {}
 
 
 def _fast_class(peft_class: type, kind: str) -> type:
     """The subclass of ``peft_class`` whose forward runs fastpeft's ops (one per PEFT class). It carries PEFT's
-    class name, so ``repr(layer)`` and ``type(layer).__name__`` read as PEFT's."""
+    class name, so ``repr(layer)`` and ``type(layer).__name__`` read as PEFT's, and pickles as ``peft_class``."""
     if peft_class not in _FAST_CLASSES:
         _FAST_CLASSES[peft_class] = type(
             peft_class.__name__, (peft_class,),
             {"forward": _frozen_4bit_forward if kind == "nf4" else _accelerated_forward,
+             "__reduce_ex__": _reduce_as_peft_class, "__deepcopy__": _deepcopy_keeping_class,
              "_fastpeft_peft_class": peft_class, "_fastpeft_kind": kind,
              "__module__": __name__, "__qualname__": peft_class.__qualname__},
         )
@@ -417,6 +454,7 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         kinds = _peft_layer_kinds()
+        activation_dtype = _activation_dtype(model)
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
@@ -433,6 +471,9 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
                 continue
             module.__class__ = _fast_class(peft_class, kind)
             summary.replaced[name] = _kind_label(module, kind)
+            unfused = _compute_dtype_note(module.base_layer, activation_dtype)
+            if unfused is not None:
+                summary.unfused[name] = unfused
             adapters = module.ia3_l if kind == "ia3" else module.lora_A
             notes = [why for why in (_adapter_reason(module, kind, a) for a in adapters) if why is not None]
             if notes:
@@ -442,6 +483,27 @@ def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
         raise ValueError(_nothing_to_accelerate(model, frozen_4bit))
     (logger.warning if summary.skipped or summary.peft_forward else logger.info)("%s", summary)
     return summary
+
+
+def _activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's activations as its input embeddings give them, or None when it has none."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
+def _compute_dtype_note(base, activation_dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why the adapted layer over ``base`` will run PEFT's forward on activations of ``activation_dtype`` (a 4-bit
+    base whose compute dtype is another: :func:`_compute_dtype_reason` at every call), or None."""
+    compute_dtype = getattr(base, "compute_dtype", None) if _is_bnb_linear4bit(base) else None
+    if activation_dtype is None or compute_dtype is None or compute_dtype == activation_dtype:
+        return None
+    return (f"bitsandbytes computes the 4-bit base in {compute_dtype} (bnb_4bit_compute_dtype) and this model's "
+            f"activations are {activation_dtype}; load it with bnb_4bit_compute_dtype={activation_dtype} to fuse "
+            "its calls")
 
 
 def _accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: bool, summary: PatchSummary) -> None:
@@ -616,6 +678,12 @@ def _fast_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, _FAST_LAYERS)}
 
 
+def _fast_layer_kind(layer) -> str:
+    """The :class:`PatchSummary` kind of a fastpeft layer."""
+    kind = "ia3" if isinstance(layer, IA3Linear) else "dora" if isinstance(layer, DoraLinear) else "lora"
+    return kind + ("+nf4" if layer.is_nf4 else "")
+
+
 def save_model_adapter(model: nn.Module, path: Union[str, Path]) -> None:
     """Write the adapter of a model prepared by :func:`inject` or :func:`load_model_adapter` as a PEFT adapter
     directory (``PeftModel.from_pretrained(base_model, path)`` loads it)."""
@@ -702,16 +770,15 @@ def _copy_into(name: str, layer, module_adapter: ModuleAdapter) -> None:
 def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trainable: bool = True) -> PatchSummary:
     """Load a PEFT-format adapter (a directory or an :class:`~fastpeft.adapters.Adapter`; LoRA, DoRA or
     IA3) into a model without peft: into its fastpeft layers if :func:`inject` or an earlier load made them,
-    else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy.
+    else replacing each adapted ``nn.Linear`` / ``Linear4bit`` with a fastpeft layer holding a copy. The model
+    then holds this adapter alone: a fastpeft layer it does not adapt is unmerged and replaced by its base layer.
     Every error (a module the model lacks, a shape that does not fit, a layer of another kind) names the
     module and is raised before the model is changed. With ``trainable`` only the adapter trains, without it
     nothing does (inference)."""
     adapter = source if isinstance(source, Adapter) else load_adapter(source)
-    entries = adapter.modules()
     modules = dict(model.named_modules())
+    entries = adapter.modules(modules)
     for name, entry in entries.items():
-        if name not in modules:
-            raise ValueError(f"the adapter adapts {name!r}, which this model does not have")
         module = modules[name]
         if isinstance(module, _FAST_LAYERS):
             _check_shapes(name, module, entry)
@@ -721,6 +788,11 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
         else:
             _check_shapes(name, module, entry)
     summary = PatchSummary()
+    for name, layer in _fast_layers(model).items():
+        if name not in entries:
+            layer.unmerge()
+            _set_submodule(model, name, layer.base_layer)
+            summary.removed[name] = _fast_layer_kind(layer)
     dropout = float(adapter.config.get("lora_dropout", 0.0) or 0.0)
     for name, entry in entries.items():
         module = modules[name]
@@ -730,8 +802,7 @@ def load_model_adapter(model: nn.Module, source: Union[str, Path, Adapter], trai
         else:
             layer = _build_layer(module, entry, dropout)
             _set_submodule(model, name, layer)
-        kind = "ia3" if isinstance(layer, IA3Linear) else "dora" if isinstance(layer, DoraLinear) else "lora"
-        summary.replaced[name] = kind + ("+nf4" if layer.is_nf4 else "")
+        summary.replaced[name] = _fast_layer_kind(layer)
     if trainable:
         _freeze_all_but_adapters(model)
     else:

@@ -13,8 +13,8 @@ modules, parameters), so nothing goes stale.
   gradient through ``cat``), plus ``Σ s_i · b_i`` for adapters with ``lora_bias``.
 - :func:`mixed_batch_lora`: ``model(..., adapter_names=[...])`` / ``generate(adapter_names=...)``. PEFT's
   ``_mixed_batch_forward`` runs the base once and, per distinct adapter, the LoRA term of its rows; here the
-  layer's LoRA adapters are packed once into a :class:`~fastpeft.bank.LoraBank` (cached until a parameter
-  changes) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
+  layer's LoRA adapters are packed into a :class:`~fastpeft.bank.LoraBank` once per call of the PEFT model (a
+  forward, or a whole ``generate``) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
   PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
 - :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
 - :func:`frozen_4bit_linear`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
@@ -23,10 +23,12 @@ modules, parameters), so nothing goes stale.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .bank import LoraBank
@@ -112,58 +114,99 @@ def adalora_factors(layer, name: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- mixed batches
-# Per forward call every adapted layer sees the same ``adapter_names``; the per-token metadata depends only on
-# the names, the layer's adapter order and the activation shape, so a few recent ones are kept.
-_META_CACHE: "OrderedDict[tuple, MultiLoraMeta]" = OrderedDict()
+# A packed bank is a copy of the adapters' parameters, and an edit through ``.data`` (``lora_B.weight.data.copy_``)
+# changes them without any trace on the tensor (no version bump, same storage): a bank is therefore used for one
+# call of the PEFT model only, the call PEFT marks by the pre-forward hook it registers on every LoRA layer for its
+# duration (``adapter_names=`` in a forward, or a whole ``generate``). Its first layer call packs the bank, the
+# others (and generate's decode steps) reuse it; a layer called directly, outside such a model call, packs at every
+# call. The per-token metadata depends only on the names, the layer's adapter order and the activation shape (a few
+# recent ones are kept across calls); the reference path's gathered adapter factors kept in it are per bank, so each
+# model call gets the metadata with a fresh dict for them.
+_META_CACHE: "OrderedDict[tuple, list]" = OrderedDict()  # key -> [metadata, model call, its copy for that call]
 _META_CACHE_SIZE = 16
+_PEFT_HOOK: list = []  # PEFT's adapter_names pre-forward hook function, looked up at the first mixed batch
 
 
-def _meta(row_ids: tuple, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
+def _model_call(layer) -> Optional[object]:
+    """The pre-forward hook PEFT registered on ``layer`` for the model call in progress (a new object at each call
+    of the model), or None when the layer is called outside one."""
+    if not _PEFT_HOOK:
+        try:
+            from peft.tuners.lora.model import _adapter_names_pre_forward_hook as hook
+        except ImportError:
+            hook = None
+        _PEFT_HOOK.append(hook)
+    peft_hook = _PEFT_HOOK[0]
+    if peft_hook is not None:
+        for hook in layer._forward_pre_hooks.values():
+            if getattr(hook, "func", None) is peft_hook:
+                return hook
+    return None
+
+
+def _for_call(meta: MultiLoraMeta) -> MultiLoraMeta:
+    """``meta`` with an empty cache of gathered adapter factors (the rest shared)."""
+    plan = meta.reference_plan
+    return meta if plan is None else dataclasses.replace(meta, reference_plan=dataclasses.replace(plan, gathered={}))
+
+
+def _meta(call, row_ids: tuple, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
+    """The metadata of ``row_ids`` for an activation of ``lead_shape``, shared by the layers of the model call
+    ``call`` (None: this layer call alone)."""
     key = (row_ids, lead_shape, str(device))
-    meta = _META_CACHE.get(key)
-    if meta is None:
+    entry = _META_CACHE.get(key)
+    if entry is None:
         tokens_per_row = 1
         for size in lead_shape[1:]:
             tokens_per_row *= size
         ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(tokens_per_row).to(device)
-        meta = MultiLoraMeta.build(ids, decode=tokens_per_row == 1)
-        _META_CACHE[key] = meta
+        entry = _META_CACHE[key] = [MultiLoraMeta.build(ids, decode=tokens_per_row == 1), None, None]
         if len(_META_CACHE) > _META_CACHE_SIZE:
             _META_CACHE.popitem(last=False)
     else:
         _META_CACHE.move_to_end(key)
-    return meta
+    if call is None:
+        return _for_call(entry[0])
+    if entry[1] is not call:
+        entry[1:] = call, _for_call(entry[0])
+    return entry[2]
 
 
-def _bank(layer, names: tuple) -> tuple:
-    """``(LoraBank, bias table or None)`` of ``names`` (slot ``k`` = ``names[k]``), cached on the layer until
-    one of those parameters or scalings changes (an optimizer step bumps the parameters' versions)."""
-    params = [p for name in names for p in (layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                            _lora_bias(layer, name)) if p is not None]
-    key = (names, tuple(layer.scaling[name] for name in names),
-           tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
-    cached = layer.__dict__.get("_fastpeft_bank")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    weight = layer.lora_A[names[0]].weight
-    ranks = [layer.lora_A[name].weight.shape[0] for name in names]
+def _bank(layer, call, names: tuple) -> tuple:
+    """``(LoraBank, bias table or None)`` of ``names`` (slot ``k`` = ``names[k]``), packed from the layer's
+    parameters; cached on the layer for the rest of the model call ``call`` (None: not cached), as long as those
+    parameters and scalings stay the same objects, values (in-place updates bump their versions) and dtypes.
+    (:func:`mixed_batch_reason` has made sure autograd records nothing here.)"""
+    lora_a_dict, lora_b_dict = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
+    lora_as = [lora_a_dict[name]._parameters["weight"] for name in names]
+    lora_bs = [lora_b_dict[name]._parameters["weight"] for name in names]
+    biases = [_lora_bias(layer, name) for name in names]
+    scalings = [layer.scaling[name] for name in names]
+    key = None
+    if call is not None:
+        key = (names, tuple(scalings), tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                                             for p in (*lora_as, *lora_bs, *biases) if p is not None))
+        cached = layer.__dict__.get("_fastpeft_bank")
+        if cached is not None and cached[0] is call and cached[1] == key:
+            return cached[2]
+    ranks = [a.shape[0] for a in lora_as]
     max_rank = max(ranks)
-    with torch.no_grad():
-        lora_a = weight.new_zeros(len(names), max_rank, weight.shape[1])
-        lora_b = weight.new_zeros(len(names), layer.lora_B[names[0]].weight.shape[0], max_rank)
-        for k, (name, rank) in enumerate(zip(names, ranks)):
-            lora_a[k, :rank] = layer.lora_A[name].weight
-            lora_b[k, :, :rank] = layer.lora_B[name].weight
-        bias_table = None
-        if any(_lora_bias(layer, name) is not None for name in names):
-            # row k: s_k · b_k; a last row of zeros for tokens of no adapter
-            bias_table = weight.new_zeros(len(names) + 1, lora_b.shape[1])
-            for k, name in enumerate(names):
-                if _lora_bias(layer, name) is not None:
-                    bias_table[k] = _lora_bias(layer, name) * layer.scaling[name]
-    bank = LoraBank(lora_a=lora_a, lora_b=lora_b, ranks=torch.tensor(ranks, dtype=torch.int32, device=weight.device),
-                    scalings=torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=weight.device))
-    layer.__dict__["_fastpeft_bank"] = (key, (bank, bias_table))
+    # zero-padded to the largest rank (one stack when the ranks are equal)
+    lora_a = torch.stack([a if a.shape[0] == max_rank else F.pad(a, (0, 0, 0, max_rank - a.shape[0]))
+                          for a in lora_as])
+    lora_b = torch.stack([b if b.shape[1] == max_rank else F.pad(b, (0, max_rank - b.shape[1])) for b in lora_bs])
+    bias_table = None
+    if any(b is not None for b in biases):
+        # row k: s_k · b_k; a last row of zeros for tokens of no adapter
+        zeros = lora_b.new_zeros(lora_b.shape[1])
+        bias_table = torch.stack([zeros if b is None else b * s for b, s in zip(biases, scalings)] + [zeros])
+    device = lora_a.device
+    bank = LoraBank(lora_a=lora_a, lora_b=lora_b, ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
+                    scalings=torch.tensor(scalings, dtype=torch.float32, device=device))
+    if call is None:
+        layer.__dict__.pop("_fastpeft_bank", None)
+    else:
+        layer.__dict__["_fastpeft_bank"] = (call, key, (bank, bias_table))
     return bank, bias_table
 
 
@@ -205,10 +248,11 @@ def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_
     if not named:
         return base_output
     names = tuple(named)
-    bank, bias_table = _bank(layer, names)
+    call = _model_call(layer)
+    bank, bias_table = _bank(layer, call, names)
     slot = {name: k for k, name in enumerate(names)}
     row_ids = tuple(slot.get(name, -1) for name in adapter_names)
-    meta = _meta(row_ids, tuple(x.shape[:-1]), x.device)
+    meta = _meta(call, row_ids, tuple(x.shape[:-1]), x.device)
     out_features = base_output.shape[-1]
     y = base_output.reshape(-1, out_features)
     x_tokens = x.reshape(-1, x.shape[-1])

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .adapters import Adapter, load_adapter
 from .bank import AdapterBank, LayerSpec
-from .nn.multi_lora import MultiLoraBatch, MultiLoraLinear
+from .nn.multi_lora import MultiLoraBatch, MultiLoraLinear, serving_batch
 
 __all__ = ["MultiLoraModel"]
 
@@ -66,9 +66,13 @@ class MultiLoraModel(nn.Module):
         super().__init__()
         self.model = model
         loaded = {name: self._load(name, source) for name, source in (adapters or {}).items()}
+        module_names = {path for path, _ in model.named_modules()}
         targets = set()
-        for adapter in loaded.values():
-            targets |= set(adapter.modules())
+        for name, adapter in loaded.items():
+            try:
+                targets |= set(adapter.modules(module_names))
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from None
         suffixes = tuple(target_modules or ())
         specs = {}
         self.multi_lora_layers: dict[str, MultiLoraLinear] = {}
@@ -162,6 +166,10 @@ class MultiLoraModel(nn.Module):
             if isinstance(adapter_names, (str, Mapping)):
                 raise TypeError(f"adapter_names takes one entry per row (a list), got {adapter_names!r}")
             batch = self.batch(adapter_names)
+        elif not isinstance(batch, MultiLoraBatch) or batch.bank.layer_specs is not self.bank.layer_specs:
+            # every bank of this model (each add / remove makes one) shares its layer specs; another model's
+            # batch would index adapters this model does not hold, or hold under other names
+            raise ValueError("batch was not built by this MultiLoraModel: build it with this model's batch(...)")
         rows = _input_rows(args, kwargs)
         if rows is not None and rows != batch.num_rows:
             what = "adapter_names has" if adapter_names is not None else "the batch has"
@@ -170,18 +178,10 @@ class MultiLoraModel(nn.Module):
         return batch if expand == 1 else batch.repeated(expand)
 
     def _run(self, batch: MultiLoraBatch, call, /, *args, **kwargs):
-        """``call(*args, **kwargs)`` without grad, every adapted layer using ``batch`` for the duration."""
-        layers = self.multi_lora_layers.values()
-        # active_batch is a plain attribute: set in the instance dict, without nn.Module.__setattr__'s lookups (a
-        # Python call per layer and forward, as much as a small layer's LoRA term in a decode step)
-        for layer in layers:
-            layer.__dict__["active_batch"] = batch
-        try:
-            with torch.no_grad():
-                return call(*args, **kwargs)
-        finally:
-            for layer in layers:
-                layer.__dict__["active_batch"] = None
+        """``call(*args, **kwargs)`` without grad, every adapted layer using ``batch`` for the duration (in this
+        thread only: calls from other threads serve their own batches at the same time)."""
+        with serving_batch(batch), torch.no_grad():
+            return call(*args, **kwargs)
 
     def forward(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                 batch: Optional[MultiLoraBatch] = None, **kwargs):

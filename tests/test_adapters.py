@@ -79,3 +79,73 @@ def test_pickle_and_unsupported_files_are_refused(tmp_path):
         Adapter({"peft_type": "PREFIX_TUNING"}).modules()
     with pytest.raises(ValueError, match="unsupported tensor 'base_model.model.lm_head.weight'"):
         Adapter({"peft_type": "LORA"}, {"base_model.model.lm_head.weight": torch.zeros(1)}).modules()
+
+
+class _Deadline:
+    """Fails the test instead of hanging when the block runs over ``seconds`` (SIGALRM: the main thread, Unix)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expire(signum, frame):
+            raise TimeoutError(f"still running after {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def _one_layer_adapter(module: str, **config) -> Adapter:
+    prefix = f"base_model.model.{module}"
+    return Adapter({"peft_type": "LORA", "r": 2, "lora_alpha": 8, **config},
+                   {f"{prefix}.lora_A.weight": torch.randn(2, 8), f"{prefix}.lora_B.weight": torch.randn(6, 2)})
+
+
+def test_patterns_meet_only_the_models_names_and_their_cost_is_bounded(monkeypatch):
+    """A file's module name that the model lacks is refused before any pattern runs (``(a+)+$`` against 34 'a's and
+    an 'X' backtracks for hours in Python's re); a pattern that backtracks without end on one of the model's own
+    names is a ValueError after the time bound, not a hang; an invalid pattern is a ValueError."""
+    import fastpeft
+    from fastpeft import MultiLoraModel
+
+    hostile = _one_layer_adapter("a" * 34 + "X", alpha_pattern={"(a+)+$": 4})
+    with _Deadline(30):
+        with pytest.raises(ValueError, match="which this model does not have"):
+            fastpeft.load_model_adapter(torch.nn.Sequential(torch.nn.Linear(8, 6)), hostile)
+        with pytest.raises(ValueError, match="which this model does not have|does not adapt"):
+            MultiLoraModel(torch.nn.Sequential(torch.nn.Linear(8, 6)), {"x": hostile})
+
+    name = "a" * 30
+    model = torch.nn.Module()
+    setattr(model, name, torch.nn.Linear(8, 6))
+    monkeypatch.setattr(fastpeft.adapters, "PATTERN_TIMEOUT_S", 0.05)
+    with _Deadline(60), pytest.raises(ValueError, match=r"takes over 0.05 s to match the module name 'a{30}'"):
+        fastpeft.load_model_adapter(model, _one_layer_adapter(name, alpha_pattern={"(a|a)+b": 4}))
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
+        fastpeft.load_model_adapter(model, _one_layer_adapter(name, alpha_pattern={"(a": 4}))
+    summary = fastpeft.load_model_adapter(model, _one_layer_adapter(name, alpha_pattern={"a+": 4}))
+    assert list(summary.replaced) == [name] and getattr(model, name).scaling == 2.0
+
+
+def test_an_adapter_without_tensors_is_an_error(tmp_path):
+    """An adapter file with no tensors adapts nothing: loading it says so (it was accepted with 0 layers)."""
+    import fastpeft
+    from fastpeft import MultiLoraModel
+    from safetensors.torch import save_file
+
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8}))
+    save_file({}, str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
+    adapter = load_adapter(tmp_path)
+    for load in (lambda: fastpeft.load_model_adapter(torch.nn.Sequential(torch.nn.Linear(8, 6)), tmp_path),
+                 lambda: MultiLoraModel(torch.nn.Sequential(torch.nn.Linear(8, 6)), {"x": tmp_path}),
+                 adapter.modules):
+        with pytest.raises(ValueError, match="holds no tensors"):
+            load()

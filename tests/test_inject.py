@@ -188,3 +188,24 @@ def test_ia3_layers_copy_into_existing(tmp_path):
     fastpeft.inject(lora, target_modules=["down_proj"])
     with pytest.raises(ValueError, match="is a LoraLinear; the adapter's entry is of another kind"):
         fastpeft.load_model_adapter(lora, tmp_path)
+
+
+def test_loading_a_second_adapter_replaces_the_first(tmp_path):
+    """A (q, v) then B (q only): the model is B's, as PEFT loads B alone; A's v_proj layers go back to their own
+    base layer (unmerged first when merged), and save writes B's tensors under B's config."""
+    peft = pytest.importorskip("peft")
+    save_peft_adapter(tmp_path / "a", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=1)
+    save_peft_adapter(tmp_path / "b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]), seed=2)
+    ours = make_tiny_llama()
+    v_base = ours.model.layers[0].self_attn.v_proj
+    fastpeft.load_model_adapter(ours, tmp_path / "a")
+    ours.model.layers[0].self_attn.v_proj.merge()
+    summary = fastpeft.load_model_adapter(ours, tmp_path / "b")
+    assert ours.model.layers[0].self_attn.v_proj is v_base and type(v_base) is torch.nn.Linear
+    assert set(summary.replaced) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    assert summary.removed == {f"model.layers.{i}.self_attn.v_proj": "lora" for i in range(2)}
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "b")
+    assert_rel_close(ours(TOKENS).logits, theirs(TOKENS).logits)
+    fastpeft.save_model_adapter(ours, tmp_path / "saved")
+    saved, b = fastpeft.load_adapter(tmp_path / "saved"), fastpeft.load_adapter(tmp_path / "b")
+    assert saved.tensors.keys() == b.tensors.keys() and saved.config["target_modules"] == b.config["target_modules"]

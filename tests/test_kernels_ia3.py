@@ -146,3 +146,18 @@ def test_ia3_op_errors():
         ia3_linear(x, weight, torch.ones(3), torch.ones(9), False)
     with pytest.raises(TypeError, match="weight must be a 2-D tensor or an NF4Weight"):
         ia3_linear(x, weight[0], None, torch.ones(9), False)
+
+
+def test_ia3_op_refuses_integer_tensors_and_a_scale_on_another_device():
+    """An int8 base weight, an integer bias or scale raises a TypeError; a scale on another device than x (meta
+    stands in for a second device) a ValueError naming both."""
+    weight, x = torch.randn(9, 20), torch.randn(4, 20)
+    with pytest.raises(TypeError, match="dense weight must be floating point, got torch.int8"):
+        ia3_linear(x, weight.to(torch.int8), None, torch.ones(9), False)
+    with pytest.raises(TypeError, match="bias must be floating point"):
+        ia3_linear(x, weight, torch.ones(9, dtype=torch.int32), torch.ones(9), False)
+    with pytest.raises(TypeError, match="ia3_scale must be floating point"):
+        ia3_linear(x, weight, None, torch.ones(20, dtype=torch.int64), True)
+    for is_feedforward, size in ((True, 20), (False, 9)):
+        with pytest.raises(ValueError, match="x is on cpu, ia3_scale on meta"):
+            ia3_linear(x, weight, None, torch.ones(size, device="meta"), is_feedforward)

@@ -142,3 +142,22 @@ def test_from_bnb_reads_a_layer_bitsandbytes_repacked_for_its_cpu_kernel(bnb_cpu
     assert torch.equal(view.absmax, absmax.to(torch.bfloat16).float())
     rounded = absmax.to(torch.bfloat16).float().repeat_interleave(blocksize).view(shape)
     assert torch.equal(view.dequantize(torch.float32), NF4_CODE[codes] * rounded)  # fp32 products, as bitsandbytes
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_with_nan_or_inf_entries_matches_bitsandbytes(bad, double_quant):
+    """A NaN / inf weight entry quantises as bitsandbytes quantises it (a NaN or inf absmax; double quantised, a
+    NaN or inf offset and every block NaN), not an IndexError; several blocks, one nested block partly filled."""
+    w = torch.randn(40, 96) * 0.05
+    w[3, 10] = bad
+    w[7, 0] = float("nan")
+    packed, state = _bnb_quantize(w, 64, double_quant)
+    ours = NF4Weight.quantize(w, 64, double_quant)
+    assert torch.equal(ours.packed, packed.view(-1))
+    torch.testing.assert_close(ours.absmax, state.absmax, rtol=0, atol=0, equal_nan=True)
+    if double_quant:  # (bitsandbytes' CPU dequantize_4bit of a single NaN absmax is not blockwise: not compared)
+        torch.testing.assert_close(ours.nested_absmax, state.state2.absmax, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ours.nested_offset, state.offset, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ours.dequantize(), bnb_f.dequantize_4bit(packed, state), rtol=0, atol=0,
+                                   equal_nan=True)

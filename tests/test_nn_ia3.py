@@ -371,3 +371,27 @@ def test_the_reused_plan_follows_what_requires_grad(triton_backend):
         (expected,) = torch.autograd.grad(_from_scratch(layer, x).sum(), [tensor])
         assert_rel_close(grad, expected, torch.float32)
         tensor.requires_grad_(False)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_bad_inputs_after_good_calls_raise_the_checked_error(is_feedforward):
+    """After good calls (which let the layer skip the op's checks), an input that would broadcast into a result,
+    an ``(M, 1)`` or 0-d ``x`` or a vector or bias swapped for one of another shape, raises as on a first call."""
+    def fresh():
+        layer = IA3Linear(nn.Linear(24, 16), is_feedforward, init_ia3_weights=False)
+        with torch.no_grad():
+            layer(torch.randn(4, 24))
+            layer(torch.randn(4, 24))
+        return layer
+
+    for bad in (torch.randn(4, 1), torch.randn(())):
+        with torch.no_grad(), pytest.raises(ValueError, match="x has 1 features|shape \\(\\.\\.\\., in_features\\)"):
+            fresh()(bad)
+    layer = fresh()
+    layer.ia3_l = nn.Parameter(torch.ones(1))
+    with torch.no_grad(), pytest.raises(ValueError, match="ia3_scale must be"):
+        layer(torch.randn(4, 24))
+    layer = fresh()
+    layer.base_layer.bias = nn.Parameter(torch.ones(1), requires_grad=False)
+    with torch.no_grad(), pytest.raises(ValueError, match="bias must be"):
+        layer(torch.randn(4, 24))

@@ -312,3 +312,25 @@ def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, 
     reference.lora_linear(x, weights[0], None, lora_a, lora_b, 0.5).sum().backward()
     for got, t in zip(grads, (x, lora_a, lora_b)):
         torch.testing.assert_close(got, t.grad)
+
+
+def test_integer_base_or_bias_and_factors_on_another_device_are_refused():
+    """An int8 base weight or an integer bias is not cast and used; LoRA factors, bias and DoRA's inputs on another
+    device than x raise a ValueError naming both (meta stands in for a second device)."""
+    from fastpeft.ops.dora import dora_linear
+
+    x, weight = torch.randn(3, 16), torch.randn(8, 16)
+    lora_a, lora_b = torch.randn(2, 16), torch.randn(8, 2)
+    with pytest.raises(TypeError, match="dense weight must be floating point, got torch.int8"):
+        lora_linear(x, weight.to(torch.int8), None, lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match="bias must be floating point, got torch.int64"):
+        lora_linear(x, weight, torch.ones(8, dtype=torch.int64), lora_a, lora_b, 1.0)
+    for a, b, what in ((lora_a.to("meta"), lora_b, "lora_a"), (lora_a, lora_b.to("meta"), "lora_b")):
+        with pytest.raises(ValueError, match=f"x is on cpu, {what} on meta"):
+            lora_linear(x, weight, None, a, b, 1.0)
+        with pytest.raises(ValueError, match=f"x is on cpu, {what} on meta"):
+            dora_linear(x, weight, None, a, b, 1.0, torch.ones(8))
+    with pytest.raises(ValueError, match="x is on cpu, bias on meta"):
+        lora_linear(x, weight, torch.ones(8, device="meta"), lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match="lora_a must be floating point"):
+        lora_linear(x, weight, None, lora_a.to(torch.int32), lora_b, 1.0)

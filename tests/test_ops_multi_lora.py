@@ -128,3 +128,13 @@ def test_fp32_bank_on_low_precision_rows_is_peft_per_row(reference_backend, dtyp
     changed = float((outputs[1] != outputs[0]).double().mean())
     changed_peft = float((expected[1] != expected[0]).double().mean())
     assert changed_peft > 0.01 and 0.5 * changed_peft <= changed <= 2 * changed_peft, (changed, changed_peft)
+
+
+@pytest.mark.parametrize("bad_id", [2**31 - 1, 2**31, 2**32, 2**32 + 1])
+def test_int64_ids_beyond_int32_are_refused(reference_backend, bad_id):
+    """An int64 id that int32 cannot hold (or int32's largest value, which marks empty slots) is an error, not
+    another adapter after the cast (``2**32`` would be 0)."""
+    bank, _ = random_bank([4, 4], 9, 7, torch.float32)
+    ids = torch.tensor([0, bad_id, -1], dtype=torch.int64)
+    with pytest.raises(ValueError, match="out of range"):
+        multi_lora_add_(torch.zeros(3, 7), torch.randn(3, 9), bank, MultiLoraMeta.build(ids))

@@ -490,3 +490,48 @@ def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_di
         bases.clear()
         assert torch.equal(_loss_and_grads(model)[0], ref_out) and not bases
         fastpeft.accelerate(model)
+
+
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload", "none"])
+def test_an_accelerated_or_unloaded_4bit_model_pickles_as_peft_and_bitsandbytes_classes(tiny_llama_dir, unload):
+    """torch.save of an accelerated 4-bit PEFT model, and of what merge_and_unload() / unload() return, writes PEFT's
+    and bitsandbytes' own classes (a file that loads without fastpeft's runtime classes), with the same outputs;
+    deepcopy keeps the accelerated classes."""
+    import io
+
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _peft_model(_lora(target_modules=["q_proj", "down_proj"]), load_tiny_llama_4bit(tiny_llama_dir)).train()
+    fastpeft.accelerate(model)
+    if unload != "none":
+        model = getattr(model, unload)()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any(type(m).__module__ == "fastpeft.patch" for m in loaded.modules())
+    assert sum(type(m) is bnb.nn.Linear4bit for m in loaded.modules()) == 14
+    assert torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
+    copied = copy.deepcopy(model)
+    assert [type(m) for m in copied.modules()] == [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_the_summary_counts_what_runs_on_fastpeft_ops(tiny_llama_dir, compute_dtype):
+    """bnb_4bit_compute_dtype=bfloat16 on an fp32 model: the adapted 4-bit layers run PEFT's forward at every call,
+    so the summary does not count them on fastpeft ops and says why (the frozen 4-bit layers do run fastpeft's NF4
+    op); with fp32 compute every switched layer counts."""
+    model = _peft_model(_lora(target_modules=["q_proj", "down_proj"]),
+                        load_tiny_llama_4bit(tiny_llama_dir, compute_dtype)).train()
+    summary = fastpeft.accelerate(model)
+    adapted = {name for name, kind in summary.replaced.items() if kind == "lora+nf4"}
+    assert len(adapted) == 4 and len(summary.replaced) == 14
+    if compute_dtype == torch.float32:
+        assert not summary.unfused and str(summary).startswith("fastpeft: 14 layers on fastpeft ops (4 lora+nf4, 10 nf4)")
+        return
+    assert set(summary.unfused) == adapted
+    text = str(summary)
+    assert text.startswith("fastpeft: 10 layers on fastpeft ops (10 nf4); 4 switched but running PEFT's forward")
+    assert "computes the 4-bit base in torch.bfloat16" in text and "activations are torch.float32" in text
+    with _counting_fast_ops() as calls:
+        _loss_and_grads(model)
+    assert not calls  # what the summary says: no fused call on those layers

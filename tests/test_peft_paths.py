@@ -124,6 +124,33 @@ def test_mixed_batch_bank_follows_parameter_changes():
         assert not torch.allclose(out, first)
 
 
+@pytest.mark.parametrize("how", ["layer", "forward", "generate"])
+def test_mixed_batch_sees_data_edits_between_calls(how):
+    """``.data.copy_`` / ``.data.mul_`` between two calls (which bump no version counter): the second call uses the
+    new values, as PEFT does, whether the layer, the model or generate is called."""
+    ours, theirs = _accelerated_pair(_three_adapters())
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    x = torch.randn(4, 3, 64)
+
+    def call(model):
+        if how == "layer":
+            return model.base_model.model.model.layers[0].self_attn.q_proj(x, adapter_names=NAMES)
+        if how == "forward":
+            return model(TOKENS, adapter_names=NAMES).logits
+        return model.generate(input_ids=TOKENS, adapter_names=NAMES, output_logits=True, return_dict_in_generate=True,
+                              **kwargs).logits[-1]
+
+    with torch.no_grad():
+        first = call(ours)
+        for model in (ours, theirs):
+            for name, param in model.named_parameters():
+                if "layers.0.self_attn.q_proj.lora_B.beta" in name or "layers.1.mlp.down_proj.lora_A.alpha" in name:
+                    param.data.copy_(param.data * 4.0 + 0.5)
+        out = call(ours)
+        assert_rel_close(out, call(theirs))
+        assert not torch.allclose(out, first)
+
+
 def test_mixed_batch_with_autograd_runs_peft_and_matches():
     ours, theirs = _accelerated_pair(_three_adapters())
     results = []

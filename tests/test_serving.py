@@ -399,3 +399,57 @@ def test_dora_and_ia3_vectors_of_a_low_precision_model_apply_in_fp32_as_peft(ada
 def _base_logits(peft_model, ids):
     with peft_model.disable_adapter():
         return peft_model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("row_counts", [(4, 4), (3, 5)])
+def test_concurrent_calls_from_threads_each_serve_their_own_rows(adapter_dirs, row_counts):
+    """Two threads call one MultiLoraModel at once, each with its own rows; every result equals each of its rows
+    served alone (the batch travels with the call, not in the shared layers)."""
+    import threading
+
+    served = MultiLoraModel(make_tiny_llama(), {n: adapter_dirs[n] for n in ("a", "b", "c")})
+    requests = []
+    for t, rows in enumerate(row_counts):
+        names = [("a", "b", None, "c")[(t + i) % 4] for i in range(rows)]
+        requests.append((input_ids(rows, seed=20 + t), names))
+    alone = [torch.cat([served(input_ids=ids[b:b + 1], adapter_names=[name]).logits for b, name in enumerate(names)])
+             for ids, names in requests]
+    assert (alone[0][0] - alone[0][1]).abs().amax() > 1e-2  # different adapters, different rows: the test can fail
+    start = threading.Barrier(len(requests))
+    wrong = []
+
+    def serve(t):
+        ids, names = requests[t]
+        start.wait()
+        for _ in range(10):
+            try:
+                out = served(input_ids=ids, adapter_names=names).logits
+            except Exception as exc:  # a call that fails is as wrong as a wrong result
+                wrong.append((t, repr(exc)))
+                continue
+            if not torch.allclose(out, alone[t], rtol=1e-5, atol=1e-5):
+                wrong.append((t, float((out - alone[t]).abs().amax())))
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong, wrong[:5]
+
+
+def test_a_batch_built_by_another_model_is_refused(adapter_dirs):
+    """Same row count, another model's bank (its adapter slots mean other adapters): refused before it runs; a
+    batch of this model built before an add_adapter still serves."""
+    served = MultiLoraModel(make_tiny_llama(), {"a": adapter_dirs["a"], "b": adapter_dirs["b"]})
+    other = MultiLoraModel(make_tiny_llama(), {"b": adapter_dirs["b"], "a": adapter_dirs["a"]})
+    ids = input_ids(2)
+    foreign = other.batch(["a", "b"])
+    with pytest.raises(ValueError, match="not built by this MultiLoraModel"):
+        served(input_ids=ids, batch=foreign)
+    with pytest.raises(ValueError, match="not built by this MultiLoraModel"):
+        served.generate(input_ids=ids, batch=foreign, max_new_tokens=1)
+    own = served.batch(["a", "b"])
+    served.add_adapter("c", adapter_dirs["c"])
+    torch.testing.assert_close(served(input_ids=ids, batch=own).logits,
+                               served(input_ids=ids, adapter_names=["a", "b"]).logits, rtol=0, atol=0)

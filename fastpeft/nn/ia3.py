@@ -132,26 +132,31 @@ class IA3Linear(nn.Module):
     # The last call's (key, plan): the op's checks and path choice (fastpeft.ops.ia3.ia3_plan) cost about as much as
     # the layer's math at M = 1 on CPU, and a decode or training loop repeats them on inputs that differ only in values.
     _planned: Optional[tuple] = None
-    # (a weak reference to the dense weight, FASTPEFT_BACKEND as set, device) of the last call whose plan was plain
-    # (the reference backend, outside torch.compile): while all three hold, a call runs PEFT's ops unchecked (forward)
+    # (weak references to the dense weight, its bias (None when there is none) and ia3_l, FASTPEFT_BACKEND as set,
+    # device) of the last call whose plan was plain (the reference backend, outside torch.compile): while all of them
+    # hold, a call runs PEFT's ops unchecked (forward)
     _plain_on: Optional[tuple] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain_on = self._plain_on
         if plain_on is not None and not (self.disabled or self.merged):
-            # The dense weight the last checked call ran on, off the Triton backend (CPU): PEFT's two ops themselves,
-            # what the plain plan runs, read straight from the layer's dicts without the plan's key. At M = 1 on CPU,
-            # among other layers' calls, each tensor attribute read or Python frame there costs about 1 % of the call.
-            # The ops check the rest (the weight by identity: a matmul with a meta weight would not raise): on a bad
-            # input (shape, dtype, device, a tensor's .data changed) they raise, and the checked op raises its clear
-            # error, or computes where it casts (x of another dtype than the weight). An unfrozen weight is the
-            # op's error too; autocast casts inside F.linear as in PEFT's base layer.
+            # The tensors the last checked call ran on, off the Triton backend (CPU): PEFT's two ops themselves, what
+            # the plain plan runs, read straight from the layer's dicts without the plan's key. At M = 1 on CPU, among
+            # other layers' calls, each tensor attribute read or Python frame there costs about 1 % of the call.
+            # The tensors are compared by identity (a matmul with a meta weight would not raise; a vector or bias of
+            # another shape would broadcast) and a feed-forward x by its last dim (x ⊙ l broadcasts an (M, 1) x;
+            # a 0-d x raises here); the ops check the rest: on a bad input (shape, dtype, device, a tensor's .data
+            # changed) they raise, and the checked op raises its clear error, or computes where it casts (x of
+            # another dtype than the weight). An unfrozen weight is the op's error too; autocast casts inside
+            # F.linear as in PEFT's base layer.
             try:
                 params = self._modules["base_layer"]._parameters
-                weight = params["weight"]
-                if (plain_on[0]() is weight and plain_on[1] == backend_setting() and plain_on[2] == x.device
-                        and not weight.requires_grad):
-                    return peft_ia3_ops(x, weight, params["bias"], self._parameters["ia3_l"], self.is_feedforward)
+                weight, bias, ia3_l = params["weight"], params["bias"], self._parameters["ia3_l"]
+                is_feedforward = self.is_feedforward
+                if (plain_on[0]() is weight and (bias is None if plain_on[1] is None else plain_on[1]() is bias)
+                        and plain_on[2]() is ia3_l and plain_on[3] == backend_setting() and plain_on[4] == x.device
+                        and not weight.requires_grad and (not is_feedforward or x.shape[-1] == self.in_features)):
+                    return peft_ia3_ops(x, weight, bias, ia3_l, is_feedforward)
             except Exception:
                 pass
         if self.disabled or self.merged:
@@ -171,7 +176,8 @@ class IA3Linear(nn.Module):
             planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
         y = ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
         if planned[1].plain and isinstance(weight, torch.Tensor):  # a dense weight off the Triton backend
-            self._plain_on = (weakref.ref(weight), backend_setting(), x.device)
+            self._plain_on = (weakref.ref(weight), None if bias is None else weakref.ref(bias), weakref.ref(ia3_l),
+                              backend_setting(), x.device)
         return y
 
     def __getstate__(self):

@@ -11,7 +11,9 @@ for tokens whose adapter has none). Inference only.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -19,7 +21,23 @@ import torch.nn as nn
 from ..bank import AdapterBank, LoraBank
 from ..ops.multi_lora import MultiLoraMeta, multi_lora_add_
 
-__all__ = ["MultiLoraBatch", "MultiLoraLinear"]
+__all__ = ["MultiLoraBatch", "MultiLoraLinear", "serving_batch"]
+
+# The batch a call of the wrapped model serves, read by every MultiLoraLinear it reaches. A context variable, not
+# module state: each thread (and each asyncio task) sees only the batch of its own call, so concurrent calls of
+# one model serve each their own rows.
+_SERVED_BATCH: contextvars.ContextVar = contextvars.ContextVar("fastpeft_served_batch", default=None)
+
+
+@contextlib.contextmanager
+def serving_batch(batch: "MultiLoraBatch") -> Iterator[None]:
+    """Every :class:`MultiLoraLinear` called inside the block (in this thread or task) without a ``batch``
+    argument uses ``batch``."""
+    token = _SERVED_BATCH.set(batch)
+    try:
+        yield
+    finally:
+        _SERVED_BATCH.reset(token)
 
 
 class MultiLoraBatch:
@@ -98,8 +116,8 @@ class MultiLoraLinear(nn.Module):
 
     ``base_layer``: ``nn.Linear`` or ``bitsandbytes.nn.Linear4bit`` (kept as is, frozen). ``path``: this
     layer's name in the model (the key of its :class:`LoraBank`). ``forward(x, batch)`` with ``x``
-    ``(B, ..., in)``; without a batch (argument or ``active_batch``, which ``MultiLoraModel`` sets for
-    the duration of a call) it is the base layer alone.
+    ``(B, ..., in)``; without a batch (the argument, or the one :func:`serving_batch` serves in this thread,
+    as ``MultiLoraModel`` does for the duration of a call) it is the base layer alone.
     """
 
     def __init__(self, base_layer: nn.Module, path: str):
@@ -108,10 +126,9 @@ class MultiLoraLinear(nn.Module):
         self.path = path
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.active_batch: Optional[MultiLoraBatch] = None
 
     def forward(self, x: torch.Tensor, batch: Optional[MultiLoraBatch] = None) -> torch.Tensor:
-        batch = self.active_batch if batch is None else batch
+        batch = _SERVED_BATCH.get() if batch is None else batch
         bank: Optional[LoraBank] = None if batch is None else batch.bank.layers.get(self.path)
         base_layer = self._modules["base_layer"]
         if bank is None:

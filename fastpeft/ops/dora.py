@@ -216,7 +216,7 @@ def dora_linear(
                 None if x_dropped is None else x_dropped.to(cast_to) if dense else x_dropped,
             )
     out_features, in_features = check_linear_inputs("dora_linear", x, weight, bias)
-    check_lora_factors(lora_a, lora_b, out_features, in_features)
+    check_lora_factors(lora_a, lora_b, out_features, in_features, x.device)
     if tuple(magnitude.shape) != (out_features,):
         raise ValueError(f"magnitude must be ({out_features},), got {tuple(magnitude.shape)}")
     if x_dropped is not None and x_dropped.shape != x.shape:

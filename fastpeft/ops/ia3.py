@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..nf4 import NF4Weight
 from .dispatch import backend_for, run_kernel
-from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, rows_like
+from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_vector, rows_like
 from .lora import lora_linear
 
 
@@ -239,12 +239,8 @@ def ia3_plan(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_
     shape, ``requires_grad``), ``ia3_scale``'s shape and ``requires_grad`` and ``is_feedforward`` — on no tensor's
     values: a caller may run :func:`ia3_apply` with it again while all of these are unchanged (``IA3Linear`` does)."""
     out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
-    expected = in_features if is_feedforward else out_features
-    if not isinstance(ia3_scale, torch.Tensor) or ia3_scale.shape != (expected,):
-        raise ValueError(
-            f"ia3_scale must be ({expected},) for is_feedforward={is_feedforward}, got "
-            f"{tuple(getattr(ia3_scale, 'shape', ()))}"
-        )
+    check_vector("ia3_scale", ia3_scale, (in_features if is_feedforward else out_features,), x.device,
+                 f" for is_feedforward={is_feedforward}")
     differentiable = torch.is_grad_enabled() and (x.requires_grad or ia3_scale.requires_grad
                                                   or (bias is not None and bias.requires_grad))
     # eager, off the Triton backend, with nothing to differentiate or a dense base: the plain PyTorch forward,

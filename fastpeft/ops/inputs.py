@@ -17,14 +17,16 @@ _FP32_TINY, _FP32_MAX, _FP16 = torch.finfo(torch.float32).tiny, torch.finfo(torc
 
 
 def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor]) -> tuple:
-    """``x`` ``(..., in)`` floating point, ``weight`` a frozen dense ``(out, in)`` tensor or an
-    :class:`NF4Weight` on ``x``'s device, ``bias`` ``(out,)`` or None; returns ``(out, in)``. ``op`` names
-    the caller in the frozen-weight message."""
+    """``x`` ``(..., in)`` floating point, ``weight`` a frozen floating-point dense ``(out, in)`` tensor or an
+    :class:`NF4Weight` on ``x``'s device, ``bias`` floating point ``(out,)`` on that device or None; returns
+    ``(out, in)``. ``op`` names the caller in the frozen-weight message."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
     if x.dtype not in _X_DTYPES:
         raise TypeError(f"x dtype must be floating point, got {x.dtype}")
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if weight.dtype not in _X_DTYPES:  # an int8 weight would be cast to x's dtype, its scales lost
+            raise TypeError(f"a dense weight must be floating point, got {weight.dtype}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"the base weight must be frozen (requires_grad=False): {op} gives it no gradient")
     elif not isinstance(weight, NF4Weight):
@@ -34,17 +36,31 @@ def check_linear_inputs(op: str, x: torch.Tensor, weight: Weight, bias: Optional
         raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features; the weight {tuple(weight.shape)} needs {in_features}")
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    if bias is not None:
+        check_vector("bias", bias, (out_features,), x.device)
     return out_features, in_features
 
 
-def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int, in_features: int) -> None:
-    """``lora_a`` ``(r, in)`` and ``lora_b`` ``(out, r)``."""
+def check_vector(name: str, t: torch.Tensor, shape: tuple, device: torch.device, note: str = "") -> None:
+    """``t`` (a bias, scale or factor) a floating-point tensor of ``shape`` on ``device``; ``note`` follows the
+    shape in the message."""
+    if not isinstance(t, torch.Tensor) or t.shape != shape:
+        raise ValueError(f"{name} must be {shape}{note}, got {tuple(getattr(t, 'shape', ()))}")
+    if t.dtype not in _X_DTYPES:
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"x is on {device}, {name} on {t.device}")
+
+
+def check_lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int, in_features: int,
+                       device: torch.device) -> None:
+    """``lora_a`` ``(r, in)`` and ``lora_b`` ``(out, r)``, floating point, on ``device`` (``x``'s)."""
     rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
     if lora_b.dim() != 2 or lora_a.shape[-1] != in_features or lora_b.shape != (out_features, rank):
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} must be (r, {in_features}) "
                          f"and ({out_features}, r)")
+    check_vector("lora_a", lora_a, lora_a.shape, device)
+    check_vector("lora_b", lora_b, lora_b.shape, device)
 
 
 def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -305,7 +305,7 @@ def lora_linear(
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
     if lora_a is not None:
-        check_lora_factors(lora_a, lora_b, out_features, in_features)
+        check_lora_factors(lora_a, lora_b, out_features, in_features, x.device)
         if lora_b.dtype != lora_a.dtype:
             lora_b = lora_b.to(lora_a.dtype)
     if x_dropped is not None and x_dropped.shape != x.shape:

@@ -216,9 +216,12 @@ class MultiLoraMeta:
             slot_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
         if slot_weights.shape != slot_ids.shape:
             raise ValueError(f"slot_weights shape {tuple(slot_weights.shape)} != slot_ids shape {tuple(slot_ids.shape)}")
-        min_id = int(slot_ids.min()) if slot_ids.numel() else -1
+        min_id, max_id = (int(slot_ids.min()), int(slot_ids.max())) if slot_ids.numel() else (-1, -1)
         if min_id < -1:
             raise ValueError(f"adapter ids must be >= -1, got {min_id}")
+        # ids are kept as int32, with int32's largest value marking empty slots while sorting
+        if max_id >= torch.iinfo(torch.int32).max:
+            raise ValueError(f"adapter id {max_id} out of range: ids must be below {torch.iinfo(torch.int32).max}")
         if block_m is None:
             block_m = 1 if decode else prefill_block_m(device_arch(slot_ids.device))
         elif block_m not in (1, 16, 32, 64):
@@ -249,7 +252,7 @@ class MultiLoraMeta:
             tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3),
             slot_tiles=tuple(slot_tiles),
             block_m=block_m,
-            max_adapter_id=int(slot_ids.max()) if slot_ids.numel() else -1,
+            max_adapter_id=max_id,
             reference_plan=None if device.type == "cuda" else ReferencePlan.build(slot_ids, slot_weights,
                                                                                  reference_cache),
         )
