@@ -4,7 +4,6 @@ non-contiguous input (PEFT's mask under the same seed), and adapter files stored
 model's."""
 
 import copy
-import json
 import math
 
 import pytest
