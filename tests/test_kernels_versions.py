@@ -37,9 +37,10 @@ def test_numpy_constraint_of_old_interpreters():
 
 def test_ci_runs_the_oldest_supported_triton_and_the_gpu_machines():
     """``.ci/run`` tests the kernels under the oldest supported Triton and 3.6 besides the installed newest one,
-    with numpy < 2.4 pinned beside them, and keeps the README's test command as it is."""
+    with numpy < 2.4 pinned beside them, and runs the README's test command as the README writes it."""
     script = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q' in script
+    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+    assert test_command in script and test_command in (ROOT / "README.md").read_text()
     assert script.splitlines()[1:].count("set -euo pipefail") == 1
     older = re.search(r"OLDER_TRITONS=\(([^)]*)\)", script).group(1).split()
     assert {versions.version_tuple(v) for v in older} == {versions.SUPPORTED_TRITON[0], (3, 6)}
