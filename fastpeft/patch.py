@@ -28,7 +28,6 @@ reported in the returned :class:`PatchSummary` and a log line.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -185,11 +184,18 @@ def _adapters_reason(layer, kind: str, names) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _dora_variant() -> type:
-    from peft.tuners.lora.variants import DoraLinearVariant
+_DORA_VARIANT: Optional[type] = None
 
-    return DoraLinearVariant
+
+def _dora_variant() -> type:
+    """PEFT's ``DoraLinearVariant``, imported on the first call and kept in a module global: the gate reads it at
+    every call, and a global is what torch.compile traces (it warns on an ``lru_cache`` wrapper)."""
+    global _DORA_VARIANT
+    if _DORA_VARIANT is None:
+        from peft.tuners.lora.variants import DoraLinearVariant
+
+        _DORA_VARIANT = DoraLinearVariant
+    return _DORA_VARIANT
 
 
 def _has_hooks(module: nn.Module) -> bool:
