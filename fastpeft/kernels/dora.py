@@ -46,8 +46,12 @@ def plan_dora_weight_norm(out_features: int, rank: int, is_nf4: bool, blocksize:
     return LaunchPlan(op="dora_weight_norm", variant="nf4" if is_nf4 else "dense", path="torch")
 
 
-def _version_key(weight, dtype: torch.dtype) -> tuple:
+def _version_key(weight, dtype: torch.dtype):
+    """What identifies the base's values: shape, dtype, storage and version counters; None for an inference
+    tensor, which has no version counter (its norm is then never cached)."""
     tensors = (weight,) if isinstance(weight, torch.Tensor) else (weight.packed, weight.absmax)
+    if any(t.is_inference() for t in tensors):
+        return None
     return (tuple(weight.shape), dtype, *((t.data_ptr(), t._version) for t in tensors))
 
 
@@ -56,14 +60,15 @@ def weight_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
     key_tensor = weight if isinstance(weight, torch.Tensor) else weight.packed
     version = _version_key(weight, dtype)
     cached = _weight_sq_norms.get(key_tensor)
-    if cached is not None and cached[0] == version:
+    if cached is not None and version is not None and cached[0] == version:
         return cached[1]
     if isinstance(weight, NF4Weight):
         dense = nf4_dequantize(weight, dtype, out=dequant_buffer(weight, dtype))
     else:
         dense = weight.to(dtype)
     norms = torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square_()
-    _weight_sq_norms[key_tensor] = (version, norms)
+    if version is not None:
+        _weight_sq_norms[key_tensor] = (version, norms)
     return norms
 
 
