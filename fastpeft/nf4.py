@@ -269,9 +269,10 @@ class NF4Weight:
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if not data.is_contiguous():
             raise ValueError("the packed bitsandbytes weight must be contiguous")
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # a view made in inference mode is an inference tensor, with no version counter (caches keyed on
-            # the weight's version read it) and unusable by autograd later: view as outside it
+            # the weight's version read it) and unusable by autograd later: view as outside it (dynamo traces
+            # no inference-mode query; it compiles no_grad instead)
             with torch.inference_mode(False):
                 return cls.from_bnb(weight, quant_state)
         packed = data.view(torch.uint8).reshape(-1)
