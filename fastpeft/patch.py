@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
-from .nn.dora import DoraLinear
+from .nn.dora import DoraLinear, dora_dropout
 from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
 from .ops.dora import dora_linear
@@ -330,12 +330,10 @@ def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Option
 
 def _fused_dora(layer, x, name: str):
     """PEFT's DoRA forward for one active adapter ``name`` as one fastpeft op."""
-    dropout = _child(_child(layer, "lora_dropout"), name)
-    # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
-    x_dropped = dropout(x) if layer.training and not isinstance(dropout, nn.Identity) else None
-    return dora_linear(x, base_weight(layer), _base_bias(layer), _adapter_weight(layer, "lora_A", name),
-                       _adapter_weight(layer, "lora_B", name), layer.scaling[name],
-                       _adapter_weight(layer, "lora_magnitude_vector", name), x_dropped)
+    lora_a = _adapter_weight(layer, "lora_A", name)
+    x_dropped = dora_dropout(_child(_child(layer, "lora_dropout"), name), x, lora_a.dtype, layer.training)
+    return dora_linear(x, base_weight(layer), _base_bias(layer), lora_a, _adapter_weight(layer, "lora_B", name),
+                       layer.scaling[name], _adapter_weight(layer, "lora_magnitude_vector", name), x_dropped)
 
 
 def _fused_ia3(layer, x, name: str):
