@@ -44,6 +44,7 @@ from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
+from .ops.inputs import autocast_dtype
 from .ops.lora import lora_linear
 from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, frozen_4bit_linear, is_conv1d,
                          mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
@@ -230,8 +231,9 @@ def _call_reason(layer, base, args, kwargs) -> Optional[str]:
 
 def _compute_dtype_reason(base, x) -> Optional[str]:
     """bitsandbytes' ``Linear4bit`` casts its input to its ``compute_dtype`` (set from the first input when
-    unset, as here), multiplies there and casts back; the fused ops compute in the input's dtype, so a call
-    whose input dtype differs from the layer's compute dtype runs PEFT's forward (bitsandbytes' own product)."""
+    unset, as here), multiplies there (in the autocast dtype under autocast) and casts back; the fused ops compute
+    in the input's dtype, so a call whose input dtype differs from the layer's compute dtype or from the autocast
+    dtype runs PEFT's forward (bitsandbytes' own product)."""
     if type(base) is nn.Linear or not _is_bnb_linear4bit(base):
         return None
     if not base.compute_type_is_set:
@@ -239,6 +241,10 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
         base.compute_type_is_set = True
     if base.compute_dtype is not None and base.compute_dtype != x.dtype:
         return f"bitsandbytes computes this 4-bit layer in {base.compute_dtype}, the input is {x.dtype}"
+    cast_to = autocast_dtype(x)
+    if cast_to is not None and cast_to != x.dtype:
+        # bitsandbytes' F.linear runs under autocast; the fused NF4 ops multiply in the input's dtype
+        return f"under autocast bitsandbytes multiplies this 4-bit layer in {cast_to}, the input is {x.dtype}"
     return None
 
 
