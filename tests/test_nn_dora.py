@@ -274,3 +274,15 @@ def test_norm_over_a_bf16_stored_nf4_base_is_peft_s(triton, monkeypatch):
         assert_rel_close(dx, dx_ref, tol=1e-2)
         for g, g_ref in zip(got, ref):
             assert_rel_close(g, g_ref, tol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_output_is_peft_s_bit_for_bit(with_bias):
+    """On a dense fp32 base with a random adapter the fused path runs PEFT's operations in PEFT's order: the
+    same output, not only a close one."""
+    torch.manual_seed(0)
+    theirs, ours = _accelerated_peft_layer(nn.Linear(300, 200, bias=with_bias), init_lora_weights=False)
+    x = torch.randn(2, 10, 300)
+    for training in (False, True):  # no dropout: training takes the same path
+        with torch.no_grad():
+            assert torch.equal(ours.train(training)(x), theirs.train(training)(x))

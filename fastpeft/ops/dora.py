@@ -32,8 +32,8 @@ vectors are kept: ``Σ_t dy ⊙ x'Wᵀ`` recomputes the base product with the ro
 precision ``x`` without dropout it recomputes PEFT's ``base(x) − b`` itself (both roundings to ``x.dtype``).
 
 Products: the base products are ``fastpeft.ops.lora``'s (cuBLAS on a dense base, the NF4 kernels on NF4, whose
-``dx`` carries the LoRA term in its epilogue); the LoRA term is added into DoRA's term in place with ``addmm_``
-(``c`` folded into the ``(out, r)`` factor ``B``), and DoRA's term into the base output in place.
+``dx`` carries the LoRA term in its epilogue); DoRA's term is PEFT's ``(c − 1) ⊙ p + (c ⊙ h Bᵀ) · s`` with the
+same roundings (in place where the dtypes allow), added into the base output in place.
 
 Dtypes, as PEFT's DoRA (fp32 adapters on a bf16 / fp16 model): the base product runs in ``x.dtype``;
 everything of the adapter — ``h``, the LoRA term, the norm ``n`` (fp32 from the stored values, in the wider of
@@ -140,9 +140,12 @@ class DoraLinearFunction(torch.autograd.Function):
         else:  # PEFT recomputes x'Wᵀ in the adapter dtype
             x_drop = x_lora.to(adapter_dtype)
             base_product = _base_matmul(x_drop, _dora_base(weight, adapter_dtype), False, None, None, None, scaling)
+        # PEFT's (c − 1) ⊙ p + (c ⊙ lora) · s, each product rounded in its promoted dtype as PEFT's
         dora_term = base_product * (col_scale - 1)
-        dora_term.addmm_(h.to(dora_term.dtype), (lora_b * col_scale.unsqueeze(1)).t().to(dora_term.dtype),
-                         alpha=scaling)
+        lora_term = (h @ lora_b.t()) * col_scale
+        lora_term.mul_(scaling)
+        dora_term = dora_term.add_(lora_term) if dora_term.dtype == torch.promote_types(
+            dora_term.dtype, lora_term.dtype) else dora_term + lora_term
         y = y.add_(dora_term)  # computed in the promoted dtype, rounded once to x's
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
@@ -175,7 +178,13 @@ class DoraLinearFunction(torch.autograd.Function):
             # the base part sees dy ⊙ c in x's dtype, as PEFT's base layer gets its gradient
             dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s)
         if needs_bias:
-            dbias = dy.sum(0)
+            # PEFT's: the base layer's Σ (dy + (c − 1) ⊙ dy) less the Σ (c − 1) ⊙ dy of its `result - bias`
+            # (Σ dy, but NaN where c is infinite, as PEFT's); with dropout the bias is in the base alone
+            if ctx.has_dropout:
+                dbias = dy.sum(0)
+            else:
+                base_part = dy_adapter * (col_scale - 1)
+                dbias = (dy + base_part).sum(0) - base_part.sum(0)
         if needs_a:  # s on the (M, r) factor, as in fastpeft.ops.lora: fewer elements than the (r, in) product
             da = (g * s).t() @ x_lora.to(lora_a.dtype)
         if needs_b or needs_m:
