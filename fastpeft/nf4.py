@@ -374,7 +374,8 @@ def dequant_buffers(device: torch.device) -> dict:
     by_place = getattr(_thread_buffers, "by_place", None)
     if by_place is None:
         by_place = _thread_buffers.by_place = {}
-    place = device if device.type == "cpu" else (device, torch.get_device_module(device).current_stream(device))
+    streamless = device.type in ("cpu", "meta")  # meta: the static check's planning tensors
+    place = device if streamless else (device, torch.get_device_module(device).current_stream(device))
     buffers = by_place.get(place)
     if buffers is None:
         buffers = by_place[place] = {}
