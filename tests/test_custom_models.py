@@ -434,8 +434,8 @@ def _eval_call(model, x, context):
 def test_call_order_across_modes_matches_peft(config, model, expected, decisions):
     """The first call under inference_mode, then training, no_grad, autocast training and training again, each
     PEFT's at every step (state a call leaves behind must not change a later call in another mode). In eval mode
-    without grad bitsandbytes repacks PEFT's 4-bit weights for its CPU kernel, so there the 4-bit models are called
-    in training mode (no dropout under no_grad ... is not PEFT's either): NF4 compares only the training steps."""
+    without grad bitsandbytes repacks PEFT's 4-bit weights for its CPU kernel, so the 4-bit models take the
+    training and autocast steps only."""
     theirs, ours, x = _method_pair(config, model)
     nf4 = model is MLP4bit
     for step in ("inference_mode", "training", "no_grad", "autocast", "training"):
