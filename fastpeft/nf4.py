@@ -278,6 +278,12 @@ class NF4Weight:
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if not data.is_contiguous():
             raise ValueError("the packed bitsandbytes weight must be contiguous")
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # a view made in inference mode is an inference tensor, with no version counter (caches keyed on
+            # the weight's version read it) and unusable by autograd later: view as outside it (dynamo traces
+            # no inference-mode query; it compiles no_grad instead)
+            with torch.inference_mode(False):
+                return cls.from_bnb(weight, quant_state)
         if getattr(quant_state, "packing_format_for_cpu", False):
             return cls._from_bnb_cpu_layout(data, quant_state)
         packed = data.view(torch.uint8).reshape(-1)
@@ -393,31 +399,37 @@ class NF4Weight:
         )
 
 
-_dequant_buffers: dict = {}  # GPU: per (device, dtype); kernels of one stream run in order
-_cpu_buffers = threading.local()  # CPU: per thread (threads run layers concurrently), freed with the thread
+_thread_buffers = threading.local()  # per thread (threads run layers concurrently), freed with the thread
 
 
 def dequant_buffers(device: torch.device) -> dict:
-    """The reusable dequantisation buffers that :func:`dequant_buffer` hands out on ``device`` (on CPU, the
-    calling thread's), by dtype."""
-    if device.type != "cpu":
-        return _dequant_buffers.setdefault(device, {})
-    if not hasattr(_cpu_buffers, "by_dtype"):
-        _cpu_buffers.by_dtype = {}
-    return _cpu_buffers.by_dtype
+    """The reusable dequantisation buffers that :func:`dequant_buffer` hands out to the calling thread on
+    ``device`` (on a GPU: on its current stream), by dtype. Per thread and per stream, so that no other
+    thread's or stream's dequantisation can overwrite a buffer between this caller's write and its read."""
+    by_place = getattr(_thread_buffers, "by_place", None)
+    if by_place is None:
+        by_place = _thread_buffers.by_place = {}
+    streamless = device.type in ("cpu", "meta")  # meta: the static check's planning tensors
+    place = device if streamless else (device, torch.get_device_module(device).current_stream(device))
+    buffers = by_place.get(place)
+    if buffers is None:
+        buffers = by_place[place] = {}
+    return buffers
 
 
 def dequant_buffer(weight: Union[NF4Weight, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """A ``(out, in)`` view of the one reusable dequantisation buffer of ``weight.device`` and ``dtype`` (and,
-    on CPU, of the calling thread), grown (never shrunk) to the largest layer seen (``weight`` an NF4 or a dense
-    weight: only its shape and device count): a "dequantise then matmul"
+    """A ``(out, in)`` view of the one reusable dequantisation buffer of ``weight.device`` and ``dtype`` (of the
+    calling thread and stream, see :func:`dequant_buffers`), grown (never shrunk) to the largest layer seen
+    (``weight`` an NF4 or a dense weight: only its shape and device count): a "dequantise then matmul"
     path holds one layer's dense weight at a time, as Unsloth's does, and allocates nothing per call. The view
-    is overwritten by the next call (same stream order), so it must be consumed before the next layer
-    dequantises and never saved for backward."""
+    is overwritten by the next call, so it must be consumed before the next layer dequantises and never saved
+    for backward. The buffer is a normal tensor whatever the autograd mode of the call that allocates it
+    (inference mode included), so calls in any mode may write it."""
     buffers = dequant_buffers(weight.device)
     numel = weight.shape.numel()
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
         buffers.pop(dtype, None)  # free the smaller one before allocating
-        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype, device=weight.device)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype, device=weight.device)
     return buffer[:numel].view(weight.shape)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import copyreg
 import dataclasses
-import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -47,12 +46,12 @@ from torch.nn.modules import module as _torch_module
 
 from .adapters import Adapter, ModuleAdapter, _matches_any, load_adapter, save_adapter
 from .bank import peft_adapter_dtype
-from .nn.dora import DoraLinear
+from .nn.dora import DoraLinear, dora_dropout
 from .nn.ia3 import IA3Linear
 from .nn.lora import LoraLinear, _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
 from .ops.dora import dora_linear
 from .ops.ia3 import ia3_linear
-from .ops.inputs import fusable_scaling
+from .ops.inputs import autocast_dtype, fusable_scaling
 from .ops.lora import lora_linear
 from .peft_paths import (adalora_factors, base_weight, bnb_cpu_kernel_linear, combined_lora_factors,
                          frozen_4bit_linear, is_conv1d, mixed_batch_adapters, mixed_batch_lora, mixed_batch_reason,
@@ -217,11 +216,18 @@ def _adapters_reason(layer, kind: str, names) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _dora_variant() -> type:
-    from peft.tuners.lora.variants import DoraLinearVariant
+_DORA_VARIANT: Optional[type] = None
 
-    return DoraLinearVariant
+
+def _dora_variant() -> type:
+    """PEFT's ``DoraLinearVariant``, imported on the first call and kept in a module global: the gate reads it at
+    every call, and a global is what torch.compile traces (it warns on an ``lru_cache`` wrapper)."""
+    global _DORA_VARIANT
+    if _DORA_VARIANT is None:
+        from peft.tuners.lora.variants import DoraLinearVariant
+
+        _DORA_VARIANT = DoraLinearVariant
+    return _DORA_VARIANT
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -256,8 +262,9 @@ def _call_reason(layer, base, args, kwargs) -> Optional[str]:
 
 def _compute_dtype_reason(base, x) -> Optional[str]:
     """bitsandbytes' ``Linear4bit`` casts its input to its ``compute_dtype`` (set from the first input when
-    unset, as here), multiplies there and casts back; the fused ops compute in the input's dtype, so a call
-    whose input dtype differs from the layer's compute dtype runs PEFT's forward (bitsandbytes' own product)."""
+    unset, as here), multiplies there (in the autocast dtype under autocast) and casts back; the fused ops compute
+    in the input's dtype, so a call whose input dtype differs from the layer's compute dtype or from the autocast
+    dtype runs PEFT's forward (bitsandbytes' own product)."""
     if type(base) is nn.Linear or not _is_bnb_linear4bit(base):
         return None
     if not base.compute_type_is_set:
@@ -265,6 +272,10 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
         base.compute_type_is_set = True
     if base.compute_dtype is not None and base.compute_dtype != x.dtype:
         return f"bitsandbytes computes this 4-bit layer in {base.compute_dtype}, the input is {x.dtype}"
+    cast_to = autocast_dtype(x)
+    if cast_to is not None and cast_to != x.dtype:
+        # bitsandbytes' F.linear runs under autocast; the fused NF4 ops multiply in the input's dtype
+        return f"under autocast bitsandbytes multiplies this 4-bit layer in {cast_to}, the input is {x.dtype}"
     return None
 
 
@@ -359,12 +370,10 @@ def _plus(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor]) -> Option
 
 def _fused_dora(layer, x, name: str):
     """PEFT's DoRA forward for one active adapter ``name`` as one fastpeft op."""
-    dropout = _child(_child(layer, "lora_dropout"), name)
-    # PEFT applies DoRA's dropout (and recomputes the base on drop(x)) only in training
-    x_dropped = dropout(x) if layer.training and not isinstance(dropout, nn.Identity) else None
-    return dora_linear(x, base_weight(layer), _base_bias(layer), _adapter_weight(layer, "lora_A", name),
-                       _adapter_weight(layer, "lora_B", name), layer.scaling[name],
-                       _adapter_weight(layer, "lora_magnitude_vector", name), x_dropped)
+    lora_a = _adapter_weight(layer, "lora_A", name)
+    x_dropped = dora_dropout(_child(_child(layer, "lora_dropout"), name), x, lora_a.dtype, layer.training)
+    return dora_linear(x, base_weight(layer), _base_bias(layer), lora_a, _adapter_weight(layer, "lora_B", name),
+                       layer.scaling[name], _adapter_weight(layer, "lora_magnitude_vector", name), x_dropped)
 
 
 def _fused_ia3(layer, x, name: str):

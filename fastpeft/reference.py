@@ -26,6 +26,7 @@ __all__ = [
     "base_weight",
     "lora_linear",
     "dora_weight_norm",
+    "dora_base_weight",
     "dora_linear",
     "ia3_linear",
     "multi_lora_linear",
@@ -158,7 +159,8 @@ def dora_weight_norm(
     scratch: bool = False,
 ) -> torch.Tensor:
     """DoRA's per-output-row norm ``‖W + s·B A‖₂`` as ``(out,)``, detached (no gradient flows through it,
-    as in PEFT and the DoRA paper §4.3). Computed in ``dtype`` (default: ``lora_a.dtype``).
+    as in PEFT and the DoRA paper §4.3). Computed in ``dtype`` (default: ``lora_a.dtype``) over the base as
+    PEFT's DoRA reads it (:func:`dora_base_weight`: an NF4 base rounded to its stored dtype first).
 
     ``scratch`` (the CPU path): in fp32, ``W + s·B A`` is one ``addmm`` into the thread's reusable buffer
     (:func:`~fastpeft.nf4.dequant_buffer`, where an NF4 base is dequantised anyway) instead of three fresh
@@ -168,13 +170,24 @@ def dora_weight_norm(
     dtype = lora_a.dtype if dtype is None else dtype
     with torch.no_grad():
         if scratch and dtype == torch.float32:
-            # NF4: dequantised into the buffer (or a temporary); dense: copied there (the weight is the caller's)
-            merged = (base_weight(weight, dtype, scratch=True) if isinstance(weight, NF4Weight)
-                      else dequant_buffer(weight, dtype).copy_(weight))
+            # the weight into the buffer (the weight is the caller's): an NF4 one dequantised there where its
+            # stored dtype is fp32, else dequantised (into its own dtype's buffer) and copied
+            stored = base_weight(weight, weight.dtype, scratch=True) if isinstance(weight, NF4Weight) else weight
+            merged = (stored if stored.dtype == dtype and stored is not weight
+                      else dequant_buffer(weight, dtype).copy_(stored))
             merged.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scaling)
         else:
-            merged = base_weight(weight, dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))
+            merged = dora_base_weight(weight, dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))
         return torch.linalg.vector_norm(merged, ord=2, dim=1)
+
+
+def dora_base_weight(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense base in ``dtype`` as PEFT's DoRA reads it for its norm and, with dropout, for ``x' Wᵀ``
+    (``dequantize_module_weight(base).to(dtype)``): bitsandbytes dequantises an NF4 base to its stored dtype,
+    so that rounding comes first (a bf16-stored base under fp32 adapters is bf16 values widened)."""
+    if isinstance(weight, NF4Weight):
+        return base_weight(weight, weight.dtype).to(dtype)
+    return base_weight(weight, dtype)
 
 
 def dora_linear(
@@ -190,18 +203,21 @@ def dora_linear(
     """DoRA with PEFT's exact semantics; ``magnitude`` is ``(out,)``.
 
     ``y = x Wᵀ + b + (m/n − 1) ⊙ (x' Wᵀ) + (m/n) ⊙ s·(x' Aᵀ) Bᵀ`` with ``x' = drop(x)`` (or ``x``),
-    ``n = ‖W + s·B A‖₂`` per output row, detached. Without dropout this is
-    ``(m/n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``.
+    ``n = ‖W + s·B A‖₂`` per output row, detached; in PEFT's order: the base output first, ``x Wᵀ`` without
+    dropout taken from it (``base − b``), DoRA's term added last.
     """
     adapter_dtype = lora_a.dtype  # as PEFT: the adapter part in the adapter's dtype, one cast at the end
     x_lora = (x if x_dropped is None else x_dropped).to(adapter_dtype)
-    w = base_weight(weight, x.dtype)
     norm = dora_weight_norm(weight, lora_a, lora_b, scaling, dtype=torch.promote_types(adapter_dtype, magnitude.dtype))
     mag_norm_scale = magnitude / norm
-    base_lora_input = F.linear(x_lora, base_weight(weight, adapter_dtype))
+    base = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    if x_dropped is None:  # PEFT reuses the base layer's output
+        base_result = base if bias is None else base - bias
+    else:
+        base_result = F.linear(x_lora, dora_base_weight(weight, adapter_dtype))
     lora = F.linear(F.linear(x_lora, lora_a), lora_b)
     # PEFT's order, (c · lora) · s: where an entry overflows or meets 0 · inf depends on it
-    return (F.linear(x, w, bias) + (mag_norm_scale - 1) * base_lora_input + mag_norm_scale * lora * scaling).to(x.dtype)
+    return (base + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora * scaling)).to(x.dtype)
 
 
 def ia3_linear(

@@ -2,6 +2,8 @@
 ops' fake kernels): accelerated PEFT layers and whole dense models compile with fullgraph=True and match eager
 in outputs and gradients, NF4 bases included; LoRA dropout compiles into the graph."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -57,6 +59,20 @@ def test_accelerated_layer_fullgraph(kind):
     _assert_compiled_matches_eager(layer, (x,))
     layer.train()  # with dropout on it still compiles as one graph (nn.Dropout inside the graph)
     torch.compile(layer, fullgraph=True, backend=BACKEND)(x).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_compiling_an_accelerated_layer_warns_of_nothing(kind):
+    # dynamo warns when it meets an lru_cache wrapper (it traces through the cache, which may then go stale)
+    if kind == "ia3":
+        config = peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[], init_ia3_weights=False)
+    else:
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, use_dora=kind == "dora")
+    layer = _accelerated(config).base_model.model.model.layers[0].self_attn.q_proj
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(layer, fullgraph=True, backend=BACKEND)(torch.randn(2, 5, 64)).sum().backward()
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
 def test_ia3_layer_fullgraph_after_eager_calls():

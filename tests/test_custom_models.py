@@ -367,3 +367,86 @@ def test_autocast_matches_peft(config, expected, decisions):
     assert got[0].dtype == expected_step[0].dtype == torch.bfloat16
     _assert_same(got, expected_step, tol=2e-2)
     assert _counts(decisions, expected) == expected
+
+
+# ---------------------------------------------------------------------------------------------- call order, autocast
+# every method, dense and over NF4 bases: (id, PEFT config, model class, decisions of one forward)
+METHODS = [
+    ("lora", lambda: _lora(), MLP, {"_fused_lora": 2}),
+    ("lora-dropout", lambda: _lora(lora_dropout=0.3), MLP, {"_fused_lora": 2}),
+    ("dora", lambda: _lora(use_dora=True), MLP, {"_fused_dora": 2}),
+    ("dora-dropout", lambda: _lora(use_dora=True, lora_dropout=0.3), MLP, {"_fused_dora": 2}),
+    ("dora-at-initialisation", lambda: _lora(use_dora=True, init_lora_weights=True), MLP, {"_fused_dora": 2}),
+    ("ia3", lambda: _ia3(), MLP, {"_fused_ia3": 2}),
+    ("ia3-feedforward", lambda: _ia3(feedforward_modules=["lin1"]), MLP, {"_fused_ia3": 2}),
+    ("lora-nf4", lambda: _lora(lora_dropout=0.3), MLP4bit, {"_fused_lora": 2}),
+    ("dora-nf4", lambda: _lora(use_dora=True), MLP4bit, {"_fused_dora": 2}),
+    ("dora-dropout-nf4", lambda: _lora(use_dora=True, lora_dropout=0.3), MLP4bit, {"_fused_dora": 2}),
+    ("ia3-nf4", lambda: _ia3(feedforward_modules=["lin1"]), MLP4bit, {"_fused_ia3": 2}),
+]
+
+
+def _method_pair(config, model):
+    if model is MLP4bit:
+        pytest.importorskip("bitsandbytes")
+    x = torch.randn(2, 5, 64 if model is MLP4bit else 13, generator=torch.Generator().manual_seed(11))
+    return (*_pair(config(), model), x)
+
+
+def _autocast_step(model, x, seed=7, update=True):
+    """A bf16 mixed-precision training step as torch.amp runs it: the forward under autocast, the loss and the
+    backward outside (HF Trainer with bf16=True), then SGD unless not ``update`` (bf16 gradients would leave the
+    two models' parameters a bf16 rounding apart)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None and update:
+                param.sub_(0.1 * param.grad)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("config, model, expected", [m[1:] for m in METHODS], ids=[m[0] for m in METHODS])
+def test_autocast_training_with_backward_outside_matches_peft(config, model, expected, decisions):
+    theirs, ours, x = _method_pair(config, model)
+    for seed in (7, 8):  # two dropout masks; no update (bf16 gradients a rounding apart would compound)
+        expected_step = _autocast_step(theirs, x, seed, update=False)
+        decisions.clear()
+        got = _autocast_step(ours, x, seed, update=False)
+        assert got[0].dtype == expected_step[0].dtype
+        _assert_same(got, expected_step, tol=2e-2)
+        if model is MLP4bit:  # bitsandbytes multiplies in bf16 under autocast, the NF4 ops in the input's fp32
+            expected = {"peft:under autocast": 2}
+        assert _counts(decisions, expected) == expected
+
+
+def _eval_call(model, x, context):
+    with context:
+        return model.eval()(x).clone()
+
+
+@pytest.mark.parametrize("config, model, expected", [m[1:] for m in METHODS], ids=[m[0] for m in METHODS])
+def test_call_order_across_modes_matches_peft(config, model, expected, decisions):
+    """The first call under inference_mode, then training, no_grad, autocast training and training again, each
+    PEFT's at every step (state a call leaves behind must not change a later call in another mode). In eval mode
+    without grad bitsandbytes repacks PEFT's 4-bit weights for its CPU kernel, so the 4-bit models take the
+    training and autocast steps only."""
+    theirs, ours, x = _method_pair(config, model)
+    nf4 = model is MLP4bit
+    for step in ("inference_mode", "training", "no_grad", "autocast", "training"):
+        if step in ("inference_mode", "no_grad"):
+            if nf4:
+                continue
+            context = torch.inference_mode() if step == "inference_mode" else torch.no_grad()
+            assert_rel_close(_eval_call(ours, x, context), _eval_call(theirs, x, context))
+        elif step == "training":
+            _assert_same(_step(ours, x), _step(theirs, x), tol=1e-4 if nf4 else 1e-5)
+        else:
+            _assert_same(_autocast_step(ours, x, update=False), _autocast_step(theirs, x, update=False), tol=2e-2)
+    assert set(_counts(decisions, {**expected, "peft:under autocast": 0})) == set(expected) | (
+        {"peft:under autocast"} if nf4 else set())

@@ -194,8 +194,7 @@ def test_dequant_buffer_is_reused_across_layers(monkeypatch):
     layer: the dense weights of two layers never coexist."""
     from fastpeft import nf4 as nf4_module
 
-    monkeypatch.setattr(nf4_module, "_dequant_buffers", {})
-    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
+    monkeypatch.setattr(nf4_module, "_thread_buffers", threading.local())
     monkeypatch.setenv("FASTPEFT_NF4_GEMV_MAX_M", "0")
     monkeypatch.setenv("FASTPEFT_NF4_TRITON_MAX_M", "0")
     small = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), 64)

@@ -170,3 +170,119 @@ def test_fp16_base_matches_peft():
     assert_rel_close(y, y_ref, torch.float16)
     for g, g_ref in zip(got, ref):
         assert_rel_close(g, g_ref, torch.float16)
+
+
+def _accelerated_peft_layer(base, **config):
+    """A PEFT DoRA layer over ``base`` and the same layer accelerated (two models from one seed)."""
+    import fastpeft
+
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(4)
+        config_ = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["proj"], **config)
+        layers.append(peft.get_peft_model(Holder(copy.deepcopy(base)), config_).base_model.model.proj)
+    fastpeft.accelerate(layers[1])
+    return layers
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_at_initialisation_the_output_is_the_base_layers_bit_for_bit(nf4):
+    """PEFT's DoRA at initialisation adds an exact 0 to the base layer's output (m = n, B = 0); so must the fused
+    path, also where rounding near zero would show (1024 inputs: the GEMM accumulates in blocks)."""
+    torch.manual_seed(0)
+    base = bnb_linear4bit(1024, 64, with_bias=True) if nf4 else nn.Linear(1024, 64)
+    theirs, ours = _accelerated_peft_layer(base)
+    x = torch.rand(10, 1024)
+    for training in (False, True):
+        theirs.train(training), ours.train(training)
+        with torch.no_grad():
+            base_out = ours.base_layer(x)  # over NF4: fastpeft's NF4 op (accelerate switched it), as the fused path's
+            assert torch.equal(ours(x), base_out)
+            if not nf4:
+                assert torch.equal(ours(x), theirs(x))
+
+
+def test_bf16_training_with_dropout_follows_peft():
+    """A bf16 base with PEFT's fp32 adapters and dropout: PEFT casts x to fp32 before its dropout and recomputes
+    x'Wᵀ there; the gradients are then within fp32 rounding of float64 (PEFT's ~1e-7), as fastpeft's must be."""
+    from conftest import rel_error
+
+    torch.manual_seed(0)
+    theirs, ours = _accelerated_peft_layer(nn.Linear(64, 40).bfloat16(), lora_dropout=0.3, init_lora_weights=False)
+    with torch.no_grad():
+        theirs.lora_magnitude_vector["default"].weight.mul_(1 + 0.1 * torch.randn(40))
+    ours.load_state_dict(theirs.state_dict())
+    exact = copy.deepcopy(theirs).double()
+    x, dy = torch.randn(16, 64).bfloat16(), torch.randn(16, 40).bfloat16()
+    results = []
+    for layer, dtype in ((theirs, torch.bfloat16), (ours, torch.bfloat16), (exact, torch.float64)):
+        layer.train()
+        torch.manual_seed(1)  # the same dropout mask
+        results.append(layer_grads(layer, x.to(dtype), dy.to(dtype), _peft_params(layer)))
+    (y_ref, dx_ref, *ref), (y, dx, *got), (_, _, *grads64) = results
+    assert torch.equal(y, y_ref)
+    assert_rel_close(dx, dx_ref, tol=1e-2)
+    for g, g_ref, g64 in zip(got, ref, grads64):
+        assert g.dtype == g_ref.dtype == torch.float32
+        assert rel_error(g, g64) <= max(2 * rel_error(g_ref, g64), 1e-6)
+
+
+def _bf16_stored_nf4(in_features, out_features):
+    """A bitsandbytes NF4 layer quantised from a bf16 weight (its quant state's dtype: bf16), bf16 compute."""
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = nn.Linear(in_features, out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.bfloat16(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer.bias = nn.Parameter(dense.bias.data.bfloat16())
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_norm_over_a_bf16_stored_nf4_base_is_peft_s(triton, monkeypatch):
+    """bitsandbytes dequantises a bf16-stored NF4 base to bf16, so PEFT's norm (fp32, with fp32 adapters) is over
+    bf16 values: fastpeft's norm sees the same values (within fp32 rounding of PEFT's and of float64 over them),
+    and the layer's outputs and gradients follow PEFT's."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    from fastpeft.ops import dora_weight_norm
+    from fastpeft.patch import base_weight
+
+    if triton:
+        monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    torch.manual_seed(0)
+    theirs, ours = _accelerated_peft_layer(_bf16_stored_nf4(128, 40), init_lora_weights=False)
+    weight = base_weight(ours)
+    assert weight.dtype == torch.bfloat16
+    lora_a, lora_b, magnitude = _peft_params(theirs)
+    scaling = theirs.scaling["default"]
+    norm = dora_weight_norm(weight, lora_a, lora_b, scaling)
+    with torch.no_grad():  # PEFT's forward computes its norm so
+        peft_norm = theirs.lora_magnitude_vector["default"].get_weight_norm(
+            dequantize_module_weight(theirs.base_layer).to(torch.float32), (lora_b @ lora_a), scaling)
+    exact = torch.linalg.vector_norm(weight.dequantize(torch.bfloat16).double()  # bitsandbytes' values
+                                     + scaling * (lora_b.double() @ lora_a.double()), dim=1)
+    assert_rel_close(peft_norm, exact, tol=1e-6)
+    assert_rel_close(norm, exact, tol=1e-6)
+    if not triton:
+        assert_rel_close(norm, peft_norm, tol=1e-6)
+        x, dy = torch.randn(4, 5, 128, dtype=torch.bfloat16), torch.randn(4, 5, 40, dtype=torch.bfloat16)
+        (y_ref, dx_ref, *ref), (y, dx, *got) = (layer_grads(layer.train(), x, dy, _peft_params(layer))
+                                                for layer in (theirs, ours))
+        assert torch.equal(y, y_ref)
+        assert_rel_close(dx, dx_ref, tol=1e-2)
+        for g, g_ref in zip(got, ref):
+            assert_rel_close(g, g_ref, tol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_output_is_peft_s_bit_for_bit(with_bias):
+    """On a dense fp32 base with a random adapter the fused path runs PEFT's operations in PEFT's order: the
+    same output, not only a close one."""
+    torch.manual_seed(0)
+    theirs, ours = _accelerated_peft_layer(nn.Linear(300, 200, bias=with_bias), init_lora_weights=False)
+    x = torch.randn(2, 10, 300)
+    for training in (False, True):  # no dropout: training takes the same path
+        with torch.no_grad():
+            assert torch.equal(ours.train(training)(x), theirs.train(training)(x))

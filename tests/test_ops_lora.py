@@ -286,7 +286,7 @@ def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, 
     pytest.importorskip("bitsandbytes")
     from fastpeft import nf4 as nf4_module
 
-    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
+    monkeypatch.setattr(nf4_module, "_thread_buffers", threading.local())
     weights = [NF4Weight.quantize(torch.randn(24, 128) * 50, 64, double_quant=True),
                NF4Weight.quantize(torch.randn(40, 128), 64)]
     for weight in weights + weights:

@@ -276,7 +276,7 @@ def test_dora_weight_norm_in_the_reusable_buffer(base, monkeypatch):
     arithmetic (the same values as without ``scratch``)."""
     from fastpeft import nf4 as nf4_module
 
-    monkeypatch.setattr(nf4_module, "_cpu_buffers", threading.local())
+    monkeypatch.setattr(nf4_module, "_thread_buffers", threading.local())
     dense = torch.randn(37, 64)
     weight = {"dense": dense, "dense-bf16": dense.bfloat16(), "nf4": NF4Weight.quantize(dense, 64, True)}[base]
     before = weight.clone() if isinstance(weight, torch.Tensor) else weight.packed.clone()

@@ -46,24 +46,36 @@ def plan_dora_weight_norm(out_features: int, rank: int, is_nf4: bool, blocksize:
     return LaunchPlan(op="dora_weight_norm", variant="nf4" if is_nf4 else "dense", path="torch")
 
 
-def _version_key(weight, dtype: torch.dtype) -> tuple:
+def _version_key(weight, dtype: torch.dtype):
+    """What identifies the base's values: shape, dtype, storage and version counters; None for an inference
+    tensor, which has no version counter (its norm is then never cached)."""
     tensors = (weight,) if isinstance(weight, torch.Tensor) else (weight.packed, weight.absmax)
+    if any(t.is_inference() for t in tensors):
+        return None
     return (tuple(weight.shape), dtype, *((t.data_ptr(), t._version) for t in tensors))
 
 
+def _dense_nf4(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The NF4 base in ``dtype`` as PEFT's DoRA reads it: dequantised to its stored dtype (bitsandbytes'
+    ``dequantize_4bit``) into the reusable buffer, then cast (one rounding of the fp32 products where the stored
+    dtype is fp32)."""
+    stored = dtype if weight.dtype == torch.float32 else weight.dtype
+    dense = nf4_dequantize(weight, stored, out=dequant_buffer(weight, stored))
+    return dense if stored == dtype else dense.to(dtype)
+
+
 def weight_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 ``(out,)`` ``‖W[o]‖²`` of the base rounded to ``dtype``, computed once per base and cached."""
+    """fp32 ``(out,)`` ``‖W[o]‖²`` of the base rounded to ``dtype`` (an NF4 base to its stored dtype first, see
+    ``_dense_nf4``), computed once per base and cached."""
     key_tensor = weight if isinstance(weight, torch.Tensor) else weight.packed
     version = _version_key(weight, dtype)
     cached = _weight_sq_norms.get(key_tensor)
-    if cached is not None and cached[0] == version:
+    if cached is not None and version is not None and cached[0] == version:
         return cached[1]
-    if isinstance(weight, NF4Weight):
-        dense = nf4_dequantize(weight, dtype, out=dequant_buffer(weight, dtype))
-    else:
-        dense = weight.to(dtype)
+    dense = _dense_nf4(weight, dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
     norms = torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square_()
-    _weight_sq_norms[key_tensor] = (version, norms)
+    if version is not None:
+        _weight_sq_norms[key_tensor] = (version, norms)
     return norms
 
 
@@ -114,10 +126,12 @@ def dora_weight_norm(
     with torch.no_grad():
         lora_a = lora_a.to(dtype)
         lora_b32 = lora_b.to(dtype).float()
-        if is_nf4:
+        if is_nf4 and weight.dtype in (dtype, torch.float32):
             # Pᵀ = A Wᵀ: an NF4 product with M = r rows, fp32 output (the kernels accumulate in fp32)
             projected = nf4_lora_matmul(lora_a, weight, out=torch.empty(rank, out_features, device=weight.device,
                                                                         dtype=torch.float32)).t()
+        elif is_nf4:  # stored in another half precision: its rounding first, as PEFT's
+            projected = mm_fp32(_dense_nf4(weight, dtype), lora_a.t())
         else:
             projected = mm_fp32(weight.to(dtype), lora_a.t())
         gram = mm_fp32(lora_a, lora_a.t())

@@ -206,7 +206,7 @@ def _scaled_input(a: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
 
 
 def _cublas_ia3_matmul(a, weight: NF4Weight, transpose_weight, in_scale, bias, out_scale, reduce_rows, out, reduced):
-    """Large ``M`` on NF4: dequantise into the per-device buffer, then cuBLAS; the input scale is applied in
+    """Large ``M`` on NF4: dequantise into the reusable per-stream buffer, then cuBLAS; the input scale is applied in
     fp32 and rounded once (as the kernel), the row reduction and output scale in fp32."""
     w = nf4_dequantize(weight, a.dtype, out=dequant_buffer(weight, a.dtype))
     w = w if transpose_weight else w.t()

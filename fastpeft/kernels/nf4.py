@@ -32,7 +32,7 @@ multiply and add are not contracted into one FMA (the matmul kernels accept the 
 
 ``nf4_dequantize`` (the launcher) writes the full ``(out, in)`` weight, into a given buffer or a new
 tensor: merges, tests, and the "dequantise then cuBLAS" path for large ``M``
-(``fastpeft.nf4.dequant_buffer``: one reusable buffer per device and dtype, so that path holds at most one
+(``fastpeft.nf4.dequant_buffer``: one reusable buffer per thread, stream and dtype, so that path holds at most one
 layer's dense weight).
 """
 

@@ -41,7 +41,7 @@ number of SM waves the output fills, per GPU architecture, each table entry citi
   op(W)ᵀ-tile · aᵀ``, so the 128 weight rows are the MMA's M and the few tokens its N. Hopper's wgmma
   needs 64-row warpgroup tiles: un-swapped, a 16-token tile can only run ``mma.sync`` (HMMA) on sm_90;
   swapped it runs wgmma (HGMMA) from two rows. The LoRA epilogue product is swapped the same way.
-- ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-device buffer
+- ``cublas`` (large ``M``: prefill, training): ``W`` is dequantised into the reusable per-stream buffer
   (``fastpeft.nf4.dequant_buffer``) and the product is cuBLAS ``addmm``; the LoRA term is added
   in place with ``addmm_`` (``B A`` never formed), then the column scale and bias in place (bitsandbytes
   0.50 and Unsloth: cuBLAS's wgmma path beats any mma.sync kernel there).
@@ -329,7 +329,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _cublas_lora_matmul(a, weight: NF4Weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale, out):
-    """Large ``M``: dequantise into the per-device buffer, cuBLAS ``a · op(W)``, the LoRA term added in place
+    """Large ``M``: dequantise into the reusable per-stream buffer, cuBLAS ``a · op(W)``, the LoRA term added in place
     (``addmm_``: ``B A`` never formed), then the column scale and the bias in place."""
     w = nf4_dequantize(weight, a.dtype, out=dequant_buffer(weight, a.dtype))
     w = w if transpose_weight else w.t()

@@ -24,6 +24,17 @@ from .lora import LoraLinear, parameter
 __all__ = ["DoraLinear"]
 
 
+def dora_dropout(dropout: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype,
+                 training: bool) -> Optional[torch.Tensor]:
+    """``x' = dropout(x)`` for :func:`~fastpeft.ops.dora.dora_linear` as PEFT's DoRA draws it, or None (``x' = x``):
+    only in training with a real dropout module (PEFT then recomputes the base product on ``x'``), on ``x`` cast
+    to the adapter dtype first, as PEFT's forward casts ``x`` before its dropout (a mask scaled in bf16 would
+    round ``x'``)."""
+    if not training or isinstance(dropout, nn.Identity):
+        return None
+    return dropout(x if x.dtype == adapter_dtype else x.to(adapter_dtype))
+
+
 class DoraLinear(LoraLinear):
     """DoRA on a frozen linear layer (PEFT semantics, see ``fastpeft.reference.dora_linear``).
 
@@ -131,14 +142,10 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return super().forward(x)
-        x_dropped = None
-        # PEFT's rule: dropout applies (and the base product is recomputed on drop(x)) only in training
-        # with a real dropout module
-        dropout = self._modules["lora_dropout"]
-        if self.training and not isinstance(dropout, nn.Identity):
-            x_dropped = dropout(x)
-        return dora_linear(x, *self.base_tensors(), parameter(self, "lora_A"), parameter(self, "lora_B"),
-                           self.scaling, parameter(self, "lora_magnitude_vector"), x_dropped)
+        lora_a = parameter(self, "lora_A")
+        x_dropped = dora_dropout(self._modules["lora_dropout"], x, lora_a.dtype, self.training)
+        return dora_linear(x, *self.base_tensors(), lora_a, parameter(self, "lora_B"), self.scaling,
+                           parameter(self, "lora_magnitude_vector"), x_dropped)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

@@ -13,34 +13,38 @@ Public API:
   ``x_dropped = dropout(x)`` when dropout is active (then autograd carries the ``x'`` gradient back
   through the caller's dropout). Gradients for ``x``, ``bias``, ``lora_a``, ``lora_b``, ``magnitude``.
 
-Math, with ``c = m / n`` per output column, ``h = x' Aᵀ`` and ``z = x' Wᵀ + s · h Bᵀ``:
+Math, with ``c = m / n`` per output column, ``h = x' Aᵀ``, in PEFT's order of operations
+(peft/tuners/lora/dora.py):
 
-    no dropout (x' = x):  y = c ⊙ z + b
-    dropout:              y = (x Wᵀ + b) + ((c − 1) ⊙ x'Wᵀ + s · h (c ⊙ B)ᵀ)     (PEFT's order)
+    y = base(x) + ((c − 1) ⊙ p + s · h (c ⊙ B)ᵀ),   base(x) = x Wᵀ + b
+    p = base(x) − b    without dropout (x' = x: PEFT reuses the base layer's output)
+    p = x' Wᵀ          with dropout (a second base product, on x' = drop(x))
+
+The base layer's output is computed first, exactly as the base layer computes it, and DoRA's term is added
+to it last: an adapter at initialisation (``c = 1``, ``B = 0``) adds an exact 0 and leaves the base layer's
+output bit for bit, as PEFT's does.
 
 Backward (``n`` detached; ``dz = dy ⊙ c``, ``g = dz B``): ``dB = s · c ⊙ (dyᵀ h)``, ``dA = s · gᵀ x'``,
 ``dm = (Σ_t dy ⊙ x'Wᵀ + s · Σ_r B ⊙ (dyᵀ h)) / n``; ``dx = dz W + s · g A`` without dropout, else
 ``dx = dy W`` and ``dx' = ((c − 1) ⊙ dy) W + s · g A``. Only ``x'``, ``h`` ``(M, r)`` and the ``(out,)``
 vectors are kept: ``Σ_t dy ⊙ x'Wᵀ`` recomputes the base product with the row reduction fused into it
-(``fastpeft.ops.ia3.ia3_matmul``, dense or NF4), so no ``(M, out)`` tensor is stored for ``dm`` and no
-``(out, in)`` tensor is ever built.
+(``fastpeft.ops.ia3.ia3_matmul``, dense or NF4), so no ``(M, out)`` tensor is stored for ``dm``; for a half
+precision ``x`` without dropout it recomputes PEFT's ``base(x) − b`` itself (both roundings to ``x.dtype``).
 
-Fusion: on an NF4 base the forward ``c ⊙ (x Wᵀ + s h Bᵀ) + b`` is one kernel
-(``fastpeft.ops.lora.nf4_lora_matmul`` with its per-column scale in the epilogue: one output write), as
-are ``dx`` (LoRA term in the epilogue) and the recomputed ``z``. On a dense base the products are cuBLAS
-as in ``fastpeft.ops.lora`` (the LoRA term added in place with ``addmm_``), and the scale and bias are one
-more in-place pass (``addcmul``) — a dense fused-epilogue kernel is a GPU measurement away. With dropout,
-the forward takes two base products, as PEFT's does, and adds the DoRA term to the base output last, as PEFT
-does: an adapter at initialisation (``c = 1``, ``B = 0``) leaves the base output bit for bit.
+Products: the base products are ``fastpeft.ops.lora``'s (cuBLAS on a dense base, the NF4 kernels on NF4, whose
+``dx`` carries the LoRA term in its epilogue); DoRA's term is PEFT's ``(c − 1) ⊙ p + (c ⊙ h Bᵀ) · s`` with the
+same roundings (in place where the dtypes allow), added into the base output in place.
 
-Dtypes, as PEFT's DoRA (fp32 adapters on a bf16 / fp16 model): the base product ``x Wᵀ`` runs in
-``x.dtype``; everything of the adapter — ``h``, the LoRA term, the norm ``n`` (fp32 from the stored values,
-rounded to the adapter dtype ``lora_a.dtype``), ``c = m / n`` in ``magnitude``'s dtype — is computed in the
-adapter dtype; ``c ⊙ (x Wᵀ + s·h Bᵀ) + b`` is formed in the promoted dtype (the NF4 kernel: its fp32
-epilogue) and rounded once to ``x.dtype``. With dropout, ``x'`` is cast to the adapter dtype and its two
-products run there, as PEFT's ``F.linear(x', W.to(x'.dtype))``. Backward: ``dy ⊙ c``, ``g``, ``dA``, ``dB``,
-``dm`` in the adapter dtype; the base part of ``dx`` takes ``dy ⊙ c`` rounded to ``x.dtype`` (PEFT's
-base-layer gradient) with the LoRA part added before the one rounding.
+Dtypes, as PEFT's DoRA (fp32 adapters on a bf16 / fp16 model): the base product runs in ``x.dtype``;
+everything of the adapter — ``h``, the LoRA term, the norm ``n`` (fp32 from the stored values, in the wider of
+the adapter's and the magnitude's dtypes), ``c = m / n`` — in the adapter dtype; DoRA's term in the promoted
+dtype, added to the base output and rounded once to ``x.dtype``. ``base(x) − b`` takes the bias as it is (fp32
+under autocast, as PEFT's ``result - bias``). With dropout, ``x'`` comes in the adapter dtype (PEFT casts
+``x`` before its dropout) and ``x' Wᵀ`` runs there over the base as PEFT's DoRA reads it: an NF4 base stored
+in half precision is dequantised in that dtype, then widened (``dequantize_module_weight``). Backward:
+``dy ⊙ c`` in the promoted dtype, ``g``, ``dA``, ``dB``, ``dm`` in the adapter dtype; the base part of ``dx``
+takes ``dy ⊙ c`` rounded to ``x.dtype`` (PEFT's base-layer gradient) with the LoRA part added before the one
+rounding.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .dispatch import backend_for, run_kernel
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling
 from .lora import _base_matmul
+from .nf4 import dequantize_nf4
 
 
 @torch.library.custom_op("fastpeft::dora_weight_norm", mutates_args=())
@@ -102,29 +107,20 @@ def dora_weight_norm(
     return _dora_weight_norm_op(*weight_op_args(weight), lora_a.detach(), lora_b.detach(), float(scaling), dtype)
 
 
-def _scaled_product(a, weight: Weight, bias, lora_h, lora_expand, scaling: float, col_scale):
-    """``col_scale ⊙ (a Wᵀ + s · h E) + b`` in ``a.dtype``: one fused kernel on NF4, cuBLAS plus one
-    in-place pass dense. ``h``, ``E`` and ``col_scale`` may be wider than ``a`` (fp32 adapters): their terms
-    are then computed in the promoted dtype and the result rounded once."""
-    if isinstance(weight, NF4Weight):
-        from .lora import nf4_lora_matmul
-
-        return nf4_lora_matmul(a, weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand, scaling=scaling,
-                               col_scale=col_scale)
-    if (lora_h is None or lora_h.dtype == a.dtype) and col_scale.dtype == a.dtype:
-        z = _base_matmul(a, weight, False, None, lora_h, lora_expand, scaling)
-        return z.mul_(col_scale) if bias is None else torch.addcmul(bias, z, col_scale)
-    z = a @ weight.to(a.dtype).t()
-    if lora_h is not None:
-        z = torch.add(z, (lora_h @ lora_expand).mul_(scaling))
-    y = z * col_scale
-    return (y if bias is None else y + bias).to(a.dtype)
+def _dora_base(weight: Weight, dtype: torch.dtype) -> Weight:
+    """The base as PEFT's DoRA multiplies ``x'`` by with dropout (``dequantize_module_weight(base).to(x'.dtype)``):
+    bitsandbytes dequantises an NF4 base to its stored dtype, so one stored in half precision under ``x'`` of
+    another dtype is that rounding widened (a dense ``(out, in)`` tensor, as PEFT's); otherwise the base itself
+    (an fp32-stored NF4 cast once is what the NF4 ops compute)."""
+    if isinstance(weight, NF4Weight) and weight.dtype not in (dtype, torch.float32):
+        return dequantize_nf4(weight).to(dtype)
+    return weight
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """The DoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring. ``x2d``
-    and ``bias`` share one dtype, ``lora_a`` and ``lora_b`` the adapter dtype, ``magnitude`` keeps its own
-    (``dora_linear`` casts them and reshapes outside, so the output can be changed in place)."""
+    """The DoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring. ``lora_a``
+    and ``lora_b`` share the adapter dtype, ``bias`` and ``magnitude`` keep their own (``dora_linear`` casts and
+    reshapes outside, so the output can be changed in place)."""
 
     @staticmethod
     def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, magnitude):
@@ -136,46 +132,59 @@ class DoraLinearFunction(torch.autograd.Function):
                                 dtype=torch.promote_types(adapter_dtype, magnitude.dtype))
         col_scale = magnitude / norm
         h = x_lora.to(adapter_dtype) @ lora_a.t()
+        # PEFT's order: the base layer's output, DoRA's term added to it last (so an adapter at initialisation,
+        # c = 1 and B = 0, adds an exact 0 and leaves the base layer's output bit for bit)
+        y = _base_matmul(x2d, weight, False, None if bias is None else bias.to(x2d.dtype), None, None, scaling)
         if x_dropped is None:
-            y = _scaled_product(x2d, weight, bias, h, lora_b.t(), scaling, col_scale)
-        else:
-            # PEFT: base(x) + ((c − 1) ⊙ x'Wᵀ + c ⊙ s·h Bᵀ), x' and its products in the adapter dtype
+            base_product = y if bias is None else y - bias  # PEFT's `result - bias`, in their promoted dtype
+        else:  # PEFT recomputes x'Wᵀ in the adapter dtype
             x_drop = x_lora.to(adapter_dtype)
-            dora_term = _scaled_product(x_drop, weight, None, None, None, scaling, col_scale - 1)
-            dora_term = dora_term.to(torch.promote_types(adapter_dtype, col_scale.dtype))
-            dora_term.addmm_(h.to(dora_term.dtype), (lora_b * col_scale.unsqueeze(1)).t().to(dora_term.dtype),
-                             alpha=scaling)
-            y = _base_matmul(x2d, weight, False, bias, None, None, scaling).add_(dora_term)
+            base_product = _base_matmul(x_drop, _dora_base(weight, adapter_dtype), False, None, None, None, scaling)
+        # PEFT's (c − 1) ⊙ p + (c ⊙ lora) · s, each product rounded in its promoted dtype as PEFT's
+        dora_term = base_product * (col_scale - 1)
+        lora_term = (h @ lora_b.t()) * col_scale
+        lora_term.mul_(scaling)
+        dora_term = dora_term.add_(lora_term) if dora_term.dtype == torch.promote_types(
+            dora_term.dtype, lora_term.dtype) else dora_term + lora_term
+        y = y.add_(dora_term)  # computed in the promoted dtype, rounded once to x's
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None
         ctx.dtypes = (x2d.dtype, magnitude.dtype)
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight, x_lora, h, lora_a, lora_b,
-                              norm, col_scale)
+                              norm, col_scale, bias)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        dense_weight, x_lora, h, lora_a, lora_b, norm, col_scale = ctx.saved_tensors
+        dense_weight, x_lora, h, lora_a, lora_b, norm, col_scale, bias = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         s = ctx.scaling
         x_dtype, magnitude_dtype = ctx.dtypes
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b, _, needs_m = ctx.needs_input_grad
         dy_adapter = dy.to(lora_a.dtype)  # exact widening, as PEFT's final cast gives it back
-        dz = dy_adapter * col_scale
-        g = dz @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
+        dz = dy_adapter * col_scale  # in the promoted dtype: wider than the factors under autocast
+        g = dz.to(lora_b.dtype) @ lora_b if (needs_dx or needs_dx_dropped or needs_a) else None
+        # the product x'Wᵀ of the forward: over the base as PEFT's DoRA reads it when dropout recomputed it
+        dora_base = _dora_base(weight, x_lora.dtype) if ctx.has_dropout else weight
         dx = dx_dropped = dbias = da = db = dm = None
         if ctx.has_dropout:
             if needs_dx:
                 dx = _base_matmul(dy, weight, True, None, None, None, s)
             if needs_dx_dropped:
-                dx_dropped = _base_matmul(dy_adapter * (col_scale - 1), weight, True, None, g, lora_a, s)
+                dx_dropped = _base_matmul(dy_adapter * (col_scale - 1), dora_base, True, None, g, lora_a, s)
                 dx_dropped = dx_dropped.to(x_lora.dtype)
         elif needs_dx:
             # the base part sees dy ⊙ c in x's dtype, as PEFT's base layer gets its gradient
             dx = _base_matmul(dz.to(x_dtype), weight, True, None, g, lora_a, s)
         if needs_bias:
-            dbias = dy.sum(0)
+            # PEFT's: the base layer's Σ (dy + (c − 1) ⊙ dy) less the Σ (c − 1) ⊙ dy of its `result - bias`
+            # (Σ dy, but NaN where c is infinite, as PEFT's); with dropout the bias is in the base alone
+            if ctx.has_dropout:
+                dbias = dy.sum(0)
+            else:
+                base_part = dy_adapter * (col_scale - 1)
+                dbias = (dy + base_part).sum(0) - base_part.sum(0)
         if needs_a:  # s on the (M, r) factor, as in fastpeft.ops.lora: fewer elements than the (r, in) product
             da = (g * s).t() @ x_lora.to(lora_a.dtype)
         if needs_b or needs_m:
@@ -185,7 +194,15 @@ class DoraLinearFunction(torch.autograd.Function):
         if needs_m:
             # Σ_t dy ⊙ (x'Wᵀ + s·h Bᵀ): the base part reduced inside the matmul (x'Wᵀ never stored), the
             # LoRA part is Σ_r B ⊙ (dyᵀ h), from the (out, r) product dB uses anyway
-            base_part = ia3_matmul(x_lora, weight, reduce_rows=dy, store_out=False)[1]
+            if ctx.has_dropout or x_dtype not in (torch.float16, torch.bfloat16):
+                base_part = ia3_matmul(x_lora, dora_base, reduce_rows=dy, store_out=False)[1]
+            else:
+                # PEFT's x Wᵀ is the base output minus the bias, each rounded to x's half precision (a rounding a
+                # product recomputed without the bias would not repeat): the forward's ops again
+                base_product = _base_matmul(x_lora, weight, False, None if bias is None else bias.to(x_dtype),
+                                            None, None, s)
+                base_product = base_product if bias is None else base_product - bias
+                base_part = (dy.float() * base_product.float()).sum(0)
             dm = ((base_part.to(dy_h.dtype) + s * (lora_b * dy_h).sum(1)) / norm).to(magnitude_dtype)
         return dx, dx_dropped, None, dbias, da, db, None, dm
 
@@ -203,15 +220,15 @@ def dora_linear(
     """DoRA ``(..., out)`` in ``x.dtype``; see the module docstring for shapes, dropout and dtypes.
 
     Under ``torch.autocast`` (dtype ``c``), as PEFT's DoRA there: the linear products in ``c`` (``x``, a
-    dense ``W``, ``b``, ``A``, ``B`` cast to it), the norm and ``m / n`` in fp32 (``magnitude``'s dtype),
-    the output in ``c``; over an NF4 base the base product keeps ``x``'s dtype."""
+    dense ``W``, ``A``, ``B`` cast to it; the bias cast for the base product, while ``result - bias`` sees it
+    as it is), the norm and ``m / n`` in fp32 (``magnitude``'s dtype), the output in ``c``; over an NF4 base
+    the base product keeps ``x``'s dtype."""
     cast_to = autocast_dtype(x)
     if cast_to is not None:
         with torch.autocast(x.device.type, enabled=False):
             dense = not isinstance(weight, NF4Weight)
             return dora_linear(
-                x.to(cast_to) if dense else x, weight.to(cast_to) if dense else weight,
-                None if bias is None else bias.to(cast_to) if dense else bias,
+                x.to(cast_to) if dense else x, weight.to(cast_to) if dense else weight, bias,
                 lora_a.to(cast_to), lora_b.to(cast_to), scaling, magnitude,
                 None if x_dropped is None else x_dropped.to(cast_to) if dense else x_dropped,
             )
@@ -224,7 +241,6 @@ def dora_linear(
     if not fusable_scaling(scaling, lora_a.dtype):
         # PEFT's ops in PEFT's order (the reference, differentiated by autograd): see fusable_scaling
         return reference.dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, x_dropped)
-    bias = None if bias is None else bias.to(x.dtype)
     lora_b = lora_b.to(lora_a.dtype)
     if x_dropped is not None:
         x_dropped = x_dropped.reshape(-1, in_features)

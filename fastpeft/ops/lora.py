@@ -95,13 +95,18 @@ def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bia
     """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
     # the dense weight is consumed here (this op has no autograd): a scratch buffer, no allocation per call
     w = reference.base_weight(weight, a.dtype, scratch=True)
-    out = a @ w if transpose_weight else F.linear(a, w)
+    # without a column scale the bias joins the product, as bitsandbytes' F.linear(A, W, bias) (one rounding)
+    inner_bias = bias if col_scale is None else None
+    if transpose_weight:
+        out = a @ w if inner_bias is None else torch.addmm(inner_bias, a, w)
+    else:
+        out = F.linear(a, w, inner_bias)
     # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
     if lora_h is not None:
         out = out + scaling * (lora_h @ lora_expand)
     if col_scale is not None:
         out = out * col_scale
-    out = out if bias is None else out + bias
+        out = out if bias is None else out + bias
     return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
