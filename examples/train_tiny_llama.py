@@ -46,7 +46,9 @@ def tiny_llama(quantize_4bit: bool = False, seed: int = 0, workdir: str | None =
     model.save_pretrained(workdir)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(workdir, quantization_config=quantization, device_map={"": "cpu"})
+    # dtype: the layers left dense stay float32 (transformers 4 would load them in float16 under a 4-bit config)
+    return AutoModelForCausalLM.from_pretrained(workdir, quantization_config=quantization, dtype=torch.float32,
+                                                device_map={"": "cpu"})
 
 
 def add_adapter(model, mode: str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_dora: bool = False,

@@ -190,14 +190,16 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 def load_tiny_llama_4bit(path, compute_dtype=torch.float32):
-    """The tiny Llama loaded through bitsandbytes NF4 with double quantisation (works on CPU)."""
+    """The tiny Llama loaded through bitsandbytes NF4 with double quantisation (works on CPU); the weights left
+    dense (embeddings, norms, lm_head) in float32, as saved (transformers 4 would make them float16 unless told)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": DEVICE.type}).eval()
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32,
+                                                device_map={"": DEVICE.type}).eval()
 
 
 @pytest.fixture

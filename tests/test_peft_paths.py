@@ -265,7 +265,13 @@ def test_frozen_4bit_bases_run_on_fastpeft(tiny_llama_dir, method):
     compute_dtype = torch.bfloat16 if method == "prompt" else torch.float32  # bitsandbytes' compute dtype rule
     # one model, bitsandbytes first (a deep copy of 4-bit weights is not faithful); train mode so bitsandbytes
     # never repacks its weights for the CPU kernel
-    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir, compute_dtype), FROZEN_CONFIGS[method]()).train()
+    base = load_tiny_llama_4bit(tiny_llama_dir, compute_dtype)
+    device_map = getattr(base, "hf_device_map", None)
+    if device_map is not None and set(device_map.values()) <= {"cpu", "disk"}:
+        # PEFT's prefix tuning moves its cache to the first accelerator of hf_device_map and fails where it names
+        # none: transformers 4 keeps device_map={"": "cpu"} there, 5 sets no map for a model on one device
+        del base.hf_device_map
+    model = peft.get_peft_model(base, FROZEN_CONFIGS[method]()).train()
     expected, ref_grads = _loss_and_grads(model, TOKENS[:2])
     summary = fastpeft.accelerate(model)
     frozen = [name for name, kind in summary.replaced.items() if kind == "nf4"]

@@ -60,7 +60,8 @@ def _smollm(path, four_bit: bool):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": "cpu"})
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32,
+                                                device_map={"": "cpu"})
 
 
 ADAPTERS = {

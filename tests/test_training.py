@@ -88,3 +88,12 @@ def test_bitsandbytes_8bit_optimizers(tiny_llama_dir):
         ref_losses, _ = _run("peft", False, tiny_llama_dir, optim=optim)
         losses, _ = _run("accelerate", False, tiny_llama_dir, optim=optim)
         _assert_same_run(losses, ref_losses)
+
+
+def test_the_example_4bit_model_keeps_its_dense_layers_in_float32(tmp_path):
+    """The example's 4-bit tiny Llama computes in fp32 (its docstring): embeddings, norms and lm_head stay float32
+    under every supported transformers (4.x would load them in float16 under a BitsAndBytesConfig unless told)."""
+    pytest.importorskip("bitsandbytes")
+    model = example.tiny_llama(quantize_4bit=True, workdir=str(tmp_path))
+    dense = {name: p.dtype for name, p in model.named_parameters() if p.is_floating_point()}
+    assert dense and set(dense.values()) == {torch.float32}, dense

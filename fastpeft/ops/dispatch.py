@@ -24,6 +24,7 @@ import warnings
 from typing import Callable, TypeVar
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ..kernels.plan import KernelLaunchError
 
@@ -51,8 +52,14 @@ def requested_backend() -> str:
 
 
 # ``backend_setting()``: ``FASTPEFT_BACKEND`` as set, unparsed (None when unset), what a cache of per-call decisions
-# keys on: one dict lookup, called without a Python frame (a frame costs about 1 % of an M = 1 layer call on CPU)
-backend_setting = functools.partial(_ENVIRON.get, _BACKEND_KEY)
+# keys on: one dict lookup, called without a Python frame (a frame costs about 1 % of an M = 1 layer call on CPU).
+# torch.compile traces that partial of a builtin method from torch 2.13 on; before, dynamo refuses it (a graph
+# break, an error under fullgraph=True), so there it is a plain function.
+if TorchVersion(torch.__version__) >= (2, 13):
+    backend_setting = functools.partial(_ENVIRON.get, _BACKEND_KEY)
+else:
+    def backend_setting():
+        return _ENVIRON.get(_BACKEND_KEY)
 
 
 def triton_interpreter() -> bool:
