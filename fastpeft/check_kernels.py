@@ -26,11 +26,11 @@ sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the trito
   per thread; and per weight element: ``loads x threads / weight elements per iteration`` (the weight tile
   of one pass: ``weight_tile``). "Narrow" loads are those under 64 bits. ``global_per_element``: every
   global memory instruction of the loop (loads of weights, scales and activations, ``cp.async``, stores,
-  atomics) per weight element, the same way (issue 12's target: at most 1 per 16 weight elements), split
+  atomics) per weight element, the same way (the NF4 main loops' target: at most 1 per 16 weight elements), split
   into ``global_loads_per_element`` and ``global_stores_per_element``, and of the loads those that read the NF4
   weight (packed bytes, absmax, nested absmax: their innermost source line, from ``nvdisasm
   --print-line-info``, is in ``fastpeft/kernels/nf4.py``), ``weight_loads_per_element``, and the widths of
-  those in ``nf4_codes`` (the packed codes; issue 12: none under 64 bits), ``packed_load_bits``;
+  those in ``nf4_codes`` (the packed codes, meant to be 64 bits or wider), ``packed_load_bits``;
   ``instructions_per_element``: every instruction of the loop, the same way (what decoding costs beside the
   memory traffic).
 
@@ -60,7 +60,7 @@ import torch
 
 from .kernels.versions import unsupported_triton, version_tuple
 
-# Per-SM limits (CUDA occupancy calculator data; KERNELS.md): registers, shared memory per SM and the most
+# Per-SM limits (CUDA occupancy calculator data): registers, shared memory per SM and the most
 # one block may use, warps, blocks, and the shared memory the system reserves per block (1 KB on sm_80+).
 ARCHES = {
     "sm_80": {"cc": 80, "regs": 65536, "smem": 167936, "smem_block": 166912, "warps": 64, "blocks": 32},
@@ -72,7 +72,7 @@ REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 MMA_RANK = {"none": 0, "HMMA": 1, "HGMMA": 2}
 THRESHOLDS_PATH = Path(__file__).with_name("check_kernels_thresholds.json")
 
-# The production grid (issue 11).
+# The production grid: the token counts, (out, in) shapes and LoRA ranks the kernels are planned for.
 TOKENS = (1, 4, 16, 64, 512, 4096)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (out, in)
 RANKS = (16, 64)
@@ -218,7 +218,7 @@ def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype, a
 
 def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES), tokens=TOKENS, shapes=SHAPES,
                     ranks=RANKS) -> list:
-    """Every launch of the production grid (issue 11) as :class:`Case` rows, planned for each of ``arches``
+    """Every launch of the production grid as :class:`Case` rows, planned for each of ``arches``
     and restricted to the given families / dtypes / token counts / (out, in) shapes / ranks. Launches that
     do not depend on a parameter (the norm on ``M``, IA3 on the rank) appear once for it."""
     from .kernels.nf4 import nf4_dequantize

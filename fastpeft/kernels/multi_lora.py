@@ -55,7 +55,7 @@ from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
 # K / rank / out slices, warps and stages per GPU architecture and regime (BLOCK_M is the metadata's
 # block_m: 1 decode; prefill 16, 64 on sm_90). Source: untuned, no GPU (warps and stages are Triton's defaults), except
-# (python -m fastpeft.check_kernels --family multi_lora, issue 12 item 5): the expand's one stage, its loop
+# (measured with python -m fastpeft.check_kernels --family multi_lora): the expand's one stage, its loop
 # runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline whose shared buffers
 # cost more than it hides (3 stages: prefill expand at 3-4 KB shared memory vs 1-2 KB); decode's BLOCK_K 64,
 # one 128-bit load of x and of A per thread and step (at 32, 64-bit loads, and ptxas unrolls the sm_90a loop

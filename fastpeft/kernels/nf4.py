@@ -6,7 +6,7 @@ packed bytes are contiguous); a kernel that needs ``Wᵀ`` transposes the decode
 K loops of the matmul kernels and of the dequantiser take ``GROUP`` tiles per pass: ``nf4_group_scales``
 loads the absmax of all of them at once and ``nf4_step_tile`` decodes one with its share (``nf4_codes``
 times ``nf4_scale``), so a tile costs its packed bytes alone.
-Structure (bitsandbytes' CUDA GEMV and newest fused kernel, GemLite; see /work/shared/KERNELS.md):
+Structure (as in bitsandbytes' CUDA GEMV and newest fused kernel, and GemLite):
 
 - packed bytes are read as one contiguous ``(rows, BLOCK_C / 2)`` uint8 tile per call (each byte once;
   the row stride ``in / 2`` is a kernel argument, so the JIT's divisibility-by-16 specialisation gives

@@ -24,7 +24,7 @@ a row holds whole groups of blocks, which never cross a nested block of 256), so
 packed bytes (128-bit) and its activation tile. The GEMV's dx loads dy for the whole pass once, and its
 step ``s`` takes the pass's W rows ``t * GROUP + s``: a thread's few rows per step are adjacent across the
 steps, so its dy values are one vector load. Every NF4 main loop is then at most one global memory
-instruction per 16 weight elements (``fastpeft check-kernels``, issue 12).
+instruction per 16 weight elements (``fastpeft check-kernels``).
 
 What runs is a plan (``plan_nf4_matmul``, from ``fastpeft.kernels.dispatch``: rules on ``M`` and the
 number of SM waves the output fills, per GPU architecture, each table entry citing its source):

@@ -1,4 +1,4 @@
-"""Plan, then launch: what a Triton launch will run, as data, before it runs (STYLE.md rule 12).
+"""Plan, then launch: what a Triton launch will run, as data, before it runs.
 
 Every launcher in ``fastpeft.kernels`` first calls its ``plan_<op>(...)`` (next to its kernel): a pure
 function of shapes, flags and the GPU architecture that returns a :class:`LaunchPlan` (which kernel, grid,
