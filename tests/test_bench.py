@@ -184,7 +184,7 @@ def test_half_precision_suites_bench_the_fp32_adapter_plans():
 
 
 def test_fp32_suite_benches_4bit_models_computing_in_bf16():
-    """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model (issue 16): the 4-bit train step and decode, PEFT and
+    """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model: the 4-bit train step and decode, PEFT and
     accelerated, beside the fp32-compute ones; a half-precision suite computes in its own dtype only."""
     def bf16_compute(cfg):
         return {(j.case, j.impl) for j in all_jobs(cfg) if j.params.get("compute") == "bfloat16"}

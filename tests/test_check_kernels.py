@@ -153,7 +153,7 @@ def test_malformed_kernel_reports_the_compile_error(compiled):
 
 def test_specialisation_matches_the_jit(compiled):
     # the same NF4 GEMM compiled without the JIT's divisibility / ==1 specialisation: more registers and
-    # the activation tile split into 16-bit loads instead of one 128-bit copy (issue 11's check)
+    # the activation tile split into 16-bit loads instead of one 128-bit copy
     special = next(r for r in compiled["rows"] if r["arch"] == "sm_90a" and r["key"] == check_kernels.MAIN_KEYS[0])
     plain = compiled["unspecialised_gemm"]
     assert plain["registers"] > special["registers"] + 32
@@ -223,7 +223,7 @@ def test_global_memory_instructions_per_weight_element(compiled):
 def test_weight_loads_are_the_nf4_helpers_loads(compiled):
     """In the NF4 launches of the gate, the loads attributed to fastpeft/kernels/nf4.py are the weight's: all
     of the dequantiser's, and beside the activations in the GEMM / GEMV loops; among them the packed codes'
-    (nf4_codes), every one 64 bits or wider (issue 12: no 8- or 16-bit loads of packed weights)."""
+    (nf4_codes), every one 64 bits or wider (no 8- or 16-bit loads of packed weights)."""
     rows = {(r["arch"], r["key"]): r for r in compiled["rows"] if r["family"] != "toy"}
     for (arch, key), row in rows.items():
         if row["base"] != "nf4":

@@ -219,7 +219,7 @@ def test_4bit_bases_match_peft(config, expected, decisions):
 
 def test_4bit_bases_serve_peft_forward(decisions, monkeypatch):
     """Where an adapted 4-bit layer runs PEFT's forward (adapters disabled here), PEFT calls its bitsandbytes base,
-    which runs fastpeft's NF4 op as bitsandbytes' forward would (issue 16): outputs and input gradients PEFT's."""
+    which runs fastpeft's NF4 op as bitsandbytes' forward would: outputs and input gradients PEFT's."""
     pytest.importorskip("bitsandbytes")
     theirs, ours = _pair(_lora(), MLP4bit)
     bases = []

@@ -165,7 +165,7 @@ def test_rank_padding_is_never_read(triton_backend, fused, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decode", [False, True])
 def test_fp32_bank_with_low_precision_activations(triton_backend, fused, dtype, decode):
-    """PEFT's fp32 adapters on a bf16 / fp16 model (issue 15): x and y in the model's dtype, the bank in fp32;
+    """PEFT's fp32 adapters on a bf16 / fp16 model: x and y in the model's dtype, the bank in fp32;
     h stays fp32 and y is rounded once. A change of B below half a step of ``dtype`` (B exactly representable
     in it, scaled by 1 + eps/8) moves the output as in the float64 reference; a bank rounded to x's dtype
     would give the same output before and after."""

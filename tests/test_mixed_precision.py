@@ -1,4 +1,4 @@
-"""Adapter math in the adapter's precision (issue 15): a bf16 / fp16 base with fp32 adapters, as PEFT's
+"""Adapter math in the adapter's precision: a bf16 / fp16 base with fp32 adapters, as PEFT's
 ``get_peft_model`` leaves them (``autocast_adapter_dtype=True``), accelerated vs PEFT's own layers.
 
 Each method (LoRA, DoRA, IA3 both ways; dense and NF4): outputs, input and every adapter gradient within

@@ -99,7 +99,7 @@ def test_eager_path_skips_the_custom_op_and_the_op_agrees(reference_backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pattern", ["one_adapter", "distinct", "rows", "runs", "scattered"])
 def test_fp32_bank_on_low_precision_rows_is_peft_per_row(reference_backend, dtype, pattern):
-    """PEFT's fp32 adapters on a bf16 / fp16 model (issue 15): each row gets what PEFT's mixed-batch forward
+    """PEFT's fp32 adapters on a bf16 / fp16 model: each row gets what PEFT's mixed-batch forward
     gives it, ``y + (s · (x.float() Aᵀ) Bᵀ).to(y.dtype)``, and a change of B below half a step of ``dtype``
     (B exactly representable in it, scaled by 1 + eps/8) moves the output as it moves PEFT's."""
     m, in_features, out_features = (15 if pattern == "rows" else 13), 33, 17

@@ -467,7 +467,7 @@ def test_training_over_a_layer_bitsandbytes_repacked_gets_the_input_gradient(bnb
 
 def test_a_4bit_layer_computing_in_another_dtype_runs_peft_forward(tiny_llama_dir, monkeypatch):
     """``bnb_4bit_compute_dtype=bfloat16`` on an fp32 model: bitsandbytes (and so PEFT) multiplies in bf16; the
-    fused ops would compute in fp32 (issue 16: 3.7e-8 from the exact result where PEFT is 2.1e-3 away), so
+    fused ops would compute in fp32 (3.7e-8 from the exact result where PEFT is 2.1e-3 away), so
     the accelerated layers run PEFT's forward and the outputs and gradients are PEFT's, bit for bit. The 4-bit
     base PEFT's forward calls runs on fastpeft's NF4 op (bitsandbytes' compute dtype rule; faster on CPU, issue
     16 item 3), as every frozen 4-bit layer does; ``frozen_4bit=False`` and ``restore`` put bitsandbytes back."""
