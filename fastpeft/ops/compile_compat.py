@@ -7,22 +7,24 @@ import functools
 import torch
 from torch.torch_version import TorchVersion
 
-# torch 2.11's dynamo mistraces a forward that returns a tensor it wrote in place (see fresh_output_when_compiling)
-_COPIES_IN_PLACE_OUTPUTS = (2, 11) <= TorchVersion(torch.__version__) < (2, 12)
+# torch 2.11's dynamo mistraces a forward that returns a tensor an op gave back as itself (fresh_output_when_compiling)
+_COPIES_RETURNED_ALIASES = (2, 11) <= TorchVersion(torch.__version__) < (2, 12)
 
 
 def fresh_output_when_compiling(function: type) -> type:
-    """Class decorator for a ``torch.autograd.Function`` whose ``forward`` may return a tensor it wrote in place
-    (``addmm_``, ``add_``, ``+=``). On torch other than 2.11 it returns the class untouched (nothing added to a call).
+    """Class decorator for a ``torch.autograd.Function`` whose ``forward`` may return a tensor that an op inside it
+    gave back as itself: written in place (``addmm_``, ``add_``, ``+=``), or passed through a ``.to(dtype)`` /
+    ``.contiguous()`` that had nothing to do. On torch other than 2.11 it returns the class untouched (nothing added
+    to a call).
 
     On torch 2.11, dynamo tracing such a forward (``torch.compile``, the ``eager`` and ``aot_eager`` backends
-    included) makes the tensor as it was before the in-place op a second output of the traced forward. Both are the
-    same tensor object, so autograd records the returned tensor as that second output, and the gradient of the
-    output reaches the Function's backward in a slot the backward never reads: every input of the Function gets a
-    zero gradient, silently. Torch 2.8-2.10 and 2.12 on trace the same forward correctly. So on 2.11, while dynamo
-    traces, the decorated forward returns a copy of its result (a tensor no op wrote in place); eager calls return
-    the result itself."""
-    if not _COPIES_IN_PLACE_OUTPUTS:
+    included) makes the tensor as that op received it a second output of the traced forward. Both are the same
+    tensor object, so autograd records the returned tensor as that second output, and the gradient of the output
+    reaches the Function's backward in a slot the backward never reads: the inputs get zero gradients from it,
+    silently. Torch 2.8, 2.12 and 2.13 trace the same forward correctly. So on 2.11, while dynamo traces, the
+    decorated forward returns a copy of its result (a tensor of its own, the traced forward's one output); eager
+    calls return the result itself."""
+    if not _COPIES_RETURNED_ALIASES:
         return function
     forward = function.forward
 
