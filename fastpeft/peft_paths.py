@@ -34,6 +34,7 @@ from torch import nn
 from .bank import LoraBank
 from .nn.lora import LoraLinear, cached_nf4_view, parameter
 from .nn.multi_lora import _add_lora
+from .ops.compile_compat import fresh_output_when_compiling
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
 from .ops.nf4 import dequantize_nf4
@@ -288,6 +289,7 @@ def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, cached_nf4_view(layer, layer.weight), bias, None, None, 0.0).to(input_dtype)
 
 
+@fresh_output_when_compiling
 class _BnbCpuKernelLinear(torch.autograd.Function):
     """bitsandbytes' own forward of a 4-bit layer it has repacked for its CPU kernel (that kernel's numbers,
     bit for bit), with the input gradient that forward lacks: the kernel has no backward, so bitsandbytes gives

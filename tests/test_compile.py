@@ -9,7 +9,7 @@ import torch
 
 import fastpeft
 
-from conftest import assert_rel_close, load_tiny_llama_4bit, make_tiny_llama
+from conftest import Holder, assert_rel_close, bnb_linear4bit, load_tiny_llama_4bit, make_tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -104,6 +104,22 @@ def test_accelerated_4bit_layer_fullgraph(tiny_llama_dir):
     # the double-quantisation offset stays a device tensor (no .item()), so the NF4 path is one graph too
     layer = _accelerated_4bit_layer(tiny_llama_dir)
     _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_layer_over_a_base_bitsandbytes_repacked_fullgraph(bnb_cpu_kernel_on, with_bias):
+    # an eval pass repacks the 4-bit base for bitsandbytes' CPU kernel; a training call then runs that kernel's
+    # forward inside the Function that adds its input gradient (bitsandbytes returns the kernel's output after a
+    # `+= bias`, or after a `.to` of its own dtype)
+    model = peft.get_peft_model(Holder(bnb_linear4bit(128, 64, with_bias)),
+                                peft.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.proj
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        layer.eval()(x)
+    assert layer.get_base_layer().weight.quant_state.packing_format_for_cpu
+    _assert_compiled_matches_eager(layer.train(), (x.requires_grad_(),))
 
 
 def test_lora_linear_with_dropout_fullgraph():

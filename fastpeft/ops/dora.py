@@ -55,6 +55,7 @@ import torch
 
 from .. import reference
 from ..nf4 import NF4Weight
+from .compile_compat import fresh_output_when_compiling
 from .dispatch import backend_for, run_kernel
 from .ia3 import ia3_matmul, weight_from_op_args, weight_op_args
 from .inputs import Weight, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling
@@ -117,6 +118,7 @@ def _dora_base(weight: Weight, dtype: torch.dtype) -> Weight:
     return weight
 
 
+@fresh_output_when_compiling
 class DoraLinearFunction(torch.autograd.Function):
     """The DoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring. ``lora_a``
     and ``lora_b`` share the adapter dtype, ``bias`` and ``magnitude`` keep their own (``dora_linear`` casts and

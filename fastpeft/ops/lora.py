@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..nf4 import NF4Weight
+from .compile_compat import fresh_output_when_compiling
 from .dispatch import backend_for, run_kernel
 from .inputs import (Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling,
                      rows_like)
@@ -206,6 +207,7 @@ def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropo
     return y, x_lora, h
 
 
+@fresh_output_when_compiling
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA / QLoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring.
     ``x_dropped`` None means ``drop(x) = x`` unless ``dropout_p > 0`` (then the op draws the mask itself and
