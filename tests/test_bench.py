@@ -106,6 +106,17 @@ def test_one_thread_on_cpu_said_before_the_run_and_restored_after(quick_run, mon
     assert bench_main.cpu_threads(args, cpu) == 2 and bench_main.make_config(args).clock == "process"
 
 
+def test_progress_is_the_runs_own_bar_and_transformers_bars_come_back_after(quick_run):
+    """The end-to-end cases save and load their model: transformers' progress bars stay out of the run's output,
+    and are on again after the run."""
+    from transformers.utils import logging as transformers_logging
+
+    progress = quick_run[2]["progress"]
+    assert "job" in progress
+    assert "Loading weights" not in progress and "Writing model shards" not in progress
+    assert transformers_logging.is_progress_bar_enabled()
+
+
 def test_console_shows_headline_ratios_within_120_columns_and_names_every_file(quick_run):
     _, out, run = quick_run
     console = run["console"]

@@ -267,14 +267,21 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     """Run every job; write ``results.json``, the tables (``table.txt``, ``table.md``) and plots to ``args.out``; print
     the headline ratios and the files written. The torch thread count is :func:`cpu_threads`' for the run and restored
     after it."""
+    from transformers.utils import logging as transformers_logging
+
     cfg = make_config(args)
     threads, threads_before = cpu_threads(args, cfg.device), torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    # the end-to-end cases save and load their tiny model: transformers' own bars would interleave with the run's
+    bars_before = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return _run(args, argv, cfg)
     finally:
         torch.set_num_threads(threads_before)
+        if bars_before:
+            transformers_logging.enable_progress_bar()
 
 
 def _run(args: argparse.Namespace, argv: list, cfg) -> dict:
