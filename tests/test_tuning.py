@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastpeft.kernels import nf4_dispatch, tuning
+from fastpeft.kernels import nf4_dispatch, tune_file, tuning
 
 from conftest import DEVICE
 
@@ -32,7 +32,7 @@ def test_crossovers_take_the_first_crossing():
 
 def test_tune_writes_tiers_the_dispatch_prefers(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTPEFT_TUNE_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(tune_file, "_loaded", {})
     calls = []
 
     def timer(fn, variant, m, n, k):
@@ -65,7 +65,7 @@ def test_tune_writes_tiers_the_dispatch_prefers(tmp_path, monkeypatch):
                                   json.dumps({"format": 1, "tiers": [[1.0, 8, 4]]})])
 def test_a_bad_tune_file_warns_and_falls_back_to_the_table(tmp_path, monkeypatch, text):
     monkeypatch.setenv("FASTPEFT_TUNE_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(tune_file, "_loaded", {})
     (tmp_path / "sm_90.json").write_text(text)
     with pytest.warns(UserWarning, match="ignoring the fastpeft tune file"):
         assert nf4_dispatch.nf4_path(16, 4096, False, (9, 0)) == "cublas"  # the shipped sm90 table
@@ -79,3 +79,12 @@ def test_tune_needs_a_gpu(capsys):
         pytest.skip("a GPU is present: tune would run")
     assert main(["tune"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_cli_timer_is_the_harness_median():
+    from fastpeft.bench.timing import call_timer
+
+    calls = []
+    timer = call_timer(torch.device("cpu"), warmup=2, repeats=5)
+    ms = timer(lambda: calls.append(1), variant="gemv", m=1, n=64, k=64)
+    assert isinstance(ms, float) and ms >= 0.0 and len(calls) == 2 + 5

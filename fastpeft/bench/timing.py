@@ -70,6 +70,15 @@ def measure(fn: Callable[[int], object], device: torch.device, warmup: int, repe
     return summarise(samples[None], clock)
 
 
+def call_timer(device: torch.device, warmup: int = 3, repeats: int = 10) -> Callable[..., float]:
+    """``timer(fn, **what)``: the median milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones
+    (:func:`measure`; the keywords, which name what ``fn`` runs, are not used): the timer ``fastpeft tune`` passes to
+    :func:`fastpeft.kernels.tuning.tune`."""
+    def timer(fn: Callable[[], object], **what) -> float:
+        return measure(lambda i: fn(), device, warmup, repeats).median_ms
+    return timer
+
+
 def measure_interleaved(fns: dict, device: torch.device, warmup: int, rounds: int, min_round_ms: float = 0.0,
                         clock: str = "wall") -> tuple:
     """``({label: [ms per call, one per round]}, calls per round, clock label)`` of the functions ``fns``

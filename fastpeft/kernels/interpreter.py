@@ -16,9 +16,9 @@ decode the values exactly to fp32 (bf16 is the top half of an fp32), compute in 
 accumulates in fp32 as tensor cores do — and round fp32 -> bf16 to nearest even (NaN stays NaN), the
 rounding of a GPU's ``cvt.rn.bf16.f32``. Every other dtype goes to the original method unchanged, so
 fp16 / fp32 / integer behaviour is the interpreter's own. Installing is idempotent and does nothing when
-the interpreter is off. Tests install it from ``tests/conftest.py``; at run time ``fastpeft.ops.dispatch``
-installs it the first time an op is sent to the Triton backend under the interpreter, so bf16 inputs give
-correct results there instead of silent garbage.
+the interpreter is off (:func:`triton_interpreter`). Tests install it from ``tests/conftest.py``; at run
+time ``fastpeft.ops.dispatch`` installs it the first time an op is sent to the Triton backend under the
+interpreter, so bf16 inputs give correct results there instead of silent garbage.
 
 Not covered (fastpeft's kernels do none of it): reductions (``tl.sum``) and atomics directly on bf16
 tiles, and fp8. A triton whose interpreter lacks the patched methods makes installing raise, rather than
@@ -28,6 +28,8 @@ run uncorrected, and so does a Triton whose interpreter cannot run with the inst
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .versions import interpreter_numpy_error
@@ -35,6 +37,11 @@ from .versions import interpreter_numpy_error
 _installed = False
 # the interpreter's own methods, kept so every non-bf16 call goes to them (and tests can compare)
 ORIGINALS: dict = {}
+
+
+def triton_interpreter() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
@@ -61,8 +68,6 @@ def install_bf16_interpreter_fix() -> bool:
     global _installed
     if _installed:
         return True
-    from ..ops.dispatch import triton_interpreter
-
     if not triton_interpreter():
         return False
     import triton

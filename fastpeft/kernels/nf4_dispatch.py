@@ -9,8 +9,8 @@ Of those, one row (decode) takes the GEMV and more the split-K GEMM, as GemLite'
 every row at once). fp32 has no tensor-core path in either: Triton only below 8 rows (bitsandbytes: "fp32
 has no MMA kernel ... custom only wins in the SIMT range (M<8)").
 
-A file written by ``fastpeft tune`` (``fastpeft.kernels.tuning``) for the running architecture is
-preferred over the shipped table. Overrides, read at each call (so a test or a user can move the
+A file written by ``fastpeft tune`` (``fastpeft.kernels.tuning``; read by ``fastpeft.kernels.tune_file``)
+for the running architecture is preferred over the shipped table. Overrides, read at each call (so a test or a user can move the
 crossovers without editing code), win over both:
 ``FASTPEFT_NF4_GEMV_MAX_M`` (largest ``M`` on the GEMV) and ``FASTPEFT_NF4_TRITON_MAX_M`` (largest ``M``
 on a Triton kernel; above it, cuBLAS), or the same names set with :func:`set_thresholds`. ``fastpeft
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 from typing import Optional
+
+from .tune_file import tune_path, tuned_tiers
 
 GEMV_MAX_M = 1
 CUSTOM_FLOOR_M = 4
@@ -77,8 +79,6 @@ def table_for(arch: Optional[tuple]) -> dict:
 
 def nf4_path(m: int, n: int, fp32: bool, arch: Optional[tuple], sm_count: Optional[int] = None) -> str:
     """``"gemv"``, ``"splitk"`` or ``"cublas"`` for an ``(m, k) · (k, n)`` NF4 product."""
-    from .tuning import tuned_tiers
-
     entry = table_for(arch)
     sms = sm_count or entry["sms"]
     waves = -(-n // 64) / sms
@@ -103,8 +103,6 @@ def nf4_path(m: int, n: int, fp32: bool, arch: Optional[tuple], sm_count: Option
 
 def describe(arch: Optional[tuple]) -> list[str]:
     """Lines for ``fastpeft info``: the thresholds in force for ``arch``."""
-    from .tuning import tune_path, tuned_tiers
-
     entry = table_for(arch)
     tiers = ", ".join(f">= {w:g} waves: M <= {limit}" for w, limit in entry["tiers"])
     lines = [f"NF4 dispatch ({'sm_%d%d' % tuple(arch) if arch else 'no GPU: default table'}, {entry['sms']} SMs): "

@@ -26,6 +26,7 @@ from typing import Callable, TypeVar
 import torch
 from torch.torch_version import TorchVersion
 
+from ..kernels.interpreter import triton_interpreter
 from ..kernels.plan import KernelLaunchError
 
 T = TypeVar("T")
@@ -60,11 +61,6 @@ if TorchVersion(torch.__version__) >= (2, 13):
 else:
     def backend_setting():
         return _ENVIRON.get(_BACKEND_KEY)
-
-
-def triton_interpreter() -> bool:
-    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def backend_for(device: torch.device) -> str:
