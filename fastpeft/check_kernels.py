@@ -6,8 +6,9 @@ plan and build their arguments exactly as on a GPU, and the ``(plan, args)`` the
 recorded instead. Each launch is then specialised as Triton's JIT specialises it at launch (Triton's own
 binder and ``_pack_args`` over the real argument list, or on Triton 3.4, which has no ``_pack_args``, the same
 steps its ``JITFunction.run`` takes: ``tt.divisibility=16`` on pointers and integers divisible by 16, integers
-equal to 1 turned into constants, the plan's ``num_warps`` / ``num_stages`` / compiler options), compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
-sm_80 / sm_89 / sm_90a, and its cubin read with the ``cuobjdump`` that the triton wheel bundles:
+equal to 1 turned into constants, the plan's ``num_warps`` / ``num_stages`` / compiler options), compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80 / sm_89 / sm_90a, and its cubin
+read with the ``cuobjdump`` that the triton wheel bundles:
 
 - registers, stack (spill) and local bytes from ``cuobjdump --dump-resource-usage``; spill instructions
   (``STL`` / ``LDL``) counted in the SASS; shared memory from the compiled kernel's metadata;
@@ -653,8 +654,8 @@ OCCUPANCY_FLOOR = 0.1875
 
 
 def thresholds_of(rows: list) -> dict:
-    """One version's section of the thresholds file for ``rows``: per ``"<arch> <key>"`` today's value of
-    each field."""
+    """One version's section of the thresholds file for ``rows``: per ``"<arch> <key>"`` each field's value in
+    ``rows``."""
     return {f"{r['arch']} {r['key']}": {f: r[f] for f in THRESHOLD_FIELDS} for r in rows if r["compiled"]}
 
 
@@ -717,7 +718,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help=f"compare with this Triton version's section of {THRESHOLDS_PATH.name}: exit 1 on any "
                              "regression")
     parser.add_argument("--write-thresholds", action="store_true",
-                        help=f"write today's numbers of these launches into this Triton version's section of "
+                        help=f"write these launches' numbers into this Triton version's section of "
                              f"{THRESHOLDS_PATH.name}")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table on the terminal")
     return parser

@@ -27,8 +27,9 @@ activations before the launch over an NF4 one. The row reduction is accumulated 
 fp32 ``tl.dot`` uses ``input_precision="ieee"`` to match PyTorch's fp32 matmul (tf32 would be a GPU
 tuning choice to measure, not a default).
 
-Limits: block sizes untuned (no GPU in this task); no split-K / GEMV variant for decode — tiles of 16
-rows waste most of ``tl.dot`` when ``M`` is 1; a dense weight at large ``M`` still runs this kernel (the
+Limits: block sizes are not timed on a GPU (``DENSE_CONFIGS`` / ``NF4_CONFIGS`` say where each comes from:
+GemLite's table, the static check's registers and loads); no split-K / GEMV variant for decode — tiles of
+16 rows waste most of ``tl.dot`` when ``M`` is 1; a dense weight at large ``M`` still runs this kernel (the
 IA3 scales would need their own passes around cuBLAS).
 """
 
@@ -39,14 +40,15 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
+from .checks import DTYPES, check_activations, check_vector
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
                   nf4_tables, packed_word_aligned)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
 # Tile, warps, stages per GPU architecture, for a dense and an NF4 weight. BLOCK_K = 64 = the NF4 block;
-# BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table for the shape, no GPU
-# measurement here; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
+# BLOCK_M 16 for M <= 16 (tl.dot's minimum), else 32. Source: GemLite's small-M table for the shape, not timed
+# on a GPU; large M on NF4 goes to cuBLAS (fastpeft.kernels.nf4_dispatch).
 # sm_90: SWAP_AB computes the (BLOCK_N x BLOCK_M) transposed tile, weight rows as the MMA's M (as the NF4
 # split-K GEMM does), so a 64-column tile runs on wgmma (64-row warpgroup tiles) at any M; 1 stage keeps
 # the registers and shared memory at or below the un-swapped mma.sync tile (check-kernels, sm_90a: 64 regs,
@@ -70,7 +72,6 @@ NF4_CONFIGS = {
              "num_warps": 4, "num_stages": 1},
     (9, 0): {"TILES": _NF4_TILES, "BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "SWAP_AB": True},
 }
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -144,19 +145,6 @@ def _ia3_matmul_kernel(
             acc = acc * tl.load(out_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _check_vector(name: str, t, length: int, a: torch.Tensor):
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must be a 1-D tensor of {length} elements, got {tuple(getattr(t, 'shape', ()))}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} dtype must be one of {_DTYPES}, got {t.dtype}")
-    if t.device != a.device:
-        raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
 
 
 def plan_ia3_matmul(
@@ -240,10 +228,7 @@ def ia3_matmul(
     ``(M, N)`` in ``a.dtype`` (None unless ``store_out``), ``reduced`` ``(N,)`` fp32 (None unless
     ``reduce_rows``).
     """
-    if not isinstance(a, torch.Tensor) or a.dim() != 2:
-        raise ValueError(f"a must be a 2-D tensor, got shape {tuple(getattr(a, 'shape', ()))}")
-    if a.dtype not in _DTYPES:
-        raise TypeError(f"a dtype must be one of {_DTYPES}, got {a.dtype}")
+    check_activations(a)
     is_nf4 = isinstance(weight, NF4Weight)
     if not is_nf4:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -257,13 +242,13 @@ def ia3_matmul(
     m = a.shape[0]
     if a.shape[1] != k:
         raise ValueError(f"a has {a.shape[1]} columns; op(W) of a {tuple(weight.shape)} weight needs {k}")
-    _check_vector("in_scale", in_scale, k, a)
-    _check_vector("bias", bias, n, a)
-    _check_vector("out_scale", out_scale, n, a)
+    check_vector("in_scale", in_scale, k, a)
+    check_vector("bias", bias, n, a)
+    check_vector("out_scale", out_scale, n, a)
     if bias is not None and bias.dtype != a.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must equal a's dtype {a.dtype}")
     if reduce_rows is not None:
-        if tuple(reduce_rows.shape) != (m, n) or reduce_rows.dtype not in _DTYPES or reduce_rows.device != a.device:
+        if tuple(reduce_rows.shape) != (m, n) or reduce_rows.dtype not in DTYPES or reduce_rows.device != a.device:
             raise ValueError(f"reduce_rows must be a float ({m}, {n}) tensor on {a.device}, got "
                              f"{tuple(reduce_rows.shape)} {reduce_rows.dtype} {reduce_rows.device}")
     if not store_out and reduce_rows is None:

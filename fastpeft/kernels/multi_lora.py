@@ -36,8 +36,9 @@ tile's ``h`` one ``BLOCK_R`` block at a time (to its adapter's rank only), keeps
 multiplies it into ``B_k`` at once: no ``h`` round trip through memory and one launch instead of two, at
 the price of recomputing the shrink for every out block (``x`` and ``A_k`` re-read, from L2 on a GPU).
 It should win when the shrink is cheap next to the launch and memory costs (decode, small ``in``), lose
-for long prefills; which one is kept per regime is data in ``FUSED`` below, to be set from a GPU run of
-the bench (none in this task: both are kept and tested, the two-launch path is the default).
+for long prefills; which one is kept per regime is data in ``FUSED`` below, set from a GPU run of the
+bench (``fastpeft bench``'s ``multi_lora`` cases); until one exists both are kept and tested and the
+two-launch path is the default.
 
 fp32: ``tl.dot`` uses ``input_precision="ieee"`` so fp32 results match PyTorch's fp32 matmul rather
 than tf32 (adapters are small; exactness beats the tf32 speed-up here).
@@ -51,11 +52,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import DTYPES
 from .plan import KernelLaunchError, LaunchPlan, config_for, device_arch, launch
 
 # K / rank / out slices, warps and stages per GPU architecture and regime (BLOCK_M is the metadata's
-# block_m: 1 decode; prefill 16, 64 on sm_90). Source: untuned, no GPU (warps and stages are Triton's defaults), except
-# (measured with python -m fastpeft.check_kernels --family multi_lora): the expand's one stage, its loop
+# block_m: 1 decode; prefill 16, 64 on sm_90). Source: not timed on a GPU (warps and stages are Triton's defaults),
+# except (static compiles of python -m fastpeft.check_kernels --family multi_lora): the expand's one stage, its loop
 # runs ranks[k] / BLOCK_R <= 16 times (4 at rank 64), too few for a cp.async pipeline whose shared buffers
 # cost more than it hides (3 stages: prefill expand at 3-4 KB shared memory vs 1-2 KB); decode's BLOCK_K 64,
 # one 128-bit load of x and of A per thread and step (at 32, 64-bit loads, and ptxas unrolls the sm_90a loop
@@ -66,8 +68,8 @@ CONFIGS = {"default": {
     "decode": {"BLOCK_K": 64, "BLOCK_R": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3,
                "expand_num_warps": 4, "expand_num_stages": 1},
 }}
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Fused shrink→expand or two launches, per regime. Untuned: no GPU in this task (bench it, then flip).
+# Fused shrink→expand or two launches, per regime. Not timed on a GPU: two launches, the default, until a GPU
+# run of the bench's multi_lora cases shows the fused launch faster in a regime.
 FUSED = {"decode": False, "prefill": False}
 
 
@@ -223,6 +225,7 @@ def _multi_lora_fused_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
+    # the expand kernel's prologue, written out: the early return of a rank-0 adapter cannot sit in a jit helper
     adapter, rank, rows, m_mask = _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M)
     if rank == 0:
         return
@@ -298,8 +301,8 @@ def multi_lora_add_(
     expand (default: ``FUSED`` for the regime, decode when ``block_m == 1``).
     """
     for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} dtype {t.dtype} is not one of {_DTYPES}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not one of {DTYPES}")
     if y.dtype != x.dtype:
         raise TypeError(f"y dtype {y.dtype} != x dtype {x.dtype}")
     if lora_b.dtype != lora_a.dtype or lora_a.dtype not in (x.dtype, torch.float32):

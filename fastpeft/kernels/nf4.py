@@ -43,9 +43,9 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4_CODE, NF4Weight
+from .checks import DTYPES
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _code_cache: dict = {}
 # Dequantiser tiles per GPU architecture. Source: a memory-bound copy; a program takes 16 rows x GROUPS groups
 # of GROUP tiles of 256 columns, the tables loaded once and a group's absmax once per row; a tile is 32 codes
@@ -377,8 +377,8 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = None, out: torch.Tens
     dtype = weight.dtype if dtype is None else dtype
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"expected an NF4Weight, got {type(weight).__name__}")
-    if dtype not in _OUT_DTYPES:
-        raise TypeError(f"NF4 dequantisation produces one of {_OUT_DTYPES}, not {dtype}")
+    if dtype not in DTYPES:
+        raise TypeError(f"NF4 dequantisation produces one of {DTYPES}, not {dtype}")
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or out.device != weight.device or not out.is_contiguous():

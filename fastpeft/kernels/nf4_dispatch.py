@@ -10,11 +10,10 @@ every row at once). fp32 has no tensor-core path in either: Triton only below 8 
 has no MMA kernel ... custom only wins in the SIMT range (M<8)").
 
 A file written by ``fastpeft tune`` (``fastpeft.kernels.tuning``; read by ``fastpeft.kernels.tune_file``)
-for the running architecture is preferred over the shipped table. Overrides, read at each call (so a test or a user can move the
-crossovers without editing code), win over both:
-``FASTPEFT_NF4_GEMV_MAX_M`` (largest ``M`` on the GEMV) and ``FASTPEFT_NF4_TRITON_MAX_M`` (largest ``M``
-on a Triton kernel; above it, cuBLAS), or the same names set with :func:`set_thresholds`. ``fastpeft
-info`` shows the table in use.
+for the running architecture is preferred over the shipped table. Overrides, read at each call (so a test or
+a user can move the crossovers without editing code), win over both: ``FASTPEFT_NF4_GEMV_MAX_M`` (largest
+``M`` on the GEMV) and ``FASTPEFT_NF4_TRITON_MAX_M`` (largest ``M`` on a Triton kernel; above it, cuBLAS),
+or the same names set with :func:`set_thresholds`. ``fastpeft info`` shows the table in use.
 """
 
 from __future__ import annotations

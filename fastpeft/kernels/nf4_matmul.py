@@ -26,8 +26,9 @@ step ``s`` takes the pass's W rows ``t * GROUP + s``: a thread's few rows per st
 steps, so its dy values are one vector load. Every NF4 main loop is then at most one global memory
 instruction per 16 weight elements (``fastpeft check-kernels``).
 
-What runs is a plan (``plan_nf4_matmul``, from ``fastpeft.kernels.dispatch``: rules on ``M`` and the
-number of SM waves the output fills, per GPU architecture, each table entry citing its source):
+What runs is a plan (:func:`plan_nf4_lora_matmul`; the variant from ``fastpeft.kernels.nf4_dispatch.nf4_path``:
+rules on ``M`` and the number of SM waves the output fills, per GPU architecture, each table entry citing its
+source):
 
 - ``gemv`` (decode, ``M = 1``): GemLite's split-K GEMV shape: each program takes ``BLOCK_N`` outputs and a
   short slice of ``K`` (``CHUNKS`` steps of ``BLOCK_K``), multiplies in fp32 and reduces with ``tl.sum``
@@ -56,9 +57,9 @@ launched with fp-fusion on: a nested absmax may then differ from bitsandbytes' i
 far below any matmul's rounding; bit-exact dequantisation is ``fastpeft.kernels.nf4``'s job (and the
 ``cublas`` path's, which dequantises with it).
 
-Limits: tile shapes are taken from the anchors' published tables, not tuned on a GPU here (``fastpeft
-tune`` is the place for per-GPU crossovers). The dense-weight LoRA path is cuBLAS in
-``fastpeft/ops/lora.py`` and needs no kernel.
+Limits: tile shapes are taken from the anchors' published tables and the static check, not timed on a GPU
+(``fastpeft tune`` measures the per-GPU crossovers between the variants, not the tiles). The dense-weight
+LoRA path is cuBLAS in ``fastpeft/ops/lora.py`` and needs no kernel.
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
+from .checks import DTYPES, check_activations, check_vector
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
                   nf4_tables, packed_word_aligned, take_column)
 from .nf4_dispatch import nf4_path
 from .plan import LaunchPlan, config_for, device_arch, launch
 
 # Tiles, warps and stages per variant and GPU architecture (``fastpeft.kernels.plan.config_for``); every number
-# measured with check-kernels' sm_80 / sm_89 / sm_90a compiles (no GPU), for bf16, fp16 and bf16 + fp32 adapters.
+# measured with check-kernels' static sm_80 / sm_89 / sm_90a compiles (registers, spills, loads; nothing timed),
+# for bf16, fp16 and bf16 + fp32 adapters.
 # The main loop takes GROUP steps of BLOCK_K per pass: the absmax blocks of the GROUP steps load once per row
 # (and the nested absmax once per row and group), so a 64-code step costs two 128-bit packed loads and one
 # activation load, which puts every loop at <= 1 global memory instruction per 16 weight elements.
@@ -114,7 +117,6 @@ SPLITK_CONFIGS = {
              "BLOCK_K": 64, "MAX_BLOCK_R": 16, "TARGET_PROGRAMS": 284, "MAX_SPLIT_K": 16, "num_warps": 4,
              "num_stages": 1},
 }
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -250,19 +252,6 @@ def _nf4_lora_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _check_vector(name: str, t, length: int, a: torch.Tensor):
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must be a 1-D tensor of {length} elements, got {tuple(getattr(t, 'shape', ()))}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} dtype must be one of {_DTYPES}, got {t.dtype}")
-    if t.device != a.device:
-        raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def plan_nf4_lora_matmul(
     m: int, n: int, k: int, rank: int = 0, *, blocksize: int = 64, nested: bool = False, has_bias: bool = False,
     has_col_scale: bool = False, transpose_weight: bool = False, in_features: Optional[int] = None,
@@ -375,10 +364,7 @@ def nf4_lora_matmul(
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-    if not isinstance(a, torch.Tensor) or a.dim() != 2:
-        raise ValueError(f"a must be a 2-D tensor, got shape {tuple(getattr(a, 'shape', ()))}")
-    if a.dtype not in _DTYPES:
-        raise TypeError(f"a dtype must be one of {_DTYPES}, got {a.dtype}")
+    check_activations(a)
     if a.device != weight.device:
         raise ValueError(f"a is on {a.device}, the NF4 weight on {weight.device}")
     out_features, in_features = weight.shape
@@ -403,16 +389,16 @@ def nf4_lora_matmul(
             )
         # the LoRA term may be in a wider adapter dtype than a (fp32 factors on a bf16 model): both tiles are
         # loaded in it and the product accumulates in fp32
-        if lora_h.dtype not in _DTYPES or lora_expand.dtype != lora_h.dtype:
+        if lora_h.dtype not in DTYPES or lora_expand.dtype != lora_h.dtype:
             raise TypeError(f"lora_h dtype {lora_h.dtype} and lora_expand dtype {lora_expand.dtype} must be one "
-                            f"dtype of {_DTYPES}")
+                            f"dtype of {DTYPES}")
         for name, t in (("lora_h", lora_h), ("lora_expand", lora_expand)):
             if t.device != a.device:
                 raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
-    _check_vector("bias", bias, n, a)
+    check_vector("bias", bias, n, a)
     if bias is not None and bias.dtype != a.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must equal a's dtype {a.dtype}")
-    _check_vector("col_scale", col_scale, n, a)
+    check_vector("col_scale", col_scale, n, a)
     if out is None:
         out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     elif tuple(out.shape) != (m, n) or out.dtype not in (a.dtype, torch.float32) or out.device != a.device:
