@@ -32,3 +32,16 @@ def check_vector(name: str, t: Optional[torch.Tensor], length: int, a: torch.Ten
         raise ValueError(f"{name} is on {t.device}, a is on {a.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def product_dims(a: torch.Tensor, weight, transpose_weight: bool) -> tuple[int, int, int]:
+    """``(m, k, n)`` of ``a · op(W)`` for an ``(out, in)`` weight (dense or NF4) on ``a``'s device: ``op(W)`` is
+    ``Wᵀ`` (``k = in``, ``n = out``) or, with ``transpose_weight``, ``W`` (``k = out``, ``n = in``); ``a`` must
+    have ``k`` columns."""
+    if weight.device != a.device:
+        raise ValueError(f"a is on {a.device}, the weight on {weight.device}")
+    out_features, in_features = weight.shape
+    k, n = (out_features, in_features) if transpose_weight else (in_features, out_features)
+    if a.shape[1] != k:
+        raise ValueError(f"a has {a.shape[1]} columns; op(W) of a {tuple(weight.shape)} weight needs {k}")
+    return a.shape[0], k, n

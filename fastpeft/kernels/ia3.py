@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .checks import DTYPES, check_activations, check_vector
+from .checks import DTYPES, check_activations, check_vector, product_dims
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
                   nf4_tables, packed_word_aligned)
 from .nf4_dispatch import nf4_path
@@ -235,13 +235,8 @@ def ia3_matmul(
             raise TypeError(f"weight must be a 2-D tensor or an NF4Weight, got {type(weight).__name__}")
         if weight.dtype != a.dtype:
             raise TypeError(f"weight dtype {weight.dtype} must equal a's dtype {a.dtype}")
-    if weight.device != a.device:
-        raise ValueError(f"a is on {a.device}, the weight on {weight.device}")
-    out_features, in_features = weight.shape
-    k, n = (out_features, in_features) if transpose_weight else (in_features, out_features)
-    m = a.shape[0]
-    if a.shape[1] != k:
-        raise ValueError(f"a has {a.shape[1]} columns; op(W) of a {tuple(weight.shape)} weight needs {k}")
+    m, k, n = product_dims(a, weight, transpose_weight)
+    in_features = weight.shape[1]
     check_vector("in_scale", in_scale, k, a)
     check_vector("bias", bias, n, a)
     check_vector("out_scale", out_scale, n, a)

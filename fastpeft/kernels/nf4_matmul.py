@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight, dequant_buffer
-from .checks import DTYPES, check_activations, check_vector
+from .checks import DTYPES, check_activations, check_vector, product_dims
 from .nf4 import (nf4_dequantize, nf4_group_scales, nf4_kernel_args, nf4_layout, nf4_row_nested, nf4_step_tile,
                   nf4_tables, packed_word_aligned, take_column)
 from .nf4_dispatch import nf4_path
@@ -365,16 +365,8 @@ def nf4_lora_matmul(
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
     check_activations(a)
-    if a.device != weight.device:
-        raise ValueError(f"a is on {a.device}, the NF4 weight on {weight.device}")
-    out_features, in_features = weight.shape
-    k, n = (out_features, in_features) if transpose_weight else (in_features, out_features)
-    m = a.shape[0]
-    if a.shape[1] != k:
-        raise ValueError(
-            f"a has {a.shape[1]} columns; the {'W' if transpose_weight else 'Wᵀ'} product with a "
-            f"{tuple(weight.shape)} weight needs {k}"
-        )
+    m, k, n = product_dims(a, weight, transpose_weight)
+    in_features = weight.shape[1]
     if (lora_h is None) != (lora_expand is None):
         raise ValueError("lora_h and lora_expand must be given together")
     rank = 0
