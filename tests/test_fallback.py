@@ -70,7 +70,7 @@ def test_strict_raises_the_kernel_error(fallback, monkeypatch):
     monkeypatch.setenv("FASTPEFT_STRICT", "1")
     _fail_launches(monkeypatch, nf4._nf4_dequant_kernel)
     with pytest.raises(KernelLaunchError, match="nf4_dequantize.*sm_200") as info:
-        ops.dequantize_nf4(_nf4(), torch.float32)
+        ops.nf4_dequantize(_nf4(), torch.float32)
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
@@ -88,7 +88,7 @@ def test_every_op_falls_back(fallback, monkeypatch):
     dense = weight.dequantize(torch.float32)
     lora_a, lora_b = torch.randn(4, 70), torch.randn(19, 4)
     with pytest.warns(RuntimeWarning) as caught:
-        assert torch.equal(ops.dequantize_nf4(weight, torch.float32), dense)
+        assert torch.equal(ops.nf4_dequantize(weight, torch.float32), dense)
         assert_rel_close(ops.dora_weight_norm(weight, lora_a, lora_b, 2.0),
                          reference.dora_weight_norm(dense.double(), lora_a.double(), lora_b.double(), 2.0))
         x, scale = torch.randn(6, 70), torch.rand(70) + 0.5
