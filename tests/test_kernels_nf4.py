@@ -56,22 +56,6 @@ def test_triton_dequant_writes_every_element(triton_backend):
     assert torch.equal(out, weight.dequantize(torch.float32))
 
 
-def test_dequant_op_passes_opcheck():
-    weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
-    torch.library.opcheck(
-        torch.ops.fastpeft.nf4_dequantize.default,
-        (*weight.op_args(), torch.float16),
-    )
-
-
-def test_dequant_rejects_bad_dtype():
-    weight = NF4Weight.quantize(torch.randn(4, 64), 64)
-    with pytest.raises(TypeError, match="not torch.int8"):
-        nf4_dequantize(weight, torch.int8)
-    with pytest.raises(TypeError, match="expected an NF4Weight"):
-        nf4_dequantize(torch.randn(4, 64))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("double_quant", [False, True])
