@@ -104,6 +104,7 @@ _fused_linear_op = register_primitive(
     _fake, _launch, reference.fused_linear, _from_op_args, _to_op_result)
 
 
+# the arguments of fastpeft.reference.fused_linear (keyword-only here): the op's CPU kernel takes them as they are
 def fused_linear(
     a: torch.Tensor,
     weight: Weight,

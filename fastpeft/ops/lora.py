@@ -164,6 +164,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dx_dropped, None, dbias, da, db, None, None, None
 
 
+# the signature of fastpeft.reference.lora_linear (plus dropout_p), the oracle this op is held to
 def lora_linear(
     x: torch.Tensor,
     weight: Weight,
