@@ -264,7 +264,8 @@ def test_the_cpu_path_runs_the_reference_directly(monkeypatch, dense):
     y = layer(x)
     y.sum().backward()
     assert x.grad is not None and layer.ia3_l.grad is not None
-    assert (len(direct), len(functions)) == ((7, 0) if dense else (6, 1))
+    # over NF4 the Function's own products (z for dl, then dx) are the primitive's reference
+    assert (len(direct), len(functions)) == ((7, 0) if dense else (8, 1))
 
 
 def test_a_called_layer_pickles_and_copies():
