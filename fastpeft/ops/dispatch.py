@@ -41,14 +41,15 @@ _warned_ops: set = set()
 
 BACKENDS = ("auto", "triton", "reference")
 _BACKEND_VARIABLE = "FASTPEFT_BACKEND"
-# FASTPEFT_BACKEND as last read and its parsed name: parsing runs only when the variable changes. Reading it costs
-# one ``os.environ.get`` per call (about 1.2 µs when unset, where ``os.environ`` raises and catches a KeyError
-# inside; 0.4 µs when set; CPython 3.12, CPU).
-_backend_read: list = [None, "auto"]
+# (FASTPEFT_BACKEND as last read, its parsed name), replaced as one tuple (a thread reads either pair whole): parsing
+# runs only when the variable changes. Reading it costs one ``os.environ.get`` per call (about 1.2 µs when unset,
+# where ``os.environ`` raises and catches a KeyError inside; 0.4 µs when set; CPython 3.11, CPU).
+_backend_read: tuple = (None, "auto")
 
 
 def requested_backend() -> str:
     """The backend asked for by ``FASTPEFT_BACKEND`` (``auto`` when unset); ValueError for another name."""
+    global _backend_read
     raw = os.environ.get(_BACKEND_VARIABLE)
     read = _backend_read
     if raw == read[0]:
@@ -56,7 +57,7 @@ def requested_backend() -> str:
     name = "auto" if raw is None else raw.strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FASTPEFT_BACKEND={name!r} is not one of {BACKENDS}")
-    _backend_read[:] = [raw, name]
+    _backend_read = (raw, name)
     return name
 
 
