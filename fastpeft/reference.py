@@ -202,8 +202,14 @@ def fused_linear(
     Where autograd records none of this (the op's kernel, inference), an NF4 base is dequantised into the thread's
     reusable buffer and the column scale is applied in place: the same values, no ``(M, N)`` temporary. Called
     directly under autograd, autograd differentiates these torch ops."""
-    recording = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (a, in_scale, bias, lora_h, lora_expand, col_scale, reduce_rows))
+    nf4 = isinstance(weight, NF4Weight)
+    # only the reusable buffer and the in-place scale depend on it: not asked for a dense product without a scale
+    recording = (nf4 or col_scale is not None) and torch.is_grad_enabled() and (
+        a.requires_grad or (bias is not None and bias.requires_grad)
+        or (col_scale is not None and col_scale.requires_grad)
+        or (in_scale is not None and in_scale.requires_grad) or (lora_h is not None and lora_h.requires_grad)
+        or (lora_expand is not None and lora_expand.requires_grad)
+        or (reduce_rows is not None and reduce_rows.requires_grad))
     w = base_weight(weight, a.dtype, scratch=not recording)
     if out_dtype is not None and out_dtype != a.dtype:
         # the products of a's values kept in out_dtype's (fp32) accumulator: W rounded to a's dtype first
@@ -216,7 +222,7 @@ def fused_linear(
     else:
         z = F.linear(a, w, inner_bias)
     if lora_h is not None:
-        if isinstance(weight, NF4Weight) or lora_h.dtype != a.dtype:
+        if nf4 or lora_h.dtype != a.dtype:
             z = z + (lora_h @ lora_expand) * scaling
         else:
             z = z.addmm_(lora_h, lora_expand, alpha=scaling)
