@@ -9,8 +9,8 @@ Public API:
   too). Gradients for ``x``, ``ia3_scale`` and ``bias``.
 
 Every product is the ``fused_linear`` primitive (``fastpeft.ops.fused_linear``: its input scale, its column scale with
-the bias scaled too, its fused row reduction). Every pass is one kernel launch except the output-scaling backward on the Triton backend, which recomputes
-``z = x Wᵀ + b`` for ``dl = Σ_t dy ⊙ z`` in a second launch (reduced on the fly, never stored: the GPU trades a
+the bias scaled too, its fused row reduction). Every pass is one kernel launch except the output-scaling backward on
+the Triton backend, which recomputes ``z = x Wᵀ + b`` for ``dl = Σ_t dy ⊙ z`` in a second launch (reduced on the fly, never stored: the GPU trades a
 second pass over ``W`` for an ``(M, out)`` activation). Off it (the CPU path), where recomputing would be a
 second full matmul per backward and slower than PEFT, ``z`` is kept, as autograd keeps it for PEFT's
 ``result * l``: over a dense base, eager, autograd differentiates the reference's torch ops
@@ -39,11 +39,6 @@ from .fused_linear import fused_linear
 from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_vector, rows_like
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the dispatch when it is a no-op (it costs as much as a small layer's math at M = 1)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _forward(x2d, weight: Weight, bias, ia3_scale, is_feedforward: bool) -> torch.Tensor:
     """The forward on 2-D ``x2d`` ``(M, in)``: ``(M, out)``; ``ia3_scale`` None: the base layer alone."""
     if ia3_scale is None:
@@ -64,7 +59,8 @@ class IA3LinearFunction(torch.autograd.Function):
         if (not is_feedforward and ia3_scale is not None and ctx.needs_input_grad[3]
                 and backend_for(x2d.device) == "reference"):
             base_out = fused_linear(x2d, weight, bias=bias, scale_bias=True)[0]
-            y = _cast(base_out * ia3_scale, x2d.dtype)  # the reference's column-scale arithmetic
+            y = base_out * ia3_scale  # the reference's column-scale arithmetic
+            y = y if y.dtype == x2d.dtype else y.to(x2d.dtype)
         else:
             y = _forward(x2d, weight, bias, ia3_scale, is_feedforward)
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
@@ -153,12 +149,12 @@ def ia3_linear(
                          f" for is_feedforward={is_feedforward}")
             bias = None if bias is None else bias.to(cast_to)
             if is_feedforward:
-                scaled = _cast(x * ia3_scale, x.dtype).to(cast_to)
+                scaled = (x * ia3_scale).to(x.dtype).to(cast_to)
                 return _ia3(scaled, weight.to(cast_to), bias, None, False, in_features, out_features)
             return _ia3(x.to(cast_to), weight.to(cast_to), bias, ia3_scale, False, in_features, out_features)
     out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
     check_vector("ia3_scale", ia3_scale, (in_features if is_feedforward else out_features,), x.device,
                  f" for is_feedforward={is_feedforward}")
-    if bias is not None:
-        bias = _cast(bias, x.dtype)
+    if bias is not None and bias.dtype != x.dtype:  # a cast that does nothing still costs a dispatch
+        bias = bias.to(x.dtype)
     return _ia3(x, weight, bias, ia3_scale, is_feedforward, in_features, out_features)
