@@ -11,7 +11,7 @@ the per-token math of ``fastpeft.reference.multi_lora_delta`` grouped by adapter
 only) instead of once per layer.
 
 The bank is in the activations' dtype or, for PEFT's fp32 adapters on a bf16 / fp16 model, in fp32: the
-adapter terms are then computed in fp32 (the reference path casts where PEFT's ``_mixed_batch_forward``
+adapter terms are then computed in fp32 (the reference casts where PEFT's ``_mixed_batch_forward``
 does; the kernels keep fp32 in registers and round once into ``y``).
 """
 
