@@ -190,11 +190,11 @@ def _three_ways(op, reference_op, inputs: list) -> tuple:
 def _nf4_dequant_check(ctx: Context, out_f: int, in_f: int, dtype, nested: bool) -> Check:
     def run():
         from fastpeft.nf4 import NF4Weight
-        from fastpeft.ops import dequantize_nf4
+        from fastpeft.ops import nf4_dequantize
 
         weight = NF4Weight.quantize(_random(ctx.device, out_f, in_f, seed=1), 64, double_quant=nested)
         with launched(ctx, dtype, {("nf4_dequantize", "tiles")}) as detail:
-            out = dequantize_nf4(weight, dtype)
+            out = nf4_dequantize(weight, dtype)
         # bit-exact: the fp32 code x absmax product, one rounding to dtype (bitsandbytes' order)
         assert torch.equal(out, weight.dequantize(torch.float64).float().to(dtype)), "not bit-exact"
         return detail

@@ -98,7 +98,7 @@ def _nf4_gemv_setup(impl: str, out_f: int, in_f: int):
     def setup(cfg):
         from fastpeft.bench.cases import Prepared, _inputs, _weights
         from fastpeft.nf4 import NF4Weight
-        from fastpeft.ops import nf4_lora_matmul
+        from fastpeft.ops import fused_linear
 
         nf4 = NF4Weight.quantize(_weights(cfg, out_f, in_f).weight, 64, double_quant=True)
         if impl == "copy":
@@ -107,8 +107,8 @@ def _nf4_gemv_setup(impl: str, out_f: int, in_f: int):
                             note="device-to-device copy of the packed NF4 bytes")
         xs = _inputs(cfg, 1, in_f, seed=1)
         elsize = xs[0].element_size()
-        return Prepared(lambda i: nf4_lora_matmul(xs[i % len(xs)], nf4), tokens=1, flops=2 * out_f * in_f,
-                        bytes_moved=nf4.nbytes + elsize * (in_f + out_f), note="fastpeft.ops.nf4_lora_matmul")
+        return Prepared(lambda i: fused_linear(xs[i % len(xs)], nf4)[0], tokens=1, flops=2 * out_f * in_f,
+                        bytes_moved=nf4.nbytes + elsize * (in_f + out_f), note="fastpeft.ops.fused_linear")
     return setup
 
 

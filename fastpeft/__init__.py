@@ -6,7 +6,7 @@ nor bitsandbytes; each is imported where it is first needed.
 
 from . import reference
 from .nf4 import NF4Weight
-from .ops import dequantize_nf4, dora_linear, ia3_linear, lora_linear
+from .ops import nf4_dequantize, dora_linear, ia3_linear, lora_linear
 from .nn import DoraLinear, IA3Linear, LoraLinear
 from .adapters import Adapter, load_adapter, save_adapter
 from .serving import MultiLoraModel
@@ -15,7 +15,7 @@ from .patch import (PatchSummary, accelerate, inject, load_model_adapter, print_
 
 __version__ = "0.1.0"
 
-__all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "dequantize_nf4",
+__all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "nf4_dequantize",
            "LoraLinear", "lora_linear", "DoraLinear", "dora_linear", "IA3Linear", "ia3_linear", "reference", "__version__",
            "PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
            "trainable_parameters", "print_trainable_parameters"]

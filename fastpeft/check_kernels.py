@@ -97,8 +97,6 @@ def weight_tile(plan) -> int:
         return plan.runtime["weight_tile"]
     if plan.op in ("nf4_lora_matmul", "ia3_matmul"):  # GROUP steps of BLOCK_K per iteration
         return c.get("GROUP", 1) * c["BLOCK_K"] * c["BLOCK_N"]
-    if plan.op == "dora_weight_norm":
-        return c["BLOCK_O"] * c["BLOCK_K"]
     if plan.op == "nf4_dequantize":  # GROUP tiles of BLOCK_R x BLOCK_C per iteration
         return c.get("GROUP", 1) * c["BLOCK_R"] * c["BLOCK_C"]
     if plan.op == "multi_lora_add_":  # adapter weights: A slices in shrink (and fused), B slices in expand
@@ -160,8 +158,8 @@ def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f:
                     adapter_dtype) -> list:
     """``[(step, plan, args)]``: the Triton launches of one layer's forward and backward, as the autograd
     functions in ``fastpeft.ops`` issue them (no dropout, every input requiring a gradient)."""
-    from .kernels.dora import dora_weight_norm
     from .kernels.ia3 import ia3_matmul
+    from .kernels.nf4 import nf4_dequantize
     from .kernels.nf4_matmul import nf4_lora_matmul
 
     weight = _nf4_weight(out_f, in_f, dtype) if base == "nf4" else _meta(out_f, in_f, dtype=dtype)
@@ -175,8 +173,11 @@ def _layer_launches(arch: str, family: str, base: str, m: int, out_f: int, in_f:
                       dict(transpose_weight=True, lora_h=g, lora_expand=lora_a, scaling=2.0)))
     elif family == "dora":  # ops/dora.py: norm; c ⊙ (x Wᵀ + s h Bᵀ); dx = dz W + s g A; dm's reduction
         col_scale = _meta(out_f, dtype=adapter_dtype)
-        steps.append(("norm", dora_weight_norm, (weight, lora_a, lora_b, 2.0), dict(dtype=dtype)))
         if base == "nf4":
+            # the norm's identity: ‖W‖² of the dequantised base (once per base), then A Wᵀ with M = r rows, fp32 out
+            steps.append(("norm", nf4_dequantize, (weight, dtype), {}))
+            steps.append(("norm", nf4_lora_matmul, (_meta(rank, in_f, dtype=dtype), weight),
+                          dict(out=_meta(rank, out_f, dtype=torch.float32))))
             steps.append(("fwd", nf4_lora_matmul, (x, weight),
                           dict(lora_h=h, lora_expand=lora_b.t(), scaling=2.0, col_scale=col_scale)))
             steps.append(("dx", nf4_lora_matmul, (dy, weight),

@@ -351,19 +351,6 @@ class NF4Weight:
         packed, absmax, code2, absmax2, offset = (None if t is None else t.to(device) for t in self._tensors())
         return NF4Weight(packed, absmax, self.shape, self.dtype, self.blocksize, code2, absmax2, offset)
 
-    def op_args(self) -> tuple:
-        """This weight as flat arguments a ``torch.library`` op can take: ``(packed, absmax, nested_code,
-        nested_absmax, nested_offset, out_features, in_features, blocksize, dtype)``; see :meth:`from_op_args`."""
-        return (self.packed, self.absmax, self.nested_code, self.nested_absmax, self.nested_offset,
-                self.out_features, self.in_features, self.blocksize, self.dtype)
-
-    @classmethod
-    def from_op_args(cls, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features,
-                     blocksize, dtype) -> "NF4Weight":
-        """Inverse of :meth:`op_args`."""
-        return cls(packed, absmax, (out_features, in_features), dtype, blocksize, nested_code, nested_absmax,
-                   nested_offset)
-
     # ------------------------------------------------------------------ reference dequantisation
     def absmax_fp32(self) -> torch.Tensor:
         """The fp32 per-block absmax, rebuilt from the second level when double-quantised."""
@@ -400,6 +387,31 @@ class NF4Weight:
 
 
 _thread_buffers = threading.local()  # per thread (threads run layers concurrently), freed with the thread
+
+
+# A base weight as arguments of a ``torch.library`` op (an op takes tensors, numbers and dtypes, not objects): the
+# schema fragment every fastpeft op with a weight declares, and the two conversions.
+WEIGHT_OP_SCHEMA = ("Tensor? dense, Tensor? packed, Tensor? absmax, Tensor? nested_code, Tensor? nested_absmax, "
+                    "Tensor? nested_offset, int out_features, int in_features, int blocksize, ScalarType weight_dtype")
+
+
+def weight_op_args(weight: Union[torch.Tensor, NF4Weight]) -> tuple:
+    """A dense ``(out, in)`` tensor or an :class:`NF4Weight` as the ten arguments of :data:`WEIGHT_OP_SCHEMA`:
+    ``(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out, in, blocksize, dtype)``, ``dense``
+    None for an NF4 weight and the NF4 tensors None for a dense one."""
+    if isinstance(weight, NF4Weight):
+        return (None, weight.packed, weight.absmax, weight.nested_code, weight.nested_absmax, weight.nested_offset,
+                weight.out_features, weight.in_features, weight.blocksize, weight.dtype)
+    return (weight, None, None, None, None, None, weight.shape[0], weight.shape[1], 64, weight.dtype)
+
+
+def weight_from_op_args(dense, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features,
+                        blocksize, weight_dtype) -> Union[torch.Tensor, NF4Weight]:
+    """The weight :func:`weight_op_args` flattened."""
+    if dense is not None:
+        return dense
+    return NF4Weight(packed, absmax, (out_features, in_features), weight_dtype, blocksize, nested_code, nested_absmax,
+                     nested_offset)
 
 
 def dequant_buffers(device: torch.device) -> dict:

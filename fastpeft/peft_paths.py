@@ -37,7 +37,7 @@ from .nn.multi_lora import _add_lora
 from .ops.compile_compat import fresh_output_when_compiling
 from .ops.lora import lora_linear
 from .ops.multi_lora import MultiLoraMeta
-from .ops.nf4 import dequantize_nf4
+from .ops.nf4_dequantize import nf4_dequantize
 
 __all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
            "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
@@ -312,7 +312,7 @@ class _BnbCpuKernelLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             weight = cached_nf4_view(layer, layer.weight)
             compute_dtype = dy.dtype if layer.compute_dtype is None else layer.compute_dtype
-            dense = dequantize_nf4(weight, weight.dtype).to(compute_dtype)
+            dense = nf4_dequantize(weight, weight.dtype).to(compute_dtype)
             dx = (dy.to(compute_dtype) @ dense).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)

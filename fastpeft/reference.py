@@ -1,8 +1,14 @@
 """Plain-PyTorch reference of every fastpeft op: the oracle in tests and the CPU path.
 
+Two kinds of function. The device primitives' CPU implementations, registered as the ``cpu`` kernels of the
+``torch.library`` ops in ``fastpeft.ops`` (and run on CUDA tensors under ``FASTPEFT_BACKEND=reference``):
+:func:`fused_linear`, :func:`nf4_dequantize`, :func:`multi_lora_add_`. And the layers' references, PEFT's math
+op for op: :func:`lora_linear`, :func:`dora_linear`, :func:`ia3_linear`, :func:`multi_lora_linear`,
+:func:`multi_lora_delta`, :func:`dora_weight_norm`.
+
 Each function computes in the dtype of its inputs (tests pass float64 tensors to get the exact
-answer) and is differentiable by autograd with respect to every tensor that requires grad. The base
-weight is either a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`, which is
+answer); the layer references are differentiable by autograd with respect to every tensor that requires grad. The
+base weight is either a dense ``(out, in)`` tensor or an :class:`~fastpeft.nf4.NF4Weight`, which is
 dequantised to ``x.dtype`` (bit-exact fp32 values, then one cast).
 
 Shapes: ``x`` is ``(..., in)``, ``weight`` ``(out, in)``, ``lora_a`` ``(r, in)``, ``lora_b`` ``(out, r)``,
@@ -15,15 +21,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Optional, Sequence, Union
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .nf4 import NESTED_BLOCKSIZE, NF4Weight, dequant_buffer
 
+if TYPE_CHECKING:
+    from .bank import LoraBank
+
 __all__ = [
     "base_weight",
+    "fused_linear",
+    "nf4_dequantize",
+    "multi_lora_add_",
+    "MultiLoraGrouping",
     "lora_linear",
     "dora_weight_norm",
     "dora_base_weight",
@@ -136,6 +151,249 @@ def _bnb_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (it costs as much as a small layer's math at M = 1)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of :func:`fused_linear`'s row reduction: fp32 accumulation, or fp64 for fp64 inputs (an fp32 sum
+    would lose what the caller asked fp64 for)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fused_linear(
+    a: torch.Tensor,
+    weight: Weight,
+    transpose_weight: bool = False,
+    in_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale_bias: bool = False,
+    lora_h: Optional[torch.Tensor] = None,
+    lora_expand: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    col_scale: Optional[torch.Tensor] = None,
+    reduce_rows: Optional[torch.Tensor] = None,
+    store_out: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
+) -> tuple:
+    """The ``fastpeft::fused_linear`` primitive: ``(out, reduced)`` with
+
+        z       = (a ⊙ in_scale) · op(W) + s · lora_h · lora_expand   (+ bias when ``scale_bias``)
+        out     = col_scale ⊙ z                                        (+ bias when not ``scale_bias``)
+        reduced = Σ_m reduce_rows ⊙ z
+
+    ``a`` ``(M, K)``; ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or ``W`` with ``transpose_weight``; ``in_scale``
+    ``(K,)``; ``bias``, ``col_scale`` ``(N,)``; ``lora_h`` ``(M, r)`` with ``lora_expand`` ``(r, N)``;
+    ``reduce_rows`` ``(M, N)``. ``out`` ``(M, N)`` in ``a.dtype`` (or ``out_dtype``: float32 keeps the accumulator
+    unrounded), None unless ``store_out``; ``reduced`` ``(N,)`` in :func:`reduction_dtype`, None without
+    ``reduce_rows``. The adapter tensors (``lora_h`` / ``lora_expand``, ``col_scale``) may be wider than ``a``
+    (fp32 adapters on a bf16 model): their terms are formed in their dtype and the sum rounded once.
+
+    Roundings, as PEFT's layers round: the bias joins the product (``F.linear(a, W, b)``, ``nn.Linear``'s and
+    bitsandbytes' one rounding) unless a column scale lies between them (``col_scale`` without ``scale_bias``); the
+    input scale is ``a ⊙ in_scale`` in the promoted dtype rounded to ``a.dtype`` (PEFT's IA3 ``x ⊙ l``); the LoRA
+    term is added by ``addmm_(alpha=s)`` into a dense base's product of ``a.dtype`` (BLAS with ``beta = 1``), as
+    PEFT's ``base + (h Bᵀ) · s`` (two roundings, then the sum) otherwise (an NF4 base, whose dequantised product is
+    bitsandbytes' own, or a wider adapter dtype); then ``⊙ col_scale``, ``+ bias``, one cast to ``a.dtype``.
+
+    Where autograd records none of this (the op's kernel, inference), an NF4 base is dequantised into the thread's
+    reusable buffer and the column scale is applied in place: the same values, no ``(M, N)`` temporary. Called
+    directly under autograd, autograd differentiates these torch ops."""
+    nf4 = isinstance(weight, NF4Weight)
+    # only the reusable buffer and the in-place scale depend on it: not asked for a dense product without a scale
+    recording = (nf4 or col_scale is not None) and torch.is_grad_enabled() and (
+        a.requires_grad or (bias is not None and bias.requires_grad)
+        or (col_scale is not None and col_scale.requires_grad)
+        or (in_scale is not None and in_scale.requires_grad) or (lora_h is not None and lora_h.requires_grad)
+        or (lora_expand is not None and lora_expand.requires_grad)
+        or (reduce_rows is not None and reduce_rows.requires_grad))
+    w = base_weight(weight, a.dtype, scratch=not recording)
+    if out_dtype is not None and out_dtype != a.dtype:
+        # the products of a's values kept in out_dtype's (fp32) accumulator: W rounded to a's dtype first
+        a, w = a.to(out_dtype), w.to(out_dtype)
+    if in_scale is not None:
+        a = _cast(a * in_scale, a.dtype)
+    inner_bias = bias if scale_bias or col_scale is None else None
+    if transpose_weight:
+        z = a @ w if inner_bias is None else torch.addmm(inner_bias, a, w)
+    else:
+        z = F.linear(a, w, inner_bias)
+    if lora_h is not None:
+        if nf4 or lora_h.dtype != a.dtype:
+            z = z + (lora_h @ lora_expand) * scaling
+        else:
+            z = z.addmm_(lora_h, lora_expand, alpha=scaling)
+    reduced = None
+    if reduce_rows is not None:
+        acc = reduction_dtype(a.dtype)
+        reduced = (reduce_rows.to(acc) * z.to(acc)).sum(0)
+    if not store_out:
+        return None, reduced
+    out = z
+    if col_scale is not None:
+        in_place = not recording and reduce_rows is None and col_scale.dtype == z.dtype and z.dtype == a.dtype
+        out = z.mul_(col_scale) if in_place else z * col_scale
+        if not scale_bias and bias is not None:
+            out = out + bias
+    return _cast(out, a.dtype), reduced
+
+
+def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The ``fastpeft::nf4_dequantize`` primitive: the dense ``(out, in)`` weight in ``dtype``, a tensor of its
+    own, bit-exact with bitsandbytes' ``dequantize_4bit`` (:func:`base_weight`)."""
+    return base_weight(weight, dtype)
+
+
+# Multi-LoRA's CPU grouping: gather each row's adapter factors and bmm (instead of one matmul pair per adapter) when
+# the batch has at most this many rows per adapter it names (the gathered copies then stay within that multiple of
+# the used adapters' own size). CPU, tiny Llama (python -m bench.check_cpu --cases multi_lora_decode): 16 adapters
+# over 16 rows, decode and prefill, ~2-5x faster than the loop.
+GATHER_MAX_ROWS_PER_ADAPTER = 4
+
+
+@dataclass(frozen=True)
+class MultiLoraGrouping:
+    """How :func:`multi_lora_add_` groups a batch's tokens by adapter (host-side, built once per batch layout).
+
+    ``groups``: per adapter ``k`` the batch names, ``(k, rows, weights)``: ``rows`` the tokens using it
+    (None for every token, a ``slice`` when contiguous, else int64 indices, ascending), ``weights`` fp32 ``(n, 1)``
+    summed over the token's slots naming ``k``, or None when all are 1. ``gather``: for the batched path (one slot,
+    the tokens in rows of ``T`` consecutive tokens that share an adapter, few rows per adapter)
+    ``(T, rows, ids, weights, key)``: ``rows`` int64 of the rows with an adapter (None: every row), ``ids``
+    int64 their adapter, ``weights`` fp32 ``(n,)`` or None; else None."""
+
+    groups: tuple
+    gather: Optional[tuple]
+    # per layer and row layout (keyed by the bank's lora_a, held so its id stays its own, and the rows' adapters):
+    # the gathered, transposed factors and per-row coefficients of the batched path, built at the first call
+    # and reused by the next ones; shared by the groupings of one batch (prefill and decode steps)
+    gathered: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, slot_ids: torch.Tensor, slot_weights: torch.Tensor,
+              gathered: Optional[dict] = None) -> "MultiLoraGrouping":
+        """From ``slot_ids`` int ``(M, S)`` (``-1``: empty slot) and fp32 ``slot_weights`` ``(M, S)``; ``gathered``:
+        the dict of gathered factors to share (a new one when None)."""
+        ids = slot_ids.long()
+        groups = []
+        for k in torch.unique(ids[ids >= 0]).tolist():
+            weight_k = torch.where(ids == k, slot_weights, 0).sum(-1)
+            rows = weight_k.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            weights = weight_k[rows]
+            weights = None if bool((weights == 1).all()) else weights[:, None]
+            start, n = int(rows[0]), rows.numel()
+            if n == ids.shape[0]:
+                rows = None  # every token (decode with one adapter): no slicing at each layer call
+            elif int(rows[-1]) - start + 1 == n:
+                rows = slice(start, start + n)
+            groups.append((k, rows, weights))
+        return cls(tuple(groups), _gather_rows(ids, slot_weights, len(groups)), {} if gathered is None else gathered)
+
+
+def _gather_rows(ids: torch.Tensor, slot_weights: torch.Tensor, n_adapters: int) -> Optional[tuple]:
+    """``MultiLoraGrouping.gather`` for int64 ``ids`` ``(M, S)`` (with the rows' adapters and weights appended as a
+    hashable key of the gathered factors), or None. ``T`` is the gcd of the lengths of the
+    runs of equal (adapter, weight) in token order: every block of ``T`` tokens then lies inside one run
+    (a prefill row's tokens share its adapter; decode has ``T = 1``)."""
+    if ids.shape[1] != 1 or n_adapters < 2:
+        return None
+    ids, weights = ids[:, 0], slot_weights[:, 0]
+    change = ((ids[1:] != ids[:-1]) | (weights[1:] != weights[:-1])).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), ids.shape[0]]
+    tokens_per_row = math.gcd(*(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+    ids, weights = ids[::tokens_per_row], weights[::tokens_per_row]
+    if ids.shape[0] > GATHER_MAX_ROWS_PER_ADAPTER * n_adapters:
+        return None
+    rows = ((ids >= 0) & (weights != 0)).nonzero().squeeze(1)
+    weights = weights[rows]
+    key = (tuple(ids.tolist()), tuple(weights.tolist()))
+    return (tokens_per_row, None if rows.numel() == ids.shape[0] else rows, ids[rows],
+            None if bool((weights == 1).all()) else weights, key)
+
+
+def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, bank: "LoraBank", slot_ids: torch.Tensor,
+                    slot_weights: torch.Tensor, grouping: Optional[MultiLoraGrouping] = None) -> torch.Tensor:
+    """The ``fastpeft::multi_lora_add_`` primitive: ``y += Σ_j w[:, j] · s_k · (x A_kᵀ) B_kᵀ`` per token in place,
+    ``k = slot_ids[t, j]`` (``-1``: empty slot), ``w = slot_weights``, for ``x`` ``(M, in)``, ``y`` ``(M, out)``
+    and the adapters of ``bank`` (a :class:`~fastpeft.bank.LoraBank`); returns ``y``. The per-token math of
+    :func:`multi_lora_delta`, grouped by adapter as ``grouping`` (:class:`MultiLoraGrouping` of ``slot_ids`` and
+    ``slot_weights``, built here when None) says: the tokens of each adapter as a slice when they are contiguous
+    (prefill: a row's tokens are), so the LoRA term is one in-place ``addmm_`` on a view; and, when the batch's rows
+    are spread over many adapters with a single slot each (decode steps, and prefill of rows with distinct
+    adapters), one batched pair of ``bmm`` over per-row gathered adapter factors (gathered once per batch and
+    layer, reused by every step) instead of a loop over adapters. Reads only each adapter's own ``ranks[k]``
+    columns of the zero-padded bank (padding is never read, so never turns inf into NaN).
+
+    A bank in another dtype than ``y`` (fp32 adapters on a bf16 / fp16 model) is used as PEFT's
+    ``_mixed_batch_forward`` uses it: ``x`` cast to the bank's dtype, ``(x Aᵀ) Bᵀ · s`` in that dtype, the
+    term cast to ``y``'s dtype, then added. So is a bank whose scalings do not fuse (``bank.scalings_fuse``:
+    NaN, inf, 0, fp16 factors): ``s`` after the product, never folded into ``B`` or a BLAS alpha."""
+    if grouping is None:
+        grouping = MultiLoraGrouping.build(slot_ids, slot_weights)
+    lora_a, lora_b, ranks = bank.lora_a, bank.lora_b, bank.rank_list
+    cast = lora_a.dtype != y.dtype
+    peft_order = cast or not bank.scalings_fuse
+    used_ranks = {ranks[k] for k, _, _ in grouping.groups}
+    if grouping.gather is not None and len(used_ranks) == 1:
+        rank = used_ranks.pop()
+        if rank == 0:
+            return y
+        tokens_per_row, rows, ids, weights, key = grouping.gather
+        key = (id(lora_a), peft_order, key)
+        cached = grouping.gathered.get(key)
+        if cached is None or cached[0] is not lora_a:
+            # (n, in, r) and (n, r, out), contiguous: bmm of one-row matrices runs an order of magnitude faster
+            # in this orientation than as (r, in) @ (in, 1) on CPU; the row's s_k · w folded into its B once
+            # (kept apart in fp32, applied after the product as PEFT does, in PEFT's order: the fp32 product of a
+            # half-precision term rounded once is PEFT's half-precision multiply by a Python float)
+            a_t = lora_a.index_select(0, ids)[:, :rank].transpose(1, 2).contiguous()
+            coef = bank.scalings.index_select(0, ids)
+            coef = (coef if weights is None else coef * weights).view(-1, 1, 1)
+            b_t = lora_b.index_select(0, ids)[:, :, :rank].transpose(1, 2).contiguous()
+            cached = grouping.gathered[key] = ((lora_a, a_t, b_t, coef) if peft_order
+                                               else (lora_a, a_t, b_t.mul_(coef.to(lora_b.dtype)), None))
+        _, a_t, b_t, coef = cached
+        x_rows = x.view(-1, tokens_per_row, x.shape[-1])  # splitting the token dim: a view at any strides
+        y_rows = y.view(-1, tokens_per_row, y.shape[-1])
+        if rows is not None:
+            x_rows = x_rows.index_select(0, rows)
+        if peft_order:
+            term = (torch.bmm(torch.bmm(x_rows.to(lora_a.dtype), a_t), b_t) * coef).to(y.dtype)
+            if rows is None:
+                y_rows.add_(term)
+            else:
+                y_rows.index_add_(0, rows, term)
+        elif rows is None:
+            y_rows.baddbmm_(torch.bmm(x_rows, a_t), b_t)
+        else:
+            y_rows.index_add_(0, rows, torch.bmm(torch.bmm(x_rows, a_t), b_t))
+        return y
+    for k, rows, weights in grouping.groups:
+        if ranks[k] == 0:  # the adapter does not touch this layer
+            continue
+        a_t, b_t, scaling = bank.adapter_factors(k)
+        scattered = rows is not None and not isinstance(rows, slice)
+        x_k = x if rows is None else x.index_select(0, rows) if scattered else x[rows]
+        h = (x_k.to(a_t.dtype) if cast else x_k) @ a_t
+        if weights is not None:
+            h = h * weights.to(h.dtype)
+        y_k = y if rows is None or scattered else y[rows]
+        if peft_order:
+            term = ((h @ b_t) * scaling).to(y.dtype)
+            if scattered:
+                y.index_add_(0, rows, term)
+            else:
+                y_k.add_(term)
+        elif scattered:
+            y.index_add_(0, rows, h @ b_t, alpha=scaling)
+        else:
+            y_k.addmm_(h, b_t, alpha=scaling)
+    return y
 
 
 def lora_linear(

@@ -16,7 +16,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 import fastpeft
 from fastpeft import nf4 as nf4_module
-from fastpeft.kernels import dora as dora_kernels
+from fastpeft.ops import dora as dora_ops
 
 from conftest import Holder, bnb_linear4bit
 
@@ -77,7 +77,7 @@ def _call(layer, x, mode):
 
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(nf4_module, "_thread_buffers", threading.local(), raising=False)
-    monkeypatch.setattr(dora_kernels, "_weight_sq_norms", WeakTensorKeyDictionary())
+    monkeypatch.setattr(dora_ops, "_weight_sq_norms", WeakTensorKeyDictionary())
 
 
 def _assert_same(got, expected, what):

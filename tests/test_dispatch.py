@@ -103,3 +103,22 @@ def test_info_reports_a_bad_backend_setting_without_a_traceback(monkeypatch, cap
     out = capsys.readouterr().out
     assert "FASTPEFT_BACKEND problem: " in out and problem in out
     assert "CUDA extension" in out  # the lines after the problem are printed too
+
+
+def test_the_backend_variable_is_read_at_every_call(monkeypatch):
+    """The parsed value is kept only while the variable holds the same string: each change is seen at the next call,
+    a bad value raises every time, and unsetting it is ``auto`` again."""
+    from fastpeft.ops.dispatch import requested_backend
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    assert requested_backend() == "auto"
+    for value, expected in (("reference", "reference"), ("triton", "triton"), (" Reference ", "reference"),
+                            ("", "auto"), ("triton", "triton")):
+        monkeypatch.setenv("FASTPEFT_BACKEND", value)
+        assert requested_backend() == expected == requested_backend()
+    monkeypatch.setenv("FASTPEFT_BACKEND", "bogus")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="'bogus' is not one of"):
+            requested_backend()
+    monkeypatch.delenv("FASTPEFT_BACKEND")
+    assert requested_backend() == "auto"

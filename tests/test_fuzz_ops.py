@@ -24,7 +24,7 @@ from fastpeft import reference
 from fastpeft.adapters import ModuleAdapter
 from fastpeft.bank import LoraBank
 from fastpeft.nf4 import NF4Weight
-from fastpeft.ops import MultiLoraMeta, dequantize_nf4, dora_linear, ia3_linear, lora_linear, multi_lora_add_
+from fastpeft.ops import MultiLoraMeta, nf4_dequantize, dora_linear, ia3_linear, lora_linear, multi_lora_add_
 
 from conftest import REL_TOL, kernel_dtypes, non_contiguous
 
@@ -390,7 +390,7 @@ def test_nf4_quantize_and_dequantize_fuzz(backend, request):
             if double_quant:
                 assert torch.equal(weight.nested_absmax, state.state2.absmax)
                 assert torch.equal(weight.nested_offset, state.offset.reshape(()))
-        out = dequantize_nf4(weight, out_dtype)
+        out = nf4_dequantize(weight, out_dtype)
         assert out.dtype == out_dtype and torch.equal(out, _nf4_oracle(weight, out_dtype))
 
     check()

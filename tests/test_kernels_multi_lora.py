@@ -136,15 +136,6 @@ def test_out_of_range_ids_raise_before_launch(triton_backend):
                meta.max_adapter_id)
 
 
-def test_opcheck(reference_backend):
-    bank, _ = random_bank([4, 9], 33, 17, torch.float32)
-    meta = MultiLoraMeta.build(torch.tensor([0, 1, -1, 1]))
-    args = (torch.zeros(4, 17), torch.randn(4, 33), bank.lora_a, bank.lora_b, bank.ranks, bank.scalings,
-            meta.slot_ids, meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m,
-            meta.max_adapter_id)
-    torch.library.opcheck(torch.ops.fastpeft.multi_lora_add_.default, args)
-
-
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_rank_padding_is_never_read(triton_backend, fused, dtype):
     """Ranks 1 and 256 in one bank; the padding is poisoned with NaN, so reading it would show. Rank 16 is

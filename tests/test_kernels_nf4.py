@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastpeft.nf4 import NF4Weight
-from fastpeft.ops import dequantize_nf4
+from fastpeft.ops import nf4_dequantize
 
 from conftest import DEVICE, kernel_dtypes
 
@@ -17,7 +17,7 @@ from conftest import DEVICE, kernel_dtypes
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_triton_dequant_is_bit_exact(triton_backend, shape, blocksize, double_quant, dtype):
     weight = NF4Weight.quantize(torch.randn(shape, device=DEVICE) * 3, blocksize, double_quant)
-    out = dequantize_nf4(weight, dtype)
+    out = nf4_dequantize(weight, dtype)
     expected = weight.dequantize(dtype)
     assert out.dtype == dtype and out.shape == shape and out.is_contiguous()
     assert torch.equal(out, expected)
@@ -38,7 +38,7 @@ def test_triton_dequant_vector_layouts_are_bit_exact(triton_backend, shape, bloc
 
     weight = NF4Weight.quantize(torch.randn(shape, device=DEVICE) * 3, blocksize, double_quant)
     assert nf4_layout(shape[1], blocksize, DEQUANT_CONFIGS["default"]["BLOCK_C"])["EVEN_IN"]
-    assert torch.equal(dequantize_nf4(weight, torch.float32), weight.dequantize(torch.float32))
+    assert torch.equal(nf4_dequantize(weight, torch.float32), weight.dequantize(torch.float32))
 
 
 def test_triton_dequant_writes_every_element(triton_backend):
@@ -56,22 +56,6 @@ def test_triton_dequant_writes_every_element(triton_backend):
     assert torch.equal(out, weight.dequantize(torch.float32))
 
 
-def test_dequant_op_passes_opcheck():
-    weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
-    torch.library.opcheck(
-        torch.ops.fastpeft.nf4_dequantize.default,
-        (*weight.op_args(), torch.float16),
-    )
-
-
-def test_dequant_rejects_bad_dtype():
-    weight = NF4Weight.quantize(torch.randn(4, 64), 64)
-    with pytest.raises(TypeError, match="not torch.int8"):
-        dequantize_nf4(weight, torch.int8)
-    with pytest.raises(TypeError, match="expected an NF4Weight"):
-        dequantize_nf4(torch.randn(4, 64))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -82,4 +66,4 @@ def test_quantize_on_cuda_matches_bitsandbytes_cuda(double_quant):
     ours = NF4Weight.quantize(w, 64, double_quant)
     assert torch.equal(ours.packed, packed.view(-1))
     assert torch.equal(ours.absmax, state.absmax)
-    assert torch.equal(dequantize_nf4(NF4Weight.from_bnb(packed, state)), bnb_f.dequantize_4bit(packed, state))
+    assert torch.equal(nf4_dequantize(NF4Weight.from_bnb(packed, state)), bnb_f.dequantize_4bit(packed, state))

@@ -168,14 +168,13 @@ def test_fp16_base_matches_peft(is_feedforward):
         assert_rel_close(g.reshape(g_ref.shape), g_ref, torch.float16)
 
 
-# ---------------------------------------------------------------------------------------------- the reused plan
-# IA3Linear keeps the last call's checked plan (fastpeft.ops.ia3.ia3_plan) and reuses it while the call's key holds.
-# Every change below comes after a first call; the next call must give what the op gives from scratch (the same
-# values, dtype and gradients, or the same clear error).
+# ---------------------------------------------------------------------------------------------- the layer's state
+# IA3Linear reads its tensors at every call. Every change below comes after a first call; the next call must give
+# what the op gives from scratch (the same values, dtype and gradients, or the same clear error).
 
 
 def _from_scratch(layer, x):
-    """ia3_linear on the layer's current state, no plan kept."""
+    """ia3_linear on the layer's current state."""
     from fastpeft.ops.ia3 import ia3_linear
 
     if layer.disabled or layer.merged:
@@ -224,7 +223,7 @@ BAD_STATE_CHANGES = {
 
 @pytest.mark.parametrize("change", [*STATE_CHANGES, *BAD_STATE_CHANGES])
 @pytest.mark.parametrize("is_feedforward", [False, True])
-def test_the_reused_plan_follows_the_layer_state(change, is_feedforward):
+def test_each_call_follows_the_layer_state(change, is_feedforward):
     layer = IA3Linear(nn.Linear(24, 16, bias=False), is_feedforward, init_ia3_weights=False)
     x = torch.randn(3, 24)
     with torch.no_grad():
@@ -244,25 +243,29 @@ def test_the_reused_plan_follows_the_layer_state(change, is_feedforward):
 
 
 @pytest.mark.parametrize("dense", [True, False])
-def test_the_plan_is_made_once_per_kind_of_call(monkeypatch, dense):
-    """Over a 4-bit base the plan is made again for another shape; over a dense base on the reference backend only
-    the first call plans, and the others run PEFT's ops (fastpeft.ops.ia3.peft_ia3_ops) with no plan at all."""
-    import fastpeft.nn.ia3 as module
+def test_the_cpu_path_runs_the_reference_directly(monkeypatch, dense):
+    """On the reference backend, eager: over a dense base every call runs the reference's torch ops directly
+    (fastpeft.reference.fused_linear; autograd differentiates them), with or without grad, and never the autograd
+    Function; over a 4-bit base only calls without autograd do, and under autograd the Function runs."""
+    import fastpeft.ops.ia3 as ops_ia3
 
-    plans, plain = [], []
-    real, real_ops = module.ia3_plan, module.peft_ia3_ops
-    monkeypatch.setattr(module, "ia3_plan", lambda *args: plans.append(tuple(args[0].shape)) or real(*args))
-    monkeypatch.setattr(module, "peft_ia3_ops", lambda *args: plain.append(1) or real_ops(*args))
+    direct, functions = [], []
+    real_reference, real_apply = ops_ia3.reference.fused_linear, ops_ia3.IA3LinearFunction.apply
+    monkeypatch.setattr(ops_ia3.reference, "fused_linear", lambda *a, **k: direct.append(1) or real_reference(*a, **k))
+    monkeypatch.setattr(ops_ia3.IA3LinearFunction, "apply", lambda *a: functions.append(1) or real_apply(*a))
     layer = IA3Linear(nn.Linear(64, 40) if dense else bnb_linear4bit(64, 40, True), init_ia3_weights=False)
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(1, 64)
-            y = layer(x)  # a decode loop: one plan
-            assert torch.equal(y, _from_scratch(layer, x))
-            layer.ia3_l.data.mul_(1.5)  # new values, same plan
-        layer(torch.randn(2, 1, 64))  # another shape
-    assert plans == ([(1, 64)] if dense else [(1, 64), (2, 1, 64)])
-    assert len(plain) == (3 if dense else 0)
+            assert torch.equal(layer(x), _from_scratch(layer, x))  # a decode loop
+            layer.ia3_l.data.mul_(1.5)
+    assert len(direct) == 6 and not functions
+    x = torch.randn(2, 64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert x.grad is not None and layer.ia3_l.grad is not None
+    # over NF4 the Function's own products (z for dl, then dx) are the primitive's reference
+    assert (len(direct), len(functions)) == ((7, 0) if dense else (8, 1))
 
 
 def test_a_called_layer_pickles_and_copies():
@@ -286,7 +289,7 @@ def _grads(layer, forward, x, dy):
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])
-def test_the_reused_plan_follows_the_call(monkeypatch, is_feedforward):
+def test_each_call_follows_the_call_before(monkeypatch, is_feedforward):
     """Input dtype, shape and device, bad inputs, grad mode, trainable tensors, autocast, disable_adapter and the
     backend variable, each after a first call: what the op gives from scratch (values, dtype, gradients, errors)."""
     layer = IA3Linear(nn.Linear(24, 16), is_feedforward, init_ia3_weights=False)
@@ -298,14 +301,14 @@ def test_the_reused_plan_follows_the_call(monkeypatch, is_feedforward):
         for bad, error, message in ((torch.ones(4, 24, dtype=torch.int64), TypeError, "x dtype must be floating"),
                                     (torch.randn(4, 24, device="meta"), ValueError, "x is on meta, the weight on cpu"),
                                     (torch.randn(4, 23), ValueError, "x has 23 features")):
-            layer(torch.randn(*bad.shape[:-1], 24))  # a plan for inputs of that shape, then the bad one
+            layer(torch.randn(*bad.shape[:-1], 24))  # a call on inputs of that shape, then the bad one
             with pytest.raises(error, match=message):
                 layer(bad)
         with layer.disable_adapter():
             x = torch.randn(3, 24)
             assert torch.equal(layer(x), layer.base_layer(x))
 
-    # grad mode after no-grad calls: l gets its gradient (a no-grad plan's flattened l would carry none)
+    # grad mode after no-grad calls: l gets its gradient 
     x, dy = torch.randn(3, 24, requires_grad=True), torch.randn(3, 16)
     got, expected = _grads(layer, IA3Linear.__call__, x, dy), _grads(layer, _from_scratch, x, dy)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
@@ -317,7 +320,7 @@ def test_the_reused_plan_follows_the_call(monkeypatch, is_feedforward):
     layer.base_layer.weight.requires_grad_(True)  # an unfrozen base after a call: the op's clear error
     with pytest.raises(ValueError, match="must be frozen"):
         layer(x)
-    layer.requires_grad_(False)  # everything frozen: a grad-mode plan, then a no-grad call
+    layer.requires_grad_(False)  # everything frozen: a grad-mode call, then a no-grad call
     x = torch.randn(6, 24)
     assert not layer(x).requires_grad
     with torch.no_grad():
@@ -343,7 +346,7 @@ def test_the_reused_plan_follows_the_call(monkeypatch, is_feedforward):
         assert_rel_close(y, _from_scratch(layer, x), torch.float32)
 
 
-def test_a_plan_for_a_dense_base_is_not_reused_for_a_4bit_one():
+def test_a_4bit_base_after_a_dense_one():
     """Under autograd a 4-bit base runs the autograd Function, never the plain path, which would keep the
     thread's dequantisation buffer for backward (another 4-bit layer's forward overwrites it)."""
     layer = IA3Linear(nn.Linear(64, 40, bias=False), init_ia3_weights=False)
@@ -358,13 +361,13 @@ def test_a_plan_for_a_dense_base_is_not_reused_for_a_4bit_one():
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
-def test_the_reused_plan_follows_what_requires_grad(triton_backend):
+def test_each_call_follows_what_requires_grad(triton_backend):
     """Which tensors require grad decides whether the call is recorded at all (on the Triton backend an unrecorded
     call is the kernel without autograd): each change after a first call gets its gradients."""
     layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False).requires_grad_(False)
     x = torch.randn(3, 24)
     for tensor in (x, layer.base_layer.bias, layer.ia3_l):
-        assert not layer(x).requires_grad  # planned: nothing to differentiate
+        assert not layer(x).requires_grad  # nothing to differentiate
         tensor.requires_grad_(True)
         y = layer(x)
         (grad,) = torch.autograd.grad(y.sum(), [tensor])

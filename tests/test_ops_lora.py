@@ -8,7 +8,8 @@ import torch
 
 from fastpeft import reference
 from fastpeft.nf4 import NF4Weight
-from fastpeft.ops.lora import lora_linear, nf4_lora_matmul
+from fastpeft.ops.fused_linear import fused_linear
+from fastpeft.ops.lora import lora_linear
 
 from conftest import DEVICE, REL_TOL, assert_rel_close, kernel_dtypes, non_contiguous
 
@@ -106,18 +107,6 @@ def test_x_without_grad_and_base_only(triton_backend):
     assert_rel_close(base, x.double() @ weight.dequantize(torch.float64).T, torch.float32)
 
 
-def test_nf4_lora_matmul_passes_opcheck(reference_backend):
-    weight = NF4Weight.quantize(torch.randn(9, 64, device=DEVICE), 64, double_quant=True)
-    a, h, expand = torch.randn(5, 9), torch.randn(5, 3), torch.randn(3, 64)
-    torch.library.opcheck(
-        torch.ops.fastpeft.nf4_lora_matmul.default,
-        (a, *weight.op_args(), True, torch.randn(64), h, expand, 0.5, torch.rand(64)),
-    )
-    out = nf4_lora_matmul(a, weight, transpose_weight=True, lora_h=h, lora_expand=expand, scaling=0.5)
-    assert_rel_close(out, a.double() @ weight.dequantize(torch.float64) + 0.5 * h.double() @ expand.double(),
-                     tol=REL_TOL[torch.float32])
-
-
 def test_lora_linear_rejects_bad_inputs():
     weight = torch.randn(8, 16)
     x, lora_a, lora_b = torch.randn(3, 16), torch.randn(2, 16), torch.randn(8, 2)
@@ -137,7 +126,7 @@ def test_lora_linear_rejects_bad_inputs():
     with pytest.raises(TypeError, match="x dtype"):
         lora_linear(x.long(), weight, None, lora_a, lora_b, 1.0)
     with pytest.raises(TypeError, match="NF4Weight"):
-        nf4_lora_matmul(x, weight)
+        fused_linear(x, weight.numpy())
 
 
 def test_backward_keeps_no_dequantised_weight(triton_backend):
@@ -292,12 +281,12 @@ def test_cpu_nf4_matmul_dequantises_into_one_reusable_buffer(reference_backend, 
     for weight in weights + weights:
         a = torch.randn(3, 128, dtype=dtype)
         dense = reference.base_weight(weight, dtype)
-        assert torch.equal(nf4_lora_matmul(a, weight), a @ dense.T)
+        assert torch.equal(fused_linear(a, weight)[0], a @ dense.T)
         (buffer,) = nf4_module.dequant_buffers(DEVICE).values()
         assert buffer.dtype == dtype and torch.equal(buffer[:weight.shape.numel()].view(weight.shape), dense)
     assert buffer.numel() == 40 * 128  # one buffer, grown once to the largest layer
     other_thread = []  # another thread dequantises into its own buffer (freed with it), never into this one
-    worker = threading.Thread(target=lambda: other_thread.append((nf4_lora_matmul(a, weights[0]),
+    worker = threading.Thread(target=lambda: other_thread.append((fused_linear(a, weights[0])[0],
                                                                  nf4_module.dequant_buffers(DEVICE)[dtype])))
     worker.start()
     worker.join()

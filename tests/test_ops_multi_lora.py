@@ -1,11 +1,13 @@
-"""The multi-LoRA op's reference path (the CPU path: ReferencePlan grouping, gathered bmm for decode-like
-batches, slices for contiguous rows) against fastpeft.reference in float64."""
+"""The ``multi_lora_add_`` primitive (``fastpeft::multi_lora_add_``): opcheck, and its CPU kernel
+(``fastpeft.reference.multi_lora_add_``: the MultiLoraGrouping, gathered bmm for decode-like batches, slices for
+contiguous rows) against the plain per-token float64 math of ``fastpeft.reference.multi_lora_delta``."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from fastpeft import reference
 from fastpeft.bank import LoraBank
 from fastpeft.ops.multi_lora import MultiLoraMeta, multi_lora_add_
 
@@ -14,7 +16,7 @@ from test_kernels_multi_lora import random_bank, reference_delta
 
 
 def _ids(pattern: str, m: int, n: int) -> torch.Tensor:
-    """Per-token adapter ids of the layouts the plan distinguishes."""
+    """Per-token adapter ids of the layouts the grouping distinguishes."""
     if pattern == "one_adapter":  # one group covering every token: a single in-place addmm_
         return torch.zeros(m, dtype=torch.long)
     if pattern == "distinct":  # decode: one token per adapter, the gathered bmm
@@ -138,3 +140,28 @@ def test_int64_ids_beyond_int32_are_refused(reference_backend, bad_id):
     ids = torch.tensor([0, bad_id, -1], dtype=torch.int64)
     with pytest.raises(ValueError, match="out of range"):
         multi_lora_add_(torch.zeros(3, 7), torch.randn(3, 9), bank, MultiLoraMeta.build(ids))
+
+
+def test_opcheck(reference_backend):
+    bank, _ = random_bank([4, 9], 33, 17, torch.float32)
+    meta = MultiLoraMeta.build(torch.tensor([0, 1, -1, 1]))
+    args = (torch.zeros(4, 17), torch.randn(4, 33), bank.lora_a, bank.lora_b, bank.ranks, bank.scalings,
+            meta.slot_ids, meta.slot_weights, meta.token_order, meta.tiles, list(meta.slot_tiles), meta.block_m,
+            meta.max_adapter_id)
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_add_.default, args)
+
+
+@pytest.mark.parametrize("pattern", ["one_adapter", "distinct", "rows", "scattered"])
+def test_the_cpu_kernel_groups_as_the_oracle_adds(pattern):
+    """``reference.multi_lora_add_`` with no grouping given builds it from the slots; two slots with weights (no
+    gathered path) and one slot (either path) give the per-token float64 math."""
+    m, in_features, out_features = (15 if pattern == "rows" else 13), 33, 17
+    bank, adapters = random_bank([3, 17, 1, 8], in_features, out_features, torch.float64)
+    x = torch.randn(m, in_features, dtype=torch.float64)
+    ids = _ids(pattern, m, 4)[:, None]
+    # (slots, weights, tolerance): a token's weights for one adapter are summed in fp32 (the slot weights' dtype)
+    for slot_ids, slot_weights, dtype in ((ids, torch.ones(ids.shape), torch.float64),
+                                          (torch.cat([ids, ids.flip(0)], 1), torch.rand(m, 2) + 0.5, torch.float32)):
+        y = torch.zeros(m, out_features, dtype=torch.float64)
+        assert reference.multi_lora_add_(y, x, bank, slot_ids, slot_weights) is y
+        assert_rel_close(y, reference_delta(x, adapters, slot_ids, slot_weights), dtype)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
 
-from fastpeft.kernels import dora, ia3, multi_lora, nf4, nf4_matmul
+from fastpeft.kernels import ia3, multi_lora, nf4, nf4_matmul
 from fastpeft.kernels.plan import LaunchPlan, config_for, observing, recording
-from fastpeft.nf4 import NF4Weight
+from fastpeft.nf4 import NF4Weight, weight_from_op_args, weight_op_args
 
 ARCHES = (None, (8, 0), (8, 9), (9, 0))
 
@@ -87,7 +88,7 @@ def test_launchers_launch_their_plan():
     # on meta tensors: the launchers validate, plan and build their arguments, and nothing runs
     meta = torch.device("meta")
     weight = NF4Weight.quantize(torch.randn(40, 128), 64, double_quant=True)
-    weight = NF4Weight.from_op_args(*[t.to(meta) if isinstance(t, torch.Tensor) else t for t in weight.op_args()])
+    weight = weight_from_op_args(*[t.to(meta) if isinstance(t, torch.Tensor) else t for t in weight_op_args(weight)])
     a = torch.empty(3, 128, device=meta, dtype=torch.float16)
     ((plan, args),) = _recorded(nf4_matmul.nf4_lora_matmul, a, weight)
     assert plan == nf4_matmul.plan_nf4_lora_matmul(3, 40, 128, 0, blocksize=64, nested=True)
@@ -98,11 +99,13 @@ def test_launchers_launch_their_plan():
     ((plan, _),) = _recorded(nf4.nf4_dequantize, weight, torch.float16)
     assert plan == nf4.plan_nf4_dequantize(40, 128, 64, True)
     lora_a, lora_b = torch.empty(16, 128, device=meta), torch.empty(40, 16, device=meta)
-    # the DoRA norm launches no kernel of its own: W Aᵀ is the NF4 product's plan (M = r = 16, fp32: cuBLAS
-    # after dequantising) and ‖W‖² one more dequantisation
-    assert dora.plan_dora_weight_norm(40, 16, True, 64, True).path == "torch"
-    plans = [plan for plan, _ in _recorded(dora.dora_weight_norm, weight, lora_a, lora_b, 2.0)]
-    assert plans == [nf4.plan_nf4_dequantize(40, 128, 64, True)] * 2
+    # the DoRA norm's A Wᵀ (fastpeft.ops.dora) is fused_linear's NF4 launcher with M = r = 16 rows and an fp32 output
+    # (fp32: cuBLAS after dequantising); its CUDA kernel picks that launcher for these arguments
+    fused = importlib.import_module("fastpeft.ops.fused_linear")  # the module (fastpeft.ops.fused_linear: the function)
+    plans = [plan for plan, _ in _recorded(fused._launch, lora_a, weight, False, None, None, False, None, None, 1.0,
+                                           None, None, True, torch.float32)]
+    assert plans == [nf4.plan_nf4_dequantize(40, 128, 64, True)]
+    assert lora_b.shape == (40, 16)
     ((plan, _),) = _recorded(ia3.ia3_matmul, a, weight, in_scale=torch.empty(128, device=meta, dtype=torch.float16))
     assert plan == ia3.plan_ia3_matmul(3, 40, is_nf4=True, nested=True, has_in_scale=True, in_features=128)
 

@@ -386,10 +386,10 @@ def _micro_nf4_dequant(impl: str, out_f: int, in_f: int) -> Callable[[BenchConfi
         nf4 = NF4Weight.quantize(w.weight, 64, double_quant=True)  # bitsandbytes' bits, without bitsandbytes
         note = ""
         if impl == "fastpeft":
-            from ..ops import dequantize_nf4
+            from ..ops import nf4_dequantize
 
             def run(i):
-                return dequantize_nf4(nf4, cfg.dtype)
+                return nf4_dequantize(nf4, cfg.dtype)
         elif impl == "reference":
             def run(i):
                 return nf4.dequantize(cfg.dtype)

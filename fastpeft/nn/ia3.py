@@ -15,15 +15,13 @@ PEFT divides by ``l + 1e-8``; both are exact only up to rounding, and neither wo
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ..nf4 import NF4Weight
-from ..ops.dispatch import backend_setting
-from ..ops.ia3 import ia3_apply, ia3_linear, ia3_plan, peft_ia3_ops
+from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
 from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
 
@@ -129,61 +127,11 @@ class IA3Linear(nn.Module):
             self.base_layer.bias.div_(self.ia3_l.detach().to(self.base_layer.bias.dtype))
         self.merged = False
 
-    # The last call's (key, plan): the op's checks and path choice (fastpeft.ops.ia3.ia3_plan) cost about as much as
-    # the layer's math at M = 1 on CPU, and a decode or training loop repeats them on inputs that differ only in values.
-    _planned: Optional[tuple] = None
-    # (weak references to the dense weight, its bias (None when there is none) and ia3_l, FASTPEFT_BACKEND as set,
-    # device) of the last call whose plan was plain (the reference backend, outside torch.compile): while all of them
-    # hold, a call runs PEFT's ops unchecked (forward)
-    _plain_on: Optional[tuple] = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain_on = self._plain_on
-        if plain_on is not None and not (self.disabled or self.merged):
-            # The tensors the last checked call ran on, off the Triton backend (CPU): PEFT's two ops themselves, what
-            # the plain plan runs, read straight from the layer's dicts without the plan's key. At M = 1 on CPU, among
-            # other layers' calls, each tensor attribute read or Python frame there costs about 1 % of the call.
-            # The tensors are compared by identity (a matmul with a meta weight would not raise; a vector or bias of
-            # another shape would broadcast) and a feed-forward x by its last dim (x ⊙ l broadcasts an (M, 1) x;
-            # a 0-d x raises here); the ops check the rest: on a bad input (shape, dtype, device, a tensor's .data
-            # changed) they raise, and the checked op raises its clear error, or computes where it casts (x of
-            # another dtype than the weight). An unfrozen weight is the op's error too; autocast casts inside
-            # F.linear as in PEFT's base layer.
-            try:
-                params = self._modules["base_layer"]._parameters
-                weight, bias, ia3_l = params["weight"], params["bias"], self._parameters["ia3_l"]
-                is_feedforward = self.is_feedforward
-                if (plain_on[0]() is weight and (bias is None if plain_on[1] is None else plain_on[1]() is bias)
-                        and plain_on[2]() is ia3_l and plain_on[3] == backend_setting() and plain_on[4] == x.device
-                        and not weight.requires_grad and (not is_feedforward or x.shape[-1] == self.in_features)):
-                    return peft_ia3_ops(x, weight, bias, ia3_l, is_feedforward)
-            except Exception:
-                pass
         if self.disabled or self.merged:
             return lora_linear(x, self.base_weight(), self.bias, None, None, 0.0)
         (weight, bias), ia3_l = self.base_tensors(), parameter(self, "ia3_l")
-        if not isinstance(x, torch.Tensor) or torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
-            # bad input or autocast on for any device (the op's own checks and casts), or traced by dynamo: no reuse
-            return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)
-        # everything ia3_plan's answer depends on (its docstring)
-        grad = torch.is_grad_enabled()
-        key = (x.shape, x.dtype, x.device, grad, grad and x.requires_grad, backend_setting(), self.is_feedforward,
-               type(weight), weight.shape, weight.device, grad and getattr(weight, "requires_grad", False),
-               None if bias is None else bias.shape, grad and bias is not None and bias.requires_grad,
-               ia3_l.shape, grad and ia3_l.requires_grad)
-        planned = self._planned
-        if planned is None or planned[0] != key:
-            planned = self._planned = (key, ia3_plan(x, weight, bias, ia3_l, self.is_feedforward))
-        y = ia3_apply(planned[1], x, weight, bias, ia3_l, self.is_feedforward)
-        if planned[1].plain and isinstance(weight, torch.Tensor):  # a dense weight off the Triton backend
-            self._plain_on = (weakref.ref(weight), None if bias is None else weakref.ref(bias), weakref.ref(ia3_l),
-                              backend_setting(), x.device)
-        return y
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_plain_on", None)  # a per-call cache (planned again after loading) holding a weak reference
-        return state
+        return ia3_linear(x, weight, bias, ia3_l, self.is_feedforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,11 +1,14 @@
-"""Ops: autograd-aware entry points that dispatch to the Triton kernels or the reference."""
+"""Ops: the device primitives (``fused_linear``, ``nf4_dequantize``, ``multi_lora_add_``: ``torch.library`` ops with a
+Triton kernel for CUDA and a ``fastpeft.reference`` kernel for CPU) and the autograd-aware layer ops composed of them
+(``lora_linear``, ``dora_linear``, ``ia3_linear``)."""
 
 from .dispatch import backend_for, requested_backend, triton_interpreter
-from .nf4 import dequantize_nf4
+from .fused_linear import fused_linear
+from .nf4_dequantize import nf4_dequantize
 from .multi_lora import MultiLoraMeta, multi_lora_add_
-from .lora import lora_linear, nf4_lora_matmul
+from .lora import lora_linear
 from .dora import dora_linear, dora_weight_norm
-from .ia3 import ia3_linear, ia3_matmul
+from .ia3 import ia3_linear
 
-__all__ = ["backend_for", "requested_backend", "triton_interpreter", "dequantize_nf4", "MultiLoraMeta", "multi_lora_add_", "lora_linear",
-           "nf4_lora_matmul", "dora_linear", "dora_weight_norm", "ia3_linear", "ia3_matmul"]
+__all__ = ["backend_for", "requested_backend", "triton_interpreter", "fused_linear", "nf4_dequantize",
+           "MultiLoraMeta", "multi_lora_add_", "lora_linear", "dora_linear", "dora_weight_norm", "ia3_linear"]

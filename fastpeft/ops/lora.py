@@ -19,18 +19,18 @@ Public API:
   Scalings and adapter dtypes that fused products would change (NaN, inf, 0 or beyond fp32's range, and
   fp16 adapters, whose overflows depend on PEFT's roundings: ``fastpeft.ops.inputs.fusable_scaling``)
   run PEFT's ``base(x) + lora_B(lora_A(drop(x))) * s`` op by op in its order instead.
-- ``nf4_lora_matmul(a, weight, ...)``: the building block, ``c ⊙ (a · op(W) + s · h · E) + b`` with
-  ``W`` read as packed NF4 (``fastpeft::nf4_lora_matmul``, a ``torch.library`` custom op; Triton on
-  CUDA, the reference elsewhere). DoRA / IA3 reuse it through ``col_scale``.
+
+Every product is the ``fused_linear`` primitive (``fastpeft.ops.fused_linear``): ``x Wᵀ + b + s · h Bᵀ`` in one
+call, ``dx = dy W + s · g A`` in another.
 
 Backward (``h = drop(x) Aᵀ`` is saved, ``(M, r)``; the dequantised ``W`` never is):
 ``g = dy B``, ``dB = s · dyᵀ h``, ``dA = s · gᵀ drop(x)``, ``dx = dy W + s · drop'(g A)``. Without
 dropout, ``dx`` is one fused NF4 kernel call (the LoRA term in its epilogue); with dropout, the base part
 comes from the kernel and ``s · g A`` is masked (``dropout_p``) or returned to ``x_dropped``.
 
-Dense base: ``x Wᵀ (+ b)`` is one cuBLAS ``addmm``, the small ``h = x Aᵀ`` another, and the LoRA term is
-added in place with ``addmm_(h, Bᵀ, alpha=s)`` (cuBLAS ``beta = 1``): one extra read/write of ``y`` and
-no ``(M, out)`` temporary. The same shape serves ``dx``.
+Dense base (``fused_linear``'s cuBLAS path): ``x Wᵀ (+ b)`` is one cuBLAS ``addmm``, the small ``h = x Aᵀ``
+another, and the LoRA term is added in place with ``addmm_(h, Bᵀ, alpha=s)`` (cuBLAS ``beta = 1``): one extra
+read/write of ``y`` and no ``(M, out)`` temporary. The same shape serves ``dx``.
 
 Dtypes, as PEFT's ``lora.Linear.forward`` (fp32 adapters on a bf16 / fp16 model,
 ``autocast_adapter_dtype=True``): the base product runs in ``x.dtype`` (``bias`` is cast to it); the LoRA
@@ -49,126 +49,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import reference
 from ..nf4 import NF4Weight
 from .compile_compat import fresh_output_when_compiling
-from .dispatch import backend_for, run_kernel
+from .fused_linear import fused_linear
 from .inputs import (Weight, as_rows, autocast_dtype, check_linear_inputs, check_lora_factors, fusable_scaling,
                      rows_like)
-
-
-@torch.library.custom_op("fastpeft::nf4_lora_matmul", mutates_args=())
-def _nf4_lora_matmul_op(
-    a: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_code: Optional[torch.Tensor],
-    nested_absmax: Optional[torch.Tensor],
-    nested_offset: Optional[torch.Tensor],
-    out_features: int,
-    in_features: int,
-    blocksize: int,
-    weight_dtype: torch.dtype,
-    transpose_weight: bool,
-    bias: Optional[torch.Tensor],
-    lora_h: Optional[torch.Tensor],
-    lora_expand: Optional[torch.Tensor],
-    scaling: float,
-    col_scale: Optional[torch.Tensor],
-) -> torch.Tensor:
-    weight = NF4Weight.from_op_args(packed, absmax, nested_code, nested_absmax, nested_offset, out_features,
-                                    in_features, blocksize, weight_dtype)
-
-    def torch_path():
-        return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale)
-
-    if backend_for(a.device) == "triton":
-        from ..kernels.nf4_matmul import nf4_lora_matmul as kernel
-
-        return run_kernel("nf4_lora_matmul", lambda: kernel(
-            a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h, lora_expand=lora_expand,
-            scaling=scaling, col_scale=col_scale), torch_path)
-    return torch_path()
-
-
-def _nf4_lora_matmul_reference(a, weight: NF4Weight, transpose_weight: bool, bias, lora_h, lora_expand,
-                               scaling: float, col_scale) -> torch.Tensor:
-    """The op off the Triton backend: the dequantised weight (``reference.base_weight``) in a matmul."""
-    # the dense weight is consumed here (this op has no autograd): a scratch buffer, no allocation per call
-    w = reference.base_weight(weight, a.dtype, scratch=True)
-    # without a column scale the bias joins the product, as bitsandbytes' F.linear(A, W, bias) (one rounding)
-    inner_bias = bias if col_scale is None else None
-    if transpose_weight:
-        out = a @ w if inner_bias is None else torch.addmm(inner_bias, a, w)
-    else:
-        out = F.linear(a, w, inner_bias)
-    # the adapter terms in their own dtypes (the sum promotes), one rounding to a.dtype at the end
-    if lora_h is not None:
-        out = out + scaling * (lora_h @ lora_expand)
-    if col_scale is not None:
-        out = out * col_scale
-        out = out if bias is None else out + bias
-    return out if out.dtype == a.dtype else out.to(a.dtype)
-
-
-@_nf4_lora_matmul_op.register_fake
-def _(a, packed, absmax, nested_code, nested_absmax, nested_offset, out_features, in_features, blocksize,
-      weight_dtype, transpose_weight, bias, lora_h, lora_expand, scaling, col_scale):
-    return a.new_empty((a.shape[0], in_features if transpose_weight else out_features))
-
-
-def nf4_lora_matmul(
-    a: torch.Tensor,
-    weight: NF4Weight,
-    *,
-    transpose_weight: bool = False,
-    bias: Optional[torch.Tensor] = None,
-    lora_h: Optional[torch.Tensor] = None,
-    lora_expand: Optional[torch.Tensor] = None,
-    scaling: float = 1.0,
-    col_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``col_scale ⊙ (a · op(W) + scaling · lora_h · lora_expand) + bias``, ``W`` read as packed NF4.
-
-    ``a`` is 2-D ``(M, K)``; ``op(W)`` is ``Wᵀ`` (``K = in``, ``N = out``) or ``W`` with
-    ``transpose_weight=True``; ``lora_h`` ``(M, r)`` with ``lora_expand`` ``(r, N)``, ``bias`` and
-    ``col_scale`` ``(N,)`` are optional. ``lora_h`` / ``lora_expand`` (one dtype) and ``col_scale`` may be in
-    a wider dtype than ``a`` (fp32 adapters): their terms are computed in it and the result rounded once.
-    Returns ``(M, N)`` in ``a.dtype``. No autograd (a building block: ``lora_linear`` differentiates through
-    it)."""
-    if not isinstance(weight, NF4Weight):
-        raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-    if backend_for(a.device) == "reference" and not torch.compiler.is_compiling():
-        # eager, off the Triton backend: no custom-op dispatch nor NF4Weight rebuilt from its flat arguments
-        # (together more than a decode step's matmul on a small layer); the op is what torch.compile traces
-        return _nf4_lora_matmul_reference(a, weight, transpose_weight, bias, lora_h, lora_expand, float(scaling),
-                                          col_scale)
-    return _nf4_lora_matmul_op(a, *weight.op_args(), transpose_weight, bias, lora_h, lora_expand, float(scaling),
-                               col_scale)
-
-
-def _base_matmul(a, weight: Weight, transpose_weight: bool, bias, lora_h, lora_expand, scaling: float):
-    """``a · op(W) + b + s · h · E`` in ``a.dtype`` for a dense or NF4 base, the LoRA term fused or added in
-    place. ``h`` and ``E`` may be in the adapter dtype (wider than ``a``'s): the LoRA term is then formed in
-    it, added to the base product in the promoted dtype, and the sum rounded once."""
-    if isinstance(weight, NF4Weight):
-        return nf4_lora_matmul(a, weight, transpose_weight=transpose_weight, bias=bias, lora_h=lora_h,
-                               lora_expand=lora_expand, scaling=scaling)
-    # every op here costs a dispatch, comparable to a decode step's small matmul on CPU: casts only when the
-    # dtypes differ, ``F.linear`` instead of a transposed view and a matmul (the same addmm / mm underneath)
-    w = weight if weight.dtype == a.dtype else weight.to(a.dtype)
-    if transpose_weight:
-        out = a @ w if bias is None else torch.addmm(bias, a, w)
-    else:
-        out = F.linear(a, w, bias)
-    if lora_h is None:
-        return out
-    if lora_h.dtype != a.dtype:
-        # PEFT's `result + lora_B(lora_A(x)) * scaling`: the LoRA term in the adapter dtype, the sum promoted
-        lora = (lora_h @ lora_expand).mul_(scaling)
-        return torch.add(out, lora).to(a.dtype)
-    # a scaling fusable_scaling takes (the callers route the others to PEFT's order): BLAS's alpha is exact here
-    return out.addmm_(lora_h, lora_expand, alpha=scaling)
 
 
 def _x_layout(x: torch.Tensor) -> Optional[tuple]:
@@ -203,7 +88,8 @@ def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropo
         x_lora = x2d if x_dropped is None else x_dropped
     h = None if lora_a is None else F.linear(x_lora if x_lora.dtype == adapter_dtype else x_lora.to(adapter_dtype),
                                              lora_a)
-    y = _base_matmul(x2d, weight, False, bias, h, None if lora_b is None else lora_b.t(), scaling)
+    y = fused_linear(x2d, weight, bias=bias, lora_h=h, lora_expand=None if lora_b is None else lora_b.t(),
+                     scaling=scaling)[0]
     return y, x_lora, h
 
 
@@ -261,7 +147,8 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dx_dropped = dbias = da = db = None
         if needs_dx:
             fuse = has_lora and not ctx.has_dropout
-            dx = _base_matmul(dy, weight, True, None, g if fuse else None, lora_a if fuse else None, scaling)
+            dx = fused_linear(dy, weight, transpose_weight=True, lora_h=g if fuse else None,
+                              lora_expand=lora_a if fuse else None, scaling=scaling)[0]
             if mask is not None:
                 dx = dx.addcmul_(scaling * (g @ lora_a), mask)
         if needs_dx_dropped and has_lora:
@@ -277,6 +164,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dx_dropped, None, dbias, da, db, None, None, None
 
 
+# the signature of fastpeft.reference.lora_linear (plus dropout_p), the oracle this op is held to
 def lora_linear(
     x: torch.Tensor,
     weight: Weight,
