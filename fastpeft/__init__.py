@@ -10,8 +10,10 @@ from .ops import nf4_dequantize, dora_linear, ia3_linear, lora_linear
 from .nn import DoraLinear, IA3Linear, LoraLinear
 from .adapters import Adapter, load_adapter, save_adapter
 from .serving import MultiLoraModel
-from .patch import (PatchSummary, accelerate, inject, load_model_adapter, print_trainable_parameters, restore,
-                    save_model_adapter, trainable_parameters)
+from .integration.accelerate import accelerate, restore
+from .integration.adapter_files import load_model_adapter, save_model_adapter
+from .integration.inject import inject
+from .integration.summary import PatchSummary, print_trainable_parameters, trainable_parameters
 
 __version__ = "0.1.0"
 

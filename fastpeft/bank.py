@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .adapters import Adapter, ModuleAdapter
@@ -96,44 +97,45 @@ class LoraBank:
         device,
         base_weight: Optional[reference.Weight] = None,
         labels: Optional[Sequence[str]] = None,
+        rank_limit: Optional[int] = MAX_RANK,
     ) -> "LoraBank":
         """Pack ``adapters`` (``None`` = this adapter leaves the layer alone). ``base_weight`` is needed
         only for DoRA (its norm). ``labels[k]`` names adapter ``k`` in error messages (default
-        ``"adapter k"``); every check runs before anything is packed."""
+        ``"adapter k"``); every check runs before anything is packed. ``rank_limit``: the largest rank accepted
+        (serving's :data:`MAX_RANK`; None: any, as the multi-LoRA op takes any, for a PEFT layer's own adapters)."""
         labels = [f"adapter {k}" for k in range(len(adapters))] if labels is None else labels
         ranks = [0 if a is None else a.rank for a in adapters]
         for k, a in enumerate(adapters):
             if a is not None:
-                _check_adapter(a, in_features, out_features, labels[k], base_weight is not None)
+                _check_adapter(a, in_features, out_features, labels[k], base_weight is not None, rank_limit)
         n, max_rank = len(adapters), max(ranks, default=0)
-        lora_a = torch.zeros(n, max_rank, in_features, dtype=dtype, device=device)
-        lora_b = torch.zeros(n, out_features, max_rank, dtype=dtype, device=device)
-        scalings = torch.zeros(n, dtype=torch.float32, device=device)
-        out_scale = torch.ones(n, out_features, dtype=dtype, device=device)
-        bias_scale = torch.ones(n, out_features, dtype=dtype, device=device)
-        in_scale = torch.ones(n, in_features, dtype=dtype, device=device)
+        loras = [None if a is None or a.ia3_scale is not None else a for a in adapters]
+        lora_a = _stacked([None if a is None else a.lora_a for a in loras], (max_rank, in_features), dtype, device)
+        lora_b = _stacked([None if a is None else a.lora_b for a in loras], (out_features, max_rank), dtype, device)
+        # rounded to fp32 as PEFT's product with a Python float rounds it (inf beyond fp32's range)
+        scalings = torch.tensor([0.0 if a is None else a.scaling for a in loras], dtype=torch.float64).to(
+            device=device, dtype=torch.float32)
+        out_scale = bias_scale = in_scale = None
         uses_out, uses_in = False, False
-        for k, a in enumerate(adapters):
-            if a is None:
-                continue
-            if a.ia3_scale is not None:
-                if a.is_feedforward:
-                    in_scale[k] = a.ia3_scale
-                    uses_in = True
-                else:
-                    out_scale[k] = bias_scale[k] = a.ia3_scale
+        if any(a is not None and (a.ia3_scale is not None or a.magnitude is not None) for a in adapters):
+            out_scale = torch.ones(n, out_features, dtype=dtype, device=device)
+            bias_scale = torch.ones(n, out_features, dtype=dtype, device=device)
+            in_scale = torch.ones(n, in_features, dtype=dtype, device=device)
+            for k, a in enumerate(adapters):
+                if a is None:
+                    continue
+                if a.ia3_scale is not None:
+                    if a.is_feedforward:
+                        in_scale[k] = a.ia3_scale
+                        uses_in = True
+                    else:
+                        out_scale[k] = bias_scale[k] = a.ia3_scale
+                        uses_out = True
+                elif a.magnitude is not None:
+                    norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
+                                                      dtype=torch.float32)
+                    out_scale[k] = a.magnitude.float() / norm
                     uses_out = True
-                continue
-            r = a.rank
-            lora_a[k, :r] = a.lora_a
-            lora_b[k, :, :r] = a.lora_b
-            # rounded to fp32 as PEFT's product with a Python float rounds it (inf beyond fp32's range)
-            scalings[k] = torch.tensor(a.scaling, dtype=torch.float64)
-            if a.magnitude is not None:
-                norm = reference.dora_weight_norm(base_weight, a.lora_a.float(), a.lora_b.float(), a.scaling,
-                                                  dtype=torch.float32)
-                out_scale[k] = a.magnitude.float() / norm
-                uses_out = True
         return cls(
             lora_a=lora_a, lora_b=lora_b,
             ranks=torch.tensor(ranks, dtype=torch.int32, device=device), scalings=scalings,
@@ -141,6 +143,17 @@ class LoraBank:
             bias_scale=bias_scale if uses_out else None,
             in_scale=in_scale if uses_in else None,
         )
+
+
+def _stacked(factors: Sequence[Optional[torch.Tensor]], shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """``(N, *shape)``: each 2-D factor (None: zeros) in ``dtype`` on ``device``, zero-padded to ``shape`` (a rank
+    below the largest), in one ``torch.stack`` (a copy into a preallocated bank per factor costs more: a PEFT
+    layer's mixed batch packs at every model call)."""
+    if not factors:
+        return torch.zeros(0, *shape, dtype=dtype, device=device)
+    parts = [torch.zeros(shape, dtype=dtype, device=device) if f is None else f.to(device, dtype) for f in factors]
+    return torch.stack([p if p.shape == shape else F.pad(p, (0, shape[1] - p.shape[1], 0, shape[0] - p.shape[0]))
+                        for p in parts])
 
 
 def peft_adapter_dtype(layer_dtype: torch.dtype) -> torch.dtype:
@@ -151,13 +164,14 @@ def peft_adapter_dtype(layer_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if layer_dtype == torch.float64 else torch.float32
 
 
-def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label: str, has_base: bool) -> None:
+def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label: str, has_base: bool,
+                   rank_limit: Optional[int]) -> None:
     """Raise a ``ValueError`` naming ``label`` if ``a`` does not fit an ``(out, in)`` layer of this bank."""
     if a.ia3_scale is not None:
         _check_shape(a.ia3_scale, (in_features,) if a.is_feedforward else (out_features,), label, "ia3_scale")
         return
-    if a.rank > MAX_RANK:
-        raise ValueError(f"{label}: rank {a.rank} > {MAX_RANK}, the largest rank a bank holds")
+    if rank_limit is not None and a.rank > rank_limit:
+        raise ValueError(f"{label}: rank {a.rank} > {rank_limit}, the largest rank a bank holds")
     _check_shape(a.lora_a, (a.rank, in_features), label, "lora_a")
     _check_shape(a.lora_b, (out_features, a.rank), label, "lora_b")
     if a.magnitude is not None:
@@ -169,7 +183,7 @@ def _check_adapter(a: ModuleAdapter, in_features: int, out_features: int, label:
 
 
 def _check_shape(t: torch.Tensor, shape: tuple, label: str, what: str) -> None:
-    if tuple(t.shape) != shape:
+    if t.shape != shape:
         raise ValueError(f"{label}: {what} has shape {tuple(t.shape)}, the layer needs {shape}")
 
 

@@ -8,6 +8,7 @@ truncate instead of rounding to nearest even (Triton 3.4-3.9); ``fastpeft.kernel
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -235,3 +236,46 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------- accelerated PEFT models
+def lora_config(**kwargs):
+    """PEFT's ``LoraConfig``: rank 4, alpha 8, random B (a zero B would hide an ignored adapter), all linear layers;
+    ``kwargs`` override."""
+    import peft
+
+    return peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear",
+                              **kwargs})
+
+
+def peft_model(config, model=None):
+    """``peft.get_peft_model`` over ``model`` (a fresh tiny Llama by default)."""
+    import peft
+
+    return peft.get_peft_model(make_tiny_llama() if model is None else model, config)
+
+
+def loss_and_grads(model, tokens):
+    """``(logits, {name: gradient})`` of a squared-logits loss, for every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def counting_fused_ops(*extra):
+    """Counts the calls of fastpeft's ops from accelerated PEFT layers (so a test fails if PEFT's forward ran): the
+    list of the ops' names, one per call. ``extra``: more ``(module, function name, label)`` to count."""
+    from fastpeft.integration import fused_forward
+
+    targets = [(fused_forward, name, name) for name in ("lora_linear", "dora_linear", "ia3_linear")] + list(extra)
+    calls = []
+    originals = [getattr(module, name) for module, name, _ in targets]
+    for (module, name, label), op in zip(targets, originals):
+        setattr(module, name, lambda *a, _op=op, _label=label, **k: calls.append(_label) or _op(*a, **k))
+    try:
+        yield calls
+    finally:
+        for (module, name, _), op in zip(targets, originals):
+            setattr(module, name, op)

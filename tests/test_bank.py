@@ -55,10 +55,18 @@ def test_pack_dora_and_ia3_vectors():
 def test_pack_rejects_bad_adapters():
     with pytest.raises(ValueError, match="adapter 0: rank 257 > 256"):
         LoraBank.pack([lora_module(257)], IN, OUT, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="adapter 1: rank 9 > 8"):
+        LoraBank.pack([lora_module(8), lora_module(9)], IN, OUT, torch.float32, "cpu", rank_limit=8)
     with pytest.raises(ValueError, match=r"adapter 1: lora_a has shape \(2, 33\), the layer needs \(2, 34\)"):
         LoraBank.pack([None, lora_module(2)], IN + 1, OUT, torch.float32, "cpu")
     with pytest.raises(ValueError, match="adapter 0 is DoRA: packing it needs the base weight"):
         LoraBank.pack([lora_module(2, magnitude=True)], IN, OUT, torch.float32, "cpu")
+
+
+def test_pack_without_a_rank_limit():
+    module = lora_module(300)
+    bank = LoraBank.pack([module], IN, OUT, torch.float32, "cpu", rank_limit=None)
+    assert bank.ranks.tolist() == [300] and torch.equal(bank.lora_a[0], module.lora_a)
 
 
 def test_add_and_remove_are_copy_on_write():

@@ -2,14 +2,13 @@
 tests/test_custom_models.py: for each configuration and each PEFT operation (several adapters, set_adapter,
 disable_adapter, merge / unmerge, adapter_names, save / load, mixed models) the accelerated model gives PEFT's
 outputs, gradients, trained parameters and saved files, and each layer call takes the path it should: every
-call's decision of ``fastpeft.patch._fused_path`` is recorded and the counts are asserted (a fused op where
+call's decision of ``fastpeft.integration.fused_forward._fused_path`` is recorded and the counts are asserted (a fused op where
 fastpeft computes what PEFT would, PEFT's forward, for the stated reason, elsewhere).
 
 Expected decisions are written ``{"_fused_lora": 2}`` (the fused forward's name and how many calls) or
 ``{"peft:<words of the reason>": 2}``; a new fused path changes the rows it takes over.
 """
 
-import contextlib
 import copy
 import json
 from collections import Counter
@@ -19,6 +18,8 @@ import torch
 from torch import nn
 
 import fastpeft
+import fastpeft.integration.frozen_4bit
+import fastpeft.integration.fused_forward
 
 from conftest import assert_rel_close, bnb_linear4bit
 
@@ -91,14 +92,14 @@ def decisions(monkeypatch):
     """The decisions of ``_fused_path`` since the last ``decisions.clear()``: the fused forward's name or
     ``"peft:" + reason`` per layer call."""
     record = []
-    gate = fastpeft.patch._fused_path
+    gate = fastpeft.integration.fused_forward._fused_path
 
     def recording(layer, x, args, kwargs):
         path = gate(layer, x, args, kwargs)
         record.append("peft:" + path if isinstance(path, str) else path[0].__name__)
         return path
 
-    monkeypatch.setattr(fastpeft.patch, "_fused_path", recording)
+    monkeypatch.setattr(fastpeft.integration.fused_forward, "_fused_path", recording)
     return record
 
 
@@ -223,8 +224,9 @@ def test_4bit_bases_serve_peft_forward(decisions, monkeypatch):
     pytest.importorskip("bitsandbytes")
     theirs, ours = _pair(_lora(), MLP4bit)
     bases = []
-    frozen = fastpeft.peft_paths.frozen_4bit_linear
-    monkeypatch.setattr(fastpeft.patch, "frozen_4bit_linear", lambda layer, x: bases.append(layer) or frozen(layer, x))
+    frozen = fastpeft.integration.frozen_4bit.frozen_4bit_linear
+    monkeypatch.setattr(fastpeft.integration.frozen_4bit, "frozen_4bit_linear",
+                        lambda layer, x: bases.append(layer) or frozen(layer, x))
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(11))
     results = []
     for model in (ours, theirs):

@@ -247,7 +247,7 @@ def test_norm_over_a_bf16_stored_nf4_base_is_peft_s(triton, monkeypatch):
     from peft.utils.integrations import dequantize_module_weight
 
     from fastpeft.ops import dora_weight_norm
-    from fastpeft.patch import base_weight
+    from fastpeft.integration.peft_paths import base_weight
 
     if triton:
         monkeypatch.setenv("FASTPEFT_BACKEND", "triton")

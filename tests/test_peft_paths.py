@@ -1,28 +1,23 @@
-"""The fused paths of accelerated PEFT LoRA layers beyond one plain adapter (fastpeft.peft_paths): mixed-adapter
+"""The fused paths of accelerated PEFT LoRA layers beyond one plain adapter (fastpeft.integration.peft_paths): mixed-adapter
 batches (``adapter_names``), several active adapters, ``lora_bias``; each against PEFT's own forward on the same
 model (outputs, every gradient) and counted, so a test fails if PEFT's forward ran instead."""
 
-import contextlib
 import copy
 
 import pytest
 import torch
 
 import fastpeft
-import fastpeft.patch
-import fastpeft.peft_paths
+import fastpeft.integration.frozen_4bit
+import fastpeft.integration.peft_paths
 
-from conftest import Holder, assert_rel_close, bnb_linear4bit, load_tiny_llama_4bit, make_tiny_llama
+from conftest import (Holder, assert_rel_close, bnb_linear4bit, counting_fused_ops, load_tiny_llama_4bit, lora_config,
+                      make_tiny_llama)
 
 peft = pytest.importorskip("peft")
 
 TOKENS = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(2))
 LAYERS = 14  # adapted linear layers of the tiny Llama with target_modules="all-linear"
-
-
-def _lora(**kwargs):
-    kwargs = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear", **kwargs}
-    return peft.LoraConfig(**kwargs)
 
 
 def _randomise(model, prefix=""):
@@ -35,28 +30,18 @@ def _randomise(model, prefix=""):
 
 def _three_adapters(**extra):
     """PEFT model with adapters "alpha" (r 4), "beta" (r 2, rsLoRA, other alpha) and "gamma" (q_proj / v_proj only)."""
-    model = peft.get_peft_model(make_tiny_llama(), _lora(**extra), adapter_name="alpha")
-    model.add_adapter("beta", _lora(r=2, lora_alpha=3, use_rslora=True, **extra))
-    model.add_adapter("gamma", _lora(r=3, target_modules=["q_proj", "v_proj"], **extra))
+    model = peft.get_peft_model(make_tiny_llama(), lora_config(**extra), adapter_name="alpha")
+    model.add_adapter("beta", lora_config(r=2, lora_alpha=3, use_rslora=True, **extra))
+    model.add_adapter("gamma", lora_config(r=3, target_modules=["q_proj", "v_proj"], **extra))
     _randomise(model)
     return model.eval()
 
 
-@contextlib.contextmanager
 def _counting():
-    """Counts fused calls: fastpeft's ops as the accelerated layers call them."""
-    calls = []
-    targets = [(fastpeft.patch, "lora_linear", "lora_linear"), (fastpeft.patch, "dora_linear", "dora_linear"),
-               (fastpeft.patch, "ia3_linear", "ia3_linear"),
-               (fastpeft.peft_paths, "_add_lora", "_add_lora"), (fastpeft.peft_paths, "lora_linear", "frozen_4bit")]
-    originals = [getattr(module, name) for module, name, _ in targets]
-    for (module, name, label), op in zip(targets, originals):
-        setattr(module, name, lambda *a, _op=op, _label=label, **k: calls.append(_label) or _op(*a, **k))
-    try:
-        yield calls
-    finally:
-        for (module, name, _), op in zip(targets, originals):
-            setattr(module, name, op)
+    """Counts fused calls: fastpeft's ops as the accelerated layers call them, the multi-LoRA terms of mixed batches
+    and the frozen 4-bit bases."""
+    return counting_fused_ops((fastpeft.integration.peft_paths, "add_lora_terms", "add_lora_terms"),
+                              (fastpeft.integration.frozen_4bit, "lora_linear", "frozen_4bit"))
 
 
 def _accelerated_pair(model):
@@ -76,7 +61,7 @@ def test_mixed_batch_forward_and_generate_match_peft(lora_bias):
         expected = theirs(TOKENS, adapter_names=NAMES).logits
         with _counting() as calls:
             out = ours(TOKENS, adapter_names=NAMES).logits
-        assert calls.count("_add_lora") == LAYERS and calls.count("lora_linear") == LAYERS  # base + fused LoRA
+        assert calls.count("add_lora_terms") == LAYERS and calls.count("lora_linear") == LAYERS  # base + fused LoRA
         assert_rel_close(out, expected)
         # rows: each equals PEFT with that adapter alone (the base model for "__base__")
         for row, name in enumerate(NAMES):
@@ -91,22 +76,22 @@ def test_mixed_batch_forward_and_generate_match_peft(lora_bias):
     kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
     with _counting() as calls:
         generated = ours.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs)
-    assert calls.count("_add_lora") == 2 * LAYERS
+    assert calls.count("add_lora_terms") == 2 * LAYERS
     assert torch.equal(generated, theirs.generate(input_ids=TOKENS, adapter_names=NAMES, **kwargs))
 
 
 def test_mixed_batch_4bit_base(tiny_llama_dir):
     pytest.importorskip("bitsandbytes")
-    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir), _lora(target_modules=["q_proj", "down_proj"]),
-                                adapter_name="alpha")
-    model.add_adapter("beta", _lora(r=2, target_modules=["q_proj"]))
+    model = peft.get_peft_model(load_tiny_llama_4bit(tiny_llama_dir),
+                                lora_config(target_modules=["q_proj", "down_proj"]), adapter_name="alpha")
+    model.add_adapter("beta", lora_config(r=2, target_modules=["q_proj"]))
     _randomise(model)
     fastpeft.accelerate(model.eval())
     # ours first: bitsandbytes' eval forward on CPU repacks the 4-bit weights for its own kernel
     with torch.no_grad():
         with _counting() as calls:
             out = model(TOKENS, adapter_names=NAMES[:3] + ["alpha"]).logits
-        assert calls.count("_add_lora") == 4
+        assert calls.count("add_lora_terms") == 4
         fastpeft.restore(model)
         assert_rel_close(out, model(TOKENS, adapter_names=NAMES[:3] + ["alpha"]).logits)
 
@@ -160,7 +145,7 @@ def test_mixed_batch_with_autograd_runs_peft_and_matches():
             logits = model(TOKENS, adapter_names=NAMES).logits
         logits.square().mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    assert "_add_lora" not in calls  # inference-only op: PEFT's forward carries the gradients
+    assert "add_lora_terms" not in calls  # inference-only op: PEFT's forward carries the gradients
     assert_rel_close(results[1][0], results[0][0])
     assert results[1][1].keys() == results[0][1].keys() and results[0][1]
     for name, grad in results[0][1].items():
@@ -168,8 +153,8 @@ def test_mixed_batch_with_autograd_runs_peft_and_matches():
 
 
 def test_mixed_batch_errors_are_peft_errors():
-    model = peft.get_peft_model(make_tiny_llama(), _lora(target_modules=["q_proj"]), adapter_name="alpha")
-    model.add_adapter("delta", _lora(target_modules=["q_proj"], use_dora=True))
+    model = peft.get_peft_model(make_tiny_llama(), lora_config(target_modules=["q_proj"]), adapter_name="alpha")
+    model.add_adapter("delta", lora_config(target_modules=["q_proj"], use_dora=True))
     fastpeft.accelerate(model.eval())
     with torch.no_grad():
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
@@ -177,6 +162,36 @@ def test_mixed_batch_errors_are_peft_errors():
         with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
             model(TOKENS, adapter_names=["alpha"])
 
+
+
+def test_mixed_batch_at_ranks_beyond_the_serving_limit():
+    """PEFT's adapters have any rank: a mixed batch packs them (``LoraBank.pack`` without serving's rank limit) and
+    runs fused, with PEFT's numbers."""
+    from fastpeft.bank import MAX_RANK
+
+    model = peft.get_peft_model(Holder(torch.nn.Linear(16, 8)), lora_config(r=MAX_RANK + 1, target_modules=["proj"]),
+                                adapter_name="wide")
+    model.add_adapter("narrow", lora_config(r=2, target_modules=["proj"]))
+    _randomise(model)
+    ours, theirs = _accelerated_pair(model.eval())
+    x = torch.randn(3, 5, 16)
+    names = ["wide", "__base__", "narrow"]
+    with torch.no_grad():
+        with _counting() as calls:
+            out = ours.base_model.model.proj(x, adapter_names=names)
+        assert calls == ["lora_linear", "add_lora_terms"]
+        assert_rel_close(out, theirs.base_model.model.proj(x, adapter_names=names))
+
+
+def test_restore_drops_the_bank_of_a_model_call():
+    """The bank a model call packed stays on the layer for that call only, and ``restore`` takes it off."""
+    ours, _ = _accelerated_pair(_three_adapters())
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        ours(TOKENS, adapter_names=NAMES)
+    assert "_fastpeft_bank" in layer.__dict__
+    fastpeft.restore(ours)
+    assert "_fastpeft_bank" not in layer.__dict__
 
 # ---------------------------------------------------------------------------------------------- several active
 def _loss_and_grads(model, tokens=TOKENS):
@@ -240,7 +255,7 @@ def test_weighted_adapter_alone_and_with_another():
 
 
 def test_lora_bias_single_adapter():
-    ours, theirs = _accelerated_pair(peft.get_peft_model(make_tiny_llama(), _lora(lora_bias=True)))
+    ours, theirs = _accelerated_pair(peft.get_peft_model(make_tiny_llama(), lora_config(lora_bias=True)))
     _randomise(ours)
     _randomise(theirs)
     summary = fastpeft.accelerate(ours)
@@ -255,7 +270,7 @@ FROZEN_CONFIGS = {
     "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
     "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
     "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
-    "lora_some": lambda: _lora(target_modules=["q_proj", "v_proj"]),
+    "lora_some": lambda: lora_config(target_modules=["q_proj", "v_proj"]),
 }
 
 
@@ -337,7 +352,7 @@ def test_gpt2_conv1d_bases(kind):
         config = peft.IA3Config(target_modules=targets, feedforward_modules=["c_fc"], fan_in_fan_out=True,
                                 init_ia3_weights=False)
     else:
-        config = _lora(target_modules=targets, fan_in_fan_out=True, use_dora=kind == "dora",
+        config = lora_config(target_modules=targets, fan_in_fan_out=True, use_dora=kind == "dora",
                        lora_bias=kind == "lora_bias")
     theirs = peft.get_peft_model(_tiny_gpt2(), config)
     with torch.no_grad():

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .. import reference
 from ..nf4 import NF4Weight
 from ..nn import DoraLinear, IA3Linear, LoraLinear
-from ..patch import accelerate
+from ..integration.accelerate import accelerate
 from ..serving import MultiLoraModel
 
 

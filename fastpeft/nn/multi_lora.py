@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..bank import AdapterBank, LoraBank
 from ..ops.multi_lora import MultiLoraMeta, multi_lora_add_
 
-__all__ = ["MultiLoraBatch", "MultiLoraLinear", "serving_batch"]
+__all__ = ["MultiLoraBatch", "MultiLoraLinear", "serving_batch", "add_lora_terms"]
 
 # The batch a call of the wrapped model serves, read by every MultiLoraLinear it reaches. A context variable, not
 # module state: each thread (and each asyncio task) sees only the batch of its own call, so concurrent calls of
@@ -99,9 +99,11 @@ def _per_token(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([table, ones])[ids.long()]
 
 
-def _add_lora(y: torch.Tensor, x_tokens: torch.Tensor, bank: LoraBank, meta: MultiLoraMeta) -> torch.Tensor:
-    """``y`` plus the LoRA terms: in place when the op takes the dtypes (a bank in ``x``'s dtype, or an fp32
-    bank on bf16 / fp16 activations), else in the bank's dtype, then cast."""
+def add_lora_terms(y: torch.Tensor, x_tokens: torch.Tensor, bank: LoraBank, meta: MultiLoraMeta) -> torch.Tensor:
+    """``y`` ``(M, out)`` plus every token's LoRA terms, ``fastpeft.ops.multi_lora_add_`` over ``x_tokens``
+    ``(M, in)`` with the adapters of ``bank`` that ``meta`` gives each token: in place when the op takes the dtypes
+    (a bank in ``x``'s dtype, or an fp32 bank on bf16 / fp16 activations), else in the bank's dtype, then cast to
+    ``y``'s."""
     if bank.max_rank == 0:
         return y
     lora_dtype = bank.lora_a.dtype
@@ -138,7 +140,7 @@ class MultiLoraLinear(nn.Module):
         if bank.in_scale is None and bank.out_scale is None:  # LoRA adapters only: the base layer on x as it is
             base_out = base_layer(x)
             y = base_out.reshape(-1, self.out_features)
-            y_sum = _add_lora(y, x_tokens, bank, meta)
+            y_sum = add_lora_terms(y, x_tokens, bank, meta)
             if y_sum is y and y.data_ptr() == base_out.data_ptr():
                 return base_out  # the terms went into the base output in place (y is a view of it)
             return y_sum.reshape(*x.shape[:-1], self.out_features)
@@ -148,10 +150,10 @@ class MultiLoraLinear(nn.Module):
         x_base = x_tokens if bank.in_scale is None else (x_tokens * _per_token(bank.in_scale, ids)).to(x.dtype)
         y = base_layer(x_base.reshape(x.shape)).reshape(-1, self.out_features)
         if bank.out_scale is None:
-            return _add_lora(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
+            return add_lora_terms(y, x_tokens, bank, meta).reshape(*x.shape[:-1], self.out_features)
         scale = _per_token(bank.out_scale, ids)
         out_dtype = y.dtype
-        y = scale * _add_lora(y.to(torch.promote_types(out_dtype, scale.dtype)), x_tokens, bank, meta)
+        y = scale * add_lora_terms(y.to(torch.promote_types(out_dtype, scale.dtype)), x_tokens, bank, meta)
         bias = getattr(base_layer, "bias", None)
         if bias is not None:
             y = y + (_per_token(bank.bias_scale, ids) - scale) * bias

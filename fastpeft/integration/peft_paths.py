@@ -1,7 +1,7 @@
 """Fused paths for PEFT LoRA layer states beyond "one plain adapter active": the pieces
-:mod:`fastpeft.patch` calls from an accelerated layer's forward.
+:mod:`fastpeft.integration.fused_forward` calls from an accelerated layer's forward.
 
-A path is a ``*_reason`` function, which ``fastpeft.patch._fused_path`` asks at each call (why the fused op
+A path is a ``*_reason`` function, which ``fused_forward._fused_path`` asks at each call (why the fused op
 would not compute exactly what PEFT's forward does at this call, or None; PEFT's forward runs then), and the
 function computing it. They read PEFT's state at each call (``active_adapters``, ``scaling``, dropout
 modules, parameters), so nothing goes stale.
@@ -13,12 +13,11 @@ modules, parameters), so nothing goes stale.
   gradient through ``cat``), plus ``Σ s_i · b_i`` for adapters with ``lora_bias``.
 - :func:`mixed_batch_lora`: ``model(..., adapter_names=[...])`` / ``generate(adapter_names=...)``. PEFT's
   ``_mixed_batch_forward`` runs the base once and, per distinct adapter, the LoRA term of its rows; here the
-  layer's LoRA adapters are packed into a :class:`~fastpeft.bank.LoraBank` once per call of the PEFT model (a
-  forward, or a whole ``generate``) and ``fastpeft.ops.multi_lora_add_`` adds every row's term in one call. Inference only, as in
-  PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
+  layer's LoRA adapters are packed into a :class:`~fastpeft.bank.LoraBank` (:meth:`~fastpeft.bank.LoraBank.pack`,
+  as serving packs them) once per call of the PEFT model (a forward, or a whole ``generate``) and
+  :func:`~fastpeft.nn.multi_lora.add_lora_terms` adds every row's term in one call of the multi-LoRA op. Inference
+  only, as in PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
 - :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
-- :func:`frozen_4bit_linear`: a bitsandbytes ``Linear4bit`` that no PEFT layer wraps (prompt / prefix /
-  P-tuning, BitFit, LoRA on some modules only) on fastpeft's NF4 op instead of bitsandbytes' forward.
 """
 
 from __future__ import annotations
@@ -28,20 +27,17 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bank import LoraBank
-from .nn.lora import LoraLinear, cached_nf4_view, parameter
-from .nn.multi_lora import _add_lora
-from .ops.compile_compat import fresh_output_when_compiling
-from .ops.lora import lora_linear
-from .ops.multi_lora import MultiLoraMeta
-from .ops.nf4_dequantize import nf4_dequantize
+from ..adapters import ModuleAdapter
+from ..bank import LoraBank
+from ..nn.lora import LoraLinear
+from ..nn.multi_lora import add_lora_terms
+from ..ops.multi_lora import MultiLoraMeta
 
 __all__ = ["base_weight", "is_conv1d", "several_adapters_reason", "combined_lora_factors", "adalora_factors",
-           "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "dropout_active",
-           "frozen_4bit_linear", "bnb_cpu_kernel_linear"]
+           "mixed_batch_adapters", "mixed_batch_reason", "mixed_batch_lora", "forget_bank", "dropout_active"]
+
 
 def dropout_active(dropout: nn.Module) -> bool:
     """Whether PEFT's LoRA dropout module changes its input at this call."""
@@ -173,11 +169,17 @@ def _meta(call, row_ids: tuple, lead_shape: tuple, device: torch.device) -> Mult
     return entry[2]
 
 
+_BANK_KEY = "_fastpeft_bank"  # the layer's ``__dict__`` entry: (model call, parameters' key, (bank, bias table))
+
+
 def _bank(layer, call, names: tuple) -> tuple:
     """``(LoraBank, bias table or None)`` of ``names`` (slot ``k`` = ``names[k]``), packed from the layer's
-    parameters; cached on the layer for the rest of the model call ``call`` (None: not cached), as long as those
-    parameters and scalings stay the same objects, values (in-place updates bump their versions) and dtypes.
-    (:func:`mixed_batch_reason` has made sure autograd records nothing here.)"""
+    parameters in their dtype (:func:`mixed_batch_reason` has made sure it is one) by
+    :meth:`~fastpeft.bank.LoraBank.pack`, at any rank; cached on the layer for the rest of the model call ``call``
+    (None: not cached), as long as those parameters and scalings stay the same objects, values (in-place updates
+    bump their versions) and dtypes. The bias table's row ``k`` is ``s_k · b_k`` (zeros for an adapter without
+    ``lora_bias``), its last row zeros for tokens of no adapter. (:func:`mixed_batch_reason` has made sure autograd
+    records nothing here.)"""
     lora_a_dict, lora_b_dict = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
     lora_as = [lora_a_dict[name]._parameters["weight"] for name in names]
     lora_bs = [lora_b_dict[name]._parameters["weight"] for name in names]
@@ -187,28 +189,27 @@ def _bank(layer, call, names: tuple) -> tuple:
     if call is not None:
         key = (names, tuple(scalings), tuple((p.data_ptr(), p._version, p.dtype, p.device)
                                              for p in (*lora_as, *lora_bs, *biases) if p is not None))
-        cached = layer.__dict__.get("_fastpeft_bank")
+        cached = layer.__dict__.get(_BANK_KEY)
         if cached is not None and cached[0] is call and cached[1] == key:
             return cached[2]
-    ranks = [a.shape[0] for a in lora_as]
-    max_rank = max(ranks)
-    # zero-padded to the largest rank (one stack when the ranks are equal)
-    lora_a = torch.stack([a if a.shape[0] == max_rank else F.pad(a, (0, 0, 0, max_rank - a.shape[0]))
-                          for a in lora_as])
-    lora_b = torch.stack([b if b.shape[1] == max_rank else F.pad(b, (0, max_rank - b.shape[1])) for b in lora_bs])
+    (out_features, _), (_, in_features) = lora_bs[0].shape, lora_as[0].shape
+    adapters = [ModuleAdapter(lora_a=a, lora_b=b, scaling=s) for a, b, s in zip(lora_as, lora_bs, scalings)]
+    bank = LoraBank.pack(adapters, in_features, out_features, lora_as[0].dtype, lora_as[0].device,
+                         labels=[f"adapter {name!r}" for name in names], rank_limit=None)
     bias_table = None
     if any(b is not None for b in biases):
-        # row k: s_k · b_k; a last row of zeros for tokens of no adapter
-        zeros = lora_b.new_zeros(lora_b.shape[1])
+        zeros = bank.lora_b.new_zeros(out_features)
         bias_table = torch.stack([zeros if b is None else b * s for b, s in zip(biases, scalings)] + [zeros])
-    device = lora_a.device
-    bank = LoraBank(lora_a=lora_a, lora_b=lora_b, ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
-                    scalings=torch.tensor(scalings, dtype=torch.float32, device=device))
     if call is None:
-        layer.__dict__.pop("_fastpeft_bank", None)
+        layer.__dict__.pop(_BANK_KEY, None)
     else:
-        layer.__dict__["_fastpeft_bank"] = (call, key, (bank, bias_table))
+        layer.__dict__[_BANK_KEY] = (call, key, (bank, bias_table))
     return bank, bias_table
+
+
+def forget_bank(layer) -> None:
+    """Drop the mixed-batch bank cached on ``layer`` (a layer put back on PEFT's class keeps none)."""
+    layer.__dict__.pop(_BANK_KEY, None)
 
 
 def mixed_batch_adapters(layer, adapter_names) -> list:
@@ -261,71 +262,8 @@ def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_
         # PEFT adds (h Bᵀ + b) · s in the adapters' dtype: put s · b into the delta before the cast
         ids = meta.slot_ids[:, 0].long()
         delta = bias_table[torch.where(ids < 0, len(names), ids)]
-        delta = _add_lora(delta, x_tokens.to(delta.dtype), bank, meta)
+        delta = add_lora_terms(delta, x_tokens.to(delta.dtype), bank, meta)
         y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else y + delta.to(y.dtype)
     else:
-        y = _add_lora(y, x_tokens, bank, meta)
+        y = add_lora_terms(y, x_tokens, bank, meta)
     return y.reshape(base_output.shape)
-
-
-# ---------------------------------------------------------------------------------------------- frozen 4-bit
-def frozen_4bit_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """``bitsandbytes.nn.Linear4bit.forward`` on fastpeft's NF4 op (for an NF4 weight in bitsandbytes' layout):
-    the same compute dtype rule (the layer's ``compute_dtype``, set from the first input when unset; the bias
-    cast to it, in place as bitsandbytes does), output in the input's dtype; gradients for ``x`` and a
-    trainable bias."""
-    if not layer.compute_type_is_set:
-        layer.set_compute_type(x)
-        layer.compute_type_is_set = True
-    input_dtype = x.dtype
-    if layer.compute_dtype is not None:
-        x = x.to(layer.compute_dtype)
-    bias = layer.bias
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            bias.data = bias.data.to(x.dtype)
-        if layer.compute_dtype is not None:
-            bias = bias.to(layer.compute_dtype)
-    return lora_linear(x, cached_nf4_view(layer, layer.weight), bias, None, None, 0.0).to(input_dtype)
-
-
-@fresh_output_when_compiling
-class _BnbCpuKernelLinear(torch.autograd.Function):
-    """bitsandbytes' own forward of a 4-bit layer it has repacked for its CPU kernel (that kernel's numbers,
-    bit for bit), with the input gradient that forward lacks: the kernel has no backward, so bitsandbytes gives
-    an input that requires grad none (torch warns that this is silently incorrect) and raises on a bias. Here
-    ``dx = dy W``, ``W`` the weight the layer holds (its repacked layout read bit for bit), computed as
-    bitsandbytes' own 4-bit backward does (the weight dequantised, in the compute dtype); a trainable bias gets
-    ``dy`` summed over the rows."""
-
-    @staticmethod
-    def forward(ctx, x, bias, layer):
-        ctx.layer, ctx.input_dtype = layer, x.dtype
-        out = type(layer)._fastpeft_peft_class.forward(layer, x)
-        ctx.bias_dtype = None if bias is None else bias.dtype  # bitsandbytes may have cast it in place
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        layer = ctx.layer
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            weight = cached_nf4_view(layer, layer.weight)
-            compute_dtype = dy.dtype if layer.compute_dtype is None else layer.compute_dtype
-            dense = nf4_dequantize(weight, weight.dtype).to(compute_dtype)
-            dx = (dy.to(compute_dtype) @ dense).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
-            dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return dx, dbias, None
-
-
-def bnb_cpu_kernel_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """``bitsandbytes.nn.Linear4bit.forward`` for a call it multiplies with its own CPU kernel
-    (:func:`~fastpeft.nn.lora.bnb_runs_its_cpu_kernel`): that forward itself, whose numbers no fused op gives; over
-    a repacked layer, with an input or a bias that needs a gradient, through :class:`_BnbCpuKernelLinear`, which
-    supplies the gradient bitsandbytes drops."""
-    if torch.is_grad_enabled():
-        bias = parameter(layer, "bias")
-        if x.requires_grad or (bias is not None and bias.requires_grad):
-            return _BnbCpuKernelLinear.apply(x, bias, layer)
-    return type(layer)._fastpeft_peft_class.forward(layer, x)
