@@ -210,7 +210,7 @@ def fused_linear(
         or (in_scale is not None and in_scale.requires_grad) or (lora_h is not None and lora_h.requires_grad)
         or (lora_expand is not None and lora_expand.requires_grad)
         or (reduce_rows is not None and reduce_rows.requires_grad))
-    w = base_weight(weight, a.dtype, scratch=not recording)
+    w = weight if not nf4 and weight.dtype == a.dtype else base_weight(weight, a.dtype, scratch=not recording)
     if out_dtype is not None and out_dtype != a.dtype:
         # the products of a's values kept in out_dtype's (fp32) accumulator: W rounded to a's dtype first
         a, w = a.to(out_dtype), w.to(out_dtype)
@@ -238,7 +238,7 @@ def fused_linear(
         out = z.mul_(col_scale) if in_place else z * col_scale
         if not scale_bias and bias is not None:
             out = out + bias
-    return _cast(out, a.dtype), reduced
+    return (out if out.dtype == a.dtype else out.to(a.dtype)), reduced
 
 
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:

@@ -76,10 +76,10 @@ def test_compiling_an_accelerated_layer_warns_of_nothing(kind):
 
 
 def test_ia3_layer_fullgraph_after_eager_calls():
-    # eager calls first: then IA3Linear runs PEFT's ops without its checks (fastpeft.nn.ia3), which dynamo traces too
+    # eager calls first (the reference's torch ops called directly, fastpeft.ops.ia3), then traced: dynamo takes the
+    # op and the autograd Function instead, and both give the same values and gradients
     layer = fastpeft.IA3Linear(torch.nn.Linear(64, 48), init_ia3_weights=False)
     _assert_compiled_matches_eager(layer, (torch.randn(2, 5, 64, requires_grad=True),))
-    assert layer._plain_on is not None
 
 
 def test_whole_accelerated_model_fullgraph():

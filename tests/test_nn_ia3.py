@@ -269,14 +269,14 @@ def test_the_cpu_path_runs_the_reference_directly(monkeypatch, dense):
 
 
 def test_a_called_layer_pickles_and_copies():
-    """The per-call caches are not the layer's state: torch.save of the whole module and deepcopy work after calls."""
+    """A called layer holds nothing of its calls: torch.save of the whole module and deepcopy work after calls."""
     import copy
     import io
 
     layer = IA3Linear(nn.Linear(24, 16), init_ia3_weights=False)
     x = torch.randn(3, 24)
     layer(x)
-    y = layer(x)  # the second call runs PEFT's ops unchecked
+    y = layer(x)
     buffer = io.BytesIO()
     torch.save(layer, buffer)
     buffer.seek(0)

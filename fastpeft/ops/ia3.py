@@ -38,6 +38,8 @@ from .dispatch import backend_for, eager_reference
 from .fused_linear import fused_linear
 from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, check_vector, rows_like
 
+_SCALE_NOTES = {True: " for is_feedforward=True", False: " for is_feedforward=False"}  # not formatted per call
+
 
 def _forward(x2d, weight: Weight, bias, ia3_scale, is_feedforward: bool) -> torch.Tensor:
     """The forward on 2-D ``x2d`` ``(M, in)``: ``(M, out)``; ``ia3_scale`` None: the base layer alone."""
@@ -112,18 +114,19 @@ def _ia3(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor], ia3_scal
     NF4 base under autograd the Function runs, as autograd would keep the dequantised weight."""
     differentiable = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)
                                                   or (ia3_scale is not None and ia3_scale.requires_grad))
-    x2d = as_rows(x, in_features)
+    x2d = x if x.dim() == 2 else as_rows(x, in_features)
     if ia3_scale is not None and not ia3_scale.is_contiguous():
         ia3_scale = ia3_scale.contiguous()
     if (not differentiable or not isinstance(weight, NF4Weight)) and eager_reference(x.device):
-        scales = (ia3_scale, None) if is_feedforward else (None, ia3_scale)
-        y = reference.fused_linear(x2d, weight, in_scale=scales[0], bias=bias, scale_bias=ia3_scale is not None,
-                                   col_scale=scales[1])[0]
+        if is_feedforward or ia3_scale is None:
+            y = reference.fused_linear(x2d, weight, False, ia3_scale, bias, ia3_scale is not None)[0]
+        else:
+            y = reference.fused_linear(x2d, weight, False, None, bias, True, None, None, 1.0, ia3_scale)[0]
     elif not differentiable:
         y = _forward(x2d, weight, bias, ia3_scale, is_feedforward)
     else:
         y = IA3LinearFunction.apply(x2d, weight, bias, ia3_scale, is_feedforward)
-    return rows_like(y, x, out_features)
+    return y if x2d is x else rows_like(y, x, out_features)
 
 
 # the signature of fastpeft.reference.ia3_linear, the oracle this op is held to
@@ -146,7 +149,7 @@ def ia3_linear(
         with torch.autocast(x.device.type, enabled=False):
             out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
             check_vector("ia3_scale", ia3_scale, (in_features if is_feedforward else out_features,), x.device,
-                         f" for is_feedforward={is_feedforward}")
+                         _SCALE_NOTES[is_feedforward])
             bias = None if bias is None else bias.to(cast_to)
             if is_feedforward:
                 scaled = (x * ia3_scale).to(x.dtype).to(cast_to)
@@ -154,7 +157,7 @@ def ia3_linear(
             return _ia3(x.to(cast_to), weight.to(cast_to), bias, ia3_scale, False, in_features, out_features)
     out_features, in_features = check_linear_inputs("ia3_linear", x, weight, bias)
     check_vector("ia3_scale", ia3_scale, (in_features if is_feedforward else out_features,), x.device,
-                 f" for is_feedforward={is_feedforward}")
+                 _SCALE_NOTES[is_feedforward])
     if bias is not None and bias.dtype != x.dtype:  # a cast that does nothing still costs a dispatch
         bias = bias.to(x.dtype)
     return _ia3(x, weight, bias, ia3_scale, is_feedforward, in_features, out_features)
