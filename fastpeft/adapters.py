@@ -85,7 +85,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _matches_any(module: str, targets) -> bool:
+def matches_any(module: str, targets) -> bool:
     if targets is None:
         return False
     if isinstance(targets, str):
@@ -139,7 +139,7 @@ class Adapter:
         out = {}
         for module, fields in grouped.items():
             if self.peft_type == "IA3":
-                ff = _matches_any(module, self.config.get("feedforward_modules"))
+                ff = matches_any(module, self.config.get("feedforward_modules"))
                 out[module] = ModuleAdapter(ia3_scale=fields["ia3_scale"].reshape(-1), is_feedforward=ff)
                 continue
             if "lora_a" not in fields or "lora_b" not in fields:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.lora import _is_bnb_linear4bit
+from ..nn.lora import is_bnb_linear4bit
 from .frozen_4bit import accelerate_frozen_4bit
 from .fused_forward import accelerated_forward, adapter_reason, dora_variant, layer_reason
 from .layer_classes import fast_class, is_accelerated
@@ -56,7 +56,7 @@ def _peft_layer_kinds() -> dict:
 def _kind_label(layer, kind: str) -> str:
     if kind == "lora" and any(type(v) is dora_variant() for v in layer.lora_variant.values()):
         kind = "dora"
-    return kind + ("+nf4" if _is_bnb_linear4bit(layer.base_layer) else "")
+    return kind + ("+nf4" if is_bnb_linear4bit(layer.base_layer) else "")
 
 
 def accelerate(model: nn.Module, frozen_4bit: bool = True) -> PatchSummary:
@@ -117,7 +117,7 @@ def _activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
 def _compute_dtype_note(base, activation_dtype: Optional[torch.dtype]) -> Optional[str]:
     """Why the adapted layer over ``base`` will run PEFT's forward on activations of ``activation_dtype`` (a 4-bit
     base whose compute dtype is another: ``fused_forward._compute_dtype_reason`` at every call), or None."""
-    compute_dtype = getattr(base, "compute_dtype", None) if _is_bnb_linear4bit(base) else None
+    compute_dtype = getattr(base, "compute_dtype", None) if is_bnb_linear4bit(base) else None
     if activation_dtype is None or compute_dtype is None or compute_dtype == activation_dtype:
         return None
     return (f"bitsandbytes computes the 4-bit base in {compute_dtype} (bnb_4bit_compute_dtype) and this model's "
@@ -134,7 +134,7 @@ def _nothing_to_accelerate(model: nn.Module, frozen_4bit: bool) -> str:
     kinds = sorted({str(getattr(config.peft_type, "value", config.peft_type)) for config in configs.values()})
     text = (f"this PEFT model's adapters ({', '.join(kinds)}) add no adapted layers: fastpeft accelerates LoRA, DoRA "
             "and IA3 layers, and the frozen bitsandbytes 4-bit linear layers of any model; ")
-    if not frozen_4bit and any(_is_bnb_linear4bit(m) for m in model.modules()):
+    if not frozen_4bit and any(is_bnb_linear4bit(m) for m in model.modules()):
         return text + "its 4-bit layers were left on bitsandbytes by frozen_4bit=False. Nothing to accelerate"
     return text + "it has neither (prompt / prefix / P-tuning run in its embeddings and attention). Nothing to accelerate"
 

@@ -18,7 +18,7 @@ from ..adapters import Adapter, ModuleAdapter, load_adapter, save_adapter
 from ..bank import peft_adapter_dtype
 from ..nn.dora import DoraLinear
 from ..nn.ia3 import IA3Linear
-from ..nn.lora import LoraLinear, _is_bnb_linear4bit
+from ..nn.lora import LoraLinear, is_bnb_linear4bit
 from .inject import FAST_LAYERS, freeze_all_but_adapters, linear_kind, set_submodule
 from .summary import PatchSummary
 
@@ -87,7 +87,7 @@ def _build_layer(base, module_adapter: ModuleAdapter, dropout: float) -> nn.Modu
     if module_adapter.ia3_scale is not None:
         return IA3Linear.from_adapter(base, module_adapter)
     # the parameters in the dtype PeftModel.from_pretrained gives them on this base, not the file's
-    dtype = peft_adapter_dtype(torch.float32 if _is_bnb_linear4bit(base) else base.weight.dtype)
+    dtype = peft_adapter_dtype(torch.float32 if is_bnb_linear4bit(base) else base.weight.dtype)
     module_adapter = dataclasses.replace(module_adapter, **{
         name: getattr(module_adapter, name).to(dtype) for name in ("lora_a", "lora_b", "magnitude")
         if getattr(module_adapter, name) is not None})

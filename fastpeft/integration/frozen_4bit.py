@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from ..nn.lora import _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, cached_nf4_view, parameter
+from ..nn.lora import is_bnb_linear4bit, bnb_runs_its_cpu_kernel, cached_nf4_view, parameter
 from ..ops.compile_compat import fresh_output_when_compiling
 from ..ops.lora import lora_linear
 from ..ops.nf4_dequantize import nf4_dequantize
@@ -32,7 +32,7 @@ def accelerate_frozen_4bit(model: nn.Module, inside_peft_layers: set, enabled: b
     if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported bitsandbytes already
         return
     for name, module in model.named_modules():
-        if not _is_bnb_linear4bit(module):
+        if not is_bnb_linear4bit(module):
             continue
         original = module._fastpeft_peft_class if is_accelerated(module) else type(module)
         if not enabled:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from ..nn.dora import dora_dropout
-from ..nn.lora import _is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
+from ..nn.lora import is_bnb_linear4bit, bnb_runs_its_cpu_kernel, dropout_inputs, parameter
 from ..ops.dora import dora_linear
 from ..ops.ia3 import ia3_linear
 from ..ops.inputs import autocast_dtype, fusable_scaling
@@ -47,7 +47,7 @@ def base_reason(base) -> Optional[str]:
     if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
         weight = parameter(base, "weight")
         return None if weight.is_floating_point() else f"base weight dtype {weight.dtype} is not floating point"
-    if _is_bnb_linear4bit(base):
+    if is_bnb_linear4bit(base):
         state = base.weight.quant_state
         if state is None:
             return "the bitsandbytes Linear4bit weight is not quantised yet (not moved to a device)"
@@ -171,7 +171,7 @@ def _compute_dtype_reason(base, x) -> Optional[str]:
     unset, as here), multiplies there (in the autocast dtype under autocast) and casts back; the fused ops compute
     in the input's dtype, so a call whose input dtype differs from the layer's compute dtype or from the autocast
     dtype runs PEFT's forward (bitsandbytes' own product)."""
-    if type(base) is nn.Linear or not _is_bnb_linear4bit(base):
+    if type(base) is nn.Linear or not is_bnb_linear4bit(base):
         return None
     if not base.compute_type_is_set:
         base.set_compute_type(x)
@@ -197,7 +197,7 @@ def _fused_path(layer, x, args, kwargs):
     runs."""
     base = _child(layer, "base_layer")
     # first, as every other reason leads to the same forward: the check is a few reads, the rest many more
-    if type(base) is not nn.Linear and _is_bnb_linear4bit(base) and bnb_runs_its_cpu_kernel(base, x):
+    if type(base) is not nn.Linear and is_bnb_linear4bit(base) and bnb_runs_its_cpu_kernel(base, x):
         return "bitsandbytes multiplies this input with its own CPU 4-bit kernel (bf16): its numbers are PEFT's"
     kind = layer._fastpeft_kind
     mixed = bool(kwargs) and _mixed_batch_call(kind, args, kwargs)

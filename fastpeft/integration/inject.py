@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
-from ..adapters import _matches_any
+from ..adapters import matches_any
 from ..nn.dora import DoraLinear
 from ..nn.ia3 import IA3Linear
-from ..nn.lora import LoraLinear, _is_bnb_linear4bit
+from ..nn.lora import LoraLinear, is_bnb_linear4bit
 from .summary import PatchSummary
 
 __all__ = ["inject"]
@@ -27,7 +27,7 @@ FAST_LAYERS = (LoraLinear, IA3Linear)  # fastpeft's own adapter layers (DoraLine
 
 def linear_kind(module) -> Optional[str]:
     """``"dense"`` / ``"nf4"`` for a base fastpeft can adapt, else None."""
-    if _is_bnb_linear4bit(module):
+    if is_bnb_linear4bit(module):
         return "nf4"
     if type(module) is nn.Linear and module.weight.is_floating_point():
         return "dense"
@@ -58,7 +58,7 @@ def _targets(model: nn.Module, target_modules) -> tuple[list, dict]:
             if linear_kind(module) is not None:
                 chosen.append(name)
             continue
-        if _matches_any(name, target_modules):
+        if matches_any(name, target_modules):
             if linear_kind(module) is None:
                 skipped[name] = f"{type(module).__name__} is not a float torch.nn.Linear or bitsandbytes Linear4bit"
             else:

@@ -23,7 +23,7 @@ from torch import nn
 from ..nf4 import NF4Weight
 from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
-from .lora import LoraLinear, _is_bnb_linear4bit, _NF4Base, parameter
+from .lora import LoraLinear, is_bnb_linear4bit, NF4Base, parameter
 
 __all__ = ["IA3Linear"]
 
@@ -50,10 +50,10 @@ class IA3Linear(nn.Module):
     ):
         super().__init__()
         if isinstance(base_layer, NF4Weight):
-            base_layer = _NF4Base(base_layer, bias)
+            base_layer = NF4Base(base_layer, bias)
         elif bias is not None:
             raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
-        elif not (isinstance(base_layer, nn.Linear) or _is_bnb_linear4bit(base_layer)):
+        elif not (isinstance(base_layer, nn.Linear) or is_bnb_linear4bit(base_layer)):
             raise TypeError(
                 f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
                 f"{type(base_layer).__name__}"

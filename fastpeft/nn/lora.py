@@ -24,7 +24,7 @@ from ..ops.lora import lora_linear
 __all__ = ["LoraLinear"]
 
 
-def _is_bnb_linear4bit(module) -> bool:
+def is_bnb_linear4bit(module) -> bool:
     bnb = sys.modules.get("bitsandbytes")  # a Linear4bit exists only if bitsandbytes was imported
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
@@ -42,7 +42,7 @@ def parameter(module: nn.Module, name: str):
 def repacked_for_bnb_cpu(module) -> bool:
     """Whether bitsandbytes has repacked this ``Linear4bit`` for its own CPU kernel (in place, on an eval-mode
     no-grad CPU forward on an AVX512-BF16 CPU; absmax rounded to bf16): no longer the NF4 layout."""
-    return _is_bnb_linear4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    return is_bnb_linear4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
 
 
 def bnb_runs_its_cpu_kernel(module, x: torch.Tensor) -> bool:
@@ -59,7 +59,7 @@ def bnb_runs_its_cpu_kernel(module, x: torch.Tensor) -> bool:
             and x.device.type == "cpu")
 
 
-class _NF4Base(nn.Module):
+class NF4Base(nn.Module):
     """The base layer for a bare :class:`NF4Weight` (frozen ``weight`` and optional ``bias``). The
     NF4Weight is a plain attribute, not a buffer: ``.to(device)`` does not move it (build it on the
     target device, or use a bitsandbytes ``Linear4bit`` base, which moves with the model)."""
@@ -176,15 +176,15 @@ class LoraLinear(nn.Module):
 
     def _set_base(self, base_layer, bias):
         if isinstance(base_layer, NF4Weight):
-            base_layer = _NF4Base(base_layer, bias)
+            base_layer = NF4Base(base_layer, bias)
         elif bias is not None:
             raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
-        elif not (isinstance(base_layer, nn.Linear) or _is_bnb_linear4bit(base_layer)):
+        elif not (isinstance(base_layer, nn.Linear) or is_bnb_linear4bit(base_layer)):
             raise TypeError(
                 f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
                 f"{type(base_layer).__name__}"
             )
-        elif not _is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
+        elif not is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
             # e.g. bitsandbytes' Linear8bitLt, an nn.Linear subclass with an int8 weight
             raise TypeError(
                 f"{type(base_layer).__name__} has a {base_layer.weight.dtype} weight; only float and NF4 bases are "
@@ -219,7 +219,7 @@ class LoraLinear(nn.Module):
         base = self._modules["base_layer"]
         if type(base) is nn.Linear:  # the common case first (bitsandbytes' Linear4bit is a subclass)
             return parameter(base, "weight")
-        if _is_bnb_linear4bit(base):
+        if is_bnb_linear4bit(base):
             if repacked_for_bnb_cpu(base):
                 raise ValueError(
                     "bitsandbytes has repacked this Linear4bit for its own CPU kernel (it does so in place on an "
@@ -247,7 +247,7 @@ class LoraLinear(nn.Module):
 
     @property
     def is_nf4(self) -> bool:
-        return isinstance(self.base_layer, _NF4Base) or _is_bnb_linear4bit(self.base_layer)
+        return isinstance(self.base_layer, NF4Base) or is_bnb_linear4bit(self.base_layer)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> torch.Tensor:
