@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpeft import reference
 from fastpeft.nf4 import NF4Weight
@@ -147,10 +148,35 @@ def test_backward_keeps_no_dequantised_weight(triton_backend):
     assert x.grad is not None and lora_a.grad is not None
 
 
+class _CountBernoulli(TorchDispatchMode):
+    """Counts the Bernoulli draws of the ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli):
+            self.draws += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_dropout_p_draws_the_mask_once_on_cpu(reference_backend, nf4):
+    # CPU's Bernoulli draw costs more than the layer's LoRA math: backward keeps the forward's mask, no redraw
+    x, weight, bias, lora_a, lora_b = _inputs((3, 5), 65, 33, 8, torch.float32, nf4, double_quant=True,
+                                              with_bias=True)
+    with _CountBernoulli() as forward_draws:
+        y = lora_linear(x, weight, bias, lora_a, lora_b, 0.5, dropout_p=0.2)
+    with _CountBernoulli() as backward_draws:
+        torch.autograd.grad(y, [x, lora_a, lora_b], torch.randn_like(y))
+    assert (forward_draws.draws, backward_draws.draws) == (1, 0)
+
+
 @pytest.mark.parametrize("nf4, backend, lead", [(True, "triton", (2, 3)), (True, "triton", (19,)),
                                                 (False, "reference", (4, 5)), (True, "reference", (3,))])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-def test_dropout_p_redraws_the_same_mask(monkeypatch, nf4, backend, lead, dtype):
+def test_dropout_p_backward_uses_the_forward_mask(monkeypatch, nf4, backend, lead, dtype):
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     x, weight, bias, lora_a, lora_b = _inputs(lead, 65, 33, 8, dtype, nf4, double_quant=True, with_bias=True)
     p = 0.3

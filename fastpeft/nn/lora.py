@@ -78,7 +78,7 @@ def dropout_inputs(dropout: nn.Module, x: torch.Tensor) -> tuple:
     """``(x_dropped, dropout_p)`` for :func:`~fastpeft.ops.lora.lora_linear` from a LoRA dropout module.
 
     A plain ``nn.Dropout`` becomes ``dropout_p``: the op draws the very mask the module would (same RNG
-    state) and redraws it in backward instead of storing it. Under ``torch.compile`` (dynamo cannot trace
+    state) and stores ``x`` instead of ``drop(x)`` (with the mask as bools off CUDA, its RNG state on CUDA). Under ``torch.compile`` (dynamo cannot trace
     the op's RNG-state capture) and for any other module, the module runs and ``dropout(x)`` is passed.
     """
     if isinstance(dropout, nn.Identity):

@@ -12,9 +12,13 @@ Public API:
 
   Dropout, two ways. ``dropout_p=p``: the op draws the mask itself, as ``nn.Dropout(p)`` would on
   ``x`` as given (its strides too) from the same RNG state (so PEFT parity under a fixed seed holds
-  bitwise), keeps the RNG state instead of the mask, and redraws the mask in backward
-  (``torch.utils.checkpoint``'s trick; not CUDA-graph safe): neither the mask nor ``drop(x)`` is stored, only ``x``. Or ``x_dropped = dropout(x)`` from any dropout module of the
-  caller's; autograd then carries the LoRA part of ``dx`` back through it, and ``drop(x)`` is stored.
+  bitwise), and stores ``x``, never ``drop(x)``. On CUDA it keeps the RNG state instead of the mask and
+  redraws the mask in backward (``torch.utils.checkpoint``'s trick; not CUDA-graph safe: no activation memory
+  for the mask, and a Philox redraw costs little); elsewhere it keeps the mask as one bool per element of ``x``
+  (CPU's Bernoulli draw costs several times the layer's LoRA math, so drawing it twice made a dropout step
+  slower than PEFT's) and rebuilds its values with ``F.dropout``'s own scaling. Or ``x_dropped = dropout(x)``
+  from any dropout module of the caller's; autograd then carries the LoRA part of ``dx`` back through it, and
+  ``drop(x)`` is stored.
 
   Scalings and adapter dtypes that fused products would change (NaN, inf, 0 or beyond fp32's range, and
   fp16 adapters, whose overflows depend on PEFT's roundings: ``fastpeft.ops.inputs.fusable_scaling``)
@@ -79,35 +83,40 @@ def _rng_state(device: torch.device):
 
 def _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, x_layout):
     """The forward math on 2-D ``x2d`` ``(M, in)`` (``x_dropped`` 2-D or None; ``x_layout`` the caller's ``x``
-    as :func:`_x_layout` gives it): ``(y (M, out), drop(x) (M, in), h = drop(x) Aᵀ (M, r) or None)``."""
+    as :func:`_x_layout` gives it): ``(y (M, out), drop(x) (M, in), h = drop(x) Aᵀ (M, r) or None, the dropout
+    mask (M, in) or None)``."""
     # the LoRA branch runs in the adapter dtype (x cast to it first, as PEFT's forward does)
     adapter_dtype = x2d.dtype if lora_a is None else lora_a.dtype
+    mask = None
     if dropout_p > 0.0:
-        x_lora = x2d.to(adapter_dtype) * _dropout_mask(x2d.shape, x_layout, dropout_p, x2d.device, adapter_dtype)
+        mask = _dropout_mask(x2d.shape, x_layout, dropout_p, x2d.device, adapter_dtype)
+        x_lora = x2d.to(adapter_dtype) * mask
     else:
         x_lora = x2d if x_dropped is None else x_dropped
     h = None if lora_a is None else F.linear(x_lora if x_lora.dtype == adapter_dtype else x_lora.to(adapter_dtype),
                                              lora_a)
     y = fused_linear(x2d, weight, bias=bias, lora_h=h, lora_expand=None if lora_b is None else lora_b.t(),
                      scaling=scaling)[0]
-    return y, x_lora, h
+    return y, x_lora, h, mask
 
 
 @fresh_output_when_compiling
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA / QLoRA layer on 2-D ``x2d`` ``(M, in)``, returning ``(M, out)``; see the module docstring.
     ``x_dropped`` None means ``drop(x) = x`` unless ``dropout_p > 0`` (then the op draws the mask itself and
-    redraws it in backward); ``lora_a`` / ``lora_b`` None means the base layer alone. ``x2d`` and ``bias``
+    keeps it or its RNG state for backward); ``lora_a`` / ``lora_b`` None means the base layer alone. ``x2d`` and ``bias``
     share one dtype, ``lora_a`` and ``lora_b`` another (``lora_linear`` casts them and reshapes outside, so
     the output is no view made in here and can be changed in place)."""
 
     @staticmethod
     def forward(ctx, x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p, x_layout):
         ctx.dropout_p = dropout_p
-        if dropout_p > 0.0:
+        ctx.redraw = dropout_p > 0.0 and x2d.device.type == "cuda"
+        if ctx.redraw:
             ctx.rng_state = _rng_state(x2d.device)
             ctx.x_layout = x_layout
-        y, x_lora, h = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p, x_layout)
+        y, x_lora, h, mask = _forward(x2d, x_dropped, weight, bias, lora_a, lora_b, scaling, dropout_p, x_layout)
+        needs_mask = mask is not None and not ctx.redraw and (ctx.needs_input_grad[0] or ctx.needs_input_grad[4])
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.scaling = scaling
         ctx.has_dropout = x_dropped is not None or dropout_p > 0.0
@@ -117,12 +126,13 @@ class LoraLinearFunction(torch.autograd.Function):
             (x2d if dropout_p > 0.0 else x_lora) if ctx.needs_input_grad[4] else None,
             h if ctx.needs_input_grad[5] else None,
             lora_a, lora_b,
+            mask != 0 if needs_mask else None,
         )
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        dense_weight, x_saved, h, lora_a, lora_b = ctx.saved_tensors
+        dense_weight, x_saved, h, lora_a, lora_b, kept = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
         scaling = ctx.scaling
         needs_dx, needs_dx_dropped, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:6]
@@ -132,7 +142,11 @@ class LoraLinearFunction(torch.autograd.Function):
         dy_lora = dy.to(adapter_dtype) if has_lora else None
         mask = None
         x_lora = None if x_saved is None else x_saved.to(adapter_dtype)
-        if ctx.dropout_p > 0.0 and has_lora and (needs_dx or needs_a):
+        if kept is not None:
+            # the forward's mask: F.dropout's 0 / 1 noise divided by 1 - p in the mask's dtype, bit for bit
+            mask = kept.to(adapter_dtype).div_(1.0 - ctx.dropout_p)
+            x_lora = None if x_lora is None else x_lora * mask
+        elif ctx.redraw and has_lora and (needs_dx or needs_a):
             # redraw the forward's mask from its RNG state, leaving the global RNG untouched
             with torch.random.fork_rng(devices=[dy.device] if dy.device.type == "cuda" else [],
                                        device_type=dy.device.type):
