@@ -13,7 +13,9 @@ CPU kernel: ``fastpeft.reference.fused_linear``. CUDA kernel, picked by the argu
 scale, a row reduction or no stored output without a LoRA term: the IA3 kernel (``fastpeft.kernels.ia3.ia3_matmul``,
 dense or NF4); an NF4 weight otherwise: the NF4 kernel with the LoRA epilogue
 (``fastpeft.kernels.nf4_matmul.nf4_lora_matmul``); a dense weight otherwise: cuBLAS (``F.linear`` / ``addmm``, the
-LoRA term by ``addmm_(alpha=s)``: the reference's own torch ops, which are the CUDA path for a dense product).
+LoRA term by ``addmm_(alpha=s)``: the reference's own torch ops, which are the CUDA path for a dense product). Eager
+calls that take that path, and every eager call on the reference backend, run ``fastpeft.reference.fused_linear``
+directly (``fastpeft.ops.dispatch.eager_reference``); the op is what ``torch.compile`` traces.
 """
 
 from __future__ import annotations
