@@ -10,6 +10,7 @@ from fastpeft.kernels.plan import observing
 from fastpeft.ops import MultiLoraMeta, multi_lora_add_, multi_lora_segment_grad, multi_lora_shrink
 
 from conftest import DEVICE, ODD_SHAPES, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
+from test_fallback import _fail_launches, fallback  # noqa: F401  (fallback: a fixture)
 from test_kernels_multi_lora import random_bank
 from test_ops_multi_lora_grad import RANKS, assert_bank_grads, loop_grads
 
@@ -156,6 +157,9 @@ def test_plans_by_rank_grid_size_and_architecture():
     # many adapters fill the GPU: one launch; the grid covers every adapter of the bank
     (plan,) = kernels.plan_multi_lora_segment_grad(64, 64, 4096, 64, 8192, False, (9, 0))
     assert plan.grid == (64, 64, 1) and plan.constexprs["BLOCK_T"] == 64 and not plan.constexprs["PARTIAL"]
+    # an fp32 operand (PEFT's fp32 adapters): the IEEE dot, 32 tokens a step (shared memory for 25 % occupancy)
+    (plan,) = kernels.plan_multi_lora_segment_grad(64, 64, 4096, 64, 8192, True, (9, 0))
+    assert plan.constexprs["FP32_DOT"] and plan.constexprs["BLOCK_T"] == 32
     # one adapter over 8192 tokens, a 4096-wide feature axis at rank 16: 64 programs, 264 wanted on sm_90: 5 splits
     split, reduce = kernels.plan_multi_lora_segment_grad(1, 1, 4096, 16, 8192, False, (9, 0))
     assert split.runtime["splits"] == 5 and split.grid == (5, 64, 1) and reduce.grid == (1, 64, 1)
@@ -181,3 +185,23 @@ def test_bad_launcher_inputs_raise_before_launch(triton_backend):
     with pytest.raises(ValueError, match=r"need x \(M, in\), lora_a \(N, R, in\)"):
         kernels.multi_lora_shrink(torch.randn(4, 11), flipped.lora_a, bank.ranks, meta.token_order, meta.tiles,
                                   meta.block_m, meta.max_adapter_id)
+
+
+def test_a_failing_launch_falls_back_to_the_reference(fallback, monkeypatch):
+    """A kernel that fails to compile or launch on the user's GPU: each primitive warns once and runs its reference."""
+    from fastpeft.kernels import multi_lora
+
+    launches = _fail_launches(monkeypatch, multi_lora._multi_lora_shrink_kernel,
+                              kernels._multi_lora_segment_grad_kernel)
+    bank, adapters = random_bank([3, 6], 11, 7, torch.float32)
+    ids = torch.tensor([0, 1, -1, 1, 0])
+    meta = MultiLoraMeta.build(ids)
+    x, dy = torch.randn(5, 11), torch.randn(5, 7)
+    with pytest.warns(RuntimeWarning) as caught:
+        h = multi_lora_shrink(x, bank, meta)
+        d_lora_b = multi_lora_segment_grad(dy, h, bank, meta, "lora_b")
+        d_lora_a = multi_lora_segment_grad(multi_lora_shrink(dy, bank.transposed(), meta), x, bank, meta, "lora_a")
+    warned = {str(w.message).split("PyTorch path of ")[1].split(" instead")[0] for w in caught}
+    assert warned == {"multi_lora_shrink", "multi_lora_segment_grad"} and len(launches) == 4
+    _, ref_a, ref_b = loop_grads(x, dy, adapters, ids)
+    assert_bank_grads(d_lora_a, d_lora_b, adapters, ref_a, ref_b, torch.float32)

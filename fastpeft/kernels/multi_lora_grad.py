@@ -42,14 +42,18 @@ from .checks import DTYPES
 from .multi_lora import _multi_lora_shrink_kernel, plan_multi_lora_shrink
 from .plan import LaunchPlan, config_for, device_arch, launch
 
-# Feature block (the MMA's M side), token block (its reduction), warps and stages per GPU architecture. The feature
-# block is 64 everywhere (one wgmma warpgroup's M on sm_90a); sm_90a takes 64 tokens per step (four k16 wgmma per
-# step, a 64x64 bf16 tile per operand), the others 32. Source: static check only: python -m fastpeft.check_kernels
-# --family multi_lora_grad --arch sm_80 sm_89 sm_90a (registers, spills, occupancy, HMMA / HGMMA in the loop);
-# not timed on a GPU.
+# Feature block (the MMA's M side), token block (its reduction), warps and stages per GPU architecture and operand
+# kind ("mma": bf16 / fp16 operands on tensor cores; "fp32": an fp32 operand, the IEEE fp32 dot). The feature block is
+# 64 everywhere (one wgmma warpgroup's M on sm_90a); on sm_90a tensor-core steps take 64 tokens (four k16 wgmma per
+# step), 32 elsewhere and for fp32 (fp32 tiles of 64 tokens in 3 stages take 57 KB of shared memory on sm_90a:
+# 19 % occupancy; at 32 tokens 29 KB, 38 %). Source: static check only: python -m fastpeft.check_kernels --family
+# multi_lora_grad --arch sm_80 sm_89 sm_90a (no spills, occupancy >= 25 %, HMMA on sm_80 / sm_89 and HGMMA on
+# sm_90a in the loop for bf16 / fp16); not timed on a GPU.
 SEGMENT_GRAD_CONFIGS = {
-    "default": {"BLOCK_F": 64, "BLOCK_T": 32, "num_warps": 4, "num_stages": 3},
-    (9, 0): {"BLOCK_F": 64, "BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
+    "default": {"mma": {"BLOCK_F": 64, "BLOCK_T": 32, "num_warps": 4, "num_stages": 3},
+                "fp32": {"BLOCK_F": 64, "BLOCK_T": 32, "num_warps": 4, "num_stages": 3}},
+    (9, 0): {"mma": {"BLOCK_F": 64, "BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
+             "fp32": {"BLOCK_F": 64, "BLOCK_T": 32, "num_warps": 4, "num_stages": 3}},
 }
 # SMs per architecture for the split rule (A100: 108, RTX 4090: 128, H100 / H200 SXM: 132; other parts of an
 # architecture differ a little, which moves only the split count).
@@ -146,10 +150,10 @@ def _multi_lora_segment_grad_reduce_kernel(
     rank = tl.load(ranks_ptr + adapter)
     _, count = _segment_span(segments_ptr, adapter, num_segments, rank, r_start)
     acc = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-    ptrs = partial_ptr + adapter * stride_pn + offs_f[:, None].to(tl.int64) * stride_pf + offs_r[None, :]
+    offs = offs_f[:, None].to(tl.int64) * stride_pf + offs_r[None, :]
     mask = f_mask[:, None] & (offs_r < max_rank)[None, :]
     for split in range(0, num_splits):  # in split order: the same sum at every run
-        acc += tl.load(ptrs + split * num_adapters * stride_pn, mask=mask, other=0.0)
+        acc += tl.load(partial_ptr + (split * num_adapters + adapter) * stride_pn + offs, mask=mask, other=0.0)
     _store_grad(out_ptr, acc, tl.load(scalings_ptr + adapter), adapter, rank, count, offs_f, f_mask, offs_r,
                 max_rank, stride_on, stride_of, stride_or)
 
@@ -163,8 +167,9 @@ def plan_multi_lora_segment_grad(num_adapters: int, active_adapters: int, num_fe
                                  num_tokens: int, fp32_dot: bool, arch: Optional[tuple] = None) -> tuple:
     """The launches of one segment gradient: ``(grad,)``, or ``(grad over splits, reduce)`` when the
     ``active_adapters`` (ids up to the metadata's largest) fill too few programs and ``num_tokens`` are enough to
-    split (``runtime["splits"]``). ``num_features``: F (out for dB, in for dA); ``max_rank``: the bank's R."""
-    config = config_for(SEGMENT_GRAD_CONFIGS, arch)
+    split (``runtime["splits"]``). ``num_features``: F (out for dB, in for dA); ``max_rank``: the bank's R;
+    ``fp32_dot``: an operand is fp32 (the IEEE fp32 dot and its table entry)."""
+    config = config_for(SEGMENT_GRAD_CONFIGS, arch)["fp32" if fp32_dot else "mma"]
     block_f, block_t, block_r = config["BLOCK_F"], config["BLOCK_T"], rank_block(max_rank)
     blocks = (triton.cdiv(num_features, block_f), triton.cdiv(max_rank, block_r))
     target = PROGRAMS_PER_SM * config_for(SM_COUNT, arch)
