@@ -308,3 +308,21 @@ def multi_lora_delta(
         lora = scalings[k] * F.linear(F.linear(x_k, lora_as[k]), lora_bs[k])
         delta.index_add_(0, rows, (weight_k[rows].unsqueeze(-1).to(lora.dtype) * lora).to(delta.dtype))
     return delta if out is not None else delta.view(*x.shape[:-1], out_features)
+
+
+# --- DiffPruning: a stored sparse delta -----------------------------------------------------------------------
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    delta_dense: torch.Tensor,
+) -> torch.Tensor:
+    """DiffPruning's served layer ``y = x Wᵀ + b + x δᵀ`` as ``(..., out)`` in ``x.dtype``; ``delta_dense`` is the
+    dense ``(out, in)`` ``δ`` (``SparseDelta.to_dense()``, zeros off its pattern). The base product runs in
+    ``x.dtype`` (``b`` cast to it); ``x δᵀ`` in the promoted dtype of ``x`` and ``δ``, the sum formed there and
+    cast once to ``x.dtype``. Differentiable in ``x``, ``b`` and ``δ``."""
+    base = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    term_dtype = torch.promote_types(x.dtype, delta_dense.dtype)
+    return (base + F.linear(x.to(term_dtype), delta_dense.to(term_dtype))).to(x.dtype)
