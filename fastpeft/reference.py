@@ -311,7 +311,25 @@ def multi_lora_delta(
     return delta if out is not None else delta.view(*x.shape[:-1], out_features)
 
 
-# ---------------------------------------------------------------------------------------------- DiffPruning
+# --- DiffPruning: a stored sparse delta -----------------------------------------------------------------------
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    delta_dense: torch.Tensor,
+) -> torch.Tensor:
+    """DiffPruning's served layer ``y = x Wᵀ + b + x δᵀ`` as ``(..., out)`` in ``x.dtype``; ``delta_dense`` is the
+    dense ``(out, in)`` ``δ`` (``SparseDelta.to_dense()``, zeros off its pattern). The base product runs in
+    ``x.dtype`` (``b`` cast to it); ``x δᵀ`` in the promoted dtype of ``x`` and ``δ``, the sum formed there and
+    cast once to ``x.dtype``. Differentiable in ``x``, ``b`` and ``δ``."""
+    base = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    term_dtype = torch.promote_types(x.dtype, delta_dense.dtype)
+    return (base + F.linear(x.to(term_dtype), delta_dense.to(term_dtype))).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- DiffPruning: training
 # Hard-concrete gates (Louizos, Welling, Kingma 2018) as DiffPruning uses them (Guo, Rush, Kim 2021): a gate
 # ``z ∈ [0, 1]`` per diff entry with log-odds ``log_alpha``, temperature ``beta`` and stretch interval
 # ``(gamma, zeta)``, ``gamma < 0 < 1 < zeta``; then magnitude projection of the trained diff to a target density.
