@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import dataclasses
+import inspect
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -643,13 +644,31 @@ def inject(
     use_dora: bool = False,
     use_rslora: bool = False,
     init_lora_weights: Union[bool, str] = True,
+    method: str = "lora",
+    **method_options,
 ) -> PatchSummary:
     """Add a LoRA (or DoRA) adapter to any model without peft, in place: every targeted ``nn.Linear`` /
     bitsandbytes ``Linear4bit`` becomes a :class:`~fastpeft.nn.LoraLinear` (:class:`~fastpeft.nn.DoraLinear`
     with ``use_dora``) over it, and every other parameter is frozen. ``target_modules`` follows PEFT: module
     names (``["q_proj", "v_proj"]``), a regex for the full path, or ``"all-linear"`` (every linear layer but
     the output head). Returns the :class:`PatchSummary`; targeted layers of another kind are reported in it.
-    The adapter's PEFT config is kept on the model for :func:`save_model_adapter`."""
+    The adapter's PEFT config is kept on the model for :func:`save_model_adapter`.
+
+    ``method="diffprune"`` runs :func:`fastpeft.diffprune.inject` instead, with ``target_modules`` and the keyword
+    arguments it takes (``sparsity=``, ``structured=``, ``l0_lambda=``, ...) in ``method_options``."""
+    if method not in ("lora", "diffprune"):
+        raise ValueError(f"unknown method={method!r}: 'lora' or 'diffprune'")
+    if method == "diffprune":
+        lora_options = {"r": r, "alpha": alpha, "dropout": dropout, "use_dora": use_dora, "use_rslora": use_rslora,
+                        "init_lora_weights": init_lora_weights}
+        given = sorted(k for k, v in lora_options.items() if v != inspect.signature(inject).parameters[k].default)
+        if given:
+            raise ValueError(f"the LoRA options {given} do not apply to method='diffprune'")
+        from .diffprune import inject as inject_diffprune
+
+        return inject_diffprune(model, target_modules, **method_options)
+    if method_options:
+        raise TypeError(f"inject() got unexpected keyword arguments {sorted(method_options)} for method='lora'")
     if any(isinstance(m, _FAST_LAYERS) for m in model.modules()):
         raise ValueError("this model already has fastpeft adapter layers (inject or load_model_adapter ran on it)")
     if "peft" in sys.modules:
