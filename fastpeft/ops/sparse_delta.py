@@ -38,11 +38,13 @@ import torch
 from ..nf4 import NF4Weight
 from ..sparse_delta import SparseDelta
 from .compile_compat import fresh_output_when_compiling
-from .dispatch import backend_for
+from .dispatch import backend_for, run_kernel
 from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, rows_like
 from .lora import _base_matmul
 
 _ADD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# what the Triton kernels take; fp64 (the tests' oracle dtype) runs torch's CSR products on any device
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _term_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -72,8 +74,15 @@ def _torch_add_(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> None:
 @torch.library.custom_op("fastpeft::sparse_delta_add_", mutates_args=("y",))
 def _sparse_delta_add_op(y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                          values: torch.Tensor, in_features: int) -> None:
-    delta = SparseDelta(row_ptr, col_idx, values, (y.shape[1], in_features))
-    _torch_add_(y, x, delta)
+    def torch_path():
+        _torch_add_(y, x, SparseDelta(row_ptr, col_idx, values, (y.shape[1], in_features)))
+
+    if backend_for(x.device) == "triton" and x.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_DTYPES:
+        from ..kernels.sparse_delta import sparse_delta_add_ as kernel
+
+        run_kernel("sparse_delta_add_", lambda: kernel(y, x, row_ptr, col_idx, values, in_features), torch_path)
+        return
+    torch_path()
 
 
 @_sparse_delta_add_op.register_fake
