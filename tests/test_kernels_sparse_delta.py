@@ -12,7 +12,7 @@ from fastpeft.ops import sparse_delta_add_
 from fastpeft.sparse_delta import SparseDelta
 
 from conftest import DEVICE, assert_rel_close, kernel_dtypes, non_contiguous, poisoned
-from test_ops_sparse_delta import check_layer, random_sparse_delta
+from test_ops_sparse_delta import check_bank_add, check_layer, random_bank, random_sparse_delta
 
 
 def _expected(base, x, delta):
@@ -131,3 +131,22 @@ def test_launcher_errors():
         kernels.sparse_delta_add_(y, x, delta.row_ptr, delta.col_idx, delta.values[:-1], 13)
     with pytest.raises(ValueError, match="one device"):
         kernels.sparse_delta_add_(y.to("meta"), x.to("meta"), *args, 13)
+
+
+@pytest.mark.parametrize("m, in_features, out_features", [(1, 65, 47), (9, 33, 70)])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_bank_add_matches_per_row_reference(triton_backend, m, in_features, out_features, dtype):
+    with observing() as plans:
+        check_bank_add(m, in_features, out_features, dtype)
+    assert [p.variant for p in plans] == ["bank"]
+
+
+def test_bank_launcher_errors():
+    bank, _ = random_bank(9, 13, (0.3, 0.1), torch.float32)
+    y, x = torch.zeros(4, 9), torch.randn(4, 13)
+    with pytest.raises(ValueError, match="row_ids must be contiguous int32"):
+        kernels.sparse_delta_bank_add_(y, x, bank.row_ptr, bank.col_idx, bank.values, torch.zeros(4, dtype=torch.long),
+                                       13)
+    with pytest.raises(ValueError, match="row_ptr must be contiguous int64"):
+        kernels.sparse_delta_bank_add_(y, x, bank.row_ptr[0], bank.col_idx, bank.values,
+                                       torch.zeros(4, dtype=torch.int32), 13)
