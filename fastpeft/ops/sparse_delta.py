@@ -68,10 +68,13 @@ def _torch_add_(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> None:
     term_dtype = _term_dtype(x.dtype, delta.dtype)
     csr = _csr(delta, delta.values.detach().to(term_dtype))
     x_t = x.t() if x.dtype == term_dtype else x.t().to(term_dtype)
+    # the product as (out, M), then added: MKL's CSR product accumulating into a transposed view of y instead
+    # (``y.t().addmm_``) runs 2-4x slower (CPU, 2048x2048, M = 16 / 256)
+    term = (csr @ x_t).t()
     if y.dtype == term_dtype:
-        y.t().addmm_(csr, x_t)  # (out, M) view of y: the sparse product accumulates into it, no temporary
+        y.add_(term)
     else:
-        y.copy_(torch.addmm(y.t().to(term_dtype), csr, x_t).t())
+        y.copy_(term.add_(y))
 
 
 @torch.library.custom_op("fastpeft::sparse_delta_add_", mutates_args=("y",))
