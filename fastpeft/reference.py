@@ -329,6 +329,29 @@ def sparse_delta_linear(
     return (base + F.linear(x.to(term_dtype), delta_dense.to(term_dtype))).to(x.dtype)
 
 
+def multi_sparse_delta_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    deltas_dense: Sequence[torch.Tensor],
+    delta_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Several DiffPruning deltas over one base, one per token: token ``t`` uses ``δ_k``, ``k = delta_ids[t]``
+    (``-1``: the base alone). ``x`` ``(..., in)``, ``delta_ids`` int ``x.shape[:-1]``, ``deltas_dense[k]`` the dense
+    ``(out, in)`` ``δ_k``; each token's row is :func:`sparse_delta_linear` with its own delta."""
+    if delta_ids.shape != x.shape[:-1]:
+        raise ValueError(f"delta_ids shape {tuple(delta_ids.shape)} must be x.shape[:-1] = {tuple(x.shape[:-1])}")
+    n = len(deltas_dense)
+    if delta_ids.numel() and (int(delta_ids.min()) < -1 or int(delta_ids.max()) >= n):
+        raise ValueError(f"delta ids must be in [-1, {n - 1}], got range [{int(delta_ids.min())}, {int(delta_ids.max())}]")
+    y = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    for k in range(n):
+        rows = (delta_ids == k).unsqueeze(-1)
+        if rows.any():
+            y = torch.where(rows, sparse_delta_linear(x, weight, bias, deltas_dense[k]), y)
+    return y
+
+
 # ---------------------------------------------------------------------------------------------- DiffPruning: training
 # Hard-concrete gates (Louizos, Welling, Kingma 2018) as DiffPruning uses them (Guo, Rush, Kim 2021): a gate
 # ``z ∈ [0, 1]`` per diff entry with log-odds ``log_alpha``, temperature ``beta`` and stretch interval

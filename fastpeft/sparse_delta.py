@@ -26,14 +26,48 @@ built from hand-made tensors should be validated once before use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["SparseDelta"]
+__all__ = ["SparseDelta", "SparseDeltaBank"]
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def _check_shape(shape) -> tuple:
+    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ValueError(f"shape must be two non-negative ints (out, in), got {shape!r}")
+    if shape[1] > _INT32_MAX + 1:
+        raise ValueError(f"in_features {shape[1]} does not fit int32 column indices")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_tensor(name: str, t, dtypes: tuple, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_entries(col_idx, values) -> None:
+    _check_tensor("col_idx", col_idx, (torch.int32,), 1)
+    _check_tensor("values", values, _VALUE_DTYPES, 1)
+    if col_idx.numel() != values.numel():
+        raise ValueError(f"col_idx ({col_idx.numel()}) and values ({values.numel()}) must have one entry per stored "
+                         "element each")
+
+
+def _check_one_device(*tensors) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"row_ptr, col_idx and values must be on one device, got {sorted(map(str, devices))}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,32 +84,13 @@ class SparseDelta:
     _pattern_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        shape = self.shape
-        if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise ValueError(f"shape must be two non-negative ints (out, in), got {shape!r}")
-        object.__setattr__(self, "shape", (int(shape[0]), int(shape[1])))
-        out_features, in_features = self.shape
-        for name, dtypes in (("row_ptr", (torch.int64,)), ("col_idx", (torch.int32,)), ("values", _VALUE_DTYPES)):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            if t.dtype not in dtypes:
-                raise TypeError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
-            if t.dim() != 1:
-                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+        out_features, in_features = _check_shape(self.shape)
+        object.__setattr__(self, "shape", (out_features, in_features))
+        _check_tensor("row_ptr", self.row_ptr, (torch.int64,), 1)
+        _check_entries(self.col_idx, self.values)
         if self.row_ptr.numel() != out_features + 1:
             raise ValueError(f"row_ptr must have out + 1 = {out_features + 1} entries, got {self.row_ptr.numel()}")
-        if self.col_idx.numel() != self.values.numel():
-            raise ValueError(f"col_idx ({self.col_idx.numel()}) and values ({self.values.numel()}) must have one "
-                             "entry per stored element each")
-        if in_features > _INT32_MAX + 1:
-            raise ValueError(f"in_features {in_features} does not fit int32 column indices")
-        devices = {self.row_ptr.device, self.col_idx.device, self.values.device}
-        if len(devices) != 1:
-            raise ValueError(f"row_ptr, col_idx and values must be on one device, got {sorted(map(str, devices))}")
+        _check_one_device(self.row_ptr, self.col_idx, self.values)
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -98,8 +113,6 @@ class SparseDelta:
                 raise ValueError(f"delta is on {delta.device}, mask on {mask.device}")
             keep = mask
         out_features, in_features = delta.shape
-        if in_features > _INT32_MAX + 1:
-            raise ValueError(f"in_features {in_features} does not fit int32 column indices")
         rows, cols = keep.nonzero(as_tuple=True)  # row-major order: ascending columns within each row
         row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=delta.device)
         torch.cumsum(torch.bincount(rows, minlength=out_features), 0, out=row_ptr[1:])
@@ -249,6 +262,47 @@ class SparseDelta:
             raise ValueError(f"the pattern is on {self.device}, values on {values.device}")
         return SparseDelta(self.row_ptr, self.col_idx, values, self.shape, self._pattern_cache)
 
+    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """Add ``δ`` into the dense ``(out, in)`` ``weight`` in place (for serving the merged layer at the base's
+        cost); returns the weight's entries at the pattern as they were before, ``(nnz,)`` in its dtype, which
+        :meth:`unmerge_from` restores exactly. Each touched entry is ``W + δ`` formed in float64 and rounded once
+        to the weight's dtype; the others are untouched."""
+        self._check_mergeable(weight)
+        index = (self.rows, self.col_idx_int64)
+        with torch.no_grad():
+            original = weight[index]
+            weight.index_put_(index, (original.double() + self.values.detach().double()).to(weight.dtype))
+        return original
+
+    def unmerge_from(self, weight: torch.Tensor, original: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Undo :meth:`merge_into` in place; returns ``weight``. With ``original`` (what ``merge_into`` returned) the
+        pattern's entries are restored bit for bit. Without it ``δ`` is subtracted (float64, one rounding): in
+        fp32 / bf16 / fp16 that is the base only up to the rounding of the merge and of the subtraction (``W ⊕ δ ⊖
+        δ`` differs from ``W`` by up to one unit in the last place where ``W + δ`` was rounded: most entries in bf16
+        when ``|δ|`` is near ``|W|``)."""
+        self._check_mergeable(weight)
+        index = (self.rows, self.col_idx_int64)
+        with torch.no_grad():
+            if original is not None:
+                if not isinstance(original, torch.Tensor) or original.shape != (self.nnz,) \
+                        or original.dtype != weight.dtype or original.device != weight.device:
+                    raise ValueError(f"original must be what merge_into returned: ({self.nnz},) {weight.dtype} on "
+                                     f"{weight.device}, got {getattr(original, 'dtype', type(original))} "
+                                     f"{tuple(getattr(original, 'shape', ()))}")
+                weight.index_put_(index, original)
+            else:
+                weight.index_put_(index, (weight[index].double() - self.values.detach().double()).to(weight.dtype))
+        return weight
+
+    def _check_mergeable(self, weight: torch.Tensor) -> None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or tuple(weight.shape) != self.shape:
+            raise ValueError(f"weight must be a dense {self.shape} tensor, got {getattr(weight, 'shape', type(weight))}"
+                             " (an NF4 base cannot hold a merged delta: serve it with sparse_delta_linear)")
+        if weight.dtype not in _VALUE_DTYPES:
+            raise TypeError(f"weight dtype must be one of {_VALUE_DTYPES}, got {weight.dtype}")
+        if weight.device != self.device:
+            raise ValueError(f"the delta is on {self.device}, the weight on {weight.device}")
+
     def state_dict(self, prefix: str = "") -> dict:
         """``{prefix + "row_ptr", prefix + "col_idx", prefix + "values"}`` (the safetensors layout of the module
         docstring; detached tensors, as stored)."""
@@ -258,3 +312,85 @@ class SparseDelta:
     def __repr__(self) -> str:
         return (f"SparseDelta(shape={self.shape}, nnz={self.nnz}, density={self.density:.4%}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDeltaBank:
+    """The deltas of one layer, ``D`` of them, packed for a batch whose rows each name one (``-1``: none).
+
+    ``row_ptr`` int64 ``(D, out + 1)``: delta ``k``'s row pointers as absolute positions in the concatenated
+    ``col_idx`` int32 / ``values`` ``(total nnz,)`` (delta ``k``'s entries are ``offsets[k] : offsets[k + 1]``,
+    ``row_ptr[k, 0] == offsets[k]``); ``shape`` ``(out, in)``; ``offsets`` the ``D + 1`` entry offsets as Python
+    ints (host-side, so that no device sync is needed to slice one delta out). Build it with :meth:`from_deltas`;
+    like a :class:`SparseDelta` it is immutable."""
+
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    values: torch.Tensor
+    shape: tuple
+    offsets: tuple
+    _deltas: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        out_features, in_features = _check_shape(self.shape)
+        object.__setattr__(self, "shape", (out_features, in_features))
+        num = len(self.offsets) - 1
+        _check_tensor("row_ptr", self.row_ptr, (torch.int64,), 2)
+        _check_entries(self.col_idx, self.values)
+        if num < 0 or self.offsets[0] != 0 or self.offsets[-1] != self.col_idx.numel() \
+                or any(b < a for a, b in zip(self.offsets[:-1], self.offsets[1:])):
+            raise ValueError(f"offsets must ascend from 0 to the entry count {self.col_idx.numel()}, got {self.offsets}")
+        if tuple(self.row_ptr.shape) != (num, out_features + 1):
+            raise ValueError(f"row_ptr must be ({num}, {out_features + 1}), got {tuple(self.row_ptr.shape)}")
+        _check_one_device(self.row_ptr, self.col_idx, self.values)
+
+    @classmethod
+    def from_deltas(cls, deltas: Sequence[SparseDelta], dtype: Optional[torch.dtype] = None) -> "SparseDeltaBank":
+        """Pack ``deltas`` (one shape and device), values in ``dtype`` (default: the promoted dtype of theirs)."""
+        deltas = list(deltas)
+        if not deltas or not all(isinstance(d, SparseDelta) for d in deltas):
+            raise ValueError("from_deltas needs one or more SparseDelta")
+        shape, device = deltas[0].shape, deltas[0].device
+        for k, d in enumerate(deltas):
+            if d.shape != shape or d.device != device:
+                raise ValueError(f"delta {k} is {d.shape} on {d.device}; delta 0 is {shape} on {device}")
+        if dtype is None:
+            dtype = deltas[0].dtype
+            for d in deltas[1:]:
+                dtype = torch.promote_types(dtype, d.dtype)
+        offsets = [0]
+        for d in deltas:
+            offsets.append(offsets[-1] + d.nnz)
+        row_ptr = torch.stack([d.row_ptr + start for d, start in zip(deltas, offsets)])
+        return cls(row_ptr, torch.cat([d.col_idx for d in deltas]),
+                   torch.cat([d.values.detach().to(dtype) for d in deltas]), tuple(shape), tuple(offsets))
+
+    @property
+    def num_deltas(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def validate(self, check_finite: bool = True) -> "SparseDeltaBank":
+        """:meth:`SparseDelta.validate` of every delta (their row pointers relative to their own offsets: each must
+        start at its offset and end at the next); returns ``self``."""
+        for k in range(self.num_deltas):
+            self.delta(k).validate(check_finite, name=f"bank delta {k}")
+        return self
+
+    def delta(self, k: int) -> SparseDelta:
+        """Delta ``k`` as a :class:`SparseDelta` (views of the bank's tensors; made once)."""
+        found = self._deltas.get(k)
+        if found is None:
+            if not 0 <= k < self.num_deltas:
+                raise ValueError(f"delta {k} out of range: the bank holds {self.num_deltas}")
+            start, end = self.offsets[k], self.offsets[k + 1]
+            found = self._deltas[k] = SparseDelta(self.row_ptr[k] - start, self.col_idx[start:end],
+                                                  self.values[start:end], self.shape)
+        return found

@@ -163,3 +163,56 @@ def test_errors():
         sparse_delta_add_(torch.zeros(4, 9), x[None], delta)
     with pytest.raises(TypeError, match="SparseDelta"):
         sparse_delta_add_(torch.zeros(4, 9), x, None)
+
+
+def random_bank(out_features, in_features, densities, dtype):
+    from fastpeft.sparse_delta import SparseDeltaBank
+
+    deltas = [random_sparse_delta(out_features, in_features, d, dtype) for d in densities]
+    return SparseDeltaBank.from_deltas(deltas), deltas
+
+
+def check_bank_add(m, in_features, out_features, dtype, ids=None):
+    """``sparse_delta_add_(y, x, bank, row_ids)`` against the per-row reference (float64)."""
+    bank, deltas = random_bank(out_features, in_features, (0.2, 0.0, 0.05, 0.5), dtype)
+    ids = torch.randint(-1, len(deltas), (m,), device=DEVICE) if ids is None else ids
+    x = non_contiguous(torch.randn(m, in_features, dtype=dtype, device=DEVICE))
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=DEVICE)
+    buffer = poisoned((m, 2 * out_features), dtype)
+    y = buffer[:, ::2]
+    y.copy_(x @ weight.t())
+    assert sparse_delta_add_(y, x, bank, ids) is y
+    expected = reference.multi_sparse_delta_linear(x.double(), weight.double(), None,
+                                                   [d.to_dense(torch.float64) for d in deltas], ids)
+    assert_rel_close(y, expected, dtype)
+    assert torch.isnan(buffer[:, 1::2]).all()
+    return y
+
+
+@pytest.mark.parametrize("ids", ["mixed", "one", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bank_add_matches_per_row_reference(reference_backend, dtype, ids):
+    m = 9
+    row_ids = {"mixed": torch.tensor([0, 3, -1, 2, 0, 1, 3, -1, 3]), "one": torch.full((m,), 3),
+               "none": torch.full((m,), -1)}[ids].to(DEVICE)
+    check_bank_add(m, 37, 23, dtype, row_ids)
+
+
+def test_bank_add_errors(reference_backend):
+    bank, _ = random_bank(9, 13, (0.3, 0.3), torch.float32)
+    y, x = torch.zeros(4, 9), torch.randn(4, 13)
+    with pytest.raises(ValueError, match=r"delta ids must be in \[-1, 1\]"):
+        sparse_delta_add_(y, x, bank, torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        sparse_delta_add_(y, x, bank, torch.zeros(4))
+    with pytest.raises(ValueError, match="integer tensor"):
+        sparse_delta_add_(y, x, bank, None)
+    with pytest.raises(ValueError, match="row_ids pick deltas"):
+        sparse_delta_add_(y, x, bank.delta(0), torch.zeros(4, dtype=torch.long))
+
+
+def test_bank_opcheck(reference_backend):
+    bank, _ = random_bank(9, 13, (0.3, 0.1), torch.float32)
+    ids = torch.tensor([1, -1, 0, 1], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastpeft.sparse_delta_bank_add_.default,
+                          (torch.randn(4, 9), torch.randn(4, 13), bank.row_ptr, bank.col_idx, bank.values, ids, 13))

@@ -196,3 +196,75 @@ def test_construction_checks_structure():
         SparseDelta.from_dense(torch.ones(3))
     with pytest.raises(ValueError, match="mask must be"):
         SparseDelta.from_dense(torch.ones(2, 2), torch.ones(2, 2))
+
+
+# --- merge / unmerge ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_is_rounded_once_and_unmerge_with_the_original_is_exact(dtype):
+    weight = torch.randn(7, 11, device=DEVICE).to(dtype)
+    dense, mask = random_delta(dtype=torch.float32)
+    delta = SparseDelta.from_dense(dense, mask)
+    before = weight.clone()
+    original = delta.merge_into(weight)
+    expected = (before.double() + dense.double()).to(dtype)
+    assert torch.equal(weight[mask], expected[mask])  # W + δ formed in fp64, rounded once
+    assert torch.equal(weight[~mask], before[~mask])  # untouched off the pattern
+    assert original.dtype == dtype and torch.equal(original, before[mask])
+    delta.unmerge_from(weight, original)
+    assert torch.equal(weight, before)
+
+
+def test_unmerge_without_the_original_is_within_rounding():
+    weight = torch.randn(7, 11, device=DEVICE).to(torch.bfloat16)
+    dense, mask = random_delta(dtype=torch.float32)
+    delta = SparseDelta.from_dense(dense * 0.3, mask)
+    before = weight.clone()
+    delta.merge_into(weight)
+    delta.unmerge_from(weight)
+    assert torch.equal(weight[~mask], before[~mask])
+    # two bf16 roundings: within 2 units in the last place of max(|W|, |W + δ|) (bf16: 2^-7 relative)
+    bound = 2 * 2.0 ** -7 * torch.maximum(before.float().abs(), (before.float() + dense * 0.3).abs())
+    assert ((weight.float() - before.float()).abs() <= bound).all()
+
+
+def test_merge_errors():
+    delta = SparseDelta.from_dense(random_delta()[0])
+    with pytest.raises(ValueError, match="dense \\(7, 11\\)"):
+        delta.merge_into(torch.zeros(11, 7))
+    with pytest.raises(TypeError, match="weight dtype"):
+        delta.merge_into(torch.zeros(7, 11, dtype=torch.int32))
+    with pytest.raises(ValueError, match="original must be"):
+        delta.unmerge_from(torch.zeros(7, 11), torch.zeros(delta.nnz, dtype=torch.float16))
+
+
+# --- the bank -------------------------------------------------------------------------------------------------
+
+
+def test_bank_packs_and_slices_deltas():
+    from fastpeft.sparse_delta import SparseDeltaBank
+
+    deltas = [SparseDelta.from_dense(random_delta(density=d)[0]) for d in (0.3, 0.0, 0.6)]
+    deltas[1] = SparseDelta.from_dense(torch.zeros(7, 11, device=DEVICE))
+    bank = SparseDeltaBank.from_deltas([deltas[0], deltas[1], deltas[2].to(dtype=torch.float64)])
+    assert bank.num_deltas == 3 and bank.dtype == torch.float64 and bank.shape == (7, 11)
+    assert bank.offsets == (0, deltas[0].nnz, deltas[0].nnz, deltas[0].nnz + deltas[2].nnz)
+    assert bank.row_ptr[2, 0] == deltas[0].nnz and bank.row_ptr[2, -1] == bank.offsets[3]
+    for k, d in enumerate(deltas):
+        assert torch.equal(bank.delta(k).to_dense(), d.to_dense(torch.float64))
+    assert bank.delta(0) is bank.delta(0)
+    assert bank.validate() is bank
+    with pytest.raises(ValueError, match="out of range"):
+        bank.delta(3)
+    with pytest.raises(ValueError, match="delta 1 is"):
+        SparseDeltaBank.from_deltas([deltas[0], SparseDelta.from_dense(torch.ones(7, 12))])
+    with pytest.raises(ValueError, match="offsets must ascend"):
+        SparseDeltaBank(bank.row_ptr, bank.col_idx, bank.values, bank.shape, (0, 1, 2, 3))
+    with pytest.raises(ValueError, match="row_ptr must be"):
+        SparseDeltaBank(bank.row_ptr[:2], bank.col_idx, bank.values, bank.shape, bank.offsets)
+    # a bank whose row pointers disagree with its offsets fails validation
+    broken = bank.row_ptr.clone()
+    broken[2, 1:] += 1
+    with pytest.raises(ValueError, match="bank delta 2"):
+        SparseDeltaBank(broken, bank.col_idx, bank.values, bank.shape, bank.offsets).validate()
