@@ -281,18 +281,19 @@ def load(model: nn.Module, path: Union[str, Path], trainable: bool = True) -> Pa
 
 @torch.no_grad()
 def merge(model: nn.Module) -> int:
-    """Fold every layer's diff into its dense base weight (``W += δ``, :meth:`DiffPruneLinear.delta_weight`, in the
-    weight's dtype) and put the base layer back in the model: a plain model with the fine-tuned weights. Returns
-    how many layers. An NF4 base raises before anything changes (``W + δ`` would have to be re-quantised, which
-    loses most of a sparse diff's small entries: keep the projected layer for it)."""
+    """Fold every layer's diff into its dense base weight and put the base layer back in the model: a plain model
+    with the fine-tuned weights. ``W + δ`` at the diff's entries, each formed in float64 and rounded once
+    (:meth:`SparseDelta.merge_into`); before projection ``δ`` is :meth:`DiffPruneLinear.delta_weight`. Returns how
+    many layers. An NF4 base raises before anything changes (``W + δ`` would have to be re-quantised, which loses
+    most of a sparse diff's small entries: keep the projected layer for it)."""
     layers = _require_layers(model)
     nf4 = [name for name, layer in layers.items() if layer.is_nf4]
     if nf4:
         raise ValueError(f"{len(nf4)} layers ({nf4[0]}, ...) have an NF4 base: merge folds diffs into dense weights "
                          "only (re-quantising W + δ would lose the diff)")
     for name, layer in layers.items():
-        weight = layer.base_layer.weight
-        weight.add_(layer.delta_weight().to(device=weight.device, dtype=weight.dtype))
+        delta = layer.sparse_delta if layer.projected else SparseDelta.from_dense(layer.delta_weight())
+        delta.merge_into(layer.base_layer.weight)
         _set_submodule(model, name, layer.base_layer)
     model.__dict__.pop("_fastpeft_diffprune_config", None)
     return len(layers)

@@ -444,3 +444,20 @@ def test_example_runs(capsys):
     load_example("diffprune_tiny_llama").main(["--steps", "5", "--fine-tune-steps", "2", "--sparsity", "0.02"])
     out = capsys.readouterr().out
     assert "1475 of 73728 diff entries kept" in out and "identical logits" in out
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_merge_rounds_once_in_the_weight_dtype(projected):
+    model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8)).to(torch.bfloat16)
+    diffprune.inject(model, target_modules=["0", "1"], sparsity=0.1)
+    with torch.no_grad():
+        for layer in model:
+            layer.diff_weight.normal_(std=3e-3)  # about half a bf16 step of W: rounding δ first would differ
+    if projected:
+        diffprune.project(model)
+    expected = [(layer.base_layer.weight.double() + layer.delta_weight().double()).to(torch.bfloat16)
+                for layer in model]
+    diffprune.merge(model)
+    assert all(type(layer) is nn.Linear for layer in model)
+    for layer, weight in zip(model, expected):
+        assert torch.equal(layer.weight, weight)
