@@ -90,7 +90,10 @@ MULTI_LORA_CASES = {"decode": (64, 1), "prefill": (64, 128)}  # (sequences, toke
 # "train": eight adapters of ranks up to 64 over 1024 tokens each (one program per adapter and block fills the GPU);
 # "long": one rank-16 adapter over 8192 tokens (too few programs: its segment gradients split over tokens).
 MULTI_LORA_GRAD_CASES = {"train": (8, 1024, 64), "long": (1, 8192, 16)}
-FAMILIES = ("qlora", "dora", "ia3", "nf4_dequant", "multi_lora", "multi_lora_grad")
+FAMILIES = ("qlora", "dora", "ia3", "nf4_dequant", "multi_lora", "multi_lora_grad", "sparse_delta")
+# DiffPruning deltas: the paper's density (0.5 % of the entries), and deltas per layer in the mixed-batch bank
+SPARSE_DELTA_DENSITY = 0.005
+SPARSE_DELTA_BANK = 8
 
 
 def weight_tile(plan) -> int:
@@ -252,6 +255,26 @@ def _multi_lora_grad_launches(arch: str, case: str, out_f: int, in_f: int, dtype
     launches = []
     for step, fn, args in steps:
         launches += [(step, plan, largs) for plan, largs in _record(arch, fn, *args)]
+def _sparse_delta_launches(arch: str, m: int, out_f: int, in_f: int, dtype, values_dtype) -> list:
+    """``[(step, plan, args)]``: ``fastpeft.ops.sparse_delta``'s launches for an ``(out_f, in_f)`` delta of
+    :data:`SPARSE_DELTA_DENSITY` over ``m`` tokens: the forward ``y += x δᵀ``, ``dx += dy δ`` (the kernel over
+    ``δᵀ``), and at ``m = 1`` the bank of :data:`SPARSE_DELTA_BANK` deltas, one per row."""
+    from .kernels.sparse_delta import sparse_delta_add_, sparse_delta_bank_add_
+
+    nnz = max(1, round(SPARSE_DELTA_DENSITY * out_f * in_f))
+    col_idx, values = _meta(nnz, dtype=torch.int32), _meta(nnz, dtype=values_dtype)
+    launches = []
+    for step, rows, cols in (("fwd", out_f, in_f), ("dx", in_f, out_f)):
+        launches += [(step, plan, args) for plan, args in _record(
+            arch, sparse_delta_add_, _meta(m, rows, dtype=dtype), _meta(m, cols, dtype=dtype),
+            _meta(rows + 1, dtype=torch.int64), col_idx, values, cols)]
+    if m == 1:
+        bank_nnz = SPARSE_DELTA_BANK * nnz
+        launches += [("bank", plan, args) for plan, args in _record(
+            arch, sparse_delta_bank_add_, _meta(SPARSE_DELTA_BANK, out_f, dtype=dtype),
+            _meta(SPARSE_DELTA_BANK, in_f, dtype=dtype), _meta(SPARSE_DELTA_BANK, out_f + 1, dtype=torch.int64),
+            _meta(bank_nnz, dtype=torch.int32), _meta(bank_nnz, dtype=values_dtype),
+            _meta(SPARSE_DELTA_BANK, dtype=torch.int32), in_f)]
     return launches
 
 
@@ -277,6 +300,12 @@ def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES
                                                                           adapter_dtype):
                             cases.append(Case(arch, "multi_lora_grad", f"{case}-{step}", dtype_name, n * per_adapter,
                                               (out_f, in_f), max_rank, "dense", plan, args))
+                if "sparse_delta" in families:  # the values in the adapter dtype (fp32 trained values on bf16)
+                    for m in tokens:
+                        for step, plan, args in _sparse_delta_launches(arch, m, out_f, in_f, dtype, adapter_dtype):
+                            cases.append(Case(arch, "sparse_delta", step, dtype_name,
+                                              SPARSE_DELTA_BANK if step == "bank" else m, (out_f, in_f), 0, "dense",
+                                              plan, args))
                 if "multi_lora" in families:
                     for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
                         for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype, adapter_dtype):

@@ -630,3 +630,102 @@ def multi_lora_segment_grad(left: torch.Tensor, right: torch.Tensor, ranks: Sequ
         else:
             out[k, :, :rank] = (left_k.t() @ right_k[:, :rank] * float(scalings[k])).to(dtype)
     return out
+# --- DiffPruning: a stored sparse delta -----------------------------------------------------------------------
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    delta_dense: torch.Tensor,
+) -> torch.Tensor:
+    """DiffPruning's served layer ``y = x Wᵀ + b + x δᵀ`` as ``(..., out)`` in ``x.dtype``; ``delta_dense`` is the
+    dense ``(out, in)`` ``δ`` (``SparseDelta.to_dense()``, zeros off its pattern). The base product runs in
+    ``x.dtype`` (``b`` cast to it); ``x δᵀ`` in the promoted dtype of ``x`` and ``δ``, the sum formed there and
+    cast once to ``x.dtype``. Differentiable in ``x``, ``b`` and ``δ``."""
+    base = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    term_dtype = torch.promote_types(x.dtype, delta_dense.dtype)
+    return (base + F.linear(x.to(term_dtype), delta_dense.to(term_dtype))).to(x.dtype)
+
+
+def multi_sparse_delta_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: Optional[torch.Tensor],
+    deltas_dense: Sequence[torch.Tensor],
+    delta_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Several DiffPruning deltas over one base, one per token: token ``t`` uses ``δ_k``, ``k = delta_ids[t]``
+    (``-1``: the base alone). ``x`` ``(..., in)``, ``delta_ids`` int ``x.shape[:-1]``, ``deltas_dense[k]`` the dense
+    ``(out, in)`` ``δ_k``; each token's row is :func:`sparse_delta_linear` with its own delta."""
+    if delta_ids.shape != x.shape[:-1]:
+        raise ValueError(f"delta_ids shape {tuple(delta_ids.shape)} must be x.shape[:-1] = {tuple(x.shape[:-1])}")
+    n = len(deltas_dense)
+    if delta_ids.numel() and (int(delta_ids.min()) < -1 or int(delta_ids.max()) >= n):
+        raise ValueError(f"delta ids must be in [-1, {n - 1}], got range [{int(delta_ids.min())}, {int(delta_ids.max())}]")
+    y = F.linear(x, base_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    for k in range(n):
+        rows = (delta_ids == k).unsqueeze(-1)
+        if rows.any():
+            y = torch.where(rows, sparse_delta_linear(x, weight, bias, deltas_dense[k]), y)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- DiffPruning: training
+# Hard-concrete gates (Louizos, Welling, Kingma 2018) as DiffPruning uses them (Guo, Rush, Kim 2021): a gate
+# ``z ∈ [0, 1]`` per diff entry with log-odds ``log_alpha``, temperature ``beta`` and stretch interval
+# ``(gamma, zeta)``, ``gamma < 0 < 1 < zeta``; then magnitude projection of the trained diff to a target density.
+
+__all__ += ["hard_concrete_sample", "hard_concrete_eval", "expected_l0", "projection_count", "magnitude_projection"]
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor, beta: float, gamma: float,
+                         zeta: float) -> torch.Tensor:
+    """The training gate for uniform noise ``u`` (same shape as ``log_alpha``, values in ``(0, 1)``):
+    ``s = σ((log u − log(1 − u) + log_alpha) / beta)``, ``z = min(1, max(0, s (zeta − gamma) + gamma))``."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def hard_concrete_eval(log_alpha: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
+    """The deterministic (evaluation) gate: ``min(1, max(0, σ(log_alpha) (zeta − gamma) + gamma))``."""
+    return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def expected_l0(log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float,
+                group_log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The expected number of nonzero gates, a 0-d tensor: ``Σ σ(log_alpha − beta · log(−gamma / zeta))``, the
+    probability of each gate being nonzero summed. With ``group_log_alpha`` (broadcastable to ``log_alpha``: each
+    entry's group gate, structured DiffPruning) an entry is nonzero when both its gate and its group's are, and
+    the sum is of the products of the two probabilities."""
+    shift = beta * math.log(-gamma / zeta)
+    nonzero = torch.sigmoid(log_alpha - shift)
+    if group_log_alpha is not None:
+        nonzero = nonzero * torch.sigmoid(group_log_alpha - shift)
+    return nonzero.sum()
+
+
+def projection_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` diff entries a projection to ``sparsity`` keeps: ``sparsity · numel`` rounded to the
+    nearest integer, halves up, and at least 1. ``sparsity`` is the paper's target sparsity rate, the fraction of
+    the diff's entries that stay nonzero, in ``(0, 1]`` (0.005: 0.5 % of the entries)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a number in (0, 1] (the fraction of diff entries kept), got {sparsity!r}")
+    if numel <= 0:
+        raise ValueError(f"nothing to project: the diff has {numel} entries")
+    return max(1, min(numel, math.floor(sparsity * numel + 0.5)))
+
+
+def magnitude_projection(delta: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The boolean mask (``delta``'s shape) of the ``projection_count(delta.numel(), sparsity)`` entries of largest
+    ``|delta|``: exactly that many are True. Ties are broken by position, the lower row-major index kept first, so
+    the mask is a function of the values alone. NaN entries raise ``ValueError``."""
+    count = projection_count(delta.numel(), sparsity)
+    flat = delta.detach().reshape(-1)
+    if torch.isnan(flat).any():
+        raise ValueError("the diff has NaN entries: no magnitude projection of it is defined")
+    # a stable descending sort keeps equal magnitudes in index order
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:count]
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[order] = True
+    return mask.view(delta.shape)

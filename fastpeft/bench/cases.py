@@ -25,11 +25,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import reference
 from ..nf4 import NF4Weight
 from ..nn import DoraLinear, IA3Linear, LoraLinear
 from ..integration.accelerate import accelerate
+from ..ops import sparse_delta_linear
+from ..sparse_delta import SparseDelta
 from ..serving import MultiLoraModel
 
 
@@ -451,6 +454,54 @@ def _micro_multi_lora(impl: str, m: int, out_f: int, in_f: int, n_adapters: int,
     return setup
 
 
+# DiffPruning's density (0.5 % of the entries, the paper's) and ten times that
+SPARSE_DELTA_DENSITIES = (0.005, 0.05)
+
+
+def _micro_sparse_delta(impl: str, m: int, out_f: int, in_f: int, density: float) -> Callable[[BenchConfig], Prepared]:
+    """Setup of DiffPruning's served layer ``x Wᵀ + x δᵀ``, ``δ`` with ``density`` of its entries set:
+    ``fastpeft`` (``sparse_delta_linear`` over the stored CSR delta), ``reference`` (``fastpeft.reference``:
+    the same sum with ``δ`` dense, two dense products), ``merged`` (one dense product with ``W + δ`` merged
+    beforehand: the base's cost, no delta kept apart) and ``hf`` (the base layer alone, no delta). The fastpeft
+    row's note compares the stored delta's bytes with a LoRA of as many parameters."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        w = _weights(cfg, out_f, in_f)
+        g = _generator(cfg, 5)
+        mask = torch.rand(out_f, in_f, generator=g, device=cfg.device) < density
+        dense = (0.01 * _randn(cfg, g, out_f, in_f) * mask).to(cfg.dtype)
+        delta = SparseDelta.from_dense(dense, mask)
+        note = ""
+        if impl == "fastpeft":
+            def forward(x):
+                return sparse_delta_linear(x, w.weight, None, delta)
+            elsize = w.weight.element_size()
+            rank = delta.nnz / (in_f + out_f)  # a LoRA with as many parameters as the delta has entries
+            lora_bytes = delta.nnz * elsize
+            note = (f"stored delta {delta.nbytes / 2**20:.2f} MiB ({delta.nnz} entries: int32 column + "
+                    f"{elsize}-byte value each, int64 row pointers) vs a LoRA of equal parameter count (r = {rank:.1f}) "
+                    f"{lora_bytes / 2**20:.2f} MiB: {delta.nbytes / max(lora_bytes, 1):.2f}x")
+        elif impl == "reference":
+            def forward(x):
+                return reference.sparse_delta_linear(x, w.weight, None, dense)
+        elif impl == "merged":
+            merged = w.weight.clone()
+            delta.merge_into(merged)
+
+            def forward(x):
+                return F.linear(x, merged)
+            note = "W + δ merged beforehand"
+        else:
+            def forward(x):
+                return F.linear(x, w.weight)
+            note = "the base layer alone, no delta"
+        elsize = w.weight.element_size()
+        flops = 2 * m * in_f * out_f + (2 * m * delta.nnz if impl == "fastpeft" else 0)
+        bytes_moved = elsize * (out_f * in_f + m * (in_f + out_f)) + (delta.nbytes if impl == "fastpeft" else 0)
+        return Prepared(_timed_call(cfg, forward, m, in_f, out_f, "fwd", []), tokens=m, flops=flops,
+                        bytes_moved=bytes_moved, note=note)
+    return setup
+
+
 def _lora_config(peft, cfg: BenchConfig, targets: list):
     return peft.LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=targets)
 
@@ -484,6 +535,10 @@ def micro_jobs(cfg: BenchConfig) -> list:
                 if cfg.dtype != torch.float32:
                     jobs.append(Job("multi_lora.fwd.fp32_adapters", impl, {**shape, "adapters": cfg.micro_adapters},
                                     _micro_multi_lora(impl, m, out_f, in_f, cfg.micro_adapters, fp32_adapters=True)))
+            for density in SPARSE_DELTA_DENSITIES:
+                for impl in ("fastpeft", "reference", "merged", "hf"):
+                    jobs.append(Job("sparse_delta.fwd", impl, {"M": m, "out": out_f, "in": in_f, "density": density},
+                                    _micro_sparse_delta(impl, m, out_f, in_f, density)))
         for impl in ("fastpeft", "reference", "bnb"):
             jobs.append(Job("nf4_dequant", impl, {"out": out_f, "in": in_f}, _micro_nf4_dequant(impl, out_f, in_f)))
     return jobs

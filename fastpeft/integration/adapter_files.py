@@ -19,7 +19,8 @@ from ..bank import peft_adapter_dtype
 from ..nn.dora import DoraLinear
 from ..nn.ia3 import IA3Linear
 from ..nn.lora import LoraLinear, is_bnb_linear4bit
-from .inject import FAST_LAYERS, freeze_all_but_adapters, linear_kind, set_submodule
+from .inject import FAST_LAYERS, freeze_all_but_adapters
+from .targets import linear_kind, set_submodule
 from .summary import PatchSummary
 
 __all__ = ["save_model_adapter", "load_model_adapter"]

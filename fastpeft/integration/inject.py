@@ -6,69 +6,26 @@ their adapters serve :mod:`fastpeft.integration.adapter_files` too."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from torch import nn
 
-from ..adapters import matches_any
+from ..nn.diffprune import DiffPruneLinear
 from ..nn.dora import DoraLinear
 from ..nn.ia3 import IA3Linear
-from ..nn.lora import LoraLinear, is_bnb_linear4bit
+from ..nn.lora import LoraLinear
+from ..diffprune import inject as inject_diffprune
 from .summary import PatchSummary
+from .targets import base_model_name, linear_kind, select_targets, set_submodule
 
 __all__ = ["inject"]
 
 logger = logging.getLogger("fastpeft")
 
 FAST_LAYERS = (LoraLinear, IA3Linear)  # fastpeft's own adapter layers (DoraLinear is a LoraLinear)
-
-
-def linear_kind(module) -> Optional[str]:
-    """``"dense"`` / ``"nf4"`` for a base fastpeft can adapt, else None."""
-    if is_bnb_linear4bit(module):
-        return "nf4"
-    if type(module) is nn.Linear and module.weight.is_floating_point():
-        return "dense"
-    return None
-
-
-def _output_layer_names(model: nn.Module) -> set:
-    """The output head(s) ``"all-linear"`` leaves out, as PEFT does: the output embeddings, else ``lm_head``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name for name, module in model.named_modules() if head is not None and module is head}
-    return names or {"lm_head"}
-
-
-def _targets(model: nn.Module, target_modules) -> tuple[list, dict]:
-    """``([module paths to adapt], {targeted path: reason it cannot be})`` for PEFT-style ``target_modules``:
-    a list of names (a path or its last components), a regex matched against the full path, or
-    ``"all-linear"``."""
-    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
-    # PEFT drops the head by its last name component
-    heads = {h.split(".")[-1] for h in _output_layer_names(model)} if all_linear else set()
-    chosen, skipped = [], {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if all_linear:
-            if name.split(".")[-1] in heads:
-                continue
-            if linear_kind(module) is not None:
-                chosen.append(name)
-            continue
-        if matches_any(name, target_modules):
-            if linear_kind(module) is None:
-                skipped[name] = f"{type(module).__name__} is not a float torch.nn.Linear or bitsandbytes Linear4bit"
-            else:
-                chosen.append(name)
-    return chosen, skipped
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
@@ -84,11 +41,6 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
             module.ia3_l.requires_grad_(True)
 
 
-def _base_model_name(model: nn.Module) -> Optional[str]:
-    config = getattr(model, "config", None)
-    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-
-
 def inject(
     model: nn.Module,
     r: int = 8,
@@ -98,14 +50,30 @@ def inject(
     use_dora: bool = False,
     use_rslora: bool = False,
     init_lora_weights: Union[bool, str] = True,
+    method: str = "lora",
+    **method_options,
 ) -> PatchSummary:
     """Add a LoRA (or DoRA) adapter to any model without peft, in place: every targeted ``nn.Linear`` /
     bitsandbytes ``Linear4bit`` becomes a :class:`~fastpeft.nn.LoraLinear` (:class:`~fastpeft.nn.DoraLinear`
     with ``use_dora``) over it, and every other parameter is frozen. ``target_modules`` follows PEFT: module
     names (``["q_proj", "v_proj"]``), a regex for the full path, or ``"all-linear"`` (every linear layer but
     the output head). Returns the :class:`PatchSummary`; targeted layers of another kind are reported in it.
-    The adapter's PEFT config is kept on the model for :func:`~fastpeft.save_model_adapter`."""
-    if any(isinstance(m, FAST_LAYERS) for m in model.modules()):
+    The adapter's PEFT config is kept on the model for :func:`~fastpeft.save_model_adapter`.
+
+    ``method="diffprune"`` runs :func:`fastpeft.diffprune.inject` instead, with ``target_modules`` and the keyword
+    arguments it takes (``sparsity=``, ``structured=``, ``l0_lambda=``, ...) in ``method_options``."""
+    if method not in ("lora", "diffprune"):
+        raise ValueError(f"unknown method={method!r}: 'lora' or 'diffprune'")
+    if method == "diffprune":
+        lora_options = {"r": r, "alpha": alpha, "dropout": dropout, "use_dora": use_dora, "use_rslora": use_rslora,
+                        "init_lora_weights": init_lora_weights}
+        given = sorted(k for k, v in lora_options.items() if v != _LORA_DEFAULTS[k])
+        if given:
+            raise ValueError(f"the LoRA options {given} do not apply to method='diffprune'")
+        return inject_diffprune(model, target_modules, **method_options)
+    if method_options:
+        raise TypeError(f"inject() got unexpected keyword arguments {sorted(method_options)} for method='lora'")
+    if any(isinstance(m, (*FAST_LAYERS, DiffPruneLinear)) for m in model.modules()):
         raise ValueError("this model already has fastpeft adapter layers (inject or load_model_adapter ran on it)")
     if "peft" in sys.modules:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -114,7 +82,7 @@ def inject(
             raise ValueError("this is a PEFT model: use fastpeft.accelerate(model) on it instead of inject")
     if not target_modules:
         raise ValueError("target_modules is empty: give module names, a regex, or 'all-linear'")
-    chosen, skipped = _targets(model, target_modules)
+    chosen, skipped = select_targets(model, target_modules)
     if not chosen:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if linear_kind(m) is not None})
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers "
@@ -131,7 +99,12 @@ def inject(
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_dora": use_dora,
         "use_rslora": use_rslora, "init_lora_weights": init_lora_weights, "bias": "none", "fan_in_fan_out": False,
         "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules)),
-        "modules_to_save": None, "task_type": None, "base_model_name_or_path": _base_model_name(model),
+        "modules_to_save": None, "task_type": None, "base_model_name_or_path": base_model_name(model),
     }
     (logger.warning if skipped else logger.info)("%s", summary)
     return summary
+
+
+# inject's LoRA keyword defaults: method='diffprune' refuses any other value of them
+_LORA_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(inject).parameters.items()
+                  if name in ("r", "alpha", "dropout", "use_dora", "use_rslora", "init_lora_weights")}

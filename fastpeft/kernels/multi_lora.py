@@ -88,7 +88,7 @@ def _tile_rows(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _mma(acc, a, b, USE_DOT: tl.constexpr):
+def mma(acc, a, b, USE_DOT: tl.constexpr):
     """``acc + a @ b`` in fp32: ``tl.dot`` for prefill tiles, broadcast-multiply-sum for 1-row decode tiles.
     ``a`` is converted to ``b``'s dtype (bf16/fp16 activations times an fp32 bank)."""
     if USE_DOT:
@@ -111,7 +111,7 @@ def _shrink_block(x_ptr, a_base, rows, m_mask, offs_r, r_mask, stride_xm, stride
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _mma(acc, x, a, USE_DOT)
+        acc = mma(acc, x, a, USE_DOT)
     return acc
 
 
@@ -131,7 +131,7 @@ def _expand_step(acc, h, b_base, offs_r, rank, offs_n, n_mask, stride_bo, stride
     r_mask = _rank_mask(offs_r, rank, MASK_R)
     b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bo + offs_r[:, None] * stride_br,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    return _mma(acc, h, b, USE_DOT)
+    return mma(acc, h, b, USE_DOT)
 
 
 @triton.jit

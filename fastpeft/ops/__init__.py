@@ -11,7 +11,9 @@ from .multi_lora_grad import multi_lora_segment_grad, multi_lora_shrink
 from .lora import lora_linear
 from .dora import dora_linear, dora_weight_norm
 from .ia3 import ia3_linear
+from .sparse_delta import sparse_delta_add_, sparse_delta_linear
 
 __all__ = ["backend_for", "requested_backend", "triton_interpreter", "fused_linear", "nf4_dequantize",
            "MultiLoraMeta", "multi_lora_add_", "multi_lora_shrink", "multi_lora_segment_grad", "lora_linear",
-           "dora_linear", "dora_weight_norm", "ia3_linear"]
+           "dora_linear", "dora_weight_norm", "ia3_linear", "sparse_delta_add_",
+           "sparse_delta_linear"]
