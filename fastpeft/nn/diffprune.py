@@ -46,7 +46,7 @@ from ..ops.inputs import check_linear_inputs
 from ..ops.lora import lora_linear
 from ..ops.sparse_delta import sparse_delta_linear
 from ..sparse_delta import SparseDelta
-from .lora import LoraLinear, is_bnb_linear4bit, NF4Base, parameter
+from .lora import frozen_base, LoraLinear, parameter
 
 __all__ = ["DiffPruneLinear"]
 
@@ -120,16 +120,7 @@ class DiffPruneLinear(nn.Module):
         return layer
 
     def _set_base(self, base_layer, bias):
-        if isinstance(base_layer, NF4Weight):
-            base_layer = NF4Base(base_layer, bias)
-        elif bias is not None:
-            raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
-        elif not (type(base_layer) is nn.Linear or is_bnb_linear4bit(base_layer)):
-            raise TypeError(f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
-                            f"{type(base_layer).__name__}")
-        elif not is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
-            raise TypeError(f"the base weight is {base_layer.weight.dtype}; only float and NF4 bases are supported")
-        base_layer.requires_grad_(False)
+        base_layer = frozen_base(base_layer, bias)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 

@@ -110,33 +110,20 @@ class DoraLinear(LoraLinear):
         """``m / ‖W + s·B A‖₂`` as an fp32 ``(out, 1)`` column."""
         return (self.lora_magnitude_vector.detach().float() / self.weight_norm().float()).unsqueeze(1)
 
-    @torch.no_grad()
-    def merge(self):
-        """``W ← (m / n) ⊙ (W + s·B A)`` (see the module docstring); no-op when already merged."""
-        if self.merged:
-            return
-        factor = self._dora_factor()
-        if self.is_nf4:
-            base = self.base_weight()
-            self.merged_weight = (factor * (base.dequantize(torch.float32) + self.delta_weight())).to(base.dtype)
-        else:
-            weight = self.base_layer.weight
-            weight.copy_(factor * (weight.float() + self.delta_weight()))
-            self._merged_factor = factor
-        self.merged = True
+    def _merged_value(self, base: torch.Tensor) -> torch.Tensor:
+        """``(m / n) ⊙ (W + s·B A)`` from the fp32 base ``base`` (see the module docstring)."""
+        return self._dora_factor() * (base + self.delta_weight())
 
-    @torch.no_grad()
-    def unmerge(self):
-        """Undo :meth:`merge`; no-op when not merged."""
-        if not self.merged:
-            return
-        if self.is_nf4:
-            self.merged_weight = None
-        else:
-            weight = self.base_layer.weight
-            weight.copy_(weight.float() / self._merged_factor - self.delta_weight())
-            del self._merged_factor
-        self.merged = False
+    def _merge_into(self, weight: torch.Tensor) -> None:
+        """``W ← (m / n) ⊙ (W + s·B A)`` in place, the factor kept for :meth:`_unmerge_from`."""
+        factor = self._dora_factor()
+        weight.copy_(factor * (weight.float() + self.delta_weight()))
+        self._merged_factor = factor
+
+    def _unmerge_from(self, weight: torch.Tensor) -> None:
+        """Undo :meth:`_merge_into` in place (exact up to rounding)."""
+        weight.copy_(weight.float() / self._merged_factor - self.delta_weight())
+        del self._merged_factor
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

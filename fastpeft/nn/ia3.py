@@ -23,7 +23,7 @@ from torch import nn
 from ..nf4 import NF4Weight
 from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
-from .lora import LoraLinear, is_bnb_linear4bit, NF4Base, parameter
+from .lora import frozen_base, LoraLinear, parameter
 
 __all__ = ["IA3Linear"]
 
@@ -49,16 +49,7 @@ class IA3Linear(nn.Module):
         bias: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        if isinstance(base_layer, NF4Weight):
-            base_layer = NF4Base(base_layer, bias)
-        elif bias is not None:
-            raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
-        elif not (isinstance(base_layer, nn.Linear) or is_bnb_linear4bit(base_layer)):
-            raise TypeError(
-                f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
-                f"{type(base_layer).__name__}"
-            )
-        base_layer.requires_grad_(False)
+        base_layer = frozen_base(base_layer, bias)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.is_feedforward = bool(is_feedforward)

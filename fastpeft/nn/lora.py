@@ -74,6 +74,29 @@ class NF4Base(nn.Module):
         return lora_linear(x, self.weight, self.bias, None, None, 0.0)
 
 
+def frozen_base(base_layer, bias: Optional[torch.Tensor] = None) -> nn.Module:
+    """The base module an adapter layer wraps, frozen: ``base_layer`` itself (a float ``torch.nn.Linear`` or a
+    bitsandbytes ``Linear4bit``) or an :class:`NF4Weight` with its ``bias`` wrapped as :class:`NF4Base`;
+    ``TypeError`` / ``ValueError`` for anything else."""
+    if isinstance(base_layer, NF4Weight):
+        base_layer = NF4Base(base_layer, bias)
+    elif bias is not None:
+        raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
+    elif not (isinstance(base_layer, nn.Linear) or is_bnb_linear4bit(base_layer)):
+        raise TypeError(
+            f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
+            f"{type(base_layer).__name__}"
+        )
+    elif not is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
+        # e.g. bitsandbytes' Linear8bitLt, an nn.Linear subclass with an int8 weight
+        raise TypeError(
+            f"{type(base_layer).__name__} has a {base_layer.weight.dtype} weight; only float and NF4 bases are "
+            "supported"
+        )
+    base_layer.requires_grad_(False)
+    return base_layer
+
+
 def dropout_inputs(dropout: nn.Module, x: torch.Tensor) -> tuple:
     """``(x_dropped, dropout_p)`` for :func:`~fastpeft.ops.lora.lora_linear` from a LoRA dropout module.
 
@@ -175,22 +198,7 @@ class LoraLinear(nn.Module):
         return layer
 
     def _set_base(self, base_layer, bias):
-        if isinstance(base_layer, NF4Weight):
-            base_layer = NF4Base(base_layer, bias)
-        elif bias is not None:
-            raise ValueError("bias= is only for an NF4Weight base; a module base brings its own bias")
-        elif not (isinstance(base_layer, nn.Linear) or is_bnb_linear4bit(base_layer)):
-            raise TypeError(
-                f"base_layer must be torch.nn.Linear, bitsandbytes.nn.Linear4bit or NF4Weight, got "
-                f"{type(base_layer).__name__}"
-            )
-        elif not is_bnb_linear4bit(base_layer) and not base_layer.weight.is_floating_point():
-            # e.g. bitsandbytes' Linear8bitLt, an nn.Linear subclass with an int8 weight
-            raise TypeError(
-                f"{type(base_layer).__name__} has a {base_layer.weight.dtype} weight; only float and NF4 bases are "
-                "supported"
-            )
-        base_layer.requires_grad_(False)
+        base_layer = frozen_base(base_layer, bias)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.register_buffer("merged_weight", None, persistent=False)
@@ -254,6 +262,18 @@ class LoraLinear(nn.Module):
         """``scaling · B A`` as ``(out, in)`` in fp32."""
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
+    def _merged_value(self, base: torch.Tensor) -> torch.Tensor:
+        """The merged weight from the fp32 base ``base`` (an NF4 base's merge, kept beside it): ``W + s·B A``."""
+        return base + self.delta_weight()
+
+    def _merge_into(self, weight: torch.Tensor) -> None:
+        """Fold the adapter into a dense base in place, as PEFT's merge rounds it (the delta in the base's dtype)."""
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    def _unmerge_from(self, weight: torch.Tensor) -> None:
+        """Undo :meth:`_merge_into` in place."""
+        weight.sub_(self.delta_weight().to(weight.dtype))
+
     @torch.no_grad()
     def merge(self):
         """Fold the adapter into the base (see the module docstring); no-op when already merged."""
@@ -261,10 +281,9 @@ class LoraLinear(nn.Module):
             return
         if self.is_nf4:
             base = self.base_weight()
-            self.merged_weight = (base.dequantize(torch.float32) + self.delta_weight()).to(base.dtype)
+            self.merged_weight = self._merged_value(base.dequantize(torch.float32)).to(base.dtype)
         else:
-            weight = self.base_layer.weight
-            weight.add_(self.delta_weight().to(weight.dtype))
+            self._merge_into(self.base_layer.weight)
         self.merged = True
 
     @torch.no_grad()
@@ -275,8 +294,7 @@ class LoraLinear(nn.Module):
         if self.is_nf4:
             self.merged_weight = None
         else:
-            weight = self.base_layer.weight
-            weight.sub_(self.delta_weight().to(weight.dtype))
+            self._unmerge_from(self.base_layer.weight)
         self.merged = False
 
     @contextmanager
