@@ -103,13 +103,7 @@ def inject(
             math.isfinite(l0_lambda) and l0_lambda >= 0):
         raise ValueError(f"l0_lambda must be a finite number >= 0, got {l0_lambda!r}")
     check_gate_constants(beta, gamma, zeta, log_alpha_init)
-    if not target_modules:
-        raise ValueError("target_modules is empty: give module names, a regex, or 'all-linear'")
     chosen, skipped = select_targets(model, target_modules)
-    if not chosen:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if linear_kind(m) is not None})
-        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers "
-                         f"are named {linear}")
     # every layer built (a structured group size that does not fit raises here) before the model changes
     layers = {name: DiffPruneLinear(model.get_submodule(name), structured, beta=beta, gamma=gamma, zeta=zeta,
                                     log_alpha_init=log_alpha_init) for name in chosen}

@@ -80,13 +80,7 @@ def inject(
 
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise ValueError("this is a PEFT model: use fastpeft.accelerate(model) on it instead of inject")
-    if not target_modules:
-        raise ValueError("target_modules is empty: give module names, a regex, or 'all-linear'")
     chosen, skipped = select_targets(model, target_modules)
-    if not chosen:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if linear_kind(m) is not None})
-        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers "
-                         f"are named {linear}")
     layer_class = DoraLinear if use_dora else LoraLinear
     summary = PatchSummary(skipped=skipped)
     for name in chosen:

@@ -31,7 +31,9 @@ def _output_layer_names(model: nn.Module) -> set:
 def select_targets(model: nn.Module, target_modules) -> tuple[list, dict]:
     """``([module paths to adapt], {targeted path: reason it cannot be})`` for PEFT-style ``target_modules``:
     a list of names (a path or its last components), a regex matched against the full path, or
-    ``"all-linear"``."""
+    ``"all-linear"``. ``ValueError`` when ``target_modules`` is empty or matches no linear layer."""
+    if not target_modules:
+        raise ValueError("target_modules is empty: give module names, a regex, or 'all-linear'")
     all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
     # PEFT drops the head by its last name component
     heads = {h.split(".")[-1] for h in _output_layer_names(model)} if all_linear else set()
@@ -50,6 +52,10 @@ def select_targets(model: nn.Module, target_modules) -> tuple[list, dict]:
                 skipped[name] = f"{type(module).__name__} is not a float torch.nn.Linear or bitsandbytes Linear4bit"
             else:
                 chosen.append(name)
+    if not chosen:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if linear_kind(m) is not None})
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer; the model's linear layers "
+                         f"are named {linear}")
     return chosen, skipped
 
 
