@@ -31,8 +31,11 @@ from .dispatch import eager_reference, register_primitive
 # Tokens per prefill tile, per GPU architecture: 16, tl.dot's minimum; on sm_90 64, a wgmma warpgroup's M, so
 # the shrink and the expand run on HGMMA (python -m fastpeft.check_kernels --family multi_lora --arch sm_90a:
 # HMMA at 16, HGMMA at 64, 0 spills, occupancy 75 % / 62 %) and each tile reads its adapter's factors once for
-# four times the tokens. sm_80 / sm_89 keep 16 (at 64: 64 registers, 50 % occupancy). Untimed: no GPU here.
+# four times the tokens. sm_80 / sm_89 keep 16 (at 64: 64 registers, 50 % occupancy). From the
+# static check only: no GPU timing has chosen these.
 PREFILL_BLOCK_M = {"default": 16, (9, 0): 64}
+
+
 def prefill_block_m(arch: Optional[tuple]) -> int:
     """Tokens per prefill tile on a GPU of compute capability ``arch`` (None: not a GPU): ``PREFILL_BLOCK_M``."""
     return config_for(PREFILL_BLOCK_M, arch)
