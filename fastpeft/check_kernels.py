@@ -255,6 +255,9 @@ def _multi_lora_grad_launches(arch: str, case: str, out_f: int, in_f: int, dtype
     launches = []
     for step, fn, args in steps:
         launches += [(step, plan, largs) for plan, largs in _record(arch, fn, *args)]
+    return launches
+
+
 def _sparse_delta_launches(arch: str, m: int, out_f: int, in_f: int, dtype, values_dtype) -> list:
     """``[(step, plan, args)]``: ``fastpeft.ops.sparse_delta``'s launches for an ``(out_f, in_f)`` delta of
     :data:`SPARSE_DELTA_DENSITY` over ``m`` tokens: the forward ``y += x δᵀ``, ``dx += dy δ`` (the kernel over
