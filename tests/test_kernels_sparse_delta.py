@@ -1,7 +1,8 @@
 """The sparse-delta Triton kernels (Triton's interpreter on CPU) against the float64 reference: every regime of the
 plan (decode, small, prefill), odd shapes, empty rows, an all-empty delta, non-contiguous x and y, NaN-poisoned
 memory around y, fp32 / fp16 / bf16 (and fp32 values beside half-precision x); the layer op on the Triton backend
-(forward and the hand-written backward, whose dx runs the kernel over δᵀ); launcher errors and plans."""
+(forward and the hand-written backward, whose dx runs the kernel over δᵀ); fp64 through the ops runs the
+reference; launcher errors and plans."""
 
 import pytest
 import torch
@@ -150,3 +151,31 @@ def test_bank_launcher_errors():
     with pytest.raises(ValueError, match="row_ptr must be contiguous int64"):
         kernels.sparse_delta_bank_add_(y, x, bank.row_ptr[0], bank.col_idx, bank.values,
                                        torch.zeros(4, dtype=torch.int32), 13)
+
+
+@pytest.mark.parametrize("bank", [False, True], ids=["delta", "bank"])
+def test_fp64_through_the_op_runs_the_reference_and_launches_nothing(triton_backend, monkeypatch, bank):
+    """The op itself (what ``torch.compile`` traces) on the Triton backend: fp64, which the kernels do not take, runs
+    the ``fastpeft.reference`` function inside the device kernel; fp32 launches the Triton kernel instead."""
+    from test_ops_sparse_delta import _record
+
+    if bank:
+        delta, _ = random_bank(9, 13, (0.3, 0.1), torch.float64)
+        row_ids = torch.tensor([1, -1, 0, 1], dtype=torch.int32, device=DEVICE)
+        op, name, extra = torch.ops.fastpeft.sparse_delta_bank_add_.default, "sparse_delta_bank_add_", (row_ids,)
+    else:
+        delta = random_sparse_delta(9, 13, 0.3, torch.float64)
+        op, name, extra = torch.ops.fastpeft.sparse_delta_add_.default, "sparse_delta_add_", ()
+    calls = _record(monkeypatch, name)
+    x, base = torch.randn(4, 13, dtype=torch.float64, device=DEVICE), torch.randn(4, 9, dtype=torch.float64,
+                                                                                  device=DEVICE)
+    expected = base.clone()
+    sparse_delta_add_(expected, x, delta, *extra)
+    assert len(calls) == 1 and calls[0][2] is delta  # the eager fp64 call runs the reference on the delta itself
+    for dtype, launches in ((torch.float64, []), (torch.float32, ["bank" if bank else "small"])):
+        y = base.to(dtype, copy=True)
+        with observing() as plans:
+            op(y, x.to(dtype), delta.row_ptr, delta.col_idx, delta.values.to(dtype), *extra, 13)
+        assert [p.variant for p in plans] == launches
+        assert_rel_close(y, expected, dtype)
+    assert len(calls) == 2

@@ -1,6 +1,6 @@
 """The sparse-delta ops (``sparse_delta_add_``, ``sparse_delta_linear``) on the reference backend (the CPU path:
 torch's CSR products) against ``fastpeft.reference.sparse_delta_linear`` in float64; gradients of x, bias and the
-values; opcheck; bad inputs."""
+values; opcheck; the ops' CPU kernels and the eager CPU path are the reference functions; bad inputs."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from fastpeft import reference
 from fastpeft.nf4 import NF4Weight
 from fastpeft.ops import sparse_delta_add_, sparse_delta_linear
-from fastpeft.sparse_delta import SparseDelta
+from fastpeft.sparse_delta import SparseDelta, SparseDeltaBank
 
 from conftest import DEVICE, assert_rel_close, non_contiguous, poisoned
 
@@ -166,8 +166,6 @@ def test_errors():
 
 
 def random_bank(out_features, in_features, densities, dtype):
-    from fastpeft.sparse_delta import SparseDeltaBank
-
     deltas = [random_sparse_delta(out_features, in_features, d, dtype) for d in densities]
     return SparseDeltaBank.from_deltas(deltas), deltas
 
@@ -216,3 +214,52 @@ def test_bank_opcheck(reference_backend):
     ids = torch.tensor([1, -1, 0, 1], dtype=torch.int32)
     torch.library.opcheck(torch.ops.fastpeft.sparse_delta_bank_add_.default,
                           (torch.randn(4, 9), torch.randn(4, 13), bank.row_ptr, bank.col_idx, bank.values, ids, 13))
+
+
+def _record(monkeypatch, name):
+    """Wrap ``fastpeft.reference.<name>`` so that each call's arguments are appended to the returned list."""
+    calls, original = [], getattr(reference, name)
+
+    def recorder(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(reference, name, recorder)
+    return calls
+
+
+@pytest.mark.parametrize("bank", [False, True], ids=["delta", "bank"])
+def test_cpu_kernel_and_eager_path_are_the_reference_functions(monkeypatch, bank):
+    """The ops' ``cpu`` kernels call ``fastpeft.reference.sparse_delta_add_`` / ``sparse_delta_bank_add_`` with the
+    delta rebuilt from the op's flat arguments; the eager call on CPU hands the reference the caller's delta itself,
+    without dispatching the op."""
+    import fastpeft.ops.sparse_delta as ops
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    if bank:
+        delta = SparseDeltaBank.from_deltas([random_sparse_delta(9, 13, d).to("cpu") for d in (0.3, 0.1)])
+        row_ids = torch.tensor([1, -1, 0, 1], dtype=torch.int32)
+        op, name, extra = torch.ops.fastpeft.sparse_delta_bank_add_.default, "sparse_delta_bank_add_", (row_ids,)
+    else:
+        delta = random_sparse_delta(9, 13, 0.3).to("cpu")
+        op, name, extra = torch.ops.fastpeft.sparse_delta_add_.default, "sparse_delta_add_", ()
+    calls = _record(monkeypatch, name)
+    x, base = torch.randn(4, 13), torch.randn(4, 9)
+    expected = base.clone()
+    sparse_delta_add_(expected, x, delta, *extra)
+
+    y = base.clone()
+    op(y, x, delta.row_ptr, delta.col_idx, delta.values, *extra, 13)
+    (y_arg, x_arg, rebuilt, *rest), = calls[1:]
+    assert y_arg is y and x_arg is x and rebuilt is not delta
+    assert rebuilt.row_ptr is delta.row_ptr and rebuilt.col_idx is delta.col_idx and rebuilt.values is delta.values
+    assert rebuilt.shape == delta.shape and all(a is b for a, b in zip(rest, extra))
+    assert torch.equal(y, expected)
+
+    def no_dispatch(*args):
+        raise AssertionError("the eager CPU call dispatched the op")
+
+    monkeypatch.setattr(ops, "_bank_add_op" if bank else "_add_op", no_dispatch)
+    y = base.clone()
+    assert sparse_delta_add_(y, x, delta, *extra) is y
+    assert calls[2][2] is delta and torch.equal(y, expected)

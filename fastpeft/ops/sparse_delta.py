@@ -4,15 +4,19 @@
 Public API:
 
 - ``sparse_delta_add_(y, x, delta)``: ``y += x δᵀ`` in place for 2-D ``x`` ``(M, in)``, ``y`` ``(M, out)`` (one
-  dtype), the primitive (``fastpeft::sparse_delta_add_``, a ``torch.library`` custom op; the Triton kernel of
-  ``fastpeft.kernels.sparse_delta`` on CUDA, torch's CSR matmul elsewhere). No autograd.
+  dtype), the primitive ``fastpeft::sparse_delta_add_``. No autograd.
   ``sparse_delta_add_(y, x, bank, row_ids)``: a mixed batch, row ``m`` with delta ``row_ids[m]`` of a
-  :class:`~fastpeft.sparse_delta.SparseDeltaBank` (``-1``: none; ``fastpeft::sparse_delta_bank_add_``; off CUDA
-  each delta the batch names runs the CSR product over its own rows).
+  :class:`~fastpeft.sparse_delta.SparseDeltaBank` (``-1``: none), the primitive ``fastpeft::sparse_delta_bank_add_``.
 - ``sparse_delta_linear(x, weight, bias, delta)``: the layer, ``(..., out)`` in ``x.dtype``, the semantics of
   ``fastpeft.reference.sparse_delta_linear`` with ``δ = delta.to_dense()``. Differentiable in ``x``, ``bias``
   and ``delta.values`` (a trainable values tensor, e.g. from ``delta.with_values(param)``, gets its gradient);
   the base and the pattern are frozen.
+
+Both primitives are declared once (:func:`fastpeft.ops.dispatch.register_primitive`): the CUDA kernel is the Triton
+launcher of ``fastpeft.kernels.sparse_delta``, the CPU kernel the ``fastpeft.reference`` function of the same name
+(torch's CSR matmul; for the bank, per delta the batch names over its own rows). fp64 operands, which the Triton
+kernels do not take, run the reference on any device. Eager calls that run the reference call it directly
+(:func:`fastpeft.ops.dispatch.eager_reference`).
 
 Forward: the base product as the LoRA op runs it (one cuBLAS ``addmm`` on a dense base, fastpeft's NF4 matmul
 on an NF4 one), then ``x δᵀ`` added into it in place. Backward: ``dx = dy W + dy δ`` (the base's transposed
@@ -38,62 +42,50 @@ from typing import Optional
 
 import torch
 
+from .. import reference
 from ..nf4 import NF4Weight
 from ..sparse_delta import SparseDelta, SparseDeltaBank
 from .compile_compat import fresh_output_when_compiling
-from .dispatch import backend_for, run_kernel
+from .dispatch import eager_reference, register_primitive
 from .inputs import Weight, as_rows, autocast_dtype, check_linear_inputs, rows_like
 from .fused_linear import fused_linear
 
 _ADD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# what the Triton kernels take; fp64 (the tests' oracle dtype) runs torch's CSR products on any device
+# what the Triton kernels take; fp64 (the tests' oracle dtype) runs the reference's CSR products on any device
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _term_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype the sparse term accumulates in: fp64 where any operand is fp64, else fp32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+def _kernel_takes(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """True when the Triton kernels take ``x`` and ``values`` (neither is fp64)."""
+    return x.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_DTYPES
 
 
-def _csr(delta: SparseDelta, values: torch.Tensor) -> torch.Tensor:
-    """``delta``'s pattern with ``values`` as a torch CSR tensor (torch's CSR takes one index dtype: int64)."""
-    # the pattern is validated once (SparseDelta.validate), not at every product
-    return torch.sparse_csr_tensor(delta.row_ptr, delta.col_idx_int64, values, delta.shape, check_invariants=False)
-
-
-def _torch_add_(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> None:
-    """``y += x δᵀ`` by torch's CSR matmul in the term dtype, one rounding into ``y``."""
-    if delta.nnz == 0 or x.shape[0] == 0:
-        return
-    term_dtype = _term_dtype(x.dtype, delta.dtype)
-    csr = _csr(delta, delta.values.detach().to(term_dtype))
-    x_t = x.t() if x.dtype == term_dtype else x.t().to(term_dtype)
-    # the product as (out, M), then added: MKL's CSR product accumulating into a transposed view of y instead
-    # (``y.t().addmm_``) runs 2-4x slower (CPU, 2048x2048, M = 16 / 256)
-    term = (csr @ x_t).t()
-    if y.dtype == term_dtype:
-        y.add_(term)
-    else:
-        y.copy_(term.add_(y))
-
-
-@torch.library.custom_op("fastpeft::sparse_delta_add_", mutates_args=("y",))
-def _sparse_delta_add_op(y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                         values: torch.Tensor, in_features: int) -> None:
-    def torch_path():
-        _torch_add_(y, x, SparseDelta(row_ptr, col_idx, values, (y.shape[1], in_features)))
-
-    if backend_for(x.device) == "triton" and x.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_DTYPES:
-        from ..kernels.sparse_delta import sparse_delta_add_ as kernel
-
-        run_kernel("sparse_delta_add_", lambda: kernel(y, x, row_ptr, col_idx, values, in_features), torch_path)
-        return
-    torch_path()
-
-
-@_sparse_delta_add_op.register_fake
-def _(y, x, row_ptr, col_idx, values, in_features):
+def _no_result(result, args) -> None:
     return None
+
+
+# ------------------------------------------------------------------------------------------------ sparse_delta_add_
+def _add_reference(y, x, row_ptr, col_idx, values, in_features) -> None:
+    reference.sparse_delta_add_(y, x, SparseDelta(row_ptr, col_idx, values, (y.shape[1], in_features)))
+
+
+def _add_launch(y, x, row_ptr, col_idx, values, in_features) -> None:
+    if not _kernel_takes(x, values):
+        _add_reference(y, x, row_ptr, col_idx, values, in_features)
+        return
+    from ..kernels.sparse_delta import sparse_delta_add_ as kernel
+
+    kernel(y, x, row_ptr, col_idx, values, in_features)
+
+
+def _fake_add(y, x, row_ptr, col_idx, values, in_features):
+    return None
+
+
+_add_op = register_primitive(
+    "sparse_delta_add_",
+    "(Tensor(a!) y, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, SymInt in_features) -> ()",
+    _fake_add, _add_launch, _add_reference, lambda *args: args, _no_result)
 
 
 def _check_add(y, x, shape: tuple, device: torch.device) -> None:
@@ -123,46 +115,38 @@ def sparse_delta_add_(y: torch.Tensor, x: torch.Tensor, delta, row_ids: Optional
     if row_ids is not None:
         raise ValueError("row_ids pick deltas of a SparseDeltaBank; a SparseDelta applies to every row")
     _check_add(y, x, delta.shape, delta.device)
-    if backend_for(x.device) == "reference" and not torch.compiler.is_compiling():
-        # eager, off the Triton backend: the delta's cached int64 columns, no custom-op dispatch
-        _torch_add_(y, x, delta)
-        return y
-    _sparse_delta_add_op(y, x, delta.row_ptr, delta.col_idx, delta.values.detach(), delta.shape[1])
+    if eager_reference(x.device, torch_route=not _kernel_takes(x, delta.values)):
+        # the delta as it is (its cached int64 columns), no op dispatch
+        return reference.sparse_delta_add_(y, x, delta)
+    _add_op(y, x, delta.row_ptr, delta.col_idx, delta.values.detach(), delta.shape[1])
     return y
 
 
-def _torch_bank_add_(y: torch.Tensor, x: torch.Tensor, bank: SparseDeltaBank, row_ids: torch.Tensor) -> None:
-    """The bank's update by torch's CSR products: per delta the batch names, over that delta's rows."""
-    for k in torch.unique(row_ids[row_ids >= 0]).tolist():
-        delta = bank.delta(k)
-        rows = (row_ids == k).nonzero().squeeze(1)
-        if rows.numel() == x.shape[0]:
-            _torch_add_(y, x, delta)
-            continue
-        part = y.index_select(0, rows)
-        _torch_add_(part, x.index_select(0, rows), delta)
-        y.index_copy_(0, rows, part)
+# ------------------------------------------------------------------------------------------- sparse_delta_bank_add_
+def _bank_reference(y, x, row_ptr, col_idx, values, row_ids, in_features) -> None:
+    offsets = (*row_ptr[:, 0].tolist(), col_idx.numel())
+    reference.sparse_delta_bank_add_(
+        y, x, SparseDeltaBank(row_ptr, col_idx, values, (y.shape[1], in_features), offsets), row_ids)
 
 
-@torch.library.custom_op("fastpeft::sparse_delta_bank_add_", mutates_args=("y",))
-def _sparse_delta_bank_add_op(y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                              values: torch.Tensor, row_ids: torch.Tensor, in_features: int) -> None:
-    def torch_path():
-        offsets = (*row_ptr[:, 0].tolist(), col_idx.numel())
-        _torch_bank_add_(y, x, SparseDeltaBank(row_ptr, col_idx, values, (y.shape[1], in_features), offsets), row_ids)
-
-    if backend_for(x.device) == "triton" and x.dtype in _KERNEL_DTYPES and values.dtype in _KERNEL_DTYPES:
-        from ..kernels.sparse_delta import sparse_delta_bank_add_ as kernel
-
-        run_kernel("sparse_delta_bank_add_", lambda: kernel(y, x, row_ptr, col_idx, values, row_ids, in_features),
-                   torch_path)
+def _bank_launch(y, x, row_ptr, col_idx, values, row_ids, in_features) -> None:
+    if not _kernel_takes(x, values):
+        _bank_reference(y, x, row_ptr, col_idx, values, row_ids, in_features)
         return
-    torch_path()
+    from ..kernels.sparse_delta import sparse_delta_bank_add_ as kernel
+
+    kernel(y, x, row_ptr, col_idx, values, row_ids, in_features)
 
 
-@_sparse_delta_bank_add_op.register_fake
-def _(y, x, row_ptr, col_idx, values, row_ids, in_features):
+def _fake_bank_add(y, x, row_ptr, col_idx, values, row_ids, in_features):
     return None
+
+
+_bank_add_op = register_primitive(
+    "sparse_delta_bank_add_",
+    "(Tensor(a!) y, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor row_ids, SymInt in_features) "
+    "-> ()",
+    _fake_bank_add, _bank_launch, _bank_reference, lambda *args: args, _no_result)
 
 
 def _bank_add_(y: torch.Tensor, x: torch.Tensor, bank: SparseDeltaBank, row_ids) -> torch.Tensor:
@@ -176,21 +160,19 @@ def _bank_add_(y: torch.Tensor, x: torch.Tensor, bank: SparseDeltaBank, row_ids)
     if row_ids.numel() and (int(row_ids.min()) < -1 or int(row_ids.max()) >= bank.num_deltas):
         raise ValueError(f"delta ids must be in [-1, {bank.num_deltas - 1}], got range "
                          f"[{int(row_ids.min())}, {int(row_ids.max())}]")
-    if backend_for(x.device) == "reference" and not torch.compiler.is_compiling():
-        _torch_bank_add_(y, x, bank, row_ids)
-        return y
-    _sparse_delta_bank_add_op(y, x, bank.row_ptr, bank.col_idx, bank.values, row_ids.to(torch.int32).contiguous(),
-                              bank.shape[1])
+    if eager_reference(x.device, torch_route=not _kernel_takes(x, bank.values)):
+        return reference.sparse_delta_bank_add_(y, x, bank, row_ids)
+    _bank_add_op(y, x, bank.row_ptr, bank.col_idx, bank.values, row_ids.to(torch.int32).contiguous(), bank.shape[1])
     return y
 
 
 def _sampled_product(dy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
     """``(nnz,)`` with entry ``j`` = ``Σ_m dy[m, row(j)] · x[m, col(j)]`` (``dyᵀ x`` at ``delta``'s pattern), in the
     values' dtype, accumulated in the term dtype."""
-    term_dtype = _term_dtype(dy.dtype, x.dtype, delta.dtype)
+    term_dtype = reference.sparse_term_dtype(dy.dtype, x.dtype, delta.dtype)
     if delta.nnz == 0 or dy.shape[0] == 0:
         return delta.values.new_zeros(delta.nnz)
-    pattern = _csr(delta, torch.zeros(delta.nnz, dtype=term_dtype, device=delta.device))
+    pattern = reference.sparse_delta_csr(delta, torch.zeros(delta.nnz, dtype=term_dtype, device=delta.device))
     sampled = torch.sparse.sampled_addmm(pattern, dy.t().to(term_dtype), x.to(term_dtype), beta=0.0)
     return sampled.values().to(delta.dtype)
 
