@@ -34,6 +34,7 @@ from ..ops.dora import dora_linear
 from ..ops.ia3 import ia3_linear
 from ..ops.inputs import autocast_dtype, fusable_scaling
 from ..ops.lora import lora_linear
+from .multi_adapter_training import mixed_training_call, mixed_training_lora, mixed_training_reason
 from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, is_conv1d, mixed_batch_adapters,
                          mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
 
@@ -208,8 +209,10 @@ def _fused_path(layer, x, args, kwargs):
     if mixed:
         adapter_names = kwargs["adapter_names"]
         names = mixed_batch_adapters(layer, adapter_names)
-        reason = _adapters_reason(layer, kind, names) or mixed_batch_reason(layer, x, adapter_names)
-        return reason or (_fused_mixed_batch, adapter_names)
+        reason = _adapters_reason(layer, kind, names)
+        if reason is None and mixed_training_call(layer, x, names):
+            return mixed_training_reason(layer, x, adapter_names, names) or (mixed_training_lora, adapter_names)
+        return reason or mixed_batch_reason(layer, x, adapter_names) or (_fused_mixed_batch, adapter_names)
     adapters = _child(layer, "ia3_l" if kind == "ia3" else "lora_A")
     active = [name for name in layer.active_adapters if name in adapters]
     if not active:

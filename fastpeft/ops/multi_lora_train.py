@@ -40,7 +40,7 @@ from ..adapters import ModuleAdapter
 from ..bank import LoraBank
 from .multi_lora import MultiLoraMeta, multi_lora_add_
 
-__all__ = ["AdapterDropout", "multi_lora_train_term", "token_segments"]
+__all__ = ["AdapterDropout", "dropout_mask", "multi_lora_train_term", "token_segments"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _rng_state(device: torch.device, generator: Optional[torch.Generator]) -> to
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _draw_mask(shape: tuple, p: float, dtype: torch.dtype, device: torch.device,
+def dropout_mask(shape: tuple, p: float, dtype: torch.dtype, device: torch.device,
                generator: Optional[torch.Generator]) -> torch.Tensor:
     """``nn.Dropout(p)``'s scaled Bernoulli mask of ``shape`` (bitwise ``F.dropout``'s noise from the same state)."""
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
@@ -114,17 +114,17 @@ def _draw_mask(shape: tuple, p: float, dtype: torch.dtype, device: torch.device,
 
 def _redraw_mask(shape: tuple, p: float, dtype: torch.dtype, device: torch.device,
                  generator: Optional[torch.Generator], state: torch.Tensor) -> torch.Tensor:
-    """The mask :func:`_draw_mask` drew from ``state``, leaving the generator (or global RNG) where it is."""
+    """The mask :func:`dropout_mask` drew from ``state``, leaving the generator (or global RNG) where it is."""
     if generator is not None:
         replay = torch.Generator(device=device)
         replay.set_state(state)
-        return _draw_mask(shape, p, dtype, device, replay)
+        return dropout_mask(shape, p, dtype, device, replay)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
         if device.type == "cuda":
             torch.cuda.set_rng_state(state, device)
         else:
             torch.set_rng_state(state)
-        return _draw_mask(shape, p, dtype, device, None)
+        return dropout_mask(shape, p, dtype, device, None)
 
 
 def _dropped(x: torch.Tensor, segments: tuple, dropouts: tuple, states: Optional[list]) -> tuple:
@@ -140,7 +140,7 @@ def _dropped(x: torch.Tensor, segments: tuple, dropouts: tuple, states: Optional
         shape = (tokens.shape[0], x.shape[1])
         if states is None:
             drawn.append(_rng_state(x.device, dropout.generator))
-            mask = _draw_mask(shape, dropout.p, x.dtype, x.device, dropout.generator)
+            mask = dropout_mask(shape, dropout.p, x.dtype, x.device, dropout.generator)
         else:
             mask = _redraw_mask(shape, dropout.p, x.dtype, x.device, dropout.generator, states[len(masks)])
         if x_lora is x:

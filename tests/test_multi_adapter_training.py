@@ -1,0 +1,154 @@
+"""Many LoRA adapters of one PEFT model trained at once in mixed batches (fastpeft.train_adapters) against each
+adapter trained alone by PEFT on its own rows, from the same initialisation and dropout seeds.
+
+What is compared: the adapters' parameters after STEPS AdamW steps (per-adapter lr / weight decay), fp32 within
+1e-5 relative. With dropout, the multi-adapter run draws each adapter's masks from its own generator seeded
+``seed_k`` (``dropout_seeds``), and PEFT's run of that adapter alone starts from ``torch.manual_seed(seed_k)``: the
+tiny Llama draws no other random numbers in training (attention dropout 0), so both draw the same masks, of the
+same shape (the adapter's rows), in the same layer order, and the runs are equal to rounding."""
+
+import copy
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.integration import multi_adapter_training
+
+from conftest import load_tiny_llama_4bit, make_tiny_llama
+
+peft = pytest.importorskip("peft")
+
+STEPS = 5
+ROWS, LENGTH, VOCAB = 4, 12, 128
+# (rank, alpha, rsLoRA, dropout, lr, weight decay): mixed ranks and scalings
+ADAPTERS = {"cust1": (2, 4.0, False, 0.1, 1e-2, 0.0), "cust2": (8, 8.0, True, 0.0, 5e-3, 0.1),
+            "cust3": (4, 16.0, False, 0.2, 2e-2, 0.01)}
+SEEDS = {"cust1": 11, "cust2": 12, "cust3": 13}
+
+
+def _config(name, dropout=True, use_dora=False):
+    rank, alpha, rslora, p, _, _ = ADAPTERS[name]
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, lora_dropout=p if dropout else 0.0,
+                           target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora)
+
+
+def _base(four_bit, tiny_llama_dir):
+    return (load_tiny_llama_4bit(tiny_llama_dir) if four_bit else make_tiny_llama()).train()
+
+
+def _randomise(model, seed):
+    """B random too (PEFT starts it at zero): every factor then gets a gradient at the first step."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _multi_model(names, four_bit, tiny_llama_dir, dropout=True, dora=()):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_base(four_bit, tiny_llama_dir), _config(names[0], dropout, names[0] in dora),
+                                adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, _config(name, dropout, name in dora))
+    _randomise(model, 5)
+    return model
+
+
+def _single_model(multi, name, four_bit, tiny_llama_dir, dropout=True, dora=()):
+    """PEFT with adapter ``name`` alone, its parameters copied from ``multi``'s."""
+    model = peft.get_peft_model(_base(four_bit, tiny_llama_dir), _config(name, dropout, name in dora),
+                                adapter_name=name)
+    source = dict(multi.named_parameters())
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(source[key])
+    return model
+
+
+def _batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(1, VOCAB, (ROWS * 4, 1), generator=generator)
+    ids = (starts + torch.arange(LENGTH)) % VOCAB
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on one row
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _adapter_params(model, name):
+    return {k: p.detach().clone() for k, p in model.named_parameters() if f".{name}." in k}
+
+
+def _train_multi(model, names, row_names, steps, seeds=None, accumulate=1, batches=None):
+    groups = fastpeft.train_adapters(model, names, lr={n: ADAPTERS[n][4] for n in names},
+                                     weight_decay={n: ADAPTERS[n][5] for n in names}, dropout_seeds=seeds)
+    optimizer = torch.optim.AdamW(groups)
+    ids, mask, labels = _batch()
+    model.train()
+    for step in range(steps):
+        for micro in range(accumulate):
+            rows = slice(micro * len(ids) // accumulate, (micro + 1) * len(ids) // accumulate)
+            names_now = row_names if batches is None else batches[step]
+            out = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows],
+                        adapter_names=names_now[rows])
+            out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def _train_single(model, name, row_names, steps, seed=None, accumulate=1, batches=None):
+    _, _, _, _, lr, decay = ADAPTERS[name]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=decay)
+    ids, mask, labels = _batch()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        names_now = row_names if batches is None else batches[step]
+        stepped = False
+        for micro in range(accumulate):
+            part = range(micro * len(ids) // accumulate, (micro + 1) * len(ids) // accumulate)
+            rows = torch.tensor([b for b in part if names_now[b] == name], dtype=torch.long)
+            if rows.numel() == 0:
+                continue
+            out = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+            out.loss.backward()
+            stepped = True
+        if stepped:  # an adapter absent from a step is not stepped
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def _assert_params_close(multi, single, name, tol=1e-5):
+    got, want = _adapter_params(multi, name), _adapter_params(single, name)
+    assert got.keys() == want.keys() and got
+    for key in want:
+        err = (got[key] - want[key]).norm() / want[key].norm()
+        assert err <= tol, f"{key}: relative error {err:.2e}"
+
+
+def _row_names(names, with_base=True):
+    rows = [names[b % len(names)] for b in range(ROWS * 4)]
+    if with_base:
+        rows[3] = rows[10] = "__base__"
+    return rows
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_matches_each_adapter_trained_alone(four_bit, dropout, tiny_llama_dir):
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    multi = _multi_model(names, four_bit, tiny_llama_dir, dropout)
+    singles = {n: _single_model(multi, n, four_bit, tiny_llama_dir, dropout) for n in names}
+    _train_multi(multi, names, rows, STEPS, seeds=SEEDS if dropout else None)
+    for name in names:
+        _train_single(singles[name], name, rows, STEPS, seed=SEEDS[name] if dropout else None)
+        _assert_params_close(multi, singles[name], name)
