@@ -87,6 +87,21 @@ class LoraBank:
                                           float(self.scalings[k]))
         return factors
 
+    def transposed(self) -> "LoraBank":
+        """The bank of the transposed adapters, ``A'_k = B_kᵀ`` ``(N, R, out)`` and ``B'_k = A_kᵀ`` ``(N, in, R)`` (views
+        of this bank's tensors, no copy), with the same ranks and scalings: ``multi_lora_add_(dx, dy,
+        bank.transposed(), meta)`` adds ``w · s_k · (dy B_k) A_k``, the adapters' share of the multi-adapter
+        backward's ``dx``. Made once per bank, so the multi-LoRA CPU path's per-bank caches keep applying. A bank with
+        DoRA or IA3 vectors has no such transpose (their backward is not the LoRA factors'): ValueError."""
+        return self._transposed
+
+    @functools.cached_property
+    def _transposed(self) -> "LoraBank":
+        if self.out_scale is not None or self.bias_scale is not None or self.in_scale is not None:
+            raise ValueError("a bank with DoRA / IA3 vectors (out_scale, bias_scale, in_scale) has no transposed "
+                             "LoRA bank: only plain LoRA adapters train through the multi-LoRA primitives")
+        return LoraBank(self.lora_b.transpose(1, 2), self.lora_a.transpose(1, 2), self.ranks, self.scalings)
+
     @classmethod
     def pack(
         cls,

@@ -2,7 +2,8 @@
 
 Two kinds of function. The device primitives' CPU implementations, registered as the ``cpu`` kernels of the
 ``torch.library`` ops in ``fastpeft.ops`` (and run on CUDA tensors under ``FASTPEFT_BACKEND=reference``):
-:func:`fused_linear`, :func:`nf4_dequantize`, :func:`multi_lora_add_`. And the layers' references, PEFT's math
+:func:`fused_linear`, :func:`nf4_dequantize`, :func:`multi_lora_add_`, and the multi-adapter backward's
+:func:`multi_lora_shrink` and :func:`multi_lora_segment_grad`. And the layers' references, PEFT's math
 op for op: :func:`lora_linear`, :func:`dora_linear`, :func:`ia3_linear`, :func:`multi_lora_linear`,
 :func:`multi_lora_delta`, :func:`dora_weight_norm`.
 
@@ -46,6 +47,8 @@ __all__ = [
     "ia3_linear",
     "multi_lora_linear",
     "multi_lora_delta",
+    "multi_lora_shrink",
+    "multi_lora_segment_grad",
 ]
 
 Weight = Union[torch.Tensor, NF4Weight]
@@ -566,3 +569,64 @@ def multi_lora_delta(
         lora = scalings[k] * F.linear(F.linear(x_k, lora_as[k]), lora_bs[k])
         delta.index_add_(0, rows, (weight_k[rows].unsqueeze(-1).to(lora.dtype) * lora).to(delta.dtype))
     return delta if out is not None else delta.view(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-adapter training: the backward's primitives. Per adapter k over its own tokens (one slot per token, weight w_t):
+# h = x A_kᵀ, g = dy B_k (both multi_lora_shrink), dB_k = s_k Σ w_t dy_tᵀ h_t and dA_k = s_k Σ w_t g_tᵀ x_t
+# (multi_lora_segment_grad), dx += w_t s_k g_t A_k (multi_lora_add_ over the bank's transposed()).
+
+def _adapter_rows(slot_ids: torch.Tensor) -> list:
+    """``[(k, rows)]``: each adapter ``k`` that slot 0 of ``slot_ids`` ``(M, S)`` names, with its tokens (int64,
+    ascending)."""
+    ids = slot_ids[:, 0].long()
+    return [(k, (ids == k).nonzero().squeeze(1)) for k in torch.unique(ids[ids >= 0]).tolist()]
+
+
+def multi_lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: Sequence[int],
+                      slot_ids: torch.Tensor) -> torch.Tensor:
+    """The ``fastpeft::multi_lora_shrink`` primitive: ``h`` ``(M, R)`` in ``lora_a``'s dtype with
+    ``h[t, :r_k] = x[t] A_k[:r_k]ᵀ`` for ``k = slot_ids[t, 0]``, zeros in the other columns and in rows without an
+    adapter (``-1``). ``x`` ``(M, in)``, ``lora_a`` ``(N, R, in)`` (any strides: a transposed bank's ``B_kᵀ`` too),
+    ``ranks`` the N ranks. Unscaled (no ``s_k``, no slot weight): the backward applies both where it consumes ``h``.
+    ``x`` is cast to the bank's dtype first (PEFT's ``lora_A(x.to(lora_A.weight.dtype))``). Only each adapter's own
+    ``ranks[k]`` rows of ``lora_a`` are read."""
+    ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else list(ranks)
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=lora_a.dtype, device=x.device)
+    for k, rows in _adapter_rows(slot_ids):
+        rank = ranks[k]
+        if rank:
+            h[rows, :rank] = _cast(x.index_select(0, rows), lora_a.dtype) @ lora_a[k, :rank].t()
+    return h
+
+
+MULTI_LORA_GRADS = ("lora_a", "lora_b")
+
+
+def multi_lora_segment_grad(left: torch.Tensor, right: torch.Tensor, ranks: Sequence[int], scalings: torch.Tensor,
+                            slot_ids: torch.Tensor, slot_weights: torch.Tensor, which: str) -> torch.Tensor:
+    """The ``fastpeft::multi_lora_segment_grad`` primitive: ``out[k] = s_k · Σ_{t: slot_ids[t, 0] = k} w_t ·
+    left[t]ᵀ right[t]`` for ``left`` ``(M, P)``, ``right`` ``(M, Q)``, ``w = slot_weights[:, 0]``: ``(N, P, Q)``
+    (``N = len(ranks)``) in the promoted dtype of ``left`` and ``right``, accumulated in fp32 (fp64 for fp64 inputs)
+    and rounded once. ``which`` names the factor whose gradient it is, and so the rank axis: ``"lora_b"``
+    (``left = dy`` ``(M, out)``, ``right = h`` ``(M, R)``: ``dB``, the rank on Q) or ``"lora_a"`` (``left = g``
+    ``(M, R)``, ``right = x`` ``(M, in)``: ``dA``, the rank on P). Entries at or beyond an adapter's rank, and
+    adapters without tokens, are exact zeros; the rank operand's columns beyond ``ranks[k]`` are never read."""
+    if which not in MULTI_LORA_GRADS:
+        raise ValueError(f"which must be one of {MULTI_LORA_GRADS}, got {which!r}")
+    ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else list(ranks)
+    dtype = torch.promote_types(left.dtype, right.dtype)
+    compute = reduction_dtype(dtype)
+    out = torch.zeros(len(ranks), left.shape[1], right.shape[1], dtype=dtype, device=left.device)
+    weights = slot_weights[:, 0]
+    for k, rows in _adapter_rows(slot_ids):
+        rank = ranks[k]
+        if rank == 0:
+            continue
+        left_k = left.index_select(0, rows).to(compute) * weights.index_select(0, rows).to(compute)[:, None]
+        right_k = right.index_select(0, rows).to(compute)
+        if which == "lora_a":
+            out[k, :rank] = (left_k[:, :rank].t() @ right_k * float(scalings[k])).to(dtype)
+        else:
+            out[k, :, :rank] = (left_k.t() @ right_k[:, :rank] * float(scalings[k])).to(dtype)
+    return out

@@ -45,7 +45,9 @@ class MultiLoraMeta:
     ``tiles`` int32 ``(T, 3)`` rows ``(adapter, start in token_order, length)``, ``slot_tiles`` the tile
     count of each slot, ``block_m`` the tile height (1: decode), ``max_adapter_id`` (-1 if none);
     ``reference_plan`` the reference's grouping (built for CPU metadata; None on CUDA, where the
-    kernels never need it)."""
+    kernels never need it); ``segments`` int32 ``(S, max_adapter_id + 1, 2)``: per slot and adapter id, where its
+    tokens lie in that slot's ``token_order`` (``start``, ``count``; count 0 for an id the slot does not name), what
+    the backward's per-adapter reductions (``fastpeft.ops.multi_lora_grad``) loop over."""
 
     slot_ids: torch.Tensor
     slot_weights: torch.Tensor
@@ -55,6 +57,7 @@ class MultiLoraMeta:
     block_m: int
     max_adapter_id: int
     reference_plan: Optional[MultiLoraGrouping] = None
+    segments: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +92,7 @@ class MultiLoraMeta:
         elif block_m not in (1, 16, 32, 64):
             raise ValueError(f"block_m must be 1 (decode) or 16/32/64 (prefill), got {block_m}")
         slot_ids = slot_ids.to(torch.int32).contiguous()
-        orders, tiles, slot_tiles = [], [], []
+        orders, tiles, slot_tiles, segments = [], [], [], []
         for ids in slot_ids.t():
             # empty slots sort last; stable so tokens of one adapter keep their batch order
             key = torch.where(ids < 0, torch.iinfo(torch.int32).max, ids)
@@ -98,13 +101,16 @@ class MultiLoraMeta:
             adapters, counts = torch.unique_consecutive(key[order], return_counts=True)
             count = 0
             start = 0
+            slot_segments = [(0, 0)] * (max_id + 1)
             for adapter, length in zip(adapters.tolist(), counts.tolist()):
                 if adapter != torch.iinfo(torch.int32).max:
+                    slot_segments[adapter] = (start, length)
                     for tile_start in range(start, start + length, block_m):
                         tiles.append((adapter, tile_start, min(block_m, start + length - tile_start)))
                         count += 1
                 start += length
             slot_tiles.append(count)
+            segments.append(slot_segments)
         device = slot_ids.device
         slot_weights = slot_weights.to(torch.float32).contiguous()
         return cls(
@@ -117,6 +123,7 @@ class MultiLoraMeta:
             max_adapter_id=max_id,
             reference_plan=None if device.type == "cuda" else MultiLoraGrouping.build(slot_ids, slot_weights,
                                                                                       reference_cache),
+            segments=torch.tensor(segments, dtype=torch.int32, device=device).reshape(len(segments), max_id + 1, 2),
         )
 
 
