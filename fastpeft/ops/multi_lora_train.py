@@ -14,7 +14,7 @@ primitive. Backward, per adapter over its own tokens (``fastpeft/DESIGN.md``, "m
 - ``dx = drop_k'(s_k · g A_k)``: ``multi_lora_add_`` of ``dy`` over the transposed bank, masked.
 
 Saved for backward: ``x`` (the base op keeps it alive anyway), ``h`` and the packed bank (a copy of the adapters'
-factors, the size of the parameters). Dropout: each adapter's mask is drawn on its own tokens, in batch order, as
+factors, the size of the parameters, held on the context: packed from detached parameters, it is no autograd input). Dropout: each adapter's mask is drawn on its own tokens, in batch order, as
 ``(n_k, in)`` — the shape and memory order of PEFT's mask for the sub-batch of those rows (``x[rows]``, contiguous)
 — from the adapter's own ``torch.Generator`` when it has one (so a run seeded per adapter draws exactly the masks
 PEFT draws training that adapter alone from that seed), else from the global RNG, adapter after adapter in bank
@@ -25,8 +25,8 @@ An adapter with no token in the batch gets ``None`` as its gradient (PEFT traini
 run it at all, so an optimizer then skips it: no weight decay, no moment update). Every other adapter gets exactly
 the gradient of its own tokens.
 
-The grouped products (``_shrink``, ``_segment_grad``) are plain torch over each adapter's token indices here: one
-``index_select`` and one matmul per adapter.
+Every product is a device primitive: ``multi_lora_add_`` (:mod:`fastpeft.ops.multi_lora`), ``multi_lora_shrink`` and
+``multi_lora_segment_grad`` (:mod:`fastpeft.ops.multi_lora_grad`), over the bank and its ``transposed()`` view.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from ..adapters import ModuleAdapter
 from ..bank import LoraBank
 from .multi_lora import MultiLoraMeta, multi_lora_add_
+from .multi_lora_grad import multi_lora_segment_grad, multi_lora_shrink
 
 __all__ = ["AdapterDropout", "dropout_mask", "multi_lora_train_term", "token_segments"]
 
@@ -54,50 +55,14 @@ class AdapterDropout:
 
 def token_segments(meta: MultiLoraMeta) -> tuple:
     """``((k, tokens), ...)`` for every adapter ``k`` with a token in ``meta`` (one slot per token), ``tokens`` the
-    int64 indices of its tokens in batch order, from ``meta.token_order`` and ``meta.tiles`` (the tokens sorted by
-    adapter, stable, cut in tiles of one adapter each)."""
-    if meta.slot_ids.shape[1] != 1:
-        raise ValueError(f"training takes one adapter per token, the metadata has {meta.slot_ids.shape[1]} slots")
-    order = meta.token_order[0].long() if meta.token_order.numel() else meta.token_order.reshape(-1).long()
-    segments, current, start, end = [], None, 0, 0
-    for adapter, tile_start, length in meta.tiles.tolist():
-        if adapter != current:
-            if current is not None:
-                segments.append((current, order[start:end]))
-            current, start = adapter, tile_start
-        end = tile_start + length
-    if current is not None:
-        segments.append((current, order[start:end]))
-    return tuple(segments)
-
-
-def _shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: Sequence[int], segments: tuple) -> torch.Tensor:
-    """``h`` ``(M, R)``: row ``t`` of adapter ``k`` is ``x[t] lora_a[k, :r_k]ᵀ`` in its first ``r_k`` columns, zeros
-    elsewhere and on tokens of no adapter (``lora_a`` ``(N, R, P)``, ``x`` ``(M, P)``)."""
-    h = x.new_zeros(x.shape[0], lora_a.shape[1])
-    for k, tokens in segments:
-        rank = ranks[k]
-        if rank:
-            h[tokens, :rank] = x.index_select(0, tokens) @ lora_a[k, :rank].t()
-    return h
-
-
-def _segment_grad(left: torch.Tensor, right: torch.Tensor, scalings: Sequence[float], segments: tuple,
-                  num_adapters: int) -> torch.Tensor:
-    """``out[k] = s_k · Σ_{t of adapter k} left[t]ᵀ right[t]`` ``(N, P, Q)`` for ``left`` ``(M, P)``, ``right``
-    ``(M, Q)``; zeros for adapters without tokens. (Rank masking: the caller passes ``h`` / ``g``, zero beyond each
-    token's rank, as the rank-sized operand.)"""
-    out = left.new_zeros(num_adapters, left.shape[1], right.shape[1])
-    for k, tokens in segments:
-        torch.mm(left.index_select(0, tokens).t(), right.index_select(0, tokens), out=out[k])
-        out[k].mul_(scalings[k])
-    return out
-
-
-def _transposed(bank: LoraBank) -> LoraBank:
-    """The bank of ``B_kᵀ`` / ``A_kᵀ``: ``multi_lora_add_(dx, dy, transposed, meta)`` adds ``s_k · (dy B_k) A_k``."""
-    return LoraBank(bank.lora_b.transpose(1, 2).contiguous(), bank.lora_a.transpose(1, 2).contiguous(), bank.ranks,
-                    bank.scalings)
+    int64 indices of its tokens in batch order: its span of ``meta.token_order`` (the tokens sorted by adapter,
+    stable) as ``meta.segments`` gives it."""
+    if meta.slot_ids.shape[1] != 1 or meta.segments is None:
+        raise ValueError(f"training takes metadata of one adapter per token from MultiLoraMeta.build, got "
+                         f"{meta.slot_ids.shape[1]} slots")
+    order = meta.token_order[0].long()
+    return tuple((k, order[start:start + length]) for k, (start, length) in enumerate(meta.segments[0].tolist())
+                 if length)
 
 
 def _rng_state(device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -163,34 +128,34 @@ class MultiLoraTrainFunction(torch.autograd.Function):
         adapters = [ModuleAdapter(lora_a=a, lora_b=b, scaling=s) for a, b, s in zip(lora_as, lora_bs, scalings)]
         bank = LoraBank.pack(adapters, in_features, out_features, x2d.dtype, x2d.device, rank_limit=None)
         x_lora, _, states = _dropped(x2d, segments, dropouts, None)
-        h = _shrink(x_lora, bank.lora_a, bank.rank_list, segments)
+        h = multi_lora_shrink(x_lora, bank, meta)
         delta = multi_lora_add_(x2d.new_zeros(x2d.shape[0], out_features), x_lora, bank, meta)
-        ctx.meta, ctx.segments, ctx.scalings, ctx.dropouts, ctx.states = meta, segments, scalings, dropouts, states
+        ctx.meta, ctx.segments, ctx.dropouts, ctx.states, ctx.bank = meta, segments, dropouts, states, bank
         ctx.ranks = [a.shape[0] for a in lora_as]
-        ctx.save_for_backward(x2d, h, bank.lora_a, bank.lora_b, bank.ranks, bank.scalings)
+        ctx.save_for_backward(x2d, h)
         return delta
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, h, lora_a, lora_b, ranks, scalings = ctx.saved_tensors
+        x2d, h = ctx.saved_tensors
+        bank, meta, segments = ctx.bank, ctx.meta, ctx.segments
         num = len(ctx.ranks)
-        segments = ctx.segments
         dy = dy.to(x2d.dtype).contiguous()
-        transposed = _transposed(LoraBank(lora_a, lora_b, ranks, scalings))
+        transposed = bank.transposed()
         needs_dx, needs_factors = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         x_lora, masks, _ = _dropped(x2d, segments, ctx.dropouts, ctx.states)
         grads = [None] * (2 * num)
         if needs_factors:
-            g = _shrink(dy, transposed.lora_a, ctx.ranks, segments)
-            d_lora_b = _segment_grad(dy, h, ctx.scalings, segments, num)
-            d_lora_a = _segment_grad(g, x_lora, ctx.scalings, segments, num)
+            g = multi_lora_shrink(dy, transposed, meta)
+            d_lora_b = multi_lora_segment_grad(dy, h, bank, meta, "lora_b")
+            d_lora_a = multi_lora_segment_grad(g, x_lora, bank, meta, "lora_a")
             for k, _ in segments:
                 rank = ctx.ranks[k]
                 grads[k] = d_lora_a[k, :rank] if ctx.needs_input_grad[5 + k] else None
                 grads[num + k] = d_lora_b[k, :, :rank] if ctx.needs_input_grad[5 + num + k] else None
         dx = None
         if needs_dx:
-            dx = multi_lora_add_(torch.zeros_like(x2d), dy, transposed, ctx.meta)
+            dx = multi_lora_add_(torch.zeros_like(x2d), dy, transposed, meta)
             for tokens, mask in masks:
                 dx[tokens] = dx.index_select(0, tokens) * mask
         return (dx, None, None, None, None, *grads)
