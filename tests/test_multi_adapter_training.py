@@ -180,3 +180,158 @@ def test_float64_equals_peft(dropout):
     for name in names:
         _train_single(singles[name], name, rows, STEPS, seed=SEEDS[name] if dropout else None)
         _assert_params_close(multi, singles[name], name, tol=1e-9)
+
+
+def test_absent_adapter_is_not_stepped_and_accumulation():
+    """An adapter with no row in a step gets no gradient (None) and AdamW leaves it alone (its weight decay too), as
+    PEFT training it alone would not step it; two micro-batches accumulate as PEFT's do."""
+    names = list(ADAPTERS)
+    full = _row_names(names)
+    without_third = [n if n != "cust3" else "__base__" for n in full]
+    batches = [full, without_third, full, without_third, full]
+    multi = _multi_model(names, False, None, dropout=False)
+    singles = {n: _single_model(multi, n, False, None, dropout=False) for n in names}
+    before = _adapter_params(multi, "cust3")
+    _train_multi(multi, names, full, 1, accumulate=2)  # through train_adapters: groups for the next run
+    stepped_once = _adapter_params(multi, "cust3")
+    assert any(not torch.equal(before[k], stepped_once[k]) for k in before)
+    groups = fastpeft.train_adapters(multi, names, lr=1e-2, weight_decay=0.5)
+    ids, mask, labels = _batch()
+    out = multi(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=without_third)
+    out.loss.backward()
+    third = [p for g in groups if g["adapter"] == "cust3" for p in g["params"]]
+    assert third and all(p.grad is None for p in third)
+    assert all(p.grad is not None for g in groups if g["adapter"] != "cust3" for p in g["params"])
+    torch.optim.AdamW(groups).step()
+    assert all(torch.equal(a, b) for a, b in zip(_adapter_params(multi, "cust3").values(), stepped_once.values()))
+
+    multi = _multi_model(names, False, None, dropout=False)
+    singles = {n: _single_model(multi, n, False, None, dropout=False) for n in names}
+    repeated = {n: _single_model(multi, n, False, None, dropout=False) for n in names}
+    _train_multi(multi, names, full, STEPS, accumulate=2, batches=batches)
+    for name in names:
+        _train_single(singles[name], name, full, STEPS, accumulate=2, batches=batches)
+        spread = _errors(_train_single(repeated[name], name, full, STEPS, accumulate=2, batches=batches, repeat=3),
+                         singles[name], name)
+        _assert_params_close(multi, singles[name], name, spread=spread)
+
+
+def test_base_rows_and_loss():
+    """``out.loss`` is the sum of each adapter's loss over its rows, ``"__base__"`` rows train nothing; a batch of
+    base rows only has no loss."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    multi = _multi_model(names, False, None, dropout=False)
+    fastpeft.train_adapters(multi, names, lr=1e-2)
+    ids, mask, labels = _batch()
+    out = multi(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=rows)
+    assert sorted(out.adapter_losses) == names
+    torch.testing.assert_close(out.loss, sum(out.adapter_losses.values()))
+    with multi.disable_adapter(), torch.no_grad():
+        base_logits = multi(input_ids=ids, attention_mask=mask).logits
+    base_rows = [b for b, n in enumerate(rows) if n == "__base__"]
+    torch.testing.assert_close(out.logits[base_rows], base_logits[base_rows], rtol=1e-6, atol=1e-6)
+    only_base = multi(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=["__base__"] * len(ids))
+    assert only_base.loss is None and only_base.adapter_losses == {}
+
+
+def test_dora_in_the_mix(tiny_llama_dir):
+    """A DoRA adapter trains beside LoRA ones (its rows through the DoRA op), equal to PEFT training it alone."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    dora = ("cust2",)
+    multi = _multi_model(names, False, tiny_llama_dir, dropout=True, dora=dora)
+    singles = {n: _single_model(multi, n, False, tiny_llama_dir, dropout=True, dora=dora) for n in names}
+    _train_multi(multi, names, rows, STEPS, seeds=SEEDS)
+    for name in names:
+        _train_single(singles[name], name, rows, STEPS, seed=SEEDS[name])
+        _assert_params_close(multi, singles[name], name, tol=2e-5)
+
+
+def test_gradient_checkpointing_same_as_without():
+    """With gradient checkpointing the recomputed layers see the same adapter_names and dropout masks: the run
+    equals the run without."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    plain = _multi_model(names, False, None, dropout=True)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.enable_input_require_grads()
+    _train_multi(plain, names, rows, 2, seeds=SEEDS)
+    _train_multi(checkpointed, names, rows, 2, seeds=SEEDS)
+    for name in names:
+        _assert_params_close(checkpointed, plain, name, tol=1e-6)
+
+
+def test_saved_adapters_load_in_peft(tmp_path):
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    multi = _train_multi(_multi_model(names, False, None, dropout=False), names, rows, 2)
+    multi.save_pretrained(tmp_path)
+    ids, mask, _ = _batch()
+    multi.eval()
+    for name in names:
+        loaded = peft.PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / name), adapter_name=name).eval()
+        multi.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                       multi(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_runs_the_layers_eagerly():
+    """Under torch.compile the adapted layers' training path runs outside the graph (counted): the same losses and
+    gradients as eager."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    eager = _multi_model(names, False, None, dropout=False)
+    compiled_model = copy.deepcopy(eager)
+    ids, mask, labels = _batch()
+    grads = []
+    for model, run in ((eager, eager), (compiled_model, torch.compile(compiled_model, backend="eager"))):
+        fastpeft.train_adapters(model, names, lr=1e-2)
+        model.train()
+        before = sum(multi_adapter_training.COMPILE_FALLBACKS.values())
+        out = run(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=rows)
+        out.loss.backward()
+        if run is not model:
+            assert sum(multi_adapter_training.COMPILE_FALLBACKS.values()) > before
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_within_peft_spread():
+    """bf16 model, fp32 adapters (PEFT's autocast_adapter_dtype): the multi-adapter run is as far from PEFT's run
+    as PEFT's own run of the rows given three times is (times four)."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    multi = _multi_model(names, False, None, dropout=False, dtype=torch.bfloat16)
+    singles = {n: _single_model(multi, n, False, None, dropout=False, dtype=torch.bfloat16) for n in names}
+    repeated = {n: _single_model(multi, n, False, None, dropout=False, dtype=torch.bfloat16) for n in names}
+    _train_multi(multi, names, rows, STEPS)
+    for name in names:
+        _train_single(singles[name], name, rows, STEPS)
+        spread = _errors(_train_single(repeated[name], name, rows, STEPS, repeat=3), singles[name], name)
+        errors = _errors(multi, singles[name], name)
+        assert max(errors.values()) <= 4 * max(spread.values()) + 1e-3, (errors, spread)
+
+
+def test_bad_input():
+    names = list(ADAPTERS)
+    multi = _multi_model(names, False, None, dropout=False)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        fastpeft.train_adapters(multi, ["cust1", "nope"], lr=1e-2)
+    with pytest.raises(ValueError, match="missing"):
+        fastpeft.train_adapters(multi, names, lr={"cust1": 1e-2})
+    with pytest.raises(TypeError, match="PEFT causal LM"):
+        fastpeft.train_adapters(make_tiny_llama(), names, lr=1e-2)
+    with pytest.raises(ValueError, match="twice"):
+        fastpeft.train_adapters(multi, ["cust1", "cust1"], lr=1e-2)
+    fastpeft.train_adapters(multi, names, lr=1e-2)
+    multi.train()
+    ids, mask, labels = _batch()
+    with pytest.raises(ValueError, match="entries for an input"):
+        multi(input_ids=ids, labels=labels, adapter_names=["cust1"])
+    with pytest.raises(ValueError, match="unknown adapters"):
+        multi(input_ids=ids, labels=labels, adapter_names=["zzz"] * len(ids))
