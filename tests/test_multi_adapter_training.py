@@ -324,7 +324,7 @@ def test_bad_input():
         fastpeft.train_adapters(multi, ["cust1", "nope"], lr=1e-2)
     with pytest.raises(ValueError, match="missing"):
         fastpeft.train_adapters(multi, names, lr={"cust1": 1e-2})
-    with pytest.raises(TypeError, match="PEFT causal LM"):
+    with pytest.raises(TypeError, match="PEFT model"):
         fastpeft.train_adapters(make_tiny_llama(), names, lr=1e-2)
     with pytest.raises(ValueError, match="twice"):
         fastpeft.train_adapters(multi, ["cust1", "cust1"], lr=1e-2)

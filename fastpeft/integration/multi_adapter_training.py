@@ -81,12 +81,15 @@ def train_adapters(model: nn.Module, adapter_names: Sequence[str], lr: PerAdapte
     Raises ``ValueError`` / ``TypeError`` before changing anything for a model that is not a PEFT causal LM, an
     unknown or non-LoRA adapter, or bad ``lr`` / ``weight_decay`` / ``dropout_seeds``."""
     try:
-        from peft import PeftModelForCausalLM
+        from peft import PeftModel
     except ImportError:
         raise TypeError("train_adapters takes a PEFT model: peft is not installed") from None
-    if not isinstance(model, PeftModelForCausalLM):
-        raise TypeError(f"train_adapters takes a PEFT causal LM (peft.PeftModelForCausalLM, get_peft_model with "
-                        f"task_type='CAUSAL_LM'), got {type(model).__name__}")
+    base = model.get_base_model() if isinstance(model, PeftModel) else None
+    # the per-adapter loss is the causal LM's own loss function over the adapter's rows
+    if base is None or not type(base).__name__.endswith("ForCausalLM") or not hasattr(base, "loss_function"):
+        raise TypeError(f"train_adapters takes a PEFT model (peft.get_peft_model) of a Hugging Face causal LM "
+                        f"(a ...ForCausalLM), got {type(model).__name__}"
+                        + ("" if base is None else f" over {type(base).__name__}"))
     if isinstance(adapter_names, str) or not adapter_names:
         raise ValueError(f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}")
     names = list(adapter_names)
