@@ -354,3 +354,17 @@ def test_example_rank_sweep(tmp_path):
         model.set_adapter(name)
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["global-rng", "seeded"])
+def test_one_adapter_on_every_row(seeded):
+    """Every row with one adapter (the one-adapter op's path), with dropout from the global RNG or the adapter's
+    generator: PEFT's run of it alone from the same seed."""
+    rows = ["cust1"] * (ROWS * 4)
+    multi = _multi_model(["cust1"], False, None, dropout=True)
+    single = _single_model(multi, "cust1", False, None, dropout=True)
+    if not seeded:
+        torch.manual_seed(SEEDS["cust1"])
+    _train_multi(multi, ["cust1"], rows, STEPS, seeds={"cust1": SEEDS["cust1"]} if seeded else None)
+    _train_single(single, "cust1", rows, STEPS, seed=SEEDS["cust1"])
+    _assert_params_close(multi, single, "cust1")

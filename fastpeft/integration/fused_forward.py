@@ -6,7 +6,8 @@ forward would at that call (output and gradients), else PEFT's own forward.
 leaves such layers on PEFT's class), :func:`adapter_reason` (one adapter's configuration: ``accelerate`` notes them,
 the layer is switched and runs PEFT's forward while such an adapter is active) and ``_call_reason`` (this call's
 arguments and the layer's state). PEFT's forward runs for adapters disabled or merged, extra forward arguments
-other than ``adapter_names=`` mixed batches, an active adapter with a LoRA variant other than DoRA or with DoRA and
+other than ``adapter_names=`` mixed batches (in inference :mod:`~fastpeft.integration.peft_paths`' path, in training
+:mod:`~fastpeft.integration.multi_adapter_training`'s), an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, an active adapter whose scaling or fp16 factors the fused ops would not reproduce entry for entry
 (``fastpeft.ops.inputs.fusable_scaling``: NaN, inf, 0), hooks on the base layer or the adapter's submodules (or
 global module hooks), a trainable base weight, a 4-bit base that bitsandbytes multiplies in another compute dtype

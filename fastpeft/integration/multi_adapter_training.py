@@ -312,8 +312,10 @@ def _mixed_training_lora(layer, x, adapter_names):
 
     named = mixed_batch_adapters(layer, adapter_names)
     weight, bias = base_weight(layer), layer.base_layer.bias
-    y = lora_linear(x, weight, bias, None, None, 0.0)
     lora_names = tuple(name for name in named if name not in layer.lora_variant)
+    if len(named) == 1 and lora_names and all(n == named[0] for n in adapter_names):
+        return _one_adapter(layer, x, weight, bias, named[0])
+    y = lora_linear(x, weight, bias, None, None, 0.0)
     if lora_names:
         slot = {name: k for k, name in enumerate(lora_names)}
         row_ids = tuple(slot.get(name, -1) for name in adapter_names)
@@ -337,3 +339,19 @@ def _mixed_training_lora(layer, x, adapter_names):
                                  layer.lora_magnitude_vector[name].weight, x_dropped)
             y = y.index_copy(0, rows, y_rows.to(y.dtype))
     return y
+
+
+def _one_adapter(layer, x, weight, bias, name: str):
+    """Every row with LoRA adapter ``name``: the one-adapter LoRA op (the base and the term in one fused call), its
+    mask drawn on ``x`` as the multi-LoRA op draws it for one adapter's tokens (all of them, in batch order)."""
+    from ..ops.lora import lora_linear
+    from ..ops.multi_lora_train import dropout_mask
+
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    generator, p = dropout_generator(layer, name), _dropout_rate(layer, name)
+    x_dropped, dropout_p = None, 0.0
+    if p > 0.0 and (generator is not None or not x.is_contiguous()):
+        x_dropped = x.to(lora_a.dtype) * dropout_mask(x.shape, p, lora_a.dtype, x.device, generator)
+    elif p > 0.0:
+        dropout_p = p  # the op draws F.dropout's mask on contiguous x from the global RNG: the same draw
+    return lora_linear(x, weight, bias, lora_a, lora_b, layer.scaling[name], x_dropped, dropout_p)
