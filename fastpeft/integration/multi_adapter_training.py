@@ -130,6 +130,7 @@ def train_adapters(model: nn.Module, adapter_names: Sequence[str], lr: PerAdapte
         layer.__dict__[_GENERATORS_KEY] = generators
     if not is_accelerated(model):
         model.__class__ = fast_class(type(model), "mixed-training", _peft_model_forward)
+    _eager_fallback()
     return [{"params": groups[name], "lr": lrs[name], "weight_decay": decays[name], "adapter": name}
             for name in names]
 
@@ -293,12 +294,24 @@ def mixed_training_lora(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
     differentiable: the base op once over ``x`` ``(B, ..., in)``, every LoRA adapter's term on its rows by the
     multi-LoRA training op, and each DoRA adapter's rows replaced by the DoRA op over them."""
     if torch.compiler.is_compiling():
-        return _eager_mixed_training_lora(layer, x, adapter_names)
+        return _eager_fallback()(layer, x, adapter_names)
     return _mixed_training_lora(layer, x, adapter_names)
 
 
-@torch.compiler.disable
-def _eager_mixed_training_lora(layer, x, adapter_names):
+# [the torch.compiler.disable wrapper of _counted_mixed_training_lora], made on first use: making it imports dynamo
+# (and triton), which importing fastpeft must not
+_EAGER_FALLBACK: list = []
+
+
+def _eager_fallback():
+    """:func:`_counted_mixed_training_lora` outside any graph (``torch.compiler.disable``): dynamo breaks the graph
+    around each call and runs it eagerly. :func:`train_adapters` makes it, eagerly, before any compiled call."""
+    if not _EAGER_FALLBACK:
+        _EAGER_FALLBACK.append(torch.compiler.disable(_counted_mixed_training_lora))
+    return _EAGER_FALLBACK[0]
+
+
+def _counted_mixed_training_lora(layer, x, adapter_names):
     COMPILE_FALLBACKS["mixed-batch training layer call"] += 1
     return _mixed_training_lora(layer, x, adapter_names)
 
