@@ -252,11 +252,13 @@ class _ReplayNames:
 # ------------------------------------------------------------------------------------------ one adapted layer
 def mixed_training_call(layer, x: torch.Tensor, names: Sequence[str]) -> bool:
     """Whether a call of a PEFT LoRA layer with ``adapter_names=`` naming its adapters ``names`` trains: autograd
-    records, and ``x`` or a factor of one of them requires a gradient."""
-    if not torch.is_grad_enabled():
-        return False
-    if x.requires_grad:
+    records and ``x`` or a factor of one of them requires a gradient, or the layer is in training mode with one of
+    them trainable (also without grad: the first pass of a reentrant checkpoint, whose recompute must see the same
+    forward, dropout masks included)."""
+    if torch.is_grad_enabled() and x.requires_grad:
         return True
+    if not (torch.is_grad_enabled() or layer.training):
+        return False
     return any(p.requires_grad for name in names for p in _adapter_parameters(layer, name))
 
 
