@@ -376,3 +376,22 @@ def test_one_adapter_on_every_row(seeded):
     _train_multi(multi, ["cust1"], rows, STEPS, seeds={"cust1": SEEDS["cust1"]} if seeded else None)
     _train_single(single, "cust1", rows, STEPS, seed=SEEDS["cust1"])
     _assert_params_close(multi, single, "cust1")
+
+
+def test_lora_bias_runs_peft_mixed_batch_forward():
+    """An adapter with lora_bias: the layer's training call runs PEFT's own mixed-batch forward (the gate says why),
+    and that adapter still trains."""
+    from fastpeft.integration.fused_forward import _fused_path
+
+    names = ["cust1", "cust2"]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(make_tiny_llama().train(), _config("cust1", False), adapter_name="cust1")
+    model.add_adapter("cust2", peft.LoraConfig(r=4, target_modules="all-linear", lora_bias=True,
+                                               task_type="CAUSAL_LM"))
+    groups = fastpeft.train_adapters(model, names, lr=1e-2)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 64)
+    assert "lora_bias" in _fused_path(layer, x, (), {"adapter_names": ["cust1", "cust2"]})
+    ids, mask, labels = _batch()
+    model(input_ids=ids[:4], labels=labels[:4], adapter_names=["cust1", "cust2"] * 2).loss.backward()
+    assert all(p.grad is not None for g in groups for p in g["params"])
