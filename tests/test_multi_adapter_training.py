@@ -395,3 +395,61 @@ def test_lora_bias_runs_peft_mixed_batch_forward():
     ids, mask, labels = _batch()
     model(input_ids=ids[:4], labels=labels[:4], adapter_names=["cust1", "cust2"] * 2).loss.backward()
     assert all(p.grad is not None for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_multi_lora_model_trains_like_peft(dropout, tmp_path):
+    """fastpeft.MultiLoraModel without peft in the loop: adapters loaded from PEFT's files, trained together
+    (MultiLoraModel.train_adapters), equal each trained alone by PEFT; the trained adapter saves in PEFT's format and
+    loads back in PEFT with the same logits."""
+    names = list(ADAPTERS)
+    rows = _row_names(names)
+    source = _multi_model(names, False, None, dropout)
+    singles = {n: _single_model(source, n, False, None, dropout) for n in names}
+    source.save_pretrained(tmp_path / "start")
+    served = fastpeft.MultiLoraModel(make_tiny_llama(), {n: tmp_path / "start" / n for n in names})
+    groups = served.train_adapters(names, lr={n: ADAPTERS[n][4] for n in names},
+                                   weight_decay={n: ADAPTERS[n][5] for n in names},
+                                   dropout_seeds=SEEDS if dropout else None)
+    optimizer = torch.optim.AdamW(groups)
+    ids, mask, labels = _batch()
+    served.train()
+    row_names = [None if n == "__base__" else n for n in rows]
+    for _ in range(STEPS):
+        out = served(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=row_names)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for name in names:
+        _train_single(singles[name], name, rows, STEPS, seed=SEEDS[name] if dropout else None)
+        trained = served.trained_adapter(name)
+        want = {k.replace(f".{name}.", "."): p for k, p in _adapter_params(singles[name], name).items()}
+        for key, value in want.items():
+            err = float((trained.tensors[key] - value).norm() / value.norm())
+            assert err <= 2e-5, f"{key}: relative error {err:.2e}"
+    fastpeft.save_adapter(served.trained_adapter(names[1]), tmp_path / "trained")
+    loaded = peft.PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "trained")).eval()
+    served.serve_trained()
+    served.eval()
+    torch.testing.assert_close(served(input_ids=ids[:2], adapter_names=[names[1]] * 2).logits,
+                               loaded(input_ids=ids[:2]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_lora_model_training_bad_input(tmp_path):
+    names = list(ADAPTERS)
+    _multi_model(names, False, None, False).save_pretrained(tmp_path)
+    served = fastpeft.MultiLoraModel(make_tiny_llama(), {n: tmp_path / n for n in names})
+    with pytest.raises(KeyError, match="unknown adapter"):
+        served.train_adapters(["nope"], lr=1e-2)
+    with pytest.raises(ValueError, match="distinct"):
+        served.train_adapters(["cust1", "cust1"], lr=1e-2)
+    served.train_adapters(["cust1"], lr=1e-2)
+    served.train()
+    ids, _, labels = _batch()
+    with pytest.raises(ValueError, match="not being trained"):
+        served(input_ids=ids[:2], labels=labels[:2], adapter_names=["cust1", "cust2"])
+    with pytest.raises(ValueError, match="entries for an input"):
+        served(input_ids=ids[:2], labels=labels[:2], adapter_names=["cust1"])
+    served.model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        served(input_ids=ids[:2], labels=labels[:2], adapter_names=["cust1", None])

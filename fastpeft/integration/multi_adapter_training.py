@@ -23,6 +23,8 @@ per adapter (its own ``lr`` / ``weight_decay``; the group's ``"adapter"`` entry 
   ``torch.utils.checkpoint`` replays the global one).
 - ``torch.compile``: the training path of each adapted layer runs eagerly, outside the graph (counted in
   :data:`COMPILE_FALLBACKS`), so a compiled model computes what the eager one does.
+
+The same without peft: :meth:`fastpeft.MultiLoraModel.train_adapters` (LoRA adapters, the same op and loss).
 """
 
 from __future__ import annotations
@@ -169,14 +171,21 @@ def _mixed_training_call(self, input_ids=None, attention_mask=None, inputs_embed
     base = self.get_base_model()
     with _adapter_names_hooks(base, adapter_names):
         out = base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+    return with_adapter_losses(base, out, labels, adapter_names)
+
+
+def with_adapter_losses(causal_lm: nn.Module, out, labels: Optional[torch.Tensor], adapter_names, base_name="__base__"):
+    """``out`` (the causal LM's output for a mixed batch, without labels) with ``out.adapter_losses`` ``{adapter:
+    the model's own loss function over that adapter's rows}`` and ``out.loss`` their sum (None when no row names an
+    adapter), rows named ``base_name`` left out; ``out`` as it is when ``labels`` is None."""
     if labels is None:
         return out
-    vocab_size = base.config.get_text_config().vocab_size
+    vocab_size = causal_lm.config.get_text_config().vocab_size
     losses = {}
-    for name in sorted({n for n in adapter_names if n != "__base__"}):
+    for name in sorted({n for n in adapter_names if n != base_name}):
         rows = torch.tensor([b for b, n in enumerate(adapter_names) if n == name], device=labels.device)
-        losses[name] = base.loss_function(logits=out.logits.index_select(0, rows.to(out.logits.device)),
-                                          labels=labels.index_select(0, rows), vocab_size=vocab_size)
+        losses[name] = causal_lm.loss_function(logits=out.logits.index_select(0, rows.to(out.logits.device)),
+                                               labels=labels.index_select(0, rows), vocab_size=vocab_size)
     out.loss = torch.stack(list(losses.values())).sum() if losses else None
     out.adapter_losses = losses
     return out
