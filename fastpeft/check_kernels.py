@@ -86,7 +86,11 @@ NF4_BLOCKSIZE = 64
 MULTI_LORA_ADAPTERS = 64
 MULTI_LORA_RANKS = tuple(8 + (56 * k) // (MULTI_LORA_ADAPTERS - 1) for k in range(MULTI_LORA_ADAPTERS))  # 8..64
 MULTI_LORA_CASES = {"decode": (64, 1), "prefill": (64, 128)}  # (sequences, tokens per sequence)
-FAMILIES = ("qlora", "dora", "ia3", "nf4_dequant", "multi_lora")
+# Multi-adapter training's backward (fastpeft.ops.multi_lora_grad): (adapters, tokens per adapter, largest rank).
+# "train": eight adapters of ranks up to 64 over 1024 tokens each (one program per adapter and block fills the GPU);
+# "long": one rank-16 adapter over 8192 tokens (too few programs: its segment gradients split over tokens).
+MULTI_LORA_GRAD_CASES = {"train": (8, 1024, 64), "long": (1, 8192, 16)}
+FAMILIES = ("qlora", "dora", "ia3", "nf4_dequant", "multi_lora", "multi_lora_grad")
 
 
 def weight_tile(plan) -> int:
@@ -99,7 +103,7 @@ def weight_tile(plan) -> int:
         return c.get("GROUP", 1) * c["BLOCK_K"] * c["BLOCK_N"]
     if plan.op == "nf4_dequantize":  # GROUP tiles of BLOCK_R x BLOCK_C per iteration
         return c.get("GROUP", 1) * c["BLOCK_R"] * c["BLOCK_C"]
-    if plan.op == "multi_lora_add_":  # adapter weights: A slices in shrink (and fused), B slices in expand
+    if plan.op in ("multi_lora_add_", "multi_lora_shrink"):  # adapter weights: A slices in shrink (and fused), B slices in expand
         return c["BLOCK_R"] * (c["BLOCK_N"] if plan.variant.startswith("expand") else c["BLOCK_K"])
     raise ValueError(f"no weight tile known for {plan.op}")
 
@@ -218,6 +222,39 @@ def _multi_lora_launches(arch: str, regime: str, out_f: int, in_f: int, dtype, a
     return [(plan.variant.split("-")[0], plan, args) for plan, args in launches]
 
 
+def _multi_lora_grad_launches(arch: str, case: str, out_f: int, in_f: int, dtype, adapter_dtype) -> list:
+    """``[(step, plan, args)]``: the Triton launches of the multi-adapter backward of one layer
+    (``fastpeft.ops.multi_lora_grad``'s composition: the shrinks of ``h`` and ``g``, the segment gradients ``dB`` and
+    ``dA``, and ``dx`` through the transposed bank), tokens in ``dtype``, the bank in ``adapter_dtype``."""
+    from .kernels.multi_lora import multi_lora_add_
+    from .kernels.multi_lora_grad import multi_lora_segment_grad, multi_lora_shrink
+    from .ops.multi_lora import prefill_block_m
+
+    n, per_adapter, max_rank = MULTI_LORA_GRAD_CASES[case]
+    m = n * per_adapter
+    cc = ARCHES[arch]["cc"]
+    block_m = prefill_block_m((cc // 10, cc % 10))  # as MultiLoraMeta.build there
+    tiles = _meta(-(-per_adapter // block_m) * n, 3, dtype=torch.int32)
+    x, dy = _meta(m, in_f, dtype=dtype), _meta(m, out_f, dtype=dtype)
+    lora_a, lora_b = _meta(n, max_rank, in_f, dtype=adapter_dtype), _meta(n, out_f, max_rank, dtype=adapter_dtype)
+    h, g = _meta(m, max_rank, dtype=adapter_dtype), _meta(m, max_rank, dtype=adapter_dtype)
+    ranks, scalings, weights = _meta(n, dtype=torch.int32), _meta(n), _meta(m, 1)
+    order, segments = _meta(1, m, dtype=torch.int32), _meta(1, n, 2, dtype=torch.int32)
+    lora_a_t, lora_b_t = lora_b.transpose(1, 2), lora_a.transpose(1, 2)  # LoraBank.transposed()
+    steps = (
+        ("shrink-h", multi_lora_shrink, (x, lora_a, ranks, order, tiles, block_m, n - 1)),
+        ("shrink-g", multi_lora_shrink, (dy, lora_a_t, ranks, order, tiles, block_m, n - 1)),
+        ("dB", multi_lora_segment_grad, (dy, h, ranks, scalings, weights, order, segments, "lora_b")),
+        ("dA", multi_lora_segment_grad, (g, x, ranks, scalings, weights, order, segments, "lora_a")),
+        ("dx", multi_lora_add_, (_meta(m, in_f, dtype=dtype), dy, lora_a_t, lora_b_t, ranks, scalings, weights, order,
+                                 tiles, [tiles.shape[0]], block_m, n - 1)),
+    )
+    launches = []
+    for step, fn, args in steps:
+        launches += [(step, plan, largs) for plan, largs in _record(arch, fn, *args)]
+    return launches
+
+
 def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES), tokens=TOKENS, shapes=SHAPES,
                     ranks=RANKS) -> list:
     """Every launch of the production grid as :class:`Case` rows, planned for each of ``arches``
@@ -234,6 +271,12 @@ def production_grid(arches=tuple(ARCHES), families=FAMILIES, dtypes=tuple(DTYPES
                     for plan, args in _record(arch, nf4_dequantize, _nf4_weight(out_f, in_f, dtype), dtype):
                         cases.append(Case(arch, "nf4_dequant", "dequant", dtype_name, 0, (out_f, in_f), 0, "nf4",
                                           plan, args))
+                if "multi_lora_grad" in families:
+                    for case, (n, per_adapter, max_rank) in MULTI_LORA_GRAD_CASES.items():
+                        for step, plan, args in _multi_lora_grad_launches(arch, case, out_f, in_f, dtype,
+                                                                          adapter_dtype):
+                            cases.append(Case(arch, "multi_lora_grad", f"{case}-{step}", dtype_name, n * per_adapter,
+                                              (out_f, in_f), max_rank, "dense", plan, args))
                 if "multi_lora" in families:
                     for regime, (seqs, per_seq) in MULTI_LORA_CASES.items():
                         for step, plan, args in _multi_lora_launches(arch, regime, out_f, in_f, dtype, adapter_dtype):

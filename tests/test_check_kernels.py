@@ -279,7 +279,7 @@ def test_mixed_precision_rows_plan_fp32_adapters_beside_bf16_activations():
 
     cases = check_kernels.production_grid(("sm_80",), dtypes=("bf16+fp32",), tokens=(1, 16), shapes=((4096, 4096),),
                                           ranks=(16,))
-    assert {c.family for c in cases} == {"qlora", "dora", "ia3", "multi_lora"}
+    assert {c.family for c in cases} == {"qlora", "dora", "ia3", "multi_lora", "multi_lora_grad"}
     for family, step in (("qlora", "fwd"), ("multi_lora", "prefill-shrink"), ("multi_lora", "decode-expand")):
         case = next(c for c in cases if c.family == family and c.step == step and c.tokens in (16, 64, 8192))
         dtypes = {t.dtype for t in case.args if isinstance(t, torch.Tensor) and t.is_floating_point()}

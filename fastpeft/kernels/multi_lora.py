@@ -247,6 +247,19 @@ def _multi_lora_fused_kernel(
                 stride_wm, stride_ym, stride_yo)
 
 
+def plan_multi_lora_shrink(num_tiles: int, max_rank: int, block_m: int, arch: tuple | None = None,
+                           op: str = "multi_lora_add_") -> LaunchPlan:
+    """The shrink launch over ``num_tiles`` tiles of ``block_m`` tokens (1: decode) for a bank of largest rank
+    ``max_rank``: ``h = x A_kᵀ`` per tile, for ``op`` (the forward, or the backward's ``multi_lora_shrink``)."""
+    regime = "decode" if block_m == 1 else "prefill"
+    config = config_for(CONFIGS, arch)[regime]
+    return LaunchPlan(op=op, variant=f"shrink-{regime}", kernel=_multi_lora_shrink_kernel,
+                      grid=(num_tiles, triton.cdiv(max_rank, config["BLOCK_R"])),
+                      constexprs={"BLOCK_M": block_m, "BLOCK_R": config["BLOCK_R"], "BLOCK_K": config["BLOCK_K"],
+                                  "USE_DOT": block_m >= 16},
+                      num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
 def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: int, fused: Optional[bool] = None,
                     arch: tuple | None = None) -> tuple:
     """The launches of one slot over ``num_tiles`` tiles of ``block_m`` tokens (1: decode), a bank of
@@ -265,10 +278,7 @@ def plan_multi_lora(num_tiles: int, max_rank: int, out_features: int, block_m: i
             constexprs={"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_R": config["BLOCK_R"],
                         "BLOCK_K": config["BLOCK_K"], "USE_DOT": use_dot}, **common),)
     return (
-        LaunchPlan(op="multi_lora_add_", variant=f"shrink-{regime}", kernel=_multi_lora_shrink_kernel,
-                   grid=(num_tiles, triton.cdiv(max_rank, config["BLOCK_R"])),
-                   constexprs={"BLOCK_M": block_m, "BLOCK_R": config["BLOCK_R"], "BLOCK_K": config["BLOCK_K"],
-                               "USE_DOT": use_dot}, **common),
+        plan_multi_lora_shrink(num_tiles, max_rank, block_m, arch),
         LaunchPlan(op="multi_lora_add_", variant=f"expand-{regime}", kernel=_multi_lora_expand_kernel, grid=out_grid,
                    constexprs={"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_R": config["BLOCK_R"],
                                "USE_DOT": use_dot}, num_warps=config["expand_num_warps"],

@@ -110,8 +110,9 @@ def multi_lora_segment_grad(left: torch.Tensor, right: torch.Tensor, bank: LoraB
     """``out[k] = s_k · Σ_{t of adapter k} w_t · left[t]ᵀ right[t]``, ``(N, P, Q)`` in the promoted dtype of ``left``
     ``(M, P)`` and ``right`` ``(M, Q)``, fp32 accumulation, one rounding. ``which="lora_b"``: ``dB`` from ``left = dy``
     ``(M, out)``, ``right = h`` ``(M, R)``, the shape of ``bank.lora_b``; ``which="lora_a"``: ``dA`` from ``left = g``
-    ``(M, R)``, ``right = x`` ``(M, in)``, the shape of ``bank.lora_a``. Zero at and beyond each adapter's rank
-    (the rank operand's columns there are never read) and for adapters without tokens; deterministic."""
+    ``(M, R)``, ``right = x`` ``(M, in)``, the shape of ``bank.lora_a``. Exactly zero at and beyond each adapter's
+    rank, whatever the rank operand holds in those columns, and for adapters without tokens; deterministic (the
+    same sum order at every run)."""
     if which not in reference.MULTI_LORA_GRADS:
         raise ValueError(f"which must be one of {reference.MULTI_LORA_GRADS}, got {which!r}")
     if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
