@@ -13,6 +13,7 @@ from .serving import MultiLoraModel
 from .integration.accelerate import accelerate, restore
 from .integration.adapter_files import load_model_adapter, save_model_adapter
 from .integration.inject import inject
+from .integration.multi_adapter_training import train_adapters
 from .integration.summary import PatchSummary, print_trainable_parameters, trainable_parameters
 from . import diffprune
 
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "load_adapter", "save_adapter", "MultiLoraModel", "NF4Weight", "nf4_dequantize",
            "LoraLinear", "lora_linear", "DoraLinear", "dora_linear", "IA3Linear", "ia3_linear", "reference", "__version__",
            "PatchSummary", "accelerate", "restore", "inject", "save_model_adapter", "load_model_adapter",
-           "trainable_parameters", "print_trainable_parameters", "DiffPruneLinear", "diffprune"]
+           "trainable_parameters", "print_trainable_parameters", "DiffPruneLinear", "diffprune", "train_adapters"]

@@ -15,12 +15,21 @@ Every bad request (an unknown adapter name, ``adapter_names`` of the wrong lengt
 cannot be read or does not fit the model) raises before the model runs and leaves the served adapters as
 they were.
 
-Inference only (everything runs under ``torch.no_grad``). Not supported: ``modules_to_save``.
+Training (:meth:`MultiLoraModel.train_adapters`): several LoRA adapters trained at once in mixed batches, in
+training mode, ``model(input_ids, labels=..., adapter_names=[...])`` (names or None per row): each adapted layer runs
+the base once and adds the trainable adapters' terms by the multi-LoRA training op
+(:mod:`fastpeft.ops.multi_lora_train`), the loss is the sum of each adapter's own loss over its rows, as for a PEFT
+model (:mod:`fastpeft.integration.multi_adapter_training`). :meth:`~MultiLoraModel.trained_adapter` gives an adapter
+with its trained tensors (PEFT's format: :func:`fastpeft.save_adapter`), :meth:`~MultiLoraModel.serve_trained` puts
+them in the served bank. LoRA adapters only (no DoRA / IA3), no gradient checkpointing.
+
+Otherwise inference only (everything runs under ``torch.no_grad``). Not supported: ``modules_to_save``.
 """
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -94,7 +103,12 @@ class MultiLoraModel(nn.Module):
         if missing:
             raise ValueError(f"adapters target modules that are not nn.Linear layers of the model: {sorted(missing)[:5]}")
         self.bank = AdapterBank(specs).with_adapters(loaded)
+        self._sources = dict(loaded)  # each adapter as loaded (its config, for trained_adapter)
         self._last_batch: Optional[tuple] = None  # (bank, rows key, MultiLoraBatch) of the last batch() call
+        # training: {adapter: {layer path: (lora_a, lora_b) Parameters}}, dropout, generators, hooks
+        self._trained: dict = {}
+        self._training_rows: Optional[list] = None
+        self._training_hooks: list = []
 
     @staticmethod
     def _load(name: str, source: AdapterSource) -> Adapter:
@@ -111,11 +125,16 @@ class MultiLoraModel(nn.Module):
 
     def add_adapter(self, name: str, source: AdapterSource) -> None:
         """Add (or replace) an adapter. Batches built before keep using the bank they were built on."""
-        self.bank = self.bank.with_adapter(name, self._load(name, source))
+        adapter = self._load(name, source)
+        self.bank = self.bank.with_adapter(name, adapter)
+        self._sources[name] = adapter
+        self._trained.pop(name, None)
 
     def remove_adapter(self, name: str) -> None:
         """Remove an adapter. Batches built before keep using the bank they were built on."""
         self.bank = self.bank.without_adapter(name)
+        self._sources.pop(name, None)
+        self._trained.pop(name, None)
 
     def batch(self, adapter_names: Sequence[RowAdapters]) -> MultiLoraBatch:
         """The per-row adapter choice for the current bank: ``adapter_names[b]`` is ``None``, a name, or
@@ -185,7 +204,10 @@ class MultiLoraModel(nn.Module):
 
     def forward(self, *args, adapter_names: Optional[Sequence[RowAdapters]] = None,
                 batch: Optional[MultiLoraBatch] = None, **kwargs):
-        """The wrapped model's forward, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``)."""
+        """The wrapped model's forward, row ``b`` with ``adapter_names[b]`` (or a prebuilt ``batch``); in training
+        mode with adapters from :meth:`train_adapters`, the training forward (the module docstring)."""
+        if self.training and self._trained and adapter_names is not None and torch.is_grad_enabled():
+            return self._training_forward(args, kwargs, adapter_names)
         return self._run(self._checked_batch(adapter_names, batch, args, kwargs), self._modules["model"], *args,
                          **kwargs)
 
@@ -198,6 +220,107 @@ class MultiLoraModel(nn.Module):
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         return self._run(self._checked_batch(adapter_names, batch, args, kwargs, expand), self.model.generate, *args,
                          **kwargs)
+
+
+    # --------------------------------------------------------------------------------------------- training
+    def train_adapters(self, adapter_names: Sequence[str], lr, weight_decay=0.0,
+                       dropout_seeds: Optional[Mapping[str, int]] = None) -> list:
+        """Make the LoRA adapters ``adapter_names`` trainable: each gets its own Parameters (copies of its packed
+        factors, in the bank's dtype) and one optimizer parameter group, ``{"params", "lr", "weight_decay",
+        "adapter"}`` (``lr`` / ``weight_decay``: a number or ``{name: number}``); the base stays frozen. Dropout at
+        each adapter's ``lora_dropout``, from its own generator when ``dropout_seeds`` names it. ValueError /
+        TypeError before anything changes for an unknown, DoRA or IA3 adapter or bad arguments."""
+        from .integration.multi_adapter_training import _per_adapter
+
+        if isinstance(adapter_names, str) or not adapter_names or len(set(adapter_names)) != len(adapter_names):
+            raise ValueError(f"adapter_names must be a list of distinct adapter names, got {adapter_names!r}")
+        names = list(adapter_names)
+        for name in names:
+            if self.bank.kind(name) != "lora":  # (KeyError for an unknown name)
+                raise ValueError(f"adapter {name!r} is {self.bank.kind(name)}: MultiLoraModel trains LoRA adapters")
+        lrs, decays = _per_adapter(lr, names, "lr"), _per_adapter(weight_decay, names, "weight_decay")
+        seeds = dict(dropout_seeds or {})
+        if set(seeds) - set(names):
+            raise ValueError(f"dropout_seeds names adapters not trained here: {sorted(set(seeds) - set(names))}")
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        groups = []
+        for name in names:
+            modules = self.bank.modules[self.bank.index(name)]
+            spec_dtype = {path: self.bank.layers[path].lora_a.dtype for path in modules}
+            factors = {path: (nn.Parameter(m.lora_a.detach().to(spec_dtype[path]).clone()),
+                              nn.Parameter(m.lora_b.detach().to(spec_dtype[path]).clone()), float(m.scaling))
+                       for path, m in modules.items() if m is not None and m.rank > 0}
+            device = next(iter(factors.values()))[0].device if factors else torch.device("cpu")
+            generator = None if name not in seeds else torch.Generator(device=device).manual_seed(seeds[name])
+            rate = float(self._sources[name].config.get("lora_dropout", 0.0) or 0.0)
+            self._trained[name] = (factors, rate, generator)
+            groups.append({"params": [p for a, b, _ in factors.values() for p in (a, b)], "lr": lrs[name],
+                           "weight_decay": decays[name], "adapter": name})
+        if not self._training_hooks:
+            for path, layer in self.multi_lora_layers.items():
+                self._training_hooks.append(layer.register_forward_hook(partial(self._add_trained_terms, path)))
+        return groups
+
+    def _training_forward(self, args: tuple, kwargs: dict, adapter_names):
+        from .integration.multi_adapter_training import with_adapter_losses
+
+        if isinstance(adapter_names, (str, Mapping)):
+            raise TypeError(f"adapter_names takes one entry per row (a list), got {adapter_names!r}")
+        rows = _input_rows(args, kwargs)
+        if rows is not None and rows != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for an input of {rows} rows")
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self._trained})
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not being trained (train_adapters): {sorted(self._trained)}")
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            raise ValueError("MultiLoraModel training does not run with gradient checkpointing: disable it")
+        labels = kwargs.pop("labels", None)
+        self._training_rows = list(adapter_names)
+        try:
+            out = self.model(*args, **kwargs)  # no served batch: each adapted layer is its base, plus the hook
+        finally:
+            self._training_rows = None
+        return with_adapter_losses(self.model, out, labels, adapter_names, base_name=None)
+
+    def _add_trained_terms(self, path: str, layer, inputs, output):
+        """Forward hook of adapted layer ``path`` during a training forward: ``output`` plus each row's trainable
+        adapter's term (the multi-LoRA training op over the adapters present at this layer)."""
+        rows = self._training_rows
+        if rows is None:
+            return None
+        from .ops.multi_lora import MultiLoraMeta
+        from .ops.multi_lora_train import AdapterDropout, multi_lora_train_term
+
+        present = sorted({n for n in rows if n is not None and path in self._trained[n][0]})
+        if not present:
+            return None
+        x = inputs[0]
+        slot = {name: k for k, name in enumerate(present)}
+        tokens_per_row = x[0].numel() // x.shape[-1]
+        ids = torch.tensor([slot.get(n, -1) for n in rows], dtype=torch.int32).repeat_interleave(tokens_per_row)
+        factors = [self._trained[n][0][path] for n in present]
+        dropouts = [AdapterDropout(self._trained[n][1] if self.training else 0.0, self._trained[n][2]) for n in present]
+        term = multi_lora_train_term(x.reshape(-1, x.shape[-1]), [f[0] for f in factors], [f[1] for f in factors],
+                                     [f[2] for f in factors], MultiLoraMeta.build(ids.to(x.device)), dropouts)
+        return output + term.to(output.dtype).reshape(output.shape)
+
+    def trained_adapter(self, name: str) -> Adapter:
+        """Adapter ``name`` as loaded (its config) with the current values of its trained factors, in PEFT's
+        format (:func:`fastpeft.save_adapter` writes it)."""
+        if name not in self._trained:
+            raise KeyError(f"adapter {name!r} is not being trained; trained: {sorted(self._trained)}")
+        source = self._sources[name]
+        tensors = dict(source.tensors)
+        for path, (lora_a, lora_b, _) in self._trained[name][0].items():
+            for key, value in ((f"base_model.model.{path}.lora_A.weight", lora_a),
+                               (f"base_model.model.{path}.lora_B.weight", lora_b)):
+                tensors[key] = value.detach().to(tensors[key].dtype).clone()
+        return Adapter(source.config, tensors)
+
+    def serve_trained(self) -> None:
+        """Put every trained adapter's current values into the served bank (a new bank, as ``add_adapter``)."""
+        self.bank = self.bank.with_adapters({name: self.trained_adapter(name) for name in self._trained})
 
 
 def _rows_key(adapter_names) -> Optional[tuple]:

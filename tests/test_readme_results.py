@@ -98,3 +98,28 @@ def test_docs_links_resolve():
         for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if not link.startswith("http"):
                 assert (page.parent / link).exists(), f"{page.name} links {link}, which is not there"
+
+
+def training_many_mismatches(section: str) -> list:
+    """Each ratio of the "Training many adapters at once" table (one column per linked results.json, in link order)
+    that is not what its run holds for the row's case, implementation and the params the row names."""
+    runs = [json.loads((ROOT / link).read_text()) for link in LINK.findall(section) if link.endswith("results.json")]
+    wrong = []
+    for case, params, impl, *cells in _table(section, "case"):
+        wanted = dict(item.split("=") for item in params.split())
+        for run, cell in zip(runs, cells, strict=True):
+            rows = [r for r in run["results"] if (r["case"], r["impl"]) == (case, impl) and "peft" in r.get("vs", {})
+                    and all(str(r["params"].get(k)) == v for k, v in wanted.items())]
+            expected = [f"{rows[0]['vs']['peft']:.2f}"] if len(rows) == 1 else None
+            if NUMBER.findall(cell) != expected:
+                wrong.append((case, params, impl, cell, expected))
+    return wrong
+
+
+def test_training_many_adapters_table_holds_its_results():
+    section = _section(ROOT / "README.md", "## Training many adapters at once")
+    assert "CPU RUN" in section and len(_table(section, "case")) >= 2
+    assert training_many_mismatches(section) == []
+    case, params, impl, cell, _ = _table(section, "case")[0]
+    tampered = section.replace(f"| {cell} |", f"| {float(cell) + 0.01:.2f} |", 1)
+    assert training_many_mismatches(tampered) != []

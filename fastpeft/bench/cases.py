@@ -33,6 +33,7 @@ from ..nn import DoraLinear, IA3Linear, LoraLinear
 from ..integration.accelerate import accelerate
 from ..ops import sparse_delta_linear
 from ..sparse_delta import SparseDelta
+from ..integration.multi_adapter_training import train_adapters
 from ..serving import MultiLoraModel
 
 
@@ -70,6 +71,8 @@ class BenchConfig:
     decode_tokens: int = 8
     serving_adapters: list = field(default_factory=lambda: [1, 4])
     serving_seqs: int = 4
+    train_adapters: list = field(default_factory=lambda: [1, 4, 16])  # adapters trained at once (multi_adapter_train)
+    rows_per_adapter: int = 4
     cases: Optional[list] = None  # substrings; None = every case
     min_round_ms: float = 0.0  # per round, calls enough that the fastest implementation runs this long (0: one)
     clock: str = "wall"  # CPU: "wall" or "process" (fastpeft.bench.timing.CLOCKS)
@@ -743,6 +746,49 @@ def _serving_decode(impl: str, n_adapters: int) -> Callable[[BenchConfig], Prepa
     return setup
 
 
+def _multi_adapter_train(impl: str, n_adapters: int, four_bit: bool = False) -> Callable[[BenchConfig], Prepared]:
+    """One training step of ``n_adapters`` LoRA adapters, ``rows_per_adapter`` rows each: fastpeft's one mixed batch
+    (``train_adapters``, ``adapter_names=``) against PEFT's ``n_adapters`` steps one after the other, each with its
+    adapter set active (``set_adapter``) on its own rows; one AdamW over every adapter either way."""
+    def setup(cfg: BenchConfig) -> Prepared:
+        peft = _require("peft")
+        base = _model_4bit(cfg) if four_bit else _model(cfg)
+        names = [f"a{k}" for k in range(n_adapters)]
+        model = peft.get_peft_model(base, _lora_config(peft, cfg, _LLAMA_TARGETS), names[0])
+        for name in names[1:]:
+            model.add_adapter(name, _lora_config(peft, cfg, _LLAMA_TARGETS))
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)  # every adapter random (_randomise_adapters sets trainable ones)
+        _randomise_adapters(model)
+        model.train()
+        rows = cfg.rows_per_adapter
+        row_names = [name for name in names for _ in range(rows)]
+        batches = _token_batches(cfg, rows * n_adapters, cfg.seq_len, model.config.vocab_size)
+        if impl == "fastpeft":
+            optimizer = torch.optim.AdamW(train_adapters(model, names, lr=1e-4))
+            note = f"fastpeft.train_adapters, one batch of {n_adapters} adapters"
+
+            def run(i):
+                ids = batches[i % len(batches)]
+                model(input_ids=ids, labels=ids, adapter_names=row_names).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            note = f"peft, {n_adapters} steps (set_adapter) of {rows} rows"
+
+            def run(i):
+                ids = batches[i % len(batches)]
+                for k, name in enumerate(names):
+                    model.set_adapter(name)
+                    part = ids[k * rows:(k + 1) * rows]
+                    model(input_ids=part, labels=part).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        return Prepared(run, tokens=rows * n_adapters * cfg.seq_len, note=note)
+    return setup
+
+
 def e2e_jobs(cfg: BenchConfig) -> list:
     model = {"model": cfg.model_path or "built-in tiny Llama", "dtype": str(cfg.dtype).replace("torch.", "")}
     jobs = [Job("train_step", impl, {**model, "batch": cfg.train_batch, "seq": cfg.seq_len, "r": cfg.rank},
@@ -768,6 +814,11 @@ def e2e_jobs(cfg: BenchConfig) -> list:
                                                  "prompt": cfg.decode_prompt, "new_tokens": cfg.decode_tokens,
                                                  "r": cfg.rank}, _serving_decode(impl, n))
                  for impl in ("peft", "fastpeft-serving")]
+    for case, four_bit, params in (("multi_adapter_train", False, model), ("multi_adapter_train_4bit", True, nf4)):
+        for n in cfg.train_adapters:
+            jobs += [Job(case, impl, {**params, "adapters": n, "rows": cfg.rows_per_adapter, "seq": cfg.seq_len,
+                                      "r": cfg.rank}, _multi_adapter_train(impl, n, four_bit))
+                     for impl in ("peft", "fastpeft")]
     for n in cfg.serving_adapters:
         jobs += [Job("multi_lora_serving", impl, {**model, "adapters": n, "seqs": cfg.serving_seqs, "seq": cfg.seq_len,
                                                   "r": cfg.rank}, _serving(impl, n)) for impl in ("peft", "fastpeft")]

@@ -7,6 +7,8 @@
   op and PEFT's forward;
 - :mod:`~fastpeft.integration.peft_paths`: the fused paths for PEFT states beyond one plain adapter (several active
   adapters, ``adapter_names=`` mixed batches, AdaLoRA);
+- :mod:`~fastpeft.integration.multi_adapter_training`: ``train_adapters``, several LoRA adapters trained at once in
+  mixed batches (``adapter_names=`` in training mode), and the adapted layers' training path for them;
 - :mod:`~fastpeft.integration.frozen_4bit`: the bitsandbytes 4-bit layers no PEFT layer wraps, on fastpeft's NF4 op;
 - :mod:`~fastpeft.integration.inject`: ``inject``, LoRA / DoRA layers added without peft;
 - :mod:`~fastpeft.integration.adapter_files`: ``save_model_adapter`` / ``load_model_adapter``, such a model's

@@ -6,7 +6,8 @@ forward would at that call (output and gradients), else PEFT's own forward.
 leaves such layers on PEFT's class), :func:`adapter_reason` (one adapter's configuration: ``accelerate`` notes them,
 the layer is switched and runs PEFT's forward while such an adapter is active) and ``_call_reason`` (this call's
 arguments and the layer's state). PEFT's forward runs for adapters disabled or merged, extra forward arguments
-other than ``adapter_names=`` mixed batches, an active adapter with a LoRA variant other than DoRA or with DoRA and
+other than ``adapter_names=`` mixed batches (in inference :mod:`~fastpeft.integration.peft_paths`' path, in training
+:mod:`~fastpeft.integration.multi_adapter_training`'s), an active adapter with a LoRA variant other than DoRA or with DoRA and
 ``lora_bias``, an active adapter whose scaling or fp16 factors the fused ops would not reproduce entry for entry
 (``fastpeft.ops.inputs.fusable_scaling``: NaN, inf, 0), hooks on the base layer or the adapter's submodules (or
 global module hooks), a trainable base weight, a 4-bit base that bitsandbytes multiplies in another compute dtype
@@ -34,6 +35,7 @@ from ..ops.dora import dora_linear
 from ..ops.ia3 import ia3_linear
 from ..ops.inputs import autocast_dtype, fusable_scaling
 from ..ops.lora import lora_linear
+from .multi_adapter_training import mixed_training_call, mixed_training_lora, mixed_training_reason
 from .peft_paths import (adalora_factors, base_weight, combined_lora_factors, is_conv1d, mixed_batch_adapters,
                          mixed_batch_lora, mixed_batch_reason, several_adapters_reason)
 
@@ -208,8 +210,10 @@ def _fused_path(layer, x, args, kwargs):
     if mixed:
         adapter_names = kwargs["adapter_names"]
         names = mixed_batch_adapters(layer, adapter_names)
-        reason = _adapters_reason(layer, kind, names) or mixed_batch_reason(layer, x, adapter_names)
-        return reason or (_fused_mixed_batch, adapter_names)
+        reason = _adapters_reason(layer, kind, names)
+        if reason is None and mixed_training_call(layer, x, names):
+            return mixed_training_reason(layer, x, adapter_names, names) or (mixed_training_lora, adapter_names)
+        return reason or mixed_batch_reason(layer, x, adapter_names) or (_fused_mixed_batch, adapter_names)
     adapters = _child(layer, "ia3_l" if kind == "ia3" else "lora_A")
     active = [name for name in layer.active_adapters if name in adapters]
     if not active:

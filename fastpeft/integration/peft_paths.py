@@ -16,7 +16,8 @@ modules, parameters), so nothing goes stale.
   layer's LoRA adapters are packed into a :class:`~fastpeft.bank.LoraBank` (:meth:`~fastpeft.bank.LoraBank.pack`,
   as serving packs them) once per call of the PEFT model (a forward, or a whole ``generate``) and
   :func:`~fastpeft.nn.multi_lora.add_lora_terms` adds every row's term in one call of the multi-LoRA op. Inference
-  only, as in PEFT (it refuses ``adapter_names`` in training mode); with autograd recording the layer runs PEFT's.
+  only; a call that trains (autograd recording, a factor or ``x`` requiring a gradient) takes the training path of
+  :mod:`fastpeft.integration.multi_adapter_training` instead.
 - :func:`adalora_factors`: AdaLoRA's ``SVDLinear`` term as plain LoRA factors for the fused op.
 """
 
