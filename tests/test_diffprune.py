@@ -17,6 +17,7 @@ from fastpeft.nn import DiffPruneLinear, LoraLinear
 from conftest import load_example, load_tiny_llama_4bit, make_tiny_llama
 
 example = load_example("train_tiny_llama")
+diffprune_example = load_example("diffprune_tiny_llama")
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -165,16 +166,7 @@ def _base(quantize_4bit, tiny_llama_dir):
 
 
 def _train(model, steps, penalty=True):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    model.train()
-    for input_ids in example.counting_batches(steps):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        (loss + diffprune.l0_penalty(model) if penalty else loss).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return diffprune_example.train(model, example.counting_batches(steps), lr=1e-2, penalty=penalty)
 
 
 def _logits(model):
