@@ -263,3 +263,16 @@ def test_cpu_kernel_and_eager_path_are_the_reference_functions(monkeypatch, bank
     y = base.clone()
     assert sparse_delta_add_(y, x, delta, *extra) is y
     assert calls[2][2] is delta and torch.equal(y, expected)
+
+
+def test_values_changed_in_place_before_backward_is_an_error(reference_backend):
+    """dx reads the values: an optimizer step between forward and backward must not give a silently wrong dx."""
+    weight = torch.randn(9, 13)
+    delta = random_sparse_delta(9, 13, 0.3)
+    values = delta.values.clone().requires_grad_()
+    x = torch.randn(4, 13, requires_grad=True)
+    y = sparse_delta_linear(x, weight, None, delta.with_values(values))
+    with torch.no_grad():
+        values.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

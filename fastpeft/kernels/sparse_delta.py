@@ -7,12 +7,13 @@ there, a ``-0.0`` included).
 
 Where the term goes: into ``y`` after the base product, in place, not into the base GEMM's tile loop. The dense
 base product is cuBLAS, which takes no epilogue; an NF4 base at prefill sizes is dequantised and handed to cuBLAS
-as well (``fastpeft.kernels.nf4_dispatch``), and only decode runs fastpeft's own NF4 kernels. The price of a
+as well (``fastpeft.kernels.nf4_dispatch``); only small ``M`` (decode to a few dozen tokens) runs fastpeft's own
+NF4 kernels, whose epilogue could take the term (not done: untimed, no GPU here). The price of a
 separate pass is one more read and write of ``y``'s touched row blocks: ``4 · M · out`` bytes in bf16, against
 the base product's ``2 · out · in`` weight bytes (decode: ``y`` is a few kB, the pass is one launch) or its
 ``2 · M · out · in`` FLOPs (prefill, M = 2048 on 2048x5632: 46 MB of ``y`` traffic beside 47 GFLOP). The delta
 itself is small: at 0.5 % density its CSR bytes (4-byte column + 2-byte bf16 value per entry, 8 bytes per row)
-are ~1/65 of a bf16 ``W``'s.
+are ~1/60 of a bf16 ``W``'s at ``in = 2048``.
 
 Tile: one program takes ``BLOCK_O`` consecutive output rows and ``BLOCK_M`` tokens. The entries of those rows
 are contiguous in CSR (``row_ptr[o0] : row_ptr[o0 + BLOCK_O]``), so the program walks them ``BLOCK_J`` at a time
@@ -24,7 +25,9 @@ holds one row's entries, so the product is exactly the rows' sparse dot products
 ``tl.dot`` (``BLOCK_M >= 16``) it runs on tensor cores, the ``BLOCK_O``-fold multiply by zeros costing
 ``BLOCK_O · 2 · M · nnz`` MMA FLOPs: at 0.5 % density and ``BLOCK_O = 16`` 8 % of the dense base GEMM's. At 5 %
 density that share is 80 %, still a fraction of the base product (which it follows), never a second dense GEMM's
-memory traffic. Decode (``M = 1``) multiplies and sums in registers instead (``tl.dot`` needs 16 rows).
+memory traffic. Decode (``M = 1``) multiplies and sums in registers instead (``tl.dot`` needs 16 rows). Values in
+another dtype than ``x`` (fp32 trained values beside bf16 activations) multiply in IEEE fp32 (``FP32_DOT``: on
+CUDA cores, no tensor-core instruction in the static check), so the values are never rounded to ``x``'s dtype.
 ``y``'s ``(BLOCK_M, BLOCK_O)`` tile is read and written once, contiguous along ``o``.
 
 The gather is the irregular part: ``x[m, col_j]`` for scattered columns. Row-major ``x`` puts the ``BLOCK_M``

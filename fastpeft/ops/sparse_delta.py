@@ -191,15 +191,17 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, values, delta):
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.delta = delta
+        # the values saved as well (dx reads them): an in-place change before backward is then an autograd error
         ctx.save_for_backward(None if isinstance(weight, NF4Weight) else weight,
-                              x2d if ctx.needs_input_grad[3] else None)
+                              x2d if ctx.needs_input_grad[3] else None,
+                              values if ctx.needs_input_grad[0] else None)
         return _forward(x2d, weight, bias, delta)
 
     @staticmethod
     def backward(ctx, dy):
-        dense_weight, x_saved = ctx.saved_tensors
+        dense_weight, x_saved, values = ctx.saved_tensors
         weight = ctx.weight if ctx.weight is not None else dense_weight
-        delta = ctx.delta
+        delta = ctx.delta if values is None else ctx.delta.with_values(values)
         needs_dx, _, needs_bias, needs_values = ctx.needs_input_grad[:4]
         dx = dbias = dvalues = None
         if needs_dx:
