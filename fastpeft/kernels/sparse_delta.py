@@ -8,7 +8,7 @@ there, a ``-0.0`` included).
 Where the term goes: into ``y`` after the base product, in place, not into the base GEMM's tile loop. The dense
 base product is cuBLAS, which takes no epilogue; an NF4 base at prefill sizes is dequantised and handed to cuBLAS
 as well (``fastpeft.kernels.nf4_dispatch``); only small ``M`` (decode to a few dozen tokens) runs fastpeft's own
-NF4 kernels, whose epilogue could take the term (not done: untimed, no GPU here). The price of a
+NF4 kernels, whose epilogue could take the term (not done: only a GPU timing can show it pays). The price of a
 separate pass is one more read and write of ``y``'s touched row blocks: ``4 · M · out`` bytes in bf16, against
 the base product's ``2 · out · in`` weight bytes (decode: ``y`` is a few kB, the pass is one launch) or its
 ``2 · M · out · in`` FLOPs (prefill, M = 2048 on 2048x5632: 46 MB of ``y`` traffic beside 47 GFLOP). The delta
