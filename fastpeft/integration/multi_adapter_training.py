@@ -37,6 +37,13 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..nn.dora import dora_dropout
+from ..ops.dora import dora_linear
+from ..ops.lora import lora_linear
+from ..ops.multi_lora_train import AdapterDropout, dropout_mask, multi_lora_train_term
+from .layer_classes import fast_class, is_accelerated
+from .peft_paths import base_weight, dropout_active, mixed_batch_adapters, model_call, rows_meta
+
 __all__ = ["train_adapters", "COMPILE_FALLBACKS"]
 
 #: adapted-layer calls of the mixed-batch training path made from ``torch.compile``-d code and run eagerly
@@ -113,7 +120,6 @@ def train_adapters(model: nn.Module, adapter_names: Sequence[str], lr: PerAdapte
         raise TypeError(f"dropout_seeds must map adapter names to int seeds, got {seeds}")
 
     from .accelerate import accelerate
-    from .layer_classes import fast_class, is_accelerated
 
     layers = _lora_layers(model)
     if not any(is_accelerated(layer) for layer in layers):
@@ -275,7 +281,6 @@ def mixed_training_reason(layer, x: torch.Tensor, adapter_names, names: Sequence
     """Why :func:`mixed_training_lora` does not compute PEFT's mixed-batch forward (with its gradients) at this
     training call, or None: ``adapter_names`` not one per row, autocast, ``lora_bias``, a dropout module other than
     ``nn.Dropout``, LoRA adapters of different dtypes."""
-    from .peft_paths import dropout_active
 
     if isinstance(adapter_names, str) or x.dim() < 2 or len(adapter_names) != len(x):
         return "adapter_names is not one entry per row"
@@ -294,7 +299,6 @@ def mixed_training_reason(layer, x: torch.Tensor, adapter_names, names: Sequence
 
 
 def _dropout_rate(layer, name: str) -> float:
-    from .peft_paths import dropout_active
 
     dropout = layer.lora_dropout[name]
     return dropout.p if dropout_active(dropout) else 0.0
@@ -328,11 +332,6 @@ def _counted_mixed_training_lora(layer, x, adapter_names):
 
 
 def _mixed_training_lora(layer, x, adapter_names):
-    from ..nn.dora import dora_dropout
-    from ..ops.dora import dora_linear
-    from ..ops.lora import lora_linear
-    from ..ops.multi_lora_train import AdapterDropout, dropout_mask, multi_lora_train_term
-    from .peft_paths import _meta, _model_call, base_weight, mixed_batch_adapters
 
     named = mixed_batch_adapters(layer, adapter_names)
     weight, bias = base_weight(layer), layer.base_layer.bias
@@ -343,7 +342,7 @@ def _mixed_training_lora(layer, x, adapter_names):
     if lora_names:
         slot = {name: k for k, name in enumerate(lora_names)}
         row_ids = tuple(slot.get(name, -1) for name in adapter_names)
-        meta = _meta(_model_call(layer), row_ids, tuple(x.shape[:-1]), x.device)
+        meta = rows_meta(model_call(layer), row_ids, tuple(x.shape[:-1]), x.device)
         dropouts = [AdapterDropout(_dropout_rate(layer, name), dropout_generator(layer, name)) for name in lora_names]
         delta = multi_lora_train_term(x.reshape(-1, x.shape[-1]), [layer.lora_A[n].weight for n in lora_names],
                                       [layer.lora_B[n].weight for n in lora_names],
@@ -368,8 +367,6 @@ def _mixed_training_lora(layer, x, adapter_names):
 def _one_adapter(layer, x, weight, bias, name: str):
     """Every row with LoRA adapter ``name``: the one-adapter LoRA op (the base and the term in one fused call), its
     mask drawn on ``x`` as the multi-LoRA op draws it for one adapter's tokens (all of them, in batch order)."""
-    from ..ops.lora import lora_linear
-    from ..ops.multi_lora_train import dropout_mask
 
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     generator, p = dropout_generator(layer, name), _dropout_rate(layer, name)

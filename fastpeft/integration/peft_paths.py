@@ -125,7 +125,7 @@ _META_CACHE_SIZE = 16
 _PEFT_HOOK: list = []  # PEFT's adapter_names pre-forward hook function, looked up at the first mixed batch
 
 
-def _model_call(layer) -> Optional[object]:
+def model_call(layer) -> Optional[object]:
     """The pre-forward hook PEFT registered on ``layer`` for the model call in progress (a new object at each call
     of the model), or None when the layer is called outside one."""
     if not _PEFT_HOOK:
@@ -148,7 +148,7 @@ def _for_call(meta: MultiLoraMeta) -> MultiLoraMeta:
     return meta if plan is None else dataclasses.replace(meta, reference_plan=dataclasses.replace(plan, gathered={}))
 
 
-def _meta(call, row_ids: tuple, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
+def rows_meta(call, row_ids: tuple, lead_shape: tuple, device: torch.device) -> MultiLoraMeta:
     """The metadata of ``row_ids`` for an activation of ``lead_shape``, shared by the layers of the model call
     ``call`` (None: this layer call alone)."""
     key = (row_ids, lead_shape, str(device))
@@ -251,11 +251,11 @@ def mixed_batch_lora(layer, x: torch.Tensor, base_output: torch.Tensor, adapter_
     if not named:
         return base_output
     names = tuple(named)
-    call = _model_call(layer)
+    call = model_call(layer)
     bank, bias_table = _bank(layer, call, names)
     slot = {name: k for k, name in enumerate(names)}
     row_ids = tuple(slot.get(name, -1) for name in adapter_names)
-    meta = _meta(call, row_ids, tuple(x.shape[:-1]), x.device)
+    meta = rows_meta(call, row_ids, tuple(x.shape[:-1]), x.device)
     out_features = base_output.shape[-1]
     y = base_output.reshape(-1, out_features)
     x_tokens = x.reshape(-1, x.shape[-1])
